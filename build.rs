@@ -1,0 +1,15 @@
+//! Generates the gRPC code for the CSI contract. protox compiles the proto files in
+//! pure Rust, so building kura needs no system protoc.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = ["proto/csi.proto"];
+    for proto in protos {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    let descriptors = protox::compile(protos, ["proto"])?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(descriptors)?;
+    Ok(())
+}

@@ -1,0 +1,156 @@
+//! The command line. Every flag can also come from a `KURA_*` environment variable.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "kura", version, about = "CSI driver for node-local block storage with instant snapshots and clones")]
+pub struct Cli {
+    /// Log output format.
+    #[arg(long, env = "KURA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    /// Log filter (tracing syntax, e.g. `info` or `kura=debug`); RUST_LOG overrides it.
+    #[arg(long, env = "KURA_LOG_LEVEL", default_value = "info", global = true)]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Identity, Controller and Node services on one socket, over this machine's pool
+    /// (conformance runs, single-node clusters).
+    AllInOne(AllInOne),
+}
+
+#[derive(Debug, Args)]
+pub struct AllInOne {
+    /// CSI endpoint to listen on, `unix:///path/csi.sock`. The socket gets mode 0600.
+    #[arg(long, env = "KURA_ENDPOINT")]
+    pub endpoint: String,
+    /// This node's name, as the CO knows it (the topology value).
+    #[arg(long, env = "KURA_NODE_ID")]
+    pub node_id: String,
+    /// Directory for kura's own state: the pool mount point and attachment records.
+    #[arg(long, env = "KURA_STATE_DIR", default_value = "/var/lib/kura")]
+    pub state_dir: PathBuf,
+    #[command(flatten)]
+    pub pool: PoolArgs,
+    /// Size of the pool image (e.g. 20Gi, 512Mi, 20G); it grows to this on restart.
+    #[arg(long, env = "KURA_POOL_SIZE", value_parser = parse_size, requires = "pool_image")]
+    pub pool_size: Option<u64>,
+    /// Driver name reported to the CO.
+    #[arg(long, env = "KURA_DRIVER_NAME", default_value = "kura.csi.dev")]
+    pub driver_name: String,
+    /// How many volumes this node may hold (NodeGetInfo max_volumes_per_node).
+    #[arg(long, env = "KURA_MAX_VOLUMES_PER_NODE", default_value_t = 1000)]
+    pub max_volumes_per_node: i64,
+    /// Thin volumes may promise this many times the pool's free space.
+    #[arg(long, env = "KURA_OVERPROVISION_RATIO", default_value_t = 1.0, value_parser = parse_ratio)]
+    pub overprovision_ratio: f64,
+    /// Filesystem for mount volumes whose capability names none (ext4, xfs, btrfs).
+    #[arg(long, env = "KURA_DEFAULT_FS_TYPE", default_value = "ext4", value_parser = ["ext4", "xfs", "btrfs"])]
+    pub default_fs_type: String,
+    /// Size of a volume whose request names no capacity (e.g. 1Gi).
+    #[arg(long, env = "KURA_DEFAULT_VOLUME_SIZE", default_value = "1Gi", value_parser = parse_size)]
+    pub default_volume_size: u64,
+}
+
+/// Where the pool lives: exactly one source.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct PoolArgs {
+    /// Sparse image file kura creates if missing, loop-attaches, formats XFS (when
+    /// blank) and mounts under the state directory. Needs --pool-size.
+    #[arg(long, env = "KURA_POOL_IMAGE", requires = "pool_size")]
+    pub pool_image: Option<PathBuf>,
+    /// Dedicated block device. Formatted XFS only when it carries no signature; a
+    /// device with another filesystem or a partition table is refused.
+    #[arg(long, env = "KURA_POOL_DEVICE")]
+    pub pool_device: Option<PathBuf>,
+    /// Existing directory on a mounted filesystem (XFS or btrfs for reflinks).
+    #[arg(long, env = "KURA_POOL_DIR")]
+    pub pool_dir: Option<PathBuf>,
+}
+
+/// Parses a size: bytes, or a number with a Kubernetes-style suffix (k/K, M, G, T, P
+/// for powers of 1000; Ki, Mi, Gi, Ti, Pi for powers of 1024). A trailing `B` is
+/// allowed (`20GiB`).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let trimmed = trimmed.strip_suffix('B').unwrap_or(trimmed);
+    let split = trimmed.find(|c: char| !c.is_ascii_digit()).unwrap_or(trimmed.len());
+    let (digits, suffix) = trimmed.split_at(split);
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (examples: 20Gi, 512Mi, 20G, 1073741824)"))?;
+    let multiplier: u64 = match suffix {
+        "" => 1,
+        "k" | "K" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        "P" => 1_000_000_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "Pi" => 1 << 50,
+        other => return Err(format!("{text:?}: unknown size suffix {other:?}")),
+    };
+    let bytes = number
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("{text:?} is too large"))?;
+    if bytes == 0 {
+        return Err(format!("{text:?}: a size must be more than zero"));
+    }
+    Ok(bytes)
+}
+
+fn parse_ratio(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(r) if r.is_finite() && r >= 1.0 => Ok(r),
+        _ => Err(format!("{text:?} is not a ratio of at least 1.0")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512Mi"), Ok(512 << 20));
+        assert_eq!(parse_size("20Gi"), Ok(20 << 30));
+        assert_eq!(parse_size("20GiB"), Ok(20 << 30));
+        assert_eq!(parse_size("20G"), Ok(20_000_000_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        for bad in ["", "G", "12X", "-1", "0", "99999999999Pi", "1.5Gi"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn exactly_one_pool_source() {
+        let base = ["kura", "all-in-one", "--endpoint", "unix:///tmp/x.sock", "--node-id", "n"];
+        let parse = |extra: &[&str]| Cli::try_parse_from(base.iter().chain(extra));
+        assert!(parse(&["--pool-dir", "/p"]).is_ok());
+        assert!(parse(&["--pool-image", "/p.img", "--pool-size", "1Gi"]).is_ok());
+        assert!(parse(&[]).is_err());
+        assert!(parse(&["--pool-dir", "/p", "--pool-device", "/dev/x"]).is_err());
+        assert!(parse(&["--pool-image", "/p.img"]).is_err());
+    }
+}

@@ -1,0 +1,523 @@
+//! The Controller service: volumes and snapshots in the nodes' pools, reached only
+//! through [`Pools`].
+
+use std::collections::HashMap;
+
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use super::proto::controller_server::Controller;
+use super::proto::{self, controller_service_capability, volume_content_source};
+use super::status::{busy, from_pool, invalid, missing};
+use super::validate::{self, CapabilityError};
+use super::{TOPOLOGY_KEY, node_topology};
+use crate::agent::{Node, Pools};
+use crate::pool::locks::Locks;
+use crate::pool::{
+    self, Condition, ContentSource, Snapshot, SnapshotId, Volume, VolumeId, VolumeSpec,
+};
+
+pub struct ControllerService<P> {
+    pools: P,
+    locks: Locks,
+}
+
+impl<P: Pools> ControllerService<P> {
+    pub fn new(pools: P, locks: Locks) -> Self {
+        ControllerService { pools, locks }
+    }
+
+    /// The node to place a new volume on: the first preferred node within requisite,
+    /// else any requisite node (the one with most free space), else any node.
+    async fn place(
+        &self,
+        requirements: Option<&proto::TopologyRequirement>,
+        provisioning: pool::Provisioning,
+    ) -> Result<Node, Status> {
+        let nodes = self.pools.nodes();
+        let node_of = |t: &proto::Topology| t.segments.get(TOPOLOGY_KEY).cloned();
+        let (requisite, preferred): (Vec<String>, Vec<String>) = match requirements {
+            None => (vec![], vec![]),
+            Some(r) => (
+                r.requisite.iter().filter_map(node_of).collect(),
+                r.preferred.iter().filter_map(node_of).collect(),
+            ),
+        };
+        let constrained = requirements.is_some_and(|r| !r.requisite.is_empty());
+        let allowed = |n: &Node| !constrained || requisite.contains(&n.id);
+        if let Some(node) = preferred
+            .iter()
+            .find_map(|id| nodes.iter().find(|n| n.id == *id && allowed(n)))
+        {
+            return Ok(node.clone());
+        }
+        let mut best: Option<(u64, &Node)> = None;
+        for node in nodes.iter().filter(|n| allowed(n)) {
+            let free = self.pools.available(node, provisioning).await.map_err(from_pool)?;
+            if best.is_none_or(|(most, _)| free > most) {
+                best = Some((free, node));
+            }
+        }
+        best.map(|(_, node)| node.clone()).ok_or_else(|| {
+            Status::resource_exhausted(format!(
+                "accessibility_requirements: no kura node among the requisite topologies {requisite:?}"
+            ))
+        })
+    }
+
+    fn lock(&self, key: &str) -> Result<pool::locks::Guard, Status> {
+        self.locks.try_acquire(key).ok_or_else(|| busy(key))
+    }
+
+    fn volume_message(&self, volume: &Volume) -> proto::Volume {
+        let node_id = self
+            .pools
+            .node(&volume.id.node())
+            .map_or_else(|| volume.id.node().as_str().to_owned(), |n| n.id);
+        proto::Volume {
+            capacity_bytes: volume.size_bytes as i64,
+            volume_id: volume.id.to_string(),
+            volume_context: HashMap::new(),
+            content_source: volume.source.as_ref().map(content_source_message),
+            accessible_topology: vec![node_topology(&node_id)],
+        }
+    }
+}
+
+fn content_source_message(source: &ContentSource) -> proto::VolumeContentSource {
+    let r#type = match source {
+        ContentSource::Snapshot(id) => {
+            volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource {
+                snapshot_id: id.to_string(),
+            })
+        }
+        ContentSource::Volume(id) => {
+            volume_content_source::Type::Volume(volume_content_source::VolumeSource {
+                volume_id: id.to_string(),
+            })
+        }
+    };
+    proto::VolumeContentSource { r#type: Some(r#type) }
+}
+
+/// The content source of a create request; IDs that cannot be ours name nothing.
+fn content_source(
+    source: Option<&proto::VolumeContentSource>,
+) -> Result<Option<ContentSource>, Status> {
+    let Some(source) = source else {
+        return Ok(None);
+    };
+    let not_found = |kind: &str, id: &str| {
+        Status::not_found(format!("volume_content_source: {kind} {id:?} does not exist"))
+    };
+    match &source.r#type {
+        None => Err(missing("volume_content_source.type")),
+        Some(volume_content_source::Type::Snapshot(s)) => {
+            validate::snapshot_id(&s.snapshot_id, "volume_content_source.snapshot.snapshot_id")?
+                .map(|id| Some(ContentSource::Snapshot(id)))
+                .ok_or_else(|| not_found("snapshot", &s.snapshot_id))
+        }
+        Some(volume_content_source::Type::Volume(v)) => {
+            validate::volume_id(&v.volume_id, "volume_content_source.volume.volume_id")?
+                .map(|id| Some(ContentSource::Volume(id)))
+                .ok_or_else(|| not_found("volume", &v.volume_id))
+        }
+    }
+}
+
+fn condition_message(condition: Condition) -> proto::VolumeCondition {
+    proto::VolumeCondition {
+        abnormal: condition.abnormal,
+        message: condition.message,
+    }
+}
+
+fn snapshot_message(snapshot: &Snapshot) -> proto::Snapshot {
+    proto::Snapshot {
+        size_bytes: snapshot.size_bytes as i64,
+        snapshot_id: snapshot.id.to_string(),
+        source_volume_id: snapshot.source_volume.to_string(),
+        creation_time: Some(prost_types::Timestamp {
+            seconds: snapshot.created.seconds,
+            nanos: snapshot.created.nanos,
+        }),
+        ready_to_use: snapshot.ready,
+        group_snapshot_id: String::new(),
+    }
+}
+
+fn not_found_volume(id: &str) -> Status {
+    Status::not_found(format!("volume {id} does not exist"))
+}
+
+/// One page of `items` (sorted by ID) starting at `start`.
+fn page<T, K: Ord>(
+    items: Vec<T>,
+    key: impl Fn(&T) -> &K,
+    start: Option<&K>,
+    max: usize,
+) -> (Vec<T>, Option<T>) {
+    let mut rest = items
+        .into_iter()
+        .filter(|item| start.is_none_or(|s| key(item) >= s));
+    let page: Vec<T> = rest.by_ref().take(max).collect();
+    (page, rest.next())
+}
+
+fn capability(kind: controller_service_capability::rpc::Type) -> proto::ControllerServiceCapability {
+    proto::ControllerServiceCapability {
+        r#type: Some(controller_service_capability::Type::Rpc(
+            controller_service_capability::Rpc { r#type: kind as i32 },
+        )),
+    }
+}
+
+#[tonic::async_trait]
+impl<P: Pools> Controller for ControllerService<P> {
+    #[instrument(err, skip_all, fields(volume.name = %request.get_ref().name))]
+    async fn create_volume(
+        &self,
+        request: Request<proto::CreateVolumeRequest>,
+    ) -> Result<Response<proto::CreateVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let name = validate::name(&req.name, "name")?;
+        validate::capabilities(&req.volume_capabilities, "volume_capabilities")
+            .map_err(|e| e.into_invalid("volume_capabilities"))?;
+        let range = validate::range(req.capacity_range.as_ref())?;
+        let provisioning = validate::volume_parameters(&req.parameters)?;
+        let source = content_source(req.volume_content_source.as_ref())?;
+        let node = self.place(req.accessibility_requirements.as_ref(), provisioning).await?;
+        if let Some(source_node) = source.as_ref().map(|s| match s {
+            ContentSource::Snapshot(id) => id.node(),
+            ContentSource::Volume(id) => id.node(),
+        }) && source_node != node.token
+        {
+            return Err(Status::resource_exhausted(
+                "volume_content_source: the source lives on a node outside the requested topology",
+            ));
+        }
+        let id = VolumeId::derive(name, &node.token);
+        let _guard = self.lock(id.as_str())?;
+        let spec = VolumeSpec {
+            name: name.to_owned(),
+            range,
+            provisioning,
+            source,
+        };
+        let volume = self.pools.create_volume(&node, spec).await.map_err(from_pool)?;
+        Ok(Response::new(proto::CreateVolumeResponse {
+            volume: Some(self.volume_message(&volume)),
+        }))
+    }
+
+    #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
+    async fn delete_volume(
+        &self,
+        request: Request<proto::DeleteVolumeRequest>,
+    ) -> Result<Response<proto::DeleteVolumeResponse>, Status> {
+        let req = request.into_inner();
+        // An ID that cannot be ours names a volume that is already gone.
+        if let Some(id) = validate::volume_id(&req.volume_id, "volume_id")? {
+            let _guard = self.lock(id.as_str())?;
+            self.pools.delete_volume(id).await.map_err(from_pool)?;
+        }
+        Ok(Response::new(proto::DeleteVolumeResponse {}))
+    }
+
+    async fn controller_publish_volume(
+        &self,
+        _request: Request<proto::ControllerPublishVolumeRequest>,
+    ) -> Result<Response<proto::ControllerPublishVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "ControllerPublishVolume: kura volumes are local; there is nothing to attach",
+        ))
+    }
+
+    async fn controller_unpublish_volume(
+        &self,
+        _request: Request<proto::ControllerUnpublishVolumeRequest>,
+    ) -> Result<Response<proto::ControllerUnpublishVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "ControllerUnpublishVolume: kura volumes are local; there is nothing to detach",
+        ))
+    }
+
+    #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
+    async fn validate_volume_capabilities(
+        &self,
+        request: Request<proto::ValidateVolumeCapabilitiesRequest>,
+    ) -> Result<Response<proto::ValidateVolumeCapabilitiesResponse>, Status> {
+        let req = request.into_inner();
+        let id = validate::volume_id(&req.volume_id, "volume_id")?;
+        let checked = validate::capabilities(&req.volume_capabilities, "volume_capabilities");
+        if let Err(CapabilityError::Invalid(status)) = checked {
+            return Err(status);
+        }
+        let id = id.ok_or_else(|| not_found_volume(&req.volume_id))?;
+        self.pools.volume(id).await.map_err(from_pool)?;
+        let verdict = checked
+            .map_err(|e| e.into_invalid("volume_capabilities").message().to_owned())
+            .and_then(|_| {
+                validate::volume_parameters(&req.parameters).map_err(|s| s.message().to_owned())
+            });
+        let response = match verdict {
+            Ok(_) => proto::ValidateVolumeCapabilitiesResponse {
+                confirmed: Some(proto::validate_volume_capabilities_response::Confirmed {
+                    volume_context: req.volume_context,
+                    volume_capabilities: req.volume_capabilities,
+                    parameters: req.parameters,
+                    mutable_parameters: req.mutable_parameters,
+                }),
+                message: String::new(),
+            },
+            Err(message) => proto::ValidateVolumeCapabilitiesResponse {
+                confirmed: None,
+                message,
+            },
+        };
+        Ok(Response::new(response))
+    }
+
+    #[instrument(err, skip_all)]
+    async fn list_volumes(
+        &self,
+        request: Request<proto::ListVolumesRequest>,
+    ) -> Result<Response<proto::ListVolumesResponse>, Status> {
+        let req = request.into_inner();
+        let max = validate::max_entries(req.max_entries)?;
+        let start = validate::starting_token(&req.starting_token, VolumeId::parse)?;
+        let volumes = self.pools.list_volumes().await.map_err(from_pool)?;
+        let (page, next) = page(volumes, |(v, _)| &v.id, start.as_ref(), max);
+        let entries = page
+            .into_iter()
+            .map(|(volume, condition)| proto::list_volumes_response::Entry {
+                volume: Some(self.volume_message(&volume)),
+                status: Some(proto::list_volumes_response::VolumeStatus {
+                    published_node_ids: vec![],
+                    volume_condition: Some(condition_message(condition)),
+                }),
+            })
+            .collect();
+        Ok(Response::new(proto::ListVolumesResponse {
+            entries,
+            next_token: next.map(|(v, _)| v.id.to_string()).unwrap_or_default(),
+        }))
+    }
+
+    #[instrument(err, skip_all)]
+    async fn get_capacity(
+        &self,
+        request: Request<proto::GetCapacityRequest>,
+    ) -> Result<Response<proto::GetCapacityResponse>, Status> {
+        let req = request.into_inner();
+        let provisioning = validate::volume_parameters(&req.parameters)?;
+        let mut unusable = false;
+        for (i, cap) in req.volume_capabilities.iter().enumerate() {
+            match validate::capability(Some(cap), &format!("volume_capabilities[{i}]")) {
+                Ok(_) => {}
+                Err(CapabilityError::Invalid(status)) => return Err(status),
+                Err(CapabilityError::Unsupported(_)) => unusable = true,
+            }
+        }
+        let nodes: Vec<Node> = match &req.accessible_topology {
+            None => self.pools.nodes(),
+            Some(topology) => {
+                let wanted = topology.segments.get(TOPOLOGY_KEY);
+                self.pools
+                    .nodes()
+                    .into_iter()
+                    .filter(|n| wanted == Some(&n.id))
+                    .collect()
+            }
+        };
+        let mut available = 0u64;
+        let mut largest = 0u64;
+        if !unusable {
+            for node in &nodes {
+                let free = self.pools.available(node, provisioning).await.map_err(from_pool)?;
+                available = available.saturating_add(free);
+                largest = largest.max(free);
+            }
+        }
+        let largest = largest / pool::size::MIB * pool::size::MIB;
+        Ok(Response::new(proto::GetCapacityResponse {
+            available_capacity: available.min(i64::MAX as u64) as i64,
+            maximum_volume_size: Some(largest.min(i64::MAX as u64) as i64),
+            minimum_volume_size: Some(pool::size::MIB as i64),
+        }))
+    }
+
+    async fn controller_get_capabilities(
+        &self,
+        _request: Request<proto::ControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<proto::ControllerGetCapabilitiesResponse>, Status> {
+        use controller_service_capability::rpc::Type;
+        let capabilities = [
+            Type::CreateDeleteVolume,
+            Type::ListVolumes,
+            Type::GetCapacity,
+            Type::GetVolume,
+            Type::VolumeCondition,
+            Type::SingleNodeMultiWriter,
+            Type::CreateDeleteSnapshot,
+            Type::ListSnapshots,
+            Type::GetSnapshot,
+            Type::CloneVolume,
+            Type::ExpandVolume,
+        ]
+        .into_iter()
+        .map(capability)
+        .collect();
+        Ok(Response::new(proto::ControllerGetCapabilitiesResponse { capabilities }))
+    }
+
+    #[instrument(err, skip_all, fields(snapshot.name = %request.get_ref().name, volume.id = %request.get_ref().source_volume_id))]
+    async fn create_snapshot(
+        &self,
+        request: Request<proto::CreateSnapshotRequest>,
+    ) -> Result<Response<proto::CreateSnapshotResponse>, Status> {
+        let req = request.into_inner();
+        let source = validate::volume_id(&req.source_volume_id, "source_volume_id")?;
+        let name = validate::name(&req.name, "name")?;
+        validate::snapshot_parameters(&req.parameters)?;
+        let source = source.ok_or_else(|| not_found_volume(&req.source_volume_id))?;
+        let id = SnapshotId::derive(name, &source.node());
+        let _snapshot_guard = self.lock(id.as_str())?;
+        let _volume_guard = self.lock(source.as_str())?;
+        let snapshot = self
+            .pools
+            .create_snapshot(name.to_owned(), source)
+            .await
+            .map_err(from_pool)?;
+        Ok(Response::new(proto::CreateSnapshotResponse {
+            snapshot: Some(snapshot_message(&snapshot)),
+        }))
+    }
+
+    #[instrument(err, skip_all, fields(snapshot.id = %request.get_ref().snapshot_id))]
+    async fn delete_snapshot(
+        &self,
+        request: Request<proto::DeleteSnapshotRequest>,
+    ) -> Result<Response<proto::DeleteSnapshotResponse>, Status> {
+        let req = request.into_inner();
+        if let Some(id) = validate::snapshot_id(&req.snapshot_id, "snapshot_id")? {
+            let _guard = self.lock(id.as_str())?;
+            self.pools.delete_snapshot(id).await.map_err(from_pool)?;
+        }
+        Ok(Response::new(proto::DeleteSnapshotResponse {}))
+    }
+
+    #[instrument(err, skip_all)]
+    async fn list_snapshots(
+        &self,
+        request: Request<proto::ListSnapshotsRequest>,
+    ) -> Result<Response<proto::ListSnapshotsResponse>, Status> {
+        let req = request.into_inner();
+        let max = validate::max_entries(req.max_entries)?;
+        let start = validate::starting_token(&req.starting_token, SnapshotId::parse)?;
+        let empty = || Ok(Response::new(proto::ListSnapshotsResponse::default()));
+        let mut snapshots = if req.snapshot_id.is_empty() {
+            self.pools.list_snapshots().await.map_err(from_pool)?
+        } else {
+            let Some(id) = SnapshotId::parse(&req.snapshot_id) else {
+                return empty();
+            };
+            match self.pools.snapshot(id).await {
+                Ok(snapshot) => vec![snapshot],
+                Err(pool::Error::NotFound { .. }) => return empty(),
+                Err(e) => return Err(from_pool(e)),
+            }
+        };
+        if !req.source_volume_id.is_empty() {
+            snapshots.retain(|s| s.source_volume.as_str() == req.source_volume_id);
+        }
+        let (page, next) = page(snapshots, |s| &s.id, start.as_ref(), max);
+        Ok(Response::new(proto::ListSnapshotsResponse {
+            entries: page
+                .iter()
+                .map(|s| proto::list_snapshots_response::Entry {
+                    snapshot: Some(snapshot_message(s)),
+                })
+                .collect(),
+            next_token: next.map(|s| s.id.to_string()).unwrap_or_default(),
+        }))
+    }
+
+    #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
+    async fn controller_expand_volume(
+        &self,
+        request: Request<proto::ControllerExpandVolumeRequest>,
+    ) -> Result<Response<proto::ControllerExpandVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let id = validate::volume_id(&req.volume_id, "volume_id")?;
+        let range = req.capacity_range.as_ref().ok_or_else(|| missing("capacity_range"))?;
+        let range = validate::range(Some(range))?;
+        if range.required == 0 && range.limit == 0 {
+            return Err(invalid("capacity_range", "asks for no size"));
+        }
+        let id = id.ok_or_else(|| not_found_volume(&req.volume_id))?;
+        let _guard = self.lock(id.as_str())?;
+        let (volume, _) = self.pools.expand_volume(id, range).await.map_err(from_pool)?;
+        Ok(Response::new(proto::ControllerExpandVolumeResponse {
+            capacity_bytes: volume.size_bytes as i64,
+            // The loop device must re-read the size on the node, even for block access.
+            node_expansion_required: true,
+        }))
+    }
+
+    #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
+    async fn controller_get_volume(
+        &self,
+        request: Request<proto::ControllerGetVolumeRequest>,
+    ) -> Result<Response<proto::ControllerGetVolumeResponse>, Status> {
+        let req = request.into_inner();
+        let id = validate::volume_id(&req.volume_id, "volume_id")?
+            .ok_or_else(|| not_found_volume(&req.volume_id))?;
+        let (volume, condition) = self.pools.volume(id).await.map_err(from_pool)?;
+        Ok(Response::new(proto::ControllerGetVolumeResponse {
+            volume: Some(self.volume_message(&volume)),
+            status: Some(proto::controller_get_volume_response::VolumeStatus {
+                published_node_ids: vec![],
+                volume_condition: Some(condition_message(condition)),
+            }),
+        }))
+    }
+
+    async fn controller_modify_volume(
+        &self,
+        _request: Request<proto::ControllerModifyVolumeRequest>,
+    ) -> Result<Response<proto::ControllerModifyVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "ControllerModifyVolume: kura volumes have no mutable parameters",
+        ))
+    }
+
+    #[instrument(err, skip_all, fields(snapshot.id = %request.get_ref().snapshot_id))]
+    async fn get_snapshot(
+        &self,
+        request: Request<proto::GetSnapshotRequest>,
+    ) -> Result<Response<proto::GetSnapshotResponse>, Status> {
+        let req = request.into_inner();
+        let id = validate::snapshot_id(&req.snapshot_id, "snapshot_id")?.ok_or_else(|| {
+            Status::not_found(format!("snapshot {} does not exist", req.snapshot_id))
+        })?;
+        let snapshot = self.pools.snapshot(id).await.map_err(from_pool)?;
+        Ok(Response::new(proto::GetSnapshotResponse {
+            snapshot: Some(snapshot_message(&snapshot)),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_resume_at_the_token() {
+        let items = vec![1, 2, 3, 4, 5];
+        assert_eq!(page(items.clone(), |x| x, None, 2), (vec![1, 2], Some(3)));
+        assert_eq!(page(items.clone(), |x| x, Some(&3), 2), (vec![3, 4], Some(5)));
+        assert_eq!(page(items.clone(), |x| x, Some(&5), 2), (vec![5], None));
+        assert_eq!(page(items, |x| x, None, usize::MAX), (vec![1, 2, 3, 4, 5], None));
+    }
+}

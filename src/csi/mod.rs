@@ -1,0 +1,35 @@
+//! The CSI services. Only this module (and `agent`) sees tonic and generated types:
+//! handlers check a request into typed arguments, take the object's lock, call the
+//! pool, and build the response.
+
+pub mod controller;
+pub mod identity;
+pub mod node;
+pub mod status;
+pub mod validate;
+
+/// Code generated from `proto/csi.proto`.
+#[allow(clippy::all, missing_docs)]
+pub mod proto {
+    tonic::include_proto!("csi.v1");
+}
+
+use std::collections::HashMap;
+
+/// The one topology segment key: volumes are reachable only on their node.
+pub const TOPOLOGY_KEY: &str = "topology.kura.csi.dev/node";
+
+/// The topology segment of a node.
+pub fn node_topology(node_id: &str) -> proto::Topology {
+    proto::Topology {
+        segments: HashMap::from([(TOPOLOGY_KEY.to_owned(), node_id.to_owned())]),
+    }
+}
+
+/// Runs blocking work (the pool and sys layers) off the async threads.
+pub(crate) async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(value) => value,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}

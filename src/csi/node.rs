@@ -1,0 +1,224 @@
+//! The Node service: exposing this node's volumes to pods.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use super::proto::node_server::Node;
+use super::proto::{self, node_service_capability};
+use super::status::{busy, from_pool, missing};
+use super::{blocking, node_topology, validate};
+use crate::pool::attach::{Attacher, Capability};
+use crate::pool::locks::Locks;
+use crate::pool::{self, VolumeId};
+
+pub struct NodeService {
+    attacher: Arc<Attacher>,
+    locks: Locks,
+    node_id: String,
+    max_volumes: i64,
+}
+
+impl NodeService {
+    pub fn new(attacher: Arc<Attacher>, locks: Locks, node_id: &str, max_volumes: i64) -> Self {
+        NodeService {
+            attacher,
+            locks,
+            node_id: node_id.to_owned(),
+            max_volumes,
+        }
+    }
+
+    /// Takes the volume's lock and runs `work` on the attacher off the async threads.
+    async fn locked<T: Send + 'static>(
+        &self,
+        id: VolumeId,
+        work: impl FnOnce(&Attacher, &VolumeId) -> pool::Result<T> + Send + 'static,
+    ) -> Result<T, Status> {
+        let _guard = self.locks.try_acquire(id.as_str()).ok_or_else(|| busy(id.as_str()))?;
+        let attacher = Arc::clone(&self.attacher);
+        blocking(move || work(&attacher, &id)).await.map_err(from_pool)
+    }
+}
+
+/// A volume ID that must name an existing volume.
+fn existing_volume_id(value: &str) -> Result<VolumeId, Status> {
+    validate::volume_id(value, "volume_id")?
+        .ok_or_else(|| Status::not_found(format!("volume {value} does not exist")))
+}
+
+fn path(value: &str, field: &str) -> Result<PathBuf, Status> {
+    let value = validate::required(value, field)?;
+    let path = PathBuf::from(value);
+    if !path.is_absolute() {
+        return Err(super::status::invalid(field, format!("{value:?} is not an absolute path")));
+    }
+    Ok(path)
+}
+
+fn node_capability(cap: Option<&proto::VolumeCapability>) -> Result<Capability, Status> {
+    validate::capability(cap, "volume_capability").map_err(|e| e.into_node_status("volume_capability"))
+}
+
+fn capability(kind: node_service_capability::rpc::Type) -> proto::NodeServiceCapability {
+    proto::NodeServiceCapability {
+        r#type: Some(node_service_capability::Type::Rpc(node_service_capability::Rpc {
+            r#type: kind as i32,
+        })),
+    }
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
+    async fn node_stage_volume(
+        &self,
+        request: Request<proto::NodeStageVolumeRequest>,
+    ) -> Result<Response<proto::NodeStageVolumeResponse>, Status> {
+        let req = request.into_inner();
+        validate::required(&req.volume_id, "volume_id")?;
+        let staging = path(&req.staging_target_path, "staging_target_path")?;
+        let capability = node_capability(req.volume_capability.as_ref())?;
+        let id = existing_volume_id(&req.volume_id)?;
+        self.locked(id, move |a, id| a.stage(id, &staging, &capability)).await?;
+        Ok(Response::new(proto::NodeStageVolumeResponse {}))
+    }
+
+    #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
+    async fn node_unstage_volume(
+        &self,
+        request: Request<proto::NodeUnstageVolumeRequest>,
+    ) -> Result<Response<proto::NodeUnstageVolumeResponse>, Status> {
+        let req = request.into_inner();
+        validate::required(&req.volume_id, "volume_id")?;
+        let staging = path(&req.staging_target_path, "staging_target_path")?;
+        let id = existing_volume_id(&req.volume_id)?;
+        self.locked(id, move |a, id| a.unstage(id, &staging)).await?;
+        Ok(Response::new(proto::NodeUnstageVolumeResponse {}))
+    }
+
+    #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
+    async fn node_publish_volume(
+        &self,
+        request: Request<proto::NodePublishVolumeRequest>,
+    ) -> Result<Response<proto::NodePublishVolumeResponse>, Status> {
+        let req = request.into_inner();
+        validate::required(&req.volume_id, "volume_id")?;
+        let target = path(&req.target_path, "target_path")?;
+        let capability = node_capability(req.volume_capability.as_ref())?;
+        if req.staging_target_path.is_empty() {
+            return Err(missing("staging_target_path"));
+        }
+        let staging = path(&req.staging_target_path, "staging_target_path")?;
+        let id = existing_volume_id(&req.volume_id)?;
+        let readonly = req.readonly;
+        self.locked(id, move |a, id| a.publish(id, &staging, &target, &capability, readonly))
+            .await?;
+        Ok(Response::new(proto::NodePublishVolumeResponse {}))
+    }
+
+    #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
+    async fn node_unpublish_volume(
+        &self,
+        request: Request<proto::NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<proto::NodeUnpublishVolumeResponse>, Status> {
+        let req = request.into_inner();
+        validate::required(&req.volume_id, "volume_id")?;
+        let target = path(&req.target_path, "target_path")?;
+        let id = existing_volume_id(&req.volume_id)?;
+        self.locked(id, move |a, id| a.unpublish(id, &target)).await?;
+        Ok(Response::new(proto::NodeUnpublishVolumeResponse {}))
+    }
+
+    #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
+    async fn node_get_volume_stats(
+        &self,
+        request: Request<proto::NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<proto::NodeGetVolumeStatsResponse>, Status> {
+        let req = request.into_inner();
+        validate::required(&req.volume_id, "volume_id")?;
+        validate::required(&req.volume_path, "volume_path")?;
+        let id = existing_volume_id(&req.volume_id)?;
+        let volume_path = PathBuf::from(&req.volume_path);
+        let attacher = Arc::clone(&self.attacher);
+        let stats = blocking(move || attacher.stats(&id, &volume_path)).await.map_err(from_pool)?;
+        use proto::volume_usage::Unit;
+        let mut usage = Vec::new();
+        match stats.files {
+            None => usage.push(proto::VolumeUsage {
+                total: stats.total_bytes as i64,
+                unit: Unit::Bytes as i32,
+                ..Default::default()
+            }),
+            Some(fs) => {
+                usage.push(proto::VolumeUsage {
+                    available: fs.available_bytes as i64,
+                    total: fs.total_bytes as i64,
+                    used: fs.used_bytes() as i64,
+                    unit: Unit::Bytes as i32,
+                });
+                usage.push(proto::VolumeUsage {
+                    available: fs.free_inodes as i64,
+                    total: fs.total_inodes as i64,
+                    used: fs.total_inodes.saturating_sub(fs.free_inodes) as i64,
+                    unit: Unit::Inodes as i32,
+                });
+            }
+        }
+        Ok(Response::new(proto::NodeGetVolumeStatsResponse {
+            usage,
+            volume_condition: Some(proto::VolumeCondition {
+                abnormal: stats.condition.abnormal,
+                message: stats.condition.message,
+            }),
+        }))
+    }
+
+    #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
+    async fn node_expand_volume(
+        &self,
+        request: Request<proto::NodeExpandVolumeRequest>,
+    ) -> Result<Response<proto::NodeExpandVolumeResponse>, Status> {
+        let req = request.into_inner();
+        validate::required(&req.volume_id, "volume_id")?;
+        validate::required(&req.volume_path, "volume_path")?;
+        validate::range(req.capacity_range.as_ref())?;
+        let id = existing_volume_id(&req.volume_id)?;
+        let volume_path = PathBuf::from(&req.volume_path);
+        let size = self.locked(id, move |a, id| a.expand(id, Path::new(&volume_path))).await?;
+        Ok(Response::new(proto::NodeExpandVolumeResponse {
+            capacity_bytes: size as i64,
+        }))
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _request: Request<proto::NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<proto::NodeGetCapabilitiesResponse>, Status> {
+        use node_service_capability::rpc::Type;
+        let capabilities = [
+            Type::StageUnstageVolume,
+            Type::GetVolumeStats,
+            Type::VolumeCondition,
+            Type::SingleNodeMultiWriter,
+            Type::ExpandVolume,
+        ]
+        .into_iter()
+        .map(capability)
+        .collect();
+        Ok(Response::new(proto::NodeGetCapabilitiesResponse { capabilities }))
+    }
+
+    async fn node_get_info(
+        &self,
+        _request: Request<proto::NodeGetInfoRequest>,
+    ) -> Result<Response<proto::NodeGetInfoResponse>, Status> {
+        Ok(Response::new(proto::NodeGetInfoResponse {
+            node_id: self.node_id.clone(),
+            max_volumes_per_node: self.max_volumes,
+            accessible_topology: Some(node_topology(&self.node_id)),
+        }))
+    }
+}

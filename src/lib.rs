@@ -1,0 +1,22 @@
+//! kura: a CSI driver for node-local block storage with instant snapshots and clones.
+//!
+//! # Layout
+//!
+//! - [`cli`]: the command line (every flag also from a `KURA_*` variable).
+//! - [`server`]: builds a driver from the command line and serves it on a Unix socket.
+//! - [`csi`]: the CSI Identity, Controller and Node services; request validation and
+//!   the mapping of errors to gRPC codes. Only `csi` and `agent` see gRPC types.
+//! - [`agent`]: how the controller reaches nodes' pools ([`agent::Pools`]).
+//! - [`pool`]: the node-local pool: volumes, snapshots, metadata, capacity, recovery,
+//!   and exposing volumes on the node ([`pool::attach`]).
+//! - [`sys`]: the only code that touches the OS: loop devices, mounts, mkfs, reflink,
+//!   freeze, statfs, mountinfo.
+//!
+//! Dependencies point one way: `csi -> pool/agent -> sys`.
+
+pub mod agent;
+pub mod cli;
+pub mod csi;
+pub mod pool;
+pub mod server;
+pub mod sys;

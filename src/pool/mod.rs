@@ -1,0 +1,269 @@
+//! The node-local pool: a reflink-capable filesystem holding one image file per volume
+//! and per snapshot, with a JSON metadata document beside each. The pool directory is
+//! the single source of truth on a node.
+//!
+//! # Layout on disk
+//!
+//! ```text
+//! <root>/volumes/<volume-id>.img     the volume's bytes (sparse or allocated)
+//! <root>/volumes/<volume-id>.json    its metadata; the volume exists iff this exists
+//! <root>/snapshots/<snap-id>.img     a reflink (or copy) of a volume image
+//! <root>/snapshots/<snap-id>.json    its metadata
+//! <name>.partial                     an image being built; never a live object
+//! ```
+//!
+//! # Guarantees
+//!
+//! - Creating writes the image as `.partial`, renames it into place, then commits the
+//!   metadata atomically; deleting removes the metadata first. A crash at any point
+//!   leaves either the whole object or nothing once [`Pool::open`] has reconciled.
+//! - A create that runs out of space removes everything it made.
+//! - Repeating a create with compatible arguments returns the existing object.
+
+pub mod attach;
+pub mod ids;
+pub mod locks;
+mod recovery;
+pub mod size;
+mod snapshot;
+pub mod source;
+mod volume;
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::sys;
+pub use ids::{NodeToken, SnapshotId, VolumeId};
+pub use snapshot::Snapshot;
+pub use volume::{ContentSource, Provisioning, Volume, VolumeSpec};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Pool errors, in the caller's terms.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{kind} {id} does not exist")]
+    NotFound { kind: &'static str, id: String },
+    /// The object exists with arguments that differ from the request.
+    #[error("{0}")]
+    Incompatible(String),
+    /// The request's size cannot be satisfied.
+    #[error("{0}")]
+    OutOfRange(String),
+    #[error("not enough space in the pool: {needed} bytes needed, {available} available")]
+    NoSpace { needed: u64, available: u64 },
+    /// The object is in a state that forbids the operation (in use, not ready).
+    #[error("{0}")]
+    Precondition(String),
+    /// A request argument is unusable; names the field.
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    /// The operation failed on the node for a reason the caller cannot fix by
+    /// changing the request.
+    #[error(transparent)]
+    Sys(#[from] sys::Error),
+    /// Another operation on the object is still running; try again later.
+    #[error("{0}")]
+    Busy(String),
+    /// Stored metadata cannot be read.
+    #[error("corrupt metadata {path}: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+}
+
+/// When an object was made, as stored in its metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timestamp {
+    pub seconds: i64,
+    pub nanos: i32,
+}
+
+impl Timestamp {
+    pub fn now() -> Self {
+        let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        Timestamp {
+            seconds: since.as_secs() as i64,
+            nanos: since.subsec_nanos() as i32,
+        }
+    }
+}
+
+/// Whether a volume is healthy, as far as this node can tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Condition {
+    pub abnormal: bool,
+    pub message: String,
+}
+
+impl Condition {
+    pub fn healthy() -> Self {
+        Condition {
+            abnormal: false,
+            message: "volume is healthy".to_owned(),
+        }
+    }
+
+    pub fn abnormal(message: impl Into<String>) -> Self {
+        Condition {
+            abnormal: true,
+            message: message.into(),
+        }
+    }
+}
+
+/// Tunables of a pool.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Thin volumes may promise this many times the pool's free space.
+    pub overprovision_ratio: f64,
+    /// Size of a volume whose request names no capacity.
+    pub default_volume_size: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            overprovision_ratio: 1.0,
+            default_volume_size: 1 << 30,
+        }
+    }
+}
+
+/// A node's pool. Every method blocks; async callers use `spawn_blocking`.
+#[derive(Debug)]
+pub struct Pool {
+    root: PathBuf,
+    node: NodeToken,
+    reflink: bool,
+    options: Options,
+    copying: snapshot::Copying,
+}
+
+impl Pool {
+    /// Opens the pool rooted at `root` (a mounted directory), creating its layout if
+    /// new, and reconciles what interrupted operations left behind.
+    pub fn open(root: &Path, node_id: &str, options: Options) -> Result<Pool> {
+        for dir in [root.join("volumes"), root.join("snapshots")] {
+            std::fs::create_dir_all(&dir).map_err(|e| sys::Error::io("mkdir", &dir, e))?;
+        }
+        let reflink = sys::fs::supports_reflink(root)?;
+        if !reflink {
+            tracing::warn!(
+                pool = %root.display(),
+                "pool filesystem cannot reflink: snapshots and clones will be full copies"
+            );
+        }
+        let pool = Pool {
+            root: root.to_owned(),
+            node: NodeToken::for_node(node_id),
+            reflink,
+            options,
+            copying: Default::default(),
+        };
+        pool.recover()?;
+        Ok(pool)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn node(&self) -> &NodeToken {
+        &self.node
+    }
+
+    pub fn supports_reflink(&self) -> bool {
+        self.reflink
+    }
+
+    /// Ready when the pool directory is writable (and so mounted and healthy).
+    pub fn probe(&self) -> Result<()> {
+        let path = self.root.join(".kura-probe");
+        sys::fs::atomic_write(&path, b"ok")?;
+        sys::fs::remove(&path)?;
+        Ok(())
+    }
+
+    /// Bytes a new volume of the given provisioning may take now.
+    pub fn available(&self, provisioning: Provisioning) -> Result<u64> {
+        let free = sys::fs::usage(&self.root)?.available_bytes;
+        Ok(match provisioning {
+            Provisioning::Thick => free,
+            Provisioning::Thin => (free as f64 * self.options.overprovision_ratio) as u64,
+        })
+    }
+
+    fn volume_dir(&self) -> PathBuf {
+        self.root.join("volumes")
+    }
+
+    fn snapshot_dir(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+
+    /// The image file of a volume (whether or not it exists).
+    pub fn image_path(&self, id: &VolumeId) -> PathBuf {
+        self.volume_dir().join(format!("{id}.img"))
+    }
+
+    fn volume_meta_path(&self, id: &VolumeId) -> PathBuf {
+        self.volume_dir().join(format!("{id}.json"))
+    }
+
+    fn snapshot_image_path(&self, id: &SnapshotId) -> PathBuf {
+        self.snapshot_dir().join(format!("{id}.img"))
+    }
+
+    fn snapshot_meta_path(&self, id: &SnapshotId) -> PathBuf {
+        self.snapshot_dir().join(format!("{id}.json"))
+    }
+
+    /// Whether an ID names this node; IDs of other nodes name nothing here.
+    fn is_local(&self, node: &NodeToken) -> bool {
+        *node == self.node
+    }
+}
+
+/// Appends `.partial` to a path: where an image is built before it goes live.
+fn partial_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".partial");
+    PathBuf::from(name)
+}
+
+fn read_meta<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::Corrupt {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(sys::Error::io("read", path, e).into()),
+    }
+}
+
+fn write_meta<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(value).expect("metadata serialises");
+    Ok(sys::fs::atomic_write(path, &bytes)?)
+}
+
+/// Every `*.json` document in `dir`, in ID order.
+fn list_meta<T: for<'de> Deserialize<'de>>(dir: &Path) -> Result<Vec<T>> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| sys::Error::io("read_dir", dir, e))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    paths.sort();
+    let mut out = Vec::with_capacity(paths.len());
+    for path in paths {
+        if let Some(meta) = read_meta(&path)? {
+            out.push(meta);
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,208 @@
+//! Snapshots: a reflink of a volume image taken while the volume is quiesced, or, on a
+//! pool without reflink, a sparse copy made in the background.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::ids::{SnapshotId, VolumeId};
+use super::{Error, Pool, Result, Timestamp, list_meta, partial_path, read_meta, write_meta};
+use crate::sys;
+
+/// How long a volume's filesystem may stay frozen before it is thawed regardless.
+const FREEZE_DEADLINE: Duration = Duration::from_secs(30);
+
+/// A snapshot's metadata document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub id: SnapshotId,
+    pub name: String,
+    pub source_volume: VolumeId,
+    pub size_bytes: u64,
+    pub created: Timestamp,
+    /// False while a background copy is still filling the image.
+    pub ready: bool,
+}
+
+/// Snapshots whose background copy is running in this process.
+pub(super) type Copying = Arc<Mutex<HashSet<SnapshotId>>>;
+
+impl Pool {
+    /// Cuts a snapshot of `source` named `name`, or returns the one that exists.
+    pub fn create_snapshot(&self, name: &str, source: &VolumeId) -> Result<Snapshot> {
+        let id = SnapshotId::derive(name, &self.node);
+        let meta_path = self.snapshot_meta_path(&id);
+        if let Some(existing) = read_meta::<Snapshot>(&meta_path)? {
+            if existing.source_volume != *source {
+                return Err(Error::Incompatible(format!(
+                    "snapshot {name:?} already exists for volume {}",
+                    existing.source_volume
+                )));
+            }
+            return Ok(existing);
+        }
+        let volume = self.volume(source)?;
+        let image = self.snapshot_image_path(&id);
+        let partial = partial_path(&image);
+        let mut snapshot = Snapshot {
+            id: id.clone(),
+            name: name.to_owned(),
+            source_volume: source.clone(),
+            size_bytes: volume.size_bytes,
+            created: Timestamp::now(),
+            ready: self.reflink,
+        };
+        let source_image = self.image_path(source);
+        if !self.reflink {
+            self.start_background_copy(&snapshot, source_image)?;
+            return Ok(snapshot);
+        }
+        let cloned = {
+            let _quiesced = quiesce(&source_image)?;
+            snapshot.created = Timestamp::now();
+            sys::fs::reflink(&source_image, &partial)
+        };
+        cloned
+            .and_then(|()| sys::fs::rename(&partial, &image))
+            .map_err(|e| {
+                let _ = sys::fs::remove(&partial);
+                e
+            })?;
+        if let Err(e) = write_meta(&meta_path, &snapshot) {
+            let _ = sys::fs::remove(&image);
+            return Err(e);
+        }
+        tracing::info!(snapshot.id = %id, volume.id = %source, "snapshot cut");
+        Ok(snapshot)
+    }
+
+    /// Records the snapshot as not ready and copies the image in a thread. A crash
+    /// mid-copy leaves a not-ready record that start-up reconciliation removes, so the
+    /// CO's next CreateSnapshot (same name, same ID) starts over.
+    fn start_background_copy(&self, snapshot: &Snapshot, source_image: PathBuf) -> Result<()> {
+        let meta_path = self.snapshot_meta_path(&snapshot.id);
+        let image = self.snapshot_image_path(&snapshot.id);
+        let partial = partial_path(&image);
+        // Flush what the volume's users wrote before copying.
+        if let Some(device) = sys::loopdev::find_by_backing(&source_image)? {
+            sys::blockdev::flush(&device.path)?;
+        }
+        write_meta(&meta_path, snapshot)?;
+        self.copying.lock().unwrap_or_else(|e| e.into_inner()).insert(snapshot.id.clone());
+        let copying = Arc::clone(&self.copying);
+        let mut done = snapshot.clone();
+        std::thread::spawn(move || {
+            let result = sys::copy::sparse_copy(&source_image, &partial)
+                .and_then(|()| sys::fs::rename(&partial, &image))
+                .map_err(super::Error::from)
+                .and_then(|()| {
+                    done.ready = true;
+                    write_meta(&meta_path, &done)
+                });
+            match result {
+                Ok(()) => tracing::info!(snapshot.id = %done.id, "snapshot copy finished"),
+                Err(e) => {
+                    tracing::error!(snapshot.id = %done.id, error = %e, "snapshot copy failed");
+                    let _ = sys::fs::remove(&meta_path);
+                    let _ = sys::fs::remove(&partial);
+                    let _ = sys::fs::remove(&image);
+                }
+            }
+            copying.lock().unwrap_or_else(|e| e.into_inner()).remove(&done.id);
+        });
+        tracing::info!(snapshot.id = %snapshot.id, "snapshot copy started");
+        Ok(())
+    }
+
+    /// Deletes a snapshot; one that does not exist counts as deleted.
+    pub fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
+        if !self.is_local(&id.node()) {
+            return Ok(());
+        }
+        if self.copying.lock().unwrap_or_else(|e| e.into_inner()).contains(id) {
+            return Err(Error::Busy(format!("snapshot {id} is still being copied")));
+        }
+        sys::fs::remove(&self.snapshot_meta_path(id))?;
+        sys::fs::remove(&self.snapshot_image_path(id))?;
+        tracing::info!(snapshot.id = %id, "snapshot deleted");
+        Ok(())
+    }
+
+    pub fn snapshot(&self, id: &SnapshotId) -> Result<Snapshot> {
+        let not_found = || Error::NotFound {
+            kind: "snapshot",
+            id: id.to_string(),
+        };
+        if !self.is_local(&id.node()) {
+            return Err(not_found());
+        }
+        read_meta(&self.snapshot_meta_path(id))?.ok_or_else(not_found)
+    }
+
+    /// Every snapshot in the pool, in ID order.
+    pub fn list_snapshots(&self) -> Result<Vec<Snapshot>> {
+        list_meta(&self.snapshot_dir())
+    }
+}
+
+/// Makes a volume image consistent for as long as the returned guard lives: a
+/// filesystem mounted from its loop device is frozen (and thawed on drop, or by a
+/// watchdog after [`FREEZE_DEADLINE`]); a loop device without a filesystem mounted is
+/// flushed. An image that is not attached is consistent already.
+pub(super) fn quiesce(image: &Path) -> Result<Option<Frozen>> {
+    let Some(device) = sys::loopdev::find_by_backing(image)? else {
+        return Ok(None);
+    };
+    let (major, minor) = sys::blockdev::numbers(&device.path)?;
+    let table = sys::mountinfo::read()?;
+    let mounted = table
+        .iter()
+        .find(|m| m.major == major && m.minor == minor && m.root == Path::new("/"));
+    match mounted {
+        Some(mount) => Ok(Some(Frozen::new(mount.mount_point.clone())?)),
+        None => {
+            sys::blockdev::flush(&device.path)?;
+            Ok(None)
+        }
+    }
+}
+
+/// A frozen filesystem, thawed on drop or when the deadline passes.
+pub(super) struct Frozen {
+    mount_point: PathBuf,
+    thawed: Arc<AtomicBool>,
+}
+
+impl Frozen {
+    fn new(mount_point: PathBuf) -> Result<Self> {
+        sys::fs::freeze(&mount_point)?;
+        let thawed = Arc::new(AtomicBool::new(false));
+        let watchdog = (Arc::clone(&thawed), mount_point.clone());
+        std::thread::spawn(move || {
+            std::thread::sleep(FREEZE_DEADLINE);
+            let (thawed, mount_point) = watchdog;
+            if !thawed.swap(true, Ordering::SeqCst) {
+                tracing::error!(path = %mount_point.display(), "freeze deadline passed; thawing");
+                let _ = sys::fs::thaw(&mount_point);
+            }
+        });
+        Ok(Frozen {
+            mount_point,
+            thawed,
+        })
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if !self.thawed.swap(true, Ordering::SeqCst)
+            && let Err(e) = sys::fs::thaw(&self.mount_point)
+        {
+            tracing::error!(error = %e, "thaw failed");
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! Volumes: one image file each, plus metadata.
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Condition, Error, Pool, Result, Timestamp, list_meta, partial_path, read_meta, size,
+    write_meta,
+};
+use super::ids::{SnapshotId, VolumeId};
+use crate::sys;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provisioning {
+    /// A sparse file: blocks are allocated as they are written.
+    Thin,
+    /// Every block allocated up front.
+    Thick,
+}
+
+/// What a new volume is filled from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "kind", content = "id")]
+pub enum ContentSource {
+    Snapshot(SnapshotId),
+    Volume(VolumeId),
+}
+
+/// A create request in pool terms.
+#[derive(Debug, Clone)]
+pub struct VolumeSpec {
+    pub name: String,
+    pub range: size::Range,
+    pub provisioning: Provisioning,
+    pub source: Option<ContentSource>,
+}
+
+/// A volume's metadata document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    pub id: VolumeId,
+    pub name: String,
+    pub size_bytes: u64,
+    pub provisioning: Provisioning,
+    pub source: Option<ContentSource>,
+    pub created: Timestamp,
+}
+
+impl Pool {
+    /// Creates the volume `spec` names, or returns it if it already exists with
+    /// compatible arguments.
+    pub fn create_volume(&self, spec: &VolumeSpec) -> Result<Volume> {
+        let id = VolumeId::derive(&spec.name, &self.node);
+        let meta_path = self.volume_meta_path(&id);
+        if let Some(existing) = read_meta::<Volume>(&meta_path)? {
+            check_compatible(&existing, spec)?;
+            return Ok(existing);
+        }
+        let source = match &spec.source {
+            None => None,
+            Some(source) => Some(self.resolve_source(source)?),
+        };
+        let minimum = source.as_ref().map_or(0, |(_, bytes)| *bytes);
+        let size_bytes = size::for_new_volume(spec.range, self.options.default_volume_size, minimum)
+            .map_err(Error::OutOfRange)?;
+        let available = self.available(spec.provisioning)?;
+        if size_bytes > available {
+            return Err(Error::NoSpace {
+                needed: size_bytes,
+                available,
+            });
+        }
+
+        let image = self.image_path(&id);
+        let partial = partial_path(&image);
+        let thick = spec.provisioning == Provisioning::Thick;
+        let built = match &source {
+            None => sys::fs::create_image(&partial, size_bytes, thick),
+            Some((source_image, _)) => self
+                .clone_image(source_image, &partial)
+                .and_then(|()| sys::fs::grow_image(&partial, size_bytes, thick)),
+        }
+        .and_then(|()| sys::fs::rename(&partial, &image));
+        if let Err(e) = built {
+            let _ = sys::fs::remove(&partial);
+            return Err(no_space_or(e, size_bytes, available));
+        }
+
+        let volume = Volume {
+            id,
+            name: spec.name.clone(),
+            size_bytes,
+            provisioning: spec.provisioning,
+            source: spec.source.clone(),
+            created: Timestamp::now(),
+        };
+        if let Err(e) = write_meta(&meta_path, &volume) {
+            let _ = sys::fs::remove(&image);
+            return Err(e);
+        }
+        tracing::info!(volume.id = %volume.id, volume.size = size_bytes, "volume created");
+        Ok(volume)
+    }
+
+    /// The image and size a content source provides.
+    fn resolve_source(&self, source: &ContentSource) -> Result<(std::path::PathBuf, u64)> {
+        match source {
+            ContentSource::Volume(id) => {
+                let volume = self.volume(id)?;
+                Ok((self.image_path(id), volume.size_bytes))
+            }
+            ContentSource::Snapshot(id) => {
+                let snapshot = self.snapshot(id)?;
+                if !snapshot.ready {
+                    return Err(Error::Precondition(format!(
+                        "snapshot {id} is not ready to use yet"
+                    )));
+                }
+                Ok((self.snapshot_image_path(id), snapshot.size_bytes))
+            }
+        }
+    }
+
+    /// Deletes a volume; one that does not exist counts as deleted. Snapshots of it
+    /// stay valid.
+    pub fn delete_volume(&self, id: &VolumeId) -> Result<()> {
+        if !self.is_local(&id.node()) {
+            return Ok(());
+        }
+        let image = self.image_path(id);
+        if image.exists()
+            && let Some(device) = sys::loopdev::find_by_backing(&image)?
+        {
+            return Err(Error::Precondition(format!(
+                "volume {id} is attached at {} on this node; unstage it first",
+                device.path.display()
+            )));
+        }
+        // Metadata first: once it is gone the volume is gone, whatever happens next.
+        sys::fs::remove(&self.volume_meta_path(id))?;
+        sys::fs::remove(&image)?;
+        tracing::info!(volume.id = %id, "volume deleted");
+        Ok(())
+    }
+
+    /// A volume's metadata.
+    pub fn volume(&self, id: &VolumeId) -> Result<Volume> {
+        let not_found = || Error::NotFound {
+            kind: "volume",
+            id: id.to_string(),
+        };
+        if !self.is_local(&id.node()) {
+            return Err(not_found());
+        }
+        read_meta(&self.volume_meta_path(id))?.ok_or_else(not_found)
+    }
+
+    /// Every volume in the pool, in ID order.
+    pub fn list_volumes(&self) -> Result<Vec<Volume>> {
+        list_meta(&self.volume_dir())
+    }
+
+    /// Whether a volume's image is present, whole and readable.
+    pub fn condition(&self, volume: &Volume) -> Condition {
+        let image = self.image_path(&volume.id);
+        let len = match std::fs::metadata(&image) {
+            Ok(meta) => meta.len(),
+            Err(e) => return Condition::abnormal(format!("image {}: {e}", image.display())),
+        };
+        if len < volume.size_bytes {
+            return Condition::abnormal(format!(
+                "image {} holds {len} bytes, {} expected",
+                image.display(),
+                volume.size_bytes
+            ));
+        }
+        match sys::fs::probe_read(&image) {
+            Ok(()) => Condition::healthy(),
+            Err(e) => Condition::abnormal(e.to_string()),
+        }
+    }
+
+    /// Grows a volume's image to satisfy `range`. Returns the volume and whether it
+    /// changed.
+    pub fn expand_volume(&self, id: &VolumeId, range: size::Range) -> Result<(Volume, bool)> {
+        let mut volume = self.volume(id)?;
+        let Some(new_size) =
+            size::for_expansion(range, volume.size_bytes).map_err(Error::OutOfRange)?
+        else {
+            return Ok((volume, false));
+        };
+        let growth = new_size - volume.size_bytes;
+        let available = self.available(volume.provisioning)?;
+        if growth > available {
+            return Err(Error::NoSpace {
+                needed: growth,
+                available,
+            });
+        }
+        let thick = volume.provisioning == Provisioning::Thick;
+        sys::fs::grow_image(&self.image_path(id), new_size, thick)
+            .map_err(|e| no_space_or(e, growth, available))?;
+        volume.size_bytes = new_size;
+        write_meta(&self.volume_meta_path(id), &volume)?;
+        tracing::info!(volume.id = %id, volume.size = new_size, "volume expanded");
+        Ok((volume, true))
+    }
+
+    /// Copies `source` to the new file `target`: a reflink where the pool can, else a
+    /// sparse copy.
+    pub(super) fn clone_image(&self, source: &std::path::Path, target: &std::path::Path) -> sys::Result<()> {
+        if self.reflink {
+            sys::fs::reflink(source, target)
+        } else {
+            sys::copy::sparse_copy(source, target)
+        }
+    }
+}
+
+/// A repeated create must ask for what exists.
+fn check_compatible(existing: &Volume, spec: &VolumeSpec) -> Result<()> {
+    let size::Range { required, limit } = spec.range;
+    let size = existing.size_bytes;
+    if size < required || (limit > 0 && size > limit) {
+        return Err(Error::Incompatible(format!(
+            "volume {:?} already exists with {size} bytes, outside the requested capacity_range",
+            spec.name
+        )));
+    }
+    if existing.provisioning != spec.provisioning {
+        return Err(Error::Incompatible(format!(
+            "volume {:?} already exists with {:?} provisioning",
+            spec.name, existing.provisioning
+        )));
+    }
+    if existing.source != spec.source {
+        return Err(Error::Incompatible(format!(
+            "volume {:?} already exists with another volume_content_source",
+            spec.name
+        )));
+    }
+    Ok(())
+}
+
+/// Turns an out-of-space failure into [`Error::NoSpace`].
+fn no_space_or(e: sys::Error, needed: u64, available: u64) -> Error {
+    if e.is_no_space() {
+        Error::NoSpace { needed, available }
+    } else {
+        Error::Sys(e)
+    }
+}

@@ -1,0 +1,161 @@
+//! Building a driver from the command line and serving it on a Unix socket.
+
+use std::future::Future;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::agent::LocalPools;
+use crate::cli::{AllInOne, Command};
+use crate::csi::controller::ControllerService;
+use crate::csi::identity::IdentityService;
+use crate::csi::node::NodeService;
+use crate::csi::proto::controller_server::ControllerServer;
+use crate::csi::proto::identity_server::IdentityServer;
+use crate::csi::proto::node_server::NodeServer;
+use crate::pool::attach::Attacher;
+use crate::pool::locks::Locks;
+use crate::pool::source::{self, Source};
+use crate::pool::{self, Pool};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The services of an all-in-one driver, ready to serve.
+pub struct AllInOneDriver {
+    identity: IdentityService,
+    controller: ControllerService<LocalPools>,
+    node: NodeService,
+}
+
+impl AllInOneDriver {
+    /// Prepares the pool (mounting or formatting as the source needs), reconciles it,
+    /// and builds the services. Blocks.
+    pub fn open(args: &AllInOne) -> Result<Self, BoxError> {
+        let source = pool_source(args)?;
+        std::fs::create_dir_all(&args.state_dir)?;
+        let root = source::prepare(&source, &args.state_dir)?;
+        let options = pool::Options {
+            overprovision_ratio: args.overprovision_ratio,
+            default_volume_size: args.default_volume_size,
+        };
+        let pool = Arc::new(Pool::open(&root, &args.node_id, options)?);
+        let attacher = Arc::new(Attacher::new(Arc::clone(&pool), &args.state_dir, &args.default_fs_type)?);
+        let locks = Locks::default();
+        Ok(AllInOneDriver {
+            identity: IdentityService::new(&args.driver_name, Arc::clone(&pool)),
+            controller: ControllerService::new(LocalPools::new(pool, &args.node_id), locks.clone()),
+            node: NodeService::new(attacher, locks, &args.node_id, args.max_volumes_per_node),
+        })
+    }
+}
+
+fn pool_source(args: &AllInOne) -> Result<Source, BoxError> {
+    let pool = &args.pool;
+    match (&pool.pool_image, &pool.pool_device, &pool.pool_dir) {
+        (Some(path), None, None) => Ok(Source::Image {
+            path: path.clone(),
+            size: args.pool_size.ok_or("--pool-image needs --pool-size")?,
+        }),
+        (None, Some(device), None) => Ok(Source::Device(device.clone())),
+        (None, None, Some(dir)) => Ok(Source::Dir(dir.clone())),
+        _ => Err("give exactly one of --pool-image, --pool-device, --pool-dir".into()),
+    }
+}
+
+/// Serves `driver` on `listener` until `shutdown` completes, then lets in-flight calls
+/// finish.
+pub async fn serve(
+    listener: UnixListener,
+    driver: AllInOneDriver,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(driver.identity))
+        .add_service(ControllerServer::new(driver.controller))
+        .add_service(NodeServer::new(driver.node))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await
+}
+
+/// Runs a subcommand until SIGTERM or SIGINT.
+pub async fn run(command: Command) -> Result<(), BoxError> {
+    match command {
+        Command::AllInOne(args) => {
+            let socket = socket_path(&args.endpoint)?;
+            let driver = tokio::task::spawn_blocking(move || AllInOneDriver::open(&args)).await??;
+            let listener = bind(&socket)?;
+            tracing::info!(endpoint = %socket.display(), "serving CSI");
+            let result = serve(listener, driver, shutdown_signal()).await;
+            let _ = std::fs::remove_file(&socket);
+            tracing::info!("stopped");
+            Ok(result?)
+        }
+    }
+}
+
+/// The socket path of a `unix://` endpoint.
+pub fn socket_path(endpoint: &str) -> Result<PathBuf, BoxError> {
+    let path = endpoint
+        .strip_prefix("unix://")
+        .or_else(|| endpoint.strip_prefix("unix:"))
+        .ok_or_else(|| format!("endpoint {endpoint:?}: only unix:///path endpoints are supported"))?;
+    if !path.starts_with('/') {
+        return Err(format!("endpoint {endpoint:?}: the socket path must be absolute").into());
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// Binds the socket with mode 0600, removing a stale one first.
+pub fn bind(socket: &Path) -> Result<UnixListener, BoxError> {
+    if let Some(parent) = socket.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::symlink_metadata(socket) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(socket)?,
+        Ok(_) => return Err(format!("{} exists and is not a socket", socket.display()).into()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    let listener = UnixListener::bind(socket)?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler installs");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: finishing in-flight calls"),
+        _ = int.recv() => tracing::info!("SIGINT: finishing in-flight calls"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints() {
+        assert_eq!(socket_path("unix:///run/csi.sock").unwrap(), PathBuf::from("/run/csi.sock"));
+        assert_eq!(socket_path("unix:/run/csi.sock").unwrap(), PathBuf::from("/run/csi.sock"));
+        assert!(socket_path("tcp://1.2.3.4:5").is_err());
+        assert!(socket_path("unix://relative").is_err());
+    }
+
+    #[tokio::test]
+    async fn socket_is_private_and_stale_ones_are_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("csi.sock");
+        drop(bind(&path).unwrap());
+        let listener = bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        drop(listener);
+        std::fs::write(dir.path().join("file"), b"x").unwrap();
+        assert!(bind(&dir.path().join("file")).is_err());
+    }
+}

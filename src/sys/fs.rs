@@ -1,0 +1,187 @@
+//! Files and filesystems: atomic metadata writes, sparse and allocated images,
+//! reflinks, freezing and usage.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{FallocateFlags, fallocate};
+
+use super::{Error, Result};
+
+nix::ioctl_write_int!(ficlone, 0x94, 9);
+nix::ioctl_readwrite!(fifreeze, b'X', 119, libc::c_int);
+nix::ioctl_readwrite!(fithaw, b'X', 120, libc::c_int);
+
+/// Writes `bytes` to `path` so that a crash leaves either the old or the new content:
+/// temporary file, fsync, rename, fsync of the directory.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temp_path(path);
+    let mut file = File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
+    file.write_all(bytes).map_err(|e| Error::io("write", &tmp, e))?;
+    file.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
+    drop(file);
+    std::fs::rename(&tmp, path).map_err(|e| Error::io("rename", path, e))?;
+    sync_parent(path)
+}
+
+/// The name `atomic_write` uses for its temporary file.
+pub fn temp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
+/// Renames `from` to `to` durably.
+pub fn rename(from: &Path, to: &Path) -> Result<()> {
+    std::fs::rename(from, to).map_err(|e| Error::io("rename", to, e))?;
+    sync_parent(to)
+}
+
+/// Removes a file durably; one that is already gone counts as removed.
+pub fn remove(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => sync_parent(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("remove", path, e)),
+    }
+}
+
+/// Fsyncs the directory holding `path`, making a rename or create in it durable.
+pub fn sync_parent(path: &Path) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let handle = File::open(dir).map_err(|e| Error::io("open", dir, e))?;
+    handle.sync_all().map_err(|e| Error::io("fsync", dir, e))
+}
+
+/// Creates a new file of `size` bytes: sparse, or with every block allocated.
+pub fn create_image(path: &Path, size: u64, allocate: bool) -> Result<()> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::io("create", path, e))?;
+    resize_open(&file, path, 0, size, allocate)
+}
+
+/// Grows the file at `path` from its current size to `size`.
+pub fn grow_image(path: &Path, size: u64, allocate: bool) -> Result<()> {
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io("open", path, e))?;
+    let current = file.metadata().map_err(|e| Error::io("stat", path, e))?.len();
+    if current >= size {
+        return Ok(());
+    }
+    resize_open(&file, path, current, size, allocate)
+}
+
+fn resize_open(file: &File, path: &Path, from: u64, to: u64, allocate: bool) -> Result<()> {
+    if allocate && to > from {
+        fallocate(file, FallocateFlags::empty(), from as i64, (to - from) as i64)
+            .map_err(|e| Error::errno("fallocate", path, e))?;
+    }
+    file.set_len(to).map_err(|e| Error::io("truncate", path, e))?;
+    file.sync_all().map_err(|e| Error::io("fsync", path, e))
+}
+
+/// Makes `dst` (which must not exist) a copy-on-write clone of `src` with FICLONE.
+pub fn reflink(src: &Path, dst: &Path) -> Result<()> {
+    let source = File::open(src).map_err(|e| Error::io("open", src, e))?;
+    let target = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dst)
+        .map_err(|e| Error::io("create", dst, e))?;
+    // SAFETY: FICLONE takes the source descriptor as its integer argument; both
+    // descriptors are open for the duration of the call.
+    if let Err(e) = unsafe { ficlone(target.as_raw_fd(), source.as_raw_fd() as libc::c_ulong) } {
+        drop(target);
+        let _ = std::fs::remove_file(dst);
+        return Err(Error::errno("FICLONE", dst, e));
+    }
+    target.sync_all().map_err(|e| Error::io("fsync", dst, e))
+}
+
+/// Whether the filesystem holding `dir` can reflink, found by trying it.
+pub fn supports_reflink(dir: &Path) -> Result<bool> {
+    let src = dir.join(".kura-reflink-probe");
+    let dst = dir.join(".kura-reflink-probe.clone");
+    let _ = std::fs::remove_file(&src);
+    let _ = std::fs::remove_file(&dst);
+    std::fs::write(&src, [0u8; 4096]).map_err(|e| Error::io("write", &src, e))?;
+    let result = reflink(&src, &dst);
+    let _ = std::fs::remove_file(&src);
+    let _ = std::fs::remove_file(&dst);
+    match result {
+        Ok(()) => Ok(true),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::EXDEV) | Some(libc::ENOTTY)) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Freezes the filesystem mounted at `mount_point`.
+pub fn freeze(mount_point: &Path) -> Result<()> {
+    let dir = File::open(mount_point).map_err(|e| Error::io("open", mount_point, e))?;
+    let mut arg: libc::c_int = 0;
+    // SAFETY: FIFREEZE ignores its argument; `arg` is a valid int that outlives the call.
+    unsafe { fifreeze(dir.as_raw_fd(), &mut arg) }
+        .map_err(|e| Error::errno("FIFREEZE", mount_point, e))?;
+    Ok(())
+}
+
+/// Thaws a frozen filesystem; one that is not frozen counts as thawed.
+pub fn thaw(mount_point: &Path) -> Result<()> {
+    let dir = File::open(mount_point).map_err(|e| Error::io("open", mount_point, e))?;
+    let mut arg: libc::c_int = 0;
+    // SAFETY: FITHAW ignores its argument; `arg` is a valid int that outlives the call.
+    match unsafe { fithaw(dir.as_raw_fd(), &mut arg) } {
+        Ok(_) | Err(nix::errno::Errno::EINVAL) => Ok(()),
+        Err(e) => Err(Error::errno("FITHAW", mount_point, e)),
+    }
+}
+
+/// Space and inodes of a mounted filesystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+    pub total_inodes: u64,
+    pub free_inodes: u64,
+}
+
+impl Usage {
+    pub fn used_bytes(&self) -> u64 {
+        self.total_bytes.saturating_sub(self.available_bytes)
+    }
+}
+
+pub fn usage(path: &Path) -> Result<Usage> {
+    let st = nix::sys::statvfs::statvfs(path).map_err(|e| Error::errno("statvfs", path, e))?;
+    let block = st.fragment_size();
+    Ok(Usage {
+        total_bytes: st.blocks() * block,
+        available_bytes: st.blocks_available() * block,
+        total_inodes: st.files(),
+        free_inodes: st.files_free(),
+    })
+}
+
+/// Bytes the filesystem has allocated to a file (shared reflinked extents included).
+pub fn allocated_bytes(path: &Path) -> Result<u64> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io("stat", path, e))?;
+    Ok(meta.blocks() * 512)
+}
+
+/// Reads the first block of a file, surfacing I/O errors the storage reports.
+pub fn probe_read(path: &Path) -> Result<()> {
+    let file = File::open(path).map_err(|e| Error::io("open", path, e))?;
+    let mut buf = [0u8; 4096];
+    nix::sys::uio::pread(&file, &mut buf, 0).map_err(|e| Error::errno("read", path, e))?;
+    Ok(())
+}

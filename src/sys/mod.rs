@@ -1,0 +1,91 @@
+//! The only code that touches the operating system: loop devices, mounts, mkfs,
+//! reflinks, freezing, statfs and mountinfo. Every function is small and typed and
+//! reports what it touched when it fails. All of it blocks; callers in async code run
+//! it through `spawn_blocking`.
+
+pub mod blkid;
+pub mod blockdev;
+pub mod cmd;
+pub mod copy;
+pub mod fs;
+pub mod loopdev;
+pub mod mkfs;
+pub mod mount;
+pub mod mountinfo;
+
+use std::io;
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A system call on a path failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// An external tool could not be started.
+    #[error("cannot run {program}: {source}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: io::Error,
+    },
+    /// An external tool ran and failed.
+    #[error("{program} {args} failed ({status}): {stderr}", args = args.join(" "))]
+    Command {
+        program: String,
+        args: Vec<String>,
+        status: String,
+        stderr: String,
+    },
+    /// A tool or kernel file said something kura cannot read.
+    #[error("cannot parse {what}: {detail}")]
+    Parse { what: &'static str, detail: String },
+    /// An operation did not finish in time.
+    #[error("{op} {path} did not finish within {seconds}s")]
+    Timeout {
+        op: &'static str,
+        path: PathBuf,
+        seconds: u64,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn errno(op: &'static str, path: impl Into<PathBuf>, errno: nix::errno::Errno) -> Self {
+        Self::io(op, path, io::Error::from(errno))
+    }
+
+    /// The OS error number behind this error, if it came from a system call.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            Error::Io { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+
+    /// True when the filesystem ran out of space (or quota).
+    pub fn is_no_space(&self) -> bool {
+        matches!(self.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+            || matches!(self, Error::Command { stderr, .. } if stderr.contains("No space left"))
+    }
+}
+
+impl Error {
+    /// Whether a failed tool said `needle` on stderr.
+    pub fn stderr_contains(&self, needle: &str) -> bool {
+        matches!(self, Error::Command { stderr, .. } if stderr.contains(needle))
+    }
+}
