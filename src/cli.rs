@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "kura", version, about = "CSI driver for node-local block storage with instant snapshots and clones")]
+#[command(
+    name = "kura",
+    version,
+    about = "CSI driver for node-local block storage with instant snapshots and clones"
+)]
 pub struct Cli {
     /// Log output format.
     #[arg(long, env = "KURA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -86,7 +90,9 @@ pub struct PoolArgs {
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let trimmed = text.trim();
     let trimmed = trimmed.strip_suffix('B').unwrap_or(trimmed);
-    let split = trimmed.find(|c: char| !c.is_ascii_digit()).unwrap_or(trimmed.len());
+    let split = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
     let (digits, suffix) = trimmed.split_at(split);
     let number: u64 = digits
         .parse()
@@ -145,7 +151,14 @@ mod tests {
 
     #[test]
     fn exactly_one_pool_source() {
-        let base = ["kura", "all-in-one", "--endpoint", "unix:///tmp/x.sock", "--node-id", "n"];
+        let base = [
+            "kura",
+            "all-in-one",
+            "--endpoint",
+            "unix:///tmp/x.sock",
+            "--node-id",
+            "n",
+        ];
         let parse = |extra: &[&str]| Cli::try_parse_from(base.iter().chain(extra));
         assert!(parse(&["--pool-dir", "/p"]).is_ok());
         assert!(parse(&["--pool-image", "/p.img", "--pool-size", "1Gi"]).is_ok());

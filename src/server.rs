@@ -42,7 +42,11 @@ impl AllInOneDriver {
             default_volume_size: args.default_volume_size,
         };
         let pool = Arc::new(Pool::open(&root, &args.node_id, options)?);
-        let attacher = Arc::new(Attacher::new(Arc::clone(&pool), &args.state_dir, &args.default_fs_type)?);
+        let attacher = Arc::new(Attacher::new(
+            Arc::clone(&pool),
+            &args.state_dir,
+            &args.default_fs_type,
+        )?);
         let locks = Locks::default();
         Ok(AllInOneDriver {
             identity: IdentityService::new(&args.driver_name, Arc::clone(&pool)),
@@ -101,7 +105,9 @@ pub fn socket_path(endpoint: &str) -> Result<PathBuf, BoxError> {
     let path = endpoint
         .strip_prefix("unix://")
         .or_else(|| endpoint.strip_prefix("unix:"))
-        .ok_or_else(|| format!("endpoint {endpoint:?}: only unix:///path endpoints are supported"))?;
+        .ok_or_else(|| {
+            format!("endpoint {endpoint:?}: only unix:///path endpoints are supported")
+        })?;
     if !path.starts_with('/') {
         return Err(format!("endpoint {endpoint:?}: the socket path must be absolute").into());
     }
@@ -140,8 +146,14 @@ mod tests {
 
     #[test]
     fn endpoints() {
-        assert_eq!(socket_path("unix:///run/csi.sock").unwrap(), PathBuf::from("/run/csi.sock"));
-        assert_eq!(socket_path("unix:/run/csi.sock").unwrap(), PathBuf::from("/run/csi.sock"));
+        assert_eq!(
+            socket_path("unix:///run/csi.sock").unwrap(),
+            PathBuf::from("/run/csi.sock")
+        );
+        assert_eq!(
+            socket_path("unix:/run/csi.sock").unwrap(),
+            PathBuf::from("/run/csi.sock")
+        );
         assert!(socket_path("tcp://1.2.3.4:5").is_err());
         assert!(socket_path("unix://relative").is_err());
     }

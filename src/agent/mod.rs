@@ -28,13 +28,32 @@ pub trait Pools: Send + Sync + 'static {
     fn node(&self, token: &NodeToken) -> Option<Node> {
         self.nodes().into_iter().find(|n| n.token == *token)
     }
-    fn create_volume(&self, node: &Node, spec: VolumeSpec) -> impl Future<Output = pool::Result<Volume>> + Send;
+    fn create_volume(
+        &self,
+        node: &Node,
+        spec: VolumeSpec,
+    ) -> impl Future<Output = pool::Result<Volume>> + Send;
     fn delete_volume(&self, id: VolumeId) -> impl Future<Output = pool::Result<()>> + Send;
-    fn volume(&self, id: VolumeId) -> impl Future<Output = pool::Result<(Volume, Condition)>> + Send;
+    fn volume(
+        &self,
+        id: VolumeId,
+    ) -> impl Future<Output = pool::Result<(Volume, Condition)>> + Send;
     fn list_volumes(&self) -> impl Future<Output = pool::Result<Vec<(Volume, Condition)>>> + Send;
-    fn expand_volume(&self, id: VolumeId, range: size::Range) -> impl Future<Output = pool::Result<(Volume, bool)>> + Send;
-    fn available(&self, node: &Node, provisioning: Provisioning) -> impl Future<Output = pool::Result<u64>> + Send;
-    fn create_snapshot(&self, name: String, source: VolumeId) -> impl Future<Output = pool::Result<Snapshot>> + Send;
+    fn expand_volume(
+        &self,
+        id: VolumeId,
+        range: size::Range,
+    ) -> impl Future<Output = pool::Result<(Volume, bool)>> + Send;
+    fn available(
+        &self,
+        node: &Node,
+        provisioning: Provisioning,
+    ) -> impl Future<Output = pool::Result<u64>> + Send;
+    fn create_snapshot(
+        &self,
+        name: String,
+        source: VolumeId,
+    ) -> impl Future<Output = pool::Result<Snapshot>> + Send;
     fn delete_snapshot(&self, id: SnapshotId) -> impl Future<Output = pool::Result<()>> + Send;
     fn snapshot(&self, id: SnapshotId) -> impl Future<Output = pool::Result<Snapshot>> + Send;
     fn list_snapshots(&self) -> impl Future<Output = pool::Result<Vec<Snapshot>>> + Send;
@@ -105,7 +124,11 @@ impl Pools for LocalPools {
         .await
     }
 
-    async fn expand_volume(&self, id: VolumeId, range: size::Range) -> pool::Result<(Volume, bool)> {
+    async fn expand_volume(
+        &self,
+        id: VolumeId,
+        range: size::Range,
+    ) -> pool::Result<(Volume, bool)> {
         self.blocking(move |p| p.expand_volume(&id, range)).await
     }
 
@@ -114,7 +137,8 @@ impl Pools for LocalPools {
     }
 
     async fn create_snapshot(&self, name: String, source: VolumeId) -> pool::Result<Snapshot> {
-        self.blocking(move |p| p.create_snapshot(&name, &source)).await
+        self.blocking(move |p| p.create_snapshot(&name, &source))
+            .await
     }
 
     async fn delete_snapshot(&self, id: SnapshotId) -> pool::Result<()> {

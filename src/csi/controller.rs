@@ -53,7 +53,11 @@ impl<P: Pools> ControllerService<P> {
         }
         let mut best: Option<(u64, &Node)> = None;
         for node in nodes.iter().filter(|n| allowed(n)) {
-            let free = self.pools.available(node, provisioning).await.map_err(from_pool)?;
+            let free = self
+                .pools
+                .available(node, provisioning)
+                .await
+                .map_err(from_pool)?;
             if best.is_none_or(|(most, _)| free > most) {
                 best = Some((free, node));
             }
@@ -97,7 +101,9 @@ fn content_source_message(source: &ContentSource) -> proto::VolumeContentSource 
             })
         }
     };
-    proto::VolumeContentSource { r#type: Some(r#type) }
+    proto::VolumeContentSource {
+        r#type: Some(r#type),
+    }
 }
 
 /// The content source of a create request; IDs that cannot be ours name nothing.
@@ -108,7 +114,9 @@ fn content_source(
         return Ok(None);
     };
     let not_found = |kind: &str, id: &str| {
-        Status::not_found(format!("volume_content_source: {kind} {id:?} does not exist"))
+        Status::not_found(format!(
+            "volume_content_source: {kind} {id:?} does not exist"
+        ))
     };
     match &source.r#type {
         None => Err(missing("volume_content_source.type")),
@@ -164,10 +172,14 @@ fn page<T, K: Ord>(
     (page, rest.next())
 }
 
-fn capability(kind: controller_service_capability::rpc::Type) -> proto::ControllerServiceCapability {
+fn capability(
+    kind: controller_service_capability::rpc::Type,
+) -> proto::ControllerServiceCapability {
     proto::ControllerServiceCapability {
         r#type: Some(controller_service_capability::Type::Rpc(
-            controller_service_capability::Rpc { r#type: kind as i32 },
+            controller_service_capability::Rpc {
+                r#type: kind as i32,
+            },
         )),
     }
 }
@@ -186,7 +198,9 @@ impl<P: Pools> Controller for ControllerService<P> {
         let range = validate::range(req.capacity_range.as_ref())?;
         let provisioning = validate::volume_parameters(&req.parameters)?;
         let source = content_source(req.volume_content_source.as_ref())?;
-        let node = self.place(req.accessibility_requirements.as_ref(), provisioning).await?;
+        let node = self
+            .place(req.accessibility_requirements.as_ref(), provisioning)
+            .await?;
         if let Some(source_node) = source.as_ref().map(|s| match s {
             ContentSource::Snapshot(id) => id.node(),
             ContentSource::Volume(id) => id.node(),
@@ -204,7 +218,11 @@ impl<P: Pools> Controller for ControllerService<P> {
             provisioning,
             source,
         };
-        let volume = self.pools.create_volume(&node, spec).await.map_err(from_pool)?;
+        let volume = self
+            .pools
+            .create_volume(&node, spec)
+            .await
+            .map_err(from_pool)?;
         Ok(Response::new(proto::CreateVolumeResponse {
             volume: Some(self.volume_message(&volume)),
         }))
@@ -334,7 +352,11 @@ impl<P: Pools> Controller for ControllerService<P> {
         let mut largest = 0u64;
         if !unusable {
             for node in &nodes {
-                let free = self.pools.available(node, provisioning).await.map_err(from_pool)?;
+                let free = self
+                    .pools
+                    .available(node, provisioning)
+                    .await
+                    .map_err(from_pool)?;
                 available = available.saturating_add(free);
                 largest = largest.max(free);
             }
@@ -370,7 +392,9 @@ impl<P: Pools> Controller for ControllerService<P> {
         .into_iter()
         .map(capability)
         .collect();
-        Ok(Response::new(proto::ControllerGetCapabilitiesResponse { capabilities }))
+        Ok(Response::new(proto::ControllerGetCapabilitiesResponse {
+            capabilities,
+        }))
     }
 
     #[instrument(err, skip_all, fields(snapshot.name = %request.get_ref().name, volume.id = %request.get_ref().source_volume_id))]
@@ -452,14 +476,21 @@ impl<P: Pools> Controller for ControllerService<P> {
     ) -> Result<Response<proto::ControllerExpandVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = validate::volume_id(&req.volume_id, "volume_id")?;
-        let range = req.capacity_range.as_ref().ok_or_else(|| missing("capacity_range"))?;
+        let range = req
+            .capacity_range
+            .as_ref()
+            .ok_or_else(|| missing("capacity_range"))?;
         let range = validate::range(Some(range))?;
         if range.required == 0 && range.limit == 0 {
             return Err(invalid("capacity_range", "asks for no size"));
         }
         let id = id.ok_or_else(|| not_found_volume(&req.volume_id))?;
         let _guard = self.lock(id.as_str())?;
-        let (volume, _) = self.pools.expand_volume(id, range).await.map_err(from_pool)?;
+        let (volume, _) = self
+            .pools
+            .expand_volume(id, range)
+            .await
+            .map_err(from_pool)?;
         Ok(Response::new(proto::ControllerExpandVolumeResponse {
             capacity_bytes: volume.size_bytes as i64,
             // The loop device must re-read the size on the node, even for block access.
@@ -518,8 +549,14 @@ mod tests {
     fn pages_resume_at_the_token() {
         let items = vec![1, 2, 3, 4, 5];
         assert_eq!(page(items.clone(), |x| x, None, 2), (vec![1, 2], Some(3)));
-        assert_eq!(page(items.clone(), |x| x, Some(&3), 2), (vec![3, 4], Some(5)));
+        assert_eq!(
+            page(items.clone(), |x| x, Some(&3), 2),
+            (vec![3, 4], Some(5))
+        );
         assert_eq!(page(items.clone(), |x| x, Some(&5), 2), (vec![5], None));
-        assert_eq!(page(items, |x| x, None, usize::MAX), (vec![1, 2, 3, 4, 5], None));
+        assert_eq!(
+            page(items, |x| x, None, usize::MAX),
+            (vec![1, 2, 3, 4, 5], None)
+        );
     }
 }

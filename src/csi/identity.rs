@@ -25,9 +25,11 @@ impl IdentityService {
 
 fn service(kind: plugin_capability::service::Type) -> proto::PluginCapability {
     proto::PluginCapability {
-        r#type: Some(plugin_capability::Type::Service(plugin_capability::Service {
-            r#type: kind as i32,
-        })),
+        r#type: Some(plugin_capability::Type::Service(
+            plugin_capability::Service {
+                r#type: kind as i32,
+            },
+        )),
     }
 }
 

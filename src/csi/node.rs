@@ -37,9 +37,14 @@ impl NodeService {
         id: VolumeId,
         work: impl FnOnce(&Attacher, &VolumeId) -> pool::Result<T> + Send + 'static,
     ) -> Result<T, Status> {
-        let _guard = self.locks.try_acquire(id.as_str()).ok_or_else(|| busy(id.as_str()))?;
+        let _guard = self
+            .locks
+            .try_acquire(id.as_str())
+            .ok_or_else(|| busy(id.as_str()))?;
         let attacher = Arc::clone(&self.attacher);
-        blocking(move || work(&attacher, &id)).await.map_err(from_pool)
+        blocking(move || work(&attacher, &id))
+            .await
+            .map_err(from_pool)
     }
 }
 
@@ -53,20 +58,26 @@ fn path(value: &str, field: &str) -> Result<PathBuf, Status> {
     let value = validate::required(value, field)?;
     let path = PathBuf::from(value);
     if !path.is_absolute() {
-        return Err(super::status::invalid(field, format!("{value:?} is not an absolute path")));
+        return Err(super::status::invalid(
+            field,
+            format!("{value:?} is not an absolute path"),
+        ));
     }
     Ok(path)
 }
 
 fn node_capability(cap: Option<&proto::VolumeCapability>) -> Result<Capability, Status> {
-    validate::capability(cap, "volume_capability").map_err(|e| e.into_node_status("volume_capability"))
+    validate::capability(cap, "volume_capability")
+        .map_err(|e| e.into_node_status("volume_capability"))
 }
 
 fn capability(kind: node_service_capability::rpc::Type) -> proto::NodeServiceCapability {
     proto::NodeServiceCapability {
-        r#type: Some(node_service_capability::Type::Rpc(node_service_capability::Rpc {
-            r#type: kind as i32,
-        })),
+        r#type: Some(node_service_capability::Type::Rpc(
+            node_service_capability::Rpc {
+                r#type: kind as i32,
+            },
+        )),
     }
 }
 
@@ -82,7 +93,8 @@ impl Node for NodeService {
         let staging = path(&req.staging_target_path, "staging_target_path")?;
         let capability = node_capability(req.volume_capability.as_ref())?;
         let id = existing_volume_id(&req.volume_id)?;
-        self.locked(id, move |a, id| a.stage(id, &staging, &capability)).await?;
+        self.locked(id, move |a, id| a.stage(id, &staging, &capability))
+            .await?;
         Ok(Response::new(proto::NodeStageVolumeResponse {}))
     }
 
@@ -95,7 +107,8 @@ impl Node for NodeService {
         validate::required(&req.volume_id, "volume_id")?;
         let staging = path(&req.staging_target_path, "staging_target_path")?;
         let id = existing_volume_id(&req.volume_id)?;
-        self.locked(id, move |a, id| a.unstage(id, &staging)).await?;
+        self.locked(id, move |a, id| a.unstage(id, &staging))
+            .await?;
         Ok(Response::new(proto::NodeUnstageVolumeResponse {}))
     }
 
@@ -114,8 +127,10 @@ impl Node for NodeService {
         let staging = path(&req.staging_target_path, "staging_target_path")?;
         let id = existing_volume_id(&req.volume_id)?;
         let readonly = req.readonly;
-        self.locked(id, move |a, id| a.publish(id, &staging, &target, &capability, readonly))
-            .await?;
+        self.locked(id, move |a, id| {
+            a.publish(id, &staging, &target, &capability, readonly)
+        })
+        .await?;
         Ok(Response::new(proto::NodePublishVolumeResponse {}))
     }
 
@@ -128,7 +143,8 @@ impl Node for NodeService {
         validate::required(&req.volume_id, "volume_id")?;
         let target = path(&req.target_path, "target_path")?;
         let id = existing_volume_id(&req.volume_id)?;
-        self.locked(id, move |a, id| a.unpublish(id, &target)).await?;
+        self.locked(id, move |a, id| a.unpublish(id, &target))
+            .await?;
         Ok(Response::new(proto::NodeUnpublishVolumeResponse {}))
     }
 
@@ -143,7 +159,9 @@ impl Node for NodeService {
         let id = existing_volume_id(&req.volume_id)?;
         let volume_path = PathBuf::from(&req.volume_path);
         let attacher = Arc::clone(&self.attacher);
-        let stats = blocking(move || attacher.stats(&id, &volume_path)).await.map_err(from_pool)?;
+        let stats = blocking(move || attacher.stats(&id, &volume_path))
+            .await
+            .map_err(from_pool)?;
         use proto::volume_usage::Unit;
         let mut usage = Vec::new();
         match stats.files {
@@ -187,7 +205,9 @@ impl Node for NodeService {
         validate::range(req.capacity_range.as_ref())?;
         let id = existing_volume_id(&req.volume_id)?;
         let volume_path = PathBuf::from(&req.volume_path);
-        let size = self.locked(id, move |a, id| a.expand(id, Path::new(&volume_path))).await?;
+        let size = self
+            .locked(id, move |a, id| a.expand(id, Path::new(&volume_path)))
+            .await?;
         Ok(Response::new(proto::NodeExpandVolumeResponse {
             capacity_bytes: size as i64,
         }))
@@ -208,7 +228,9 @@ impl Node for NodeService {
         .into_iter()
         .map(capability)
         .collect();
-        Ok(Response::new(proto::NodeGetCapabilitiesResponse { capabilities }))
+        Ok(Response::new(proto::NodeGetCapabilitiesResponse {
+            capabilities,
+        }))
     }
 
     async fn node_get_info(

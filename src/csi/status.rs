@@ -65,15 +65,42 @@ mod tests {
     fn every_variant() -> Vec<(pool::Error, Code)> {
         let io = sys::Error::io("open", "/x", std::io::Error::from_raw_os_error(libc::EIO));
         vec![
-            (pool::Error::NotFound { kind: "volume", id: "v".into() }, Code::NotFound),
+            (
+                pool::Error::NotFound {
+                    kind: "volume",
+                    id: "v".into(),
+                },
+                Code::NotFound,
+            ),
             (pool::Error::Incompatible("x".into()), Code::AlreadyExists),
             (pool::Error::OutOfRange("x".into()), Code::OutOfRange),
-            (pool::Error::NoSpace { needed: 2, available: 1 }, Code::ResourceExhausted),
-            (pool::Error::Precondition("x".into()), Code::FailedPrecondition),
-            (pool::Error::Invalid { field: "f", reason: "r".into() }, Code::InvalidArgument),
+            (
+                pool::Error::NoSpace {
+                    needed: 2,
+                    available: 1,
+                },
+                Code::ResourceExhausted,
+            ),
+            (
+                pool::Error::Precondition("x".into()),
+                Code::FailedPrecondition,
+            ),
+            (
+                pool::Error::Invalid {
+                    field: "f",
+                    reason: "r".into(),
+                },
+                Code::InvalidArgument,
+            ),
             (pool::Error::Busy("x".into()), Code::Aborted),
             (pool::Error::Sys(io), Code::Internal),
-            (pool::Error::Corrupt { path: "/m".into(), reason: "r".into() }, Code::DataLoss),
+            (
+                pool::Error::Corrupt {
+                    path: "/m".into(),
+                    reason: "r".into(),
+                },
+                Code::DataLoss,
+            ),
         ]
     }
 
@@ -88,7 +115,12 @@ mod tests {
     fn retried_codes_are_only_the_in_progress_ones() {
         // The external-provisioner retries CreateVolume on these, believing the
         // operation is still running; only Busy means that.
-        let retried = [Code::Aborted, Code::Unavailable, Code::Cancelled, Code::DeadlineExceeded];
+        let retried = [
+            Code::Aborted,
+            Code::Unavailable,
+            Code::Cancelled,
+            Code::DeadlineExceeded,
+        ];
         for (error, _) in every_variant() {
             let busy = matches!(error, pool::Error::Busy(_));
             assert_eq!(retried.contains(&code(&error)), busy, "{error:?}");
@@ -97,9 +129,21 @@ mod tests {
 
     #[test]
     fn message_carries_the_source_chain() {
-        let io = sys::Error::io("open", "/pool/x.img", std::io::Error::from_raw_os_error(libc::EIO));
+        let io = sys::Error::io(
+            "open",
+            "/pool/x.img",
+            std::io::Error::from_raw_os_error(libc::EIO),
+        );
         let status = from_pool(pool::Error::Sys(io));
-        assert!(status.message().contains("/pool/x.img"), "{}", status.message());
-        assert!(status.message().contains("Input/output error"), "{}", status.message());
+        assert!(
+            status.message().contains("/pool/x.img"),
+            "{}",
+            status.message()
+        );
+        assert!(
+            status.message().contains("Input/output error"),
+            "{}",
+            status.message()
+        );
     }
 }

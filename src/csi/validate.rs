@@ -31,7 +31,10 @@ pub fn required<'a>(value: &'a str, field: &str) -> Result<&'a str, Status> {
 pub fn name<'a>(value: &'a str, field: &str) -> Result<&'a str, Status> {
     required(value, field)?;
     if value.len() > MAX_STRING {
-        return Err(invalid(field, format!("is {} bytes, more than {MAX_STRING}", value.len())));
+        return Err(invalid(
+            field,
+            format!("is {} bytes, more than {MAX_STRING}", value.len()),
+        ));
     }
     Ok(value)
 }
@@ -84,14 +87,19 @@ pub fn capability(
     let cap = cap.ok_or_else(|| CapabilityError::Invalid(missing(field)))?;
     let access = match &cap.access_type {
         None => {
-            return Err(CapabilityError::Invalid(missing(&format!("{field}.access_type"))));
+            return Err(CapabilityError::Invalid(missing(&format!(
+                "{field}.access_type"
+            ))));
         }
         Some(volume_capability::AccessType::Block(_)) => AccessType::Block,
         Some(volume_capability::AccessType::Mount(mount)) => mount_access(mount, field)?,
     };
     use volume_capability::access_mode::Mode;
     let mode_field = format!("{field}.access_mode");
-    let mode = cap.access_mode.as_ref().ok_or_else(|| CapabilityError::Invalid(missing(&mode_field)))?;
+    let mode = cap
+        .access_mode
+        .as_ref()
+        .ok_or_else(|| CapabilityError::Invalid(missing(&mode_field)))?;
     let mode = match Mode::try_from(mode.mode) {
         Ok(Mode::SingleNodeWriter) => AccessMode::SingleNodeWriter,
         Ok(Mode::SingleNodeReaderOnly) => AccessMode::SingleNodeReaderOnly,
@@ -108,13 +116,19 @@ pub fn capability(
             )));
         }
         Ok(Mode::Unknown) | Err(_) => {
-            return Err(CapabilityError::Invalid(invalid(&mode_field, "is unknown or unset")));
+            return Err(CapabilityError::Invalid(invalid(
+                &mode_field,
+                "is unknown or unset",
+            )));
         }
     };
     Ok(Capability { access, mode })
 }
 
-fn mount_access(mount: &volume_capability::MountVolume, field: &str) -> Result<AccessType, CapabilityError> {
+fn mount_access(
+    mount: &volume_capability::MountVolume,
+    field: &str,
+) -> Result<AccessType, CapabilityError> {
     let fs_type = match mount.fs_type.as_str() {
         "" => None,
         fs if mkfs::SUPPORTED.contains(&fs) => Some(fs.to_owned()),
@@ -132,7 +146,11 @@ fn mount_access(mount: &volume_capability::MountVolume, field: &str) -> Result<A
             format!("are {flags_len} bytes, more than {MAX_MOUNT_FLAGS}"),
         )));
     }
-    if let Some(flag) = mount.mount_flags.iter().find(|f| f.is_empty() || f.contains(char::is_whitespace)) {
+    if let Some(flag) = mount
+        .mount_flags
+        .iter()
+        .find(|f| f.is_empty() || f.contains(char::is_whitespace))
+    {
         return Err(CapabilityError::Invalid(invalid(
             &format!("{field}.mount.mount_flags"),
             format!("{flag:?} is not a mount option"),
@@ -214,20 +232,29 @@ pub fn snapshot_parameters(parameters: &HashMap<String, String>) -> Result<(), S
 
 /// A paging token: the ID listing resumes at. A token kura did not hand out gives
 /// ABORTED, as the spec asks.
-pub fn starting_token<T>(token: &str, parse: impl Fn(&str) -> Option<T>) -> Result<Option<T>, Status> {
+pub fn starting_token<T>(
+    token: &str,
+    parse: impl Fn(&str) -> Option<T>,
+) -> Result<Option<T>, Status> {
     if token.is_empty() {
         return Ok(None);
     }
-    parse(token)
-        .map(Some)
-        .ok_or_else(|| Status::aborted(format!("starting_token: {token:?} is not a token this driver issued")))
+    parse(token).map(Some).ok_or_else(|| {
+        Status::aborted(format!(
+            "starting_token: {token:?} is not a token this driver issued"
+        ))
+    })
 }
 
 pub fn max_entries(value: i32) -> Result<usize, Status> {
     if value < 0 {
         return Err(invalid("max_entries", "is negative"));
     }
-    Ok(if value == 0 { usize::MAX } else { value as usize })
+    Ok(if value == 0 {
+        usize::MAX
+    } else {
+        value as usize
+    })
 }
 
 #[cfg(test)]
@@ -236,7 +263,10 @@ mod tests {
     use tonic::Code;
     use volume_capability::access_mode::Mode;
 
-    fn cap(access: Option<volume_capability::AccessType>, mode: Option<Mode>) -> proto::VolumeCapability {
+    fn cap(
+        access: Option<volume_capability::AccessType>,
+        mode: Option<Mode>,
+    ) -> proto::VolumeCapability {
         proto::VolumeCapability {
             access_type: access,
             access_mode: mode.map(|m| volume_capability::AccessMode { mode: m as i32 }),
@@ -244,42 +274,85 @@ mod tests {
     }
 
     fn mount(fs: &str, flags: &[&str]) -> Option<volume_capability::AccessType> {
-        Some(volume_capability::AccessType::Mount(volume_capability::MountVolume {
-            fs_type: fs.into(),
-            mount_flags: flags.iter().map(|f| f.to_string()).collect(),
-            volume_mount_group: String::new(),
-        }))
+        Some(volume_capability::AccessType::Mount(
+            volume_capability::MountVolume {
+                fs_type: fs.into(),
+                mount_flags: flags.iter().map(|f| f.to_string()).collect(),
+                volume_mount_group: String::new(),
+            },
+        ))
     }
 
     fn block() -> Option<volume_capability::AccessType> {
-        Some(volume_capability::AccessType::Block(volume_capability::BlockVolume {}))
+        Some(volume_capability::AccessType::Block(
+            volume_capability::BlockVolume {},
+        ))
     }
 
     #[test]
     fn accepts_single_node_capabilities() {
-        let c = capability(Some(&cap(mount("xfs", &["noatime"]), Some(Mode::SingleNodeWriter))), "c").unwrap();
+        let c = capability(
+            Some(&cap(
+                mount("xfs", &["noatime"]),
+                Some(Mode::SingleNodeWriter),
+            )),
+            "c",
+        )
+        .unwrap();
         assert_eq!(c.mode, AccessMode::SingleNodeWriter);
-        assert_eq!(c.access, AccessType::Mount { fs_type: Some("xfs".into()), flags: vec!["noatime".into()] });
+        assert_eq!(
+            c.access,
+            AccessType::Mount {
+                fs_type: Some("xfs".into()),
+                flags: vec!["noatime".into()]
+            }
+        );
         let c = capability(Some(&cap(block(), Some(Mode::SingleNodeMultiWriter))), "c").unwrap();
         assert_eq!(c.access, AccessType::Block);
-        let c = capability(Some(&cap(mount("", &[]), Some(Mode::SingleNodeReaderOnly))), "c").unwrap();
-        assert_eq!(c.access, AccessType::Mount { fs_type: None, flags: vec![] });
+        let c = capability(
+            Some(&cap(mount("", &[]), Some(Mode::SingleNodeReaderOnly))),
+            "c",
+        )
+        .unwrap();
+        assert_eq!(
+            c.access,
+            AccessType::Mount {
+                fs_type: None,
+                flags: vec![]
+            }
+        );
     }
 
     #[test]
     fn names_the_field_of_malformed_capabilities() {
         let cases = [
             (None, "c: is required"),
-            (Some(cap(None, Some(Mode::SingleNodeWriter))), "c.access_type: is required"),
+            (
+                Some(cap(None, Some(Mode::SingleNodeWriter))),
+                "c.access_type: is required",
+            ),
             (Some(cap(block(), None)), "c.access_mode: is required"),
-            (Some(cap(block(), Some(Mode::Unknown))), "c.access_mode: is unknown or unset"),
-            (Some(cap(mount("ext4", &["bad flag"]), Some(Mode::SingleNodeWriter))), "c.mount.mount_flags"),
+            (
+                Some(cap(block(), Some(Mode::Unknown))),
+                "c.access_mode: is unknown or unset",
+            ),
+            (
+                Some(cap(
+                    mount("ext4", &["bad flag"]),
+                    Some(Mode::SingleNodeWriter),
+                )),
+                "c.mount.mount_flags",
+            ),
         ];
         for (input, want) in cases {
             match capability(input.as_ref(), "c") {
                 Err(CapabilityError::Invalid(status)) => {
                     assert_eq!(status.code(), Code::InvalidArgument);
-                    assert!(status.message().starts_with(want), "{} vs {want}", status.message());
+                    assert!(
+                        status.message().starts_with(want),
+                        "{} vs {want}",
+                        status.message()
+                    );
                 }
                 other => panic!("{want}: got {other:?}"),
             }
@@ -293,16 +366,36 @@ mod tests {
             cap(block(), Some(Mode::MultiNodeReaderOnly)),
             cap(mount("ntfs", &[]), Some(Mode::SingleNodeWriter)),
         ] {
-            assert!(matches!(capability(Some(&c), "c"), Err(CapabilityError::Unsupported(_))), "{c:?}");
+            assert!(
+                matches!(
+                    capability(Some(&c), "c"),
+                    Err(CapabilityError::Unsupported(_))
+                ),
+                "{c:?}"
+            );
         }
-        assert_eq!(capabilities(&[], "caps").unwrap_err().into_invalid("caps").code(), Code::InvalidArgument);
+        assert_eq!(
+            capabilities(&[], "caps")
+                .unwrap_err()
+                .into_invalid("caps")
+                .code(),
+            Code::InvalidArgument
+        );
     }
 
     #[test]
     fn parameters() {
-        let p = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<HashMap<_, _>>();
+        let p = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<HashMap<_, _>>()
+        };
         assert_eq!(volume_parameters(&p(&[])).unwrap(), Provisioning::Thin);
-        assert_eq!(volume_parameters(&p(&[(PROVISIONING_KEY, "thick")])).unwrap(), Provisioning::Thick);
+        assert_eq!(
+            volume_parameters(&p(&[(PROVISIONING_KEY, "thick")])).unwrap(),
+            Provisioning::Thick
+        );
         assert!(volume_parameters(&p(&[("csi.storage.k8s.io/pvc/name", "x")])).is_ok());
         let err = volume_parameters(&p(&[("color", "blue")])).unwrap_err();
         assert!(err.message().contains("color"), "{}", err.message());
@@ -313,17 +406,28 @@ mod tests {
 
     #[test]
     fn ranges_tokens_and_names() {
-        let r = |required, limit| proto::CapacityRange { required_bytes: required, limit_bytes: limit };
+        let r = |required, limit| proto::CapacityRange {
+            required_bytes: required,
+            limit_bytes: limit,
+        };
         assert_eq!(range(None).unwrap(), size::Range::default());
         assert!(range(Some(&r(-1, 0))).is_err());
         assert!(range(Some(&r(0, -1))).is_err());
         assert_eq!(starting_token("", VolumeId::parse).unwrap(), None);
-        assert_eq!(starting_token("garbage", VolumeId::parse).unwrap_err().code(), Code::Aborted);
+        assert_eq!(
+            starting_token("garbage", VolumeId::parse)
+                .unwrap_err()
+                .code(),
+            Code::Aborted
+        );
         assert_eq!(max_entries(0).unwrap(), usize::MAX);
         assert!(max_entries(-1).is_err());
         assert!(name(&"n".repeat(128), "name").is_ok());
         assert!(name(&"n".repeat(129), "name").is_err());
-        assert_eq!(volume_id("", "volume_id").unwrap_err().code(), Code::InvalidArgument);
+        assert_eq!(
+            volume_id("", "volume_id").unwrap_err().code(),
+            Code::InvalidArgument
+        );
         assert_eq!(volume_id("no-such", "volume_id").unwrap(), None);
     }
 }

@@ -99,12 +99,16 @@ pub fn plan_format(
         return FormatPlan::Format(requested.unwrap_or(default_fs).to_owned());
     };
     match (&sig.fs_type, &sig.partition_table, requested) {
-        (_, Some(table), _) => FormatPlan::Conflict(format!("device carries a {table} partition table")),
+        (_, Some(table), _) => {
+            FormatPlan::Conflict(format!("device carries a {table} partition table"))
+        }
         (Some(fs), None, Some(want)) if fs != want => FormatPlan::Conflict(format!(
             "device holds a {fs} filesystem but the capability asks for {want}"
         )),
         (Some(fs), None, _) => FormatPlan::Mount(fs.clone()),
-        (None, None, _) => FormatPlan::Conflict("device carries an unrecognised signature".to_owned()),
+        (None, None, _) => {
+            FormatPlan::Conflict("device carries an unrecognised signature".to_owned())
+        }
     }
 }
 
@@ -227,7 +231,7 @@ impl Attacher {
         let (major, minor) = sys::blockdev::numbers(device)?;
         let table = sys::mountinfo::read()?;
         if let Some(mount) = sys::mountinfo::find_mount(&table, staging) {
-            if (mount.major, mount.minor) == (major, minor) {
+            if mount.is_from(device, (major, minor)) {
                 return Ok(());
             }
             return Err(Error::Precondition(format!(
@@ -236,8 +240,18 @@ impl Attacher {
                 mount.source
             )));
         }
-        let fs = match plan_format(sys::blkid::probe(device)?.as_ref(), fs_type, &self.default_fs) {
+        let fs = match plan_format(
+            sys::blkid::probe(device)?.as_ref(),
+            fs_type,
+            &self.default_fs,
+        ) {
             FormatPlan::Format(fs) => {
+                let (size, minimum) = (sys::blockdev::size(device)?, sys::mkfs::minimum_size(&fs));
+                if size < minimum {
+                    return Err(Error::Precondition(format!(
+                        "volume of {size} bytes is too small for {fs}, which needs at least {minimum} bytes"
+                    )));
+                }
                 sys::mkfs::format(device, &fs)?;
                 fs
             }
@@ -276,7 +290,7 @@ impl Attacher {
         if let (Some(device), Some(mount)) = (&device, sys::mountinfo::find_mount(&table, staging))
         {
             let (major, minor) = sys::blockdev::numbers(&device.path)?;
-            if (mount.major, mount.minor) == (major, minor) {
+            if mount.is_from(&device.path, (major, minor)) {
                 sys::mount::unmount(staging)?;
             }
         }
@@ -394,7 +408,9 @@ impl Attacher {
         let volume = self.pool.volume(id)?;
         let record = self.exposed_at(id, path)?;
         let mut condition = self.pool.condition(&volume);
-        let device = sys::loopdev::find_by_backing(&self.pool.image_path(id)).ok().flatten();
+        let device = sys::loopdev::find_by_backing(&self.pool.image_path(id))
+            .ok()
+            .flatten();
         if device.is_none() && !condition.abnormal {
             condition = Condition::abnormal("volume is staged but its loop device is gone");
         }
@@ -428,7 +444,9 @@ impl Attacher {
             let staging = &record.staging_path;
             let fs = sys::mountinfo::find_mount(&table, staging)
                 .map(|m| m.fs_type)
-                .ok_or_else(|| Error::Precondition(format!("{} is not mounted", staging.display())))?;
+                .ok_or_else(|| {
+                    Error::Precondition(format!("{} is not mounted", staging.display()))
+                })?;
             if let Err(e) = sys::mkfs::grow_online(&fs, &device, staging) {
                 if e.stderr_contains("Operation not permitted") {
                     return Err(Error::Precondition(format!(
@@ -456,7 +474,12 @@ fn grow_unmounted(fs: &str, device: &Path) -> Result<()> {
 
 /// Creates the empty file a block volume is bind-mounted on.
 fn make_file(target: &Path) -> Result<()> {
-    match std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(target) {
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(target)
+    {
         Ok(_) => Ok(()),
         Err(e) => Err(sys::Error::io("create", target, e).into()),
     }
@@ -487,17 +510,38 @@ mod tests {
 
     #[test]
     fn formats_only_blank_devices() {
-        assert_eq!(plan_format(None, None, "ext4"), FormatPlan::Format("ext4".into()));
-        assert_eq!(plan_format(None, Some("xfs"), "ext4"), FormatPlan::Format("xfs".into()));
-        assert_eq!(plan_format(Some(&fs("xfs")), None, "ext4"), FormatPlan::Mount("xfs".into()));
-        assert_eq!(plan_format(Some(&fs("xfs")), Some("xfs"), "ext4"), FormatPlan::Mount("xfs".into()));
-        assert!(matches!(plan_format(Some(&fs("xfs")), Some("ext4"), "ext4"), FormatPlan::Conflict(_)));
+        assert_eq!(
+            plan_format(None, None, "ext4"),
+            FormatPlan::Format("ext4".into())
+        );
+        assert_eq!(
+            plan_format(None, Some("xfs"), "ext4"),
+            FormatPlan::Format("xfs".into())
+        );
+        assert_eq!(
+            plan_format(Some(&fs("xfs")), None, "ext4"),
+            FormatPlan::Mount("xfs".into())
+        );
+        assert_eq!(
+            plan_format(Some(&fs("xfs")), Some("xfs"), "ext4"),
+            FormatPlan::Mount("xfs".into())
+        );
+        assert!(matches!(
+            plan_format(Some(&fs("xfs")), Some("ext4"), "ext4"),
+            FormatPlan::Conflict(_)
+        ));
         let table = Signature {
             partition_table: Some("dos".into()),
             ..Default::default()
         };
-        assert!(matches!(plan_format(Some(&table), None, "ext4"), FormatPlan::Conflict(_)));
-        assert!(matches!(plan_format(Some(&Signature::default()), None, "ext4"), FormatPlan::Conflict(_)));
+        assert!(matches!(
+            plan_format(Some(&table), None, "ext4"),
+            FormatPlan::Conflict(_)
+        ));
+        assert!(matches!(
+            plan_format(Some(&Signature::default()), None, "ext4"),
+            FormatPlan::Conflict(_)
+        ));
     }
 
     fn publication(mode: AccessMode, readonly: bool) -> Publication {
@@ -515,11 +559,19 @@ mod tests {
         use AccessMode::*;
         let t1 = Path::new("/t1");
         let t2 = Path::new("/t2");
-        for mode in [SingleNodeWriter, SingleNodeReaderOnly, SingleNodeSingleWriter, SingleNodeMultiWriter] {
+        for mode in [
+            SingleNodeWriter,
+            SingleNodeReaderOnly,
+            SingleNodeSingleWriter,
+            SingleNodeMultiWriter,
+        ] {
             let p = publication(mode.clone(), false);
             let targets = BTreeMap::from([(t1.to_owned(), p.clone())]);
             assert_eq!(plan_publish(&targets, t1, &p), PublishPlan::AlreadyDone);
-            assert!(matches!(plan_publish(&targets, t1, &publication(mode.clone(), true)), PublishPlan::Conflict(_)));
+            assert!(matches!(
+                plan_publish(&targets, t1, &publication(mode.clone(), true)),
+                PublishPlan::Conflict(_)
+            ));
             let other = plan_publish(&targets, t2, &p);
             if mode == SingleNodeMultiWriter {
                 assert_eq!(other, PublishPlan::Publish);
@@ -527,6 +579,13 @@ mod tests {
                 assert!(matches!(other, PublishPlan::Forbidden(_)), "{mode:?}");
             }
         }
-        assert_eq!(plan_publish(&BTreeMap::new(), t1, &publication(SingleNodeSingleWriter, false)), PublishPlan::Publish);
+        assert_eq!(
+            plan_publish(
+                &BTreeMap::new(),
+                t1,
+                &publication(SingleNodeSingleWriter, false)
+            ),
+            PublishPlan::Publish
+        );
     }
 }

@@ -35,7 +35,10 @@ impl NodeToken {
 
     fn parse(text: &str) -> Option<Self> {
         let digest_ok = text.strip_prefix('_').is_some_and(|hex| {
-            hex.len() == DIGEST_HEX && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            hex.len() == DIGEST_HEX
+                && hex
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         });
         (digest_ok || is_literal_node(text)).then(|| NodeToken(text.to_owned()))
     }
@@ -73,7 +76,9 @@ macro_rules! id_type {
                 let rest = text.strip_prefix($prefix)?;
                 let (uuid, node) = (rest.get(..32)?, rest.get(32..)?);
                 let node = node.strip_prefix('-')?;
-                let uuid_ok = uuid.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+                let uuid_ok = uuid
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
                 (uuid_ok && NodeToken::parse(node).is_some()).then(|| $name(text.to_owned()))
             }
 

@@ -81,7 +81,9 @@ pub struct Timestamp {
 
 impl Timestamp {
     pub fn now() -> Self {
-        let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let since = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         Timestamp {
             seconds: since.as_secs() as i64,
             nanos: since.subsec_nanos() as i32,

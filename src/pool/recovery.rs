@@ -53,7 +53,8 @@ impl Pool {
             .collect();
         let prefix = format!("{}/", volume_dir.display());
         for device in sys::loopdev::list_bound()? {
-            let ours = device.backing_dev == pool_dev && names_within(&device.backing_name, &prefix);
+            let ours =
+                device.backing_dev == pool_dev && names_within(&device.backing_name, &prefix);
             if ours && !live.contains(&device.backing_ino) {
                 tracing::warn!(device = %device.path.display(), file = device.backing_name, "detaching loop device whose volume is gone");
                 sys::loopdev::detach(&device.path)?;

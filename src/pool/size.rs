@@ -121,7 +121,10 @@ mod tests {
     #[test]
     fn unaligned_limit_rounds_down_when_it_still_fits() {
         assert_eq!(for_new_volume(range(MIB, 2 * MIB + 7), GIB, 0), Ok(MIB));
-        assert_eq!(for_new_volume(range(MIB + 1, 2 * MIB + 7), GIB, 0), Ok(2 * MIB));
+        assert_eq!(
+            for_new_volume(range(MIB + 1, 2 * MIB + 7), GIB, 0),
+            Ok(2 * MIB)
+        );
     }
 
     #[test]

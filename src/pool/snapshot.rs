@@ -68,9 +68,8 @@ impl Pool {
         };
         cloned
             .and_then(|()| sys::fs::rename(&partial, &image))
-            .map_err(|e| {
+            .inspect_err(|_| {
                 let _ = sys::fs::remove(&partial);
-                e
             })?;
         if let Err(e) = write_meta(&meta_path, &snapshot) {
             let _ = sys::fs::remove(&image);
@@ -92,7 +91,10 @@ impl Pool {
             sys::blockdev::flush(&device.path)?;
         }
         write_meta(&meta_path, snapshot)?;
-        self.copying.lock().unwrap_or_else(|e| e.into_inner()).insert(snapshot.id.clone());
+        self.copying
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(snapshot.id.clone());
         let copying = Arc::clone(&self.copying);
         let mut done = snapshot.clone();
         std::thread::spawn(move || {
@@ -112,7 +114,10 @@ impl Pool {
                     let _ = sys::fs::remove(&image);
                 }
             }
-            copying.lock().unwrap_or_else(|e| e.into_inner()).remove(&done.id);
+            copying
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&done.id);
         });
         tracing::info!(snapshot.id = %snapshot.id, "snapshot copy started");
         Ok(())
@@ -123,7 +128,12 @@ impl Pool {
         if !self.is_local(&id.node()) {
             return Ok(());
         }
-        if self.copying.lock().unwrap_or_else(|e| e.into_inner()).contains(id) {
+        if self
+            .copying
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(id)
+        {
             return Err(Error::Busy(format!("snapshot {id} is still being copied")));
         }
         sys::fs::remove(&self.snapshot_meta_path(id))?;
@@ -161,7 +171,7 @@ pub(super) fn quiesce(image: &Path) -> Result<Option<Frozen>> {
     let table = sys::mountinfo::read()?;
     let mounted = table
         .iter()
-        .find(|m| m.major == major && m.minor == minor && m.root == Path::new("/"));
+        .find(|m| m.is_from(&device.path, (major, minor)) && m.root == Path::new("/"));
     match mounted {
         Some(mount) => Ok(Some(Frozen::new(mount.mount_point.clone())?)),
         None => {

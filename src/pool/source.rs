@@ -97,7 +97,9 @@ pub fn plan_device(signature: Option<&sys::blkid::Signature>) -> DevicePlan {
     }
     match (&sig.fs_type, &sig.label) {
         (Some(fs), Some(label)) if fs == "xfs" && label == POOL_LABEL => DevicePlan::Mount,
-        (Some(fs), _) => DevicePlan::Refuse(format!("it carries a {fs} filesystem that is not a kura pool")),
+        (Some(fs), _) => DevicePlan::Refuse(format!(
+            "it carries a {fs} filesystem that is not a kura pool"
+        )),
         (None, _) => DevicePlan::Refuse("it carries an unrecognised signature".to_owned()),
     }
 }
@@ -106,7 +108,7 @@ fn mount_pool_device(device: &Path, mount_point: &Path) -> Result<()> {
     let (major, minor) = sys::blockdev::numbers(device)?;
     let table = sys::mountinfo::read()?;
     if let Some(mount) = sys::mountinfo::find_mount(&table, mount_point) {
-        if (mount.major, mount.minor) == (major, minor) {
+        if mount.is_from(device, (major, minor)) {
             return Ok(());
         }
         return Err(Error::Precondition(format!(
@@ -150,14 +152,20 @@ mod tests {
     #[test]
     fn plans_pool_devices() {
         assert_eq!(plan_device(None), DevicePlan::Format);
-        assert_eq!(plan_device(Some(&sig(Some("xfs"), Some(POOL_LABEL), None))), DevicePlan::Mount);
+        assert_eq!(
+            plan_device(Some(&sig(Some("xfs"), Some(POOL_LABEL), None))),
+            DevicePlan::Mount
+        );
         for other in [
             sig(Some("xfs"), None, None),
             sig(Some("ext4"), Some(POOL_LABEL), None),
             sig(None, None, Some("gpt")),
             sig(None, None, None),
         ] {
-            assert!(matches!(plan_device(Some(&other)), DevicePlan::Refuse(_)), "{other:?}");
+            assert!(
+                matches!(plan_device(Some(&other)), DevicePlan::Refuse(_)),
+                "{other:?}"
+            );
         }
     }
 }

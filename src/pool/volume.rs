@@ -2,11 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{
-    Condition, Error, Pool, Result, Timestamp, list_meta, partial_path, read_meta, size,
-    write_meta,
-};
 use super::ids::{SnapshotId, VolumeId};
+use super::{
+    Condition, Error, Pool, Result, Timestamp, list_meta, partial_path, read_meta, size, write_meta,
+};
 use crate::sys;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,8 +60,9 @@ impl Pool {
             Some(source) => Some(self.resolve_source(source)?),
         };
         let minimum = source.as_ref().map_or(0, |(_, bytes)| *bytes);
-        let size_bytes = size::for_new_volume(spec.range, self.options.default_volume_size, minimum)
-            .map_err(Error::OutOfRange)?;
+        let size_bytes =
+            size::for_new_volume(spec.range, self.options.default_volume_size, minimum)
+                .map_err(Error::OutOfRange)?;
         let available = self.available(spec.provisioning)?;
         if size_bytes > available {
             return Err(Error::NoSpace {
@@ -208,7 +208,11 @@ impl Pool {
 
     /// Copies `source` to the new file `target`: a reflink where the pool can, else a
     /// sparse copy.
-    pub(super) fn clone_image(&self, source: &std::path::Path, target: &std::path::Path) -> sys::Result<()> {
+    pub(super) fn clone_image(
+        &self,
+        source: &std::path::Path,
+        target: &std::path::Path,
+    ) -> sys::Result<()> {
         if self.reflink {
             sys::fs::reflink(source, target)
         } else {

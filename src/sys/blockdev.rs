@@ -29,5 +29,8 @@ pub fn numbers(device: &Path) -> Result<(u32, u32)> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(device).map_err(|e| Error::io("stat", device, e))?;
     let rdev = meta.rdev();
-    Ok((nix::sys::stat::major(rdev) as u32, nix::sys::stat::minor(rdev) as u32))
+    Ok((
+        nix::sys::stat::major(rdev) as u32,
+        nix::sys::stat::minor(rdev) as u32,
+    ))
 }

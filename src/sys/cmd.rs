@@ -22,9 +22,21 @@ pub fn run_accepting(program: &str, args: &[&str], ok_codes: &[i32]) -> Result<O
             program: program.to_owned(),
             args: args.iter().map(|a| a.to_string()).collect(),
             status: output.status.to_string(),
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+            stderr: summary(&String::from_utf8_lossy(&output.stderr)),
         }),
     }
+}
+
+/// The first lines of a tool's stderr: enough to say what went wrong, short enough
+/// for a kubelet event (some tools print their whole usage text).
+fn summary(stderr: &str) -> String {
+    const LINES: usize = 4;
+    let lines: Vec<&str> = stderr.trim().lines().collect();
+    let mut text = lines[..lines.len().min(LINES)].join("; ");
+    if lines.len() > LINES {
+        text.push_str(" ...");
+    }
+    text
 }
 
 /// Runs `program` with `args`, failing unless it exits with status 0.

@@ -14,14 +14,19 @@ use super::{Error, Result};
 /// Copies `src` to the new file `dst`, preserving holes.
 pub fn sparse_copy(src: &Path, dst: &Path) -> Result<()> {
     let source = File::open(src).map_err(|e| Error::io("open", src, e))?;
-    let len = source.metadata().map_err(|e| Error::io("stat", src, e))?.len();
+    let len = source
+        .metadata()
+        .map_err(|e| Error::io("stat", src, e))?
+        .len();
     let target = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(dst)
         .map_err(|e| Error::io("create", dst, e))?;
-    target.set_len(len).map_err(|e| Error::io("truncate", dst, e))?;
+    target
+        .set_len(len)
+        .map_err(|e| Error::io("truncate", dst, e))?;
     let mut offset: i64 = 0;
     while (offset as u64) < len {
         let data = match lseek(source.as_fd(), offset, Whence::SeekData) {
@@ -62,7 +67,10 @@ fn copy_range(
             return Err(Error::io(
                 "copy_file_range",
                 src,
-                std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "source shrank while copying"),
+                std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "source shrank while copying",
+                ),
             ));
         }
     }
@@ -92,6 +100,9 @@ mod tests {
         sparse_copy(&src, &dst).unwrap();
         assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
         let allocated = std::fs::metadata(&dst).unwrap().blocks() * 512;
-        assert!(allocated < 4 << 20, "holes were filled: {allocated} bytes allocated");
+        assert!(
+            allocated < 4 << 20,
+            "holes were filled: {allocated} bytes allocated"
+        );
     }
 }

@@ -20,7 +20,8 @@ nix::ioctl_readwrite!(fithaw, b'X', 120, libc::c_int);
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = temp_path(path);
     let mut file = File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
-    file.write_all(bytes).map_err(|e| Error::io("write", &tmp, e))?;
+    file.write_all(bytes)
+        .map_err(|e| Error::io("write", &tmp, e))?;
     file.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
     drop(file);
     std::fs::rename(&tmp, path).map_err(|e| Error::io("rename", path, e))?;
@@ -73,7 +74,10 @@ pub fn grow_image(path: &Path, size: u64, allocate: bool) -> Result<()> {
         .write(true)
         .open(path)
         .map_err(|e| Error::io("open", path, e))?;
-    let current = file.metadata().map_err(|e| Error::io("stat", path, e))?.len();
+    let current = file
+        .metadata()
+        .map_err(|e| Error::io("stat", path, e))?
+        .len();
     if current >= size {
         return Ok(());
     }
@@ -82,10 +86,16 @@ pub fn grow_image(path: &Path, size: u64, allocate: bool) -> Result<()> {
 
 fn resize_open(file: &File, path: &Path, from: u64, to: u64, allocate: bool) -> Result<()> {
     if allocate && to > from {
-        fallocate(file, FallocateFlags::empty(), from as i64, (to - from) as i64)
-            .map_err(|e| Error::errno("fallocate", path, e))?;
+        fallocate(
+            file,
+            FallocateFlags::empty(),
+            from as i64,
+            (to - from) as i64,
+        )
+        .map_err(|e| Error::errno("fallocate", path, e))?;
     }
-    file.set_len(to).map_err(|e| Error::io("truncate", path, e))?;
+    file.set_len(to)
+        .map_err(|e| Error::io("truncate", path, e))?;
     file.sync_all().map_err(|e| Error::io("fsync", path, e))
 }
 
@@ -120,7 +130,17 @@ pub fn supports_reflink(dir: &Path) -> Result<bool> {
     let _ = std::fs::remove_file(&dst);
     match result {
         Ok(()) => Ok(true),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::EXDEV) | Some(libc::ENOTTY)) => Ok(false),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP)
+                    | Some(libc::EINVAL)
+                    | Some(libc::EXDEV)
+                    | Some(libc::ENOTTY)
+            ) =>
+        {
+            Ok(false)
+        }
         Err(e) => Err(e),
     }
 }

@@ -103,7 +103,11 @@ pub fn attach(file: &Path, read_only: bool) -> Result<PathBuf> {
         // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number.
         let number = unsafe { libc::ioctl(control.as_raw_fd(), LOOP_CTL_GET_FREE) };
         if number < 0 {
-            return Err(Error::io("LOOP_CTL_GET_FREE", LOOP_CONTROL, std::io::Error::last_os_error()));
+            return Err(Error::io(
+                "LOOP_CTL_GET_FREE",
+                LOOP_CONTROL,
+                std::io::Error::last_os_error(),
+            ));
         }
         let path = ensure_node(number as u32)?;
         let device = OpenOptions::new()
@@ -148,7 +152,11 @@ pub fn detach(device: &Path) -> Result<()> {
     // SAFETY: LOOP_CLR_FD takes no argument.
     let rc = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CLR_FD) };
     if rc < 0 && Errno::last() != Errno::ENXIO {
-        return Err(Error::io("LOOP_CLR_FD", device, std::io::Error::last_os_error()));
+        return Err(Error::io(
+            "LOOP_CLR_FD",
+            device,
+            std::io::Error::last_os_error(),
+        ));
     }
     Ok(())
 }
@@ -159,7 +167,11 @@ pub fn refresh_capacity(device: &Path) -> Result<()> {
     // SAFETY: LOOP_SET_CAPACITY takes no argument.
     let rc = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_SET_CAPACITY, 0) };
     if rc < 0 {
-        return Err(Error::io("LOOP_SET_CAPACITY", device, std::io::Error::last_os_error()));
+        return Err(Error::io(
+            "LOOP_SET_CAPACITY",
+            device,
+            std::io::Error::last_os_error(),
+        ));
     }
     Ok(())
 }
@@ -179,7 +191,10 @@ pub fn list_bound() -> Result<Vec<LoopDevice>> {
     let mut bound = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(number) = name.strip_prefix("loop").and_then(|n| n.parse::<u32>().ok()) else {
+        let Some(number) = name
+            .strip_prefix("loop")
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
             continue;
         };
         // Only bound devices have a backing_file attribute.
@@ -211,7 +226,11 @@ fn status(device: &Path) -> Result<LoopInfo64> {
     // SAFETY: `info` is a valid loop_info64 the kernel writes into; it outlives the call.
     let rc = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_GET_STATUS64, &mut info) };
     if rc < 0 {
-        return Err(Error::io("LOOP_GET_STATUS64", device, std::io::Error::last_os_error()));
+        return Err(Error::io(
+            "LOOP_GET_STATUS64",
+            device,
+            std::io::Error::last_os_error(),
+        ));
     }
     Ok(info)
 }
@@ -233,7 +252,12 @@ fn ensure_node(number: u32) -> Result<PathBuf> {
             what: "loop device number",
             detail: format!("{dev_file}: {}", text.trim()),
         })?;
-    match mknod(&path, SFlag::S_IFBLK, Mode::from_bits_truncate(0o660), makedev(LOOP_MAJOR, minor)) {
+    match mknod(
+        &path,
+        SFlag::S_IFBLK,
+        Mode::from_bits_truncate(0o660),
+        makedev(LOOP_MAJOR, minor),
+    ) {
         Ok(()) | Err(Errno::EEXIST) => Ok(path),
         Err(errno) => Err(Error::errno("mknod", &path, errno)),
     }

@@ -7,6 +7,15 @@ use super::{Error, Result, cmd};
 /// Filesystems kura formats volumes with.
 pub const SUPPORTED: [&str; 3] = ["ext4", "xfs", "btrfs"];
 
+/// The smallest device `mkfs` accepts for a filesystem type.
+pub fn minimum_size(fs_type: &str) -> u64 {
+    match fs_type {
+        "xfs" => 300 << 20,
+        "btrfs" => 114_294_784,
+        _ => 0,
+    }
+}
+
 /// Formats `device` with `fs_type`. Callers check first that the device is blank.
 pub fn format(device: &Path, fs_type: &str) -> Result<()> {
     let device = device.to_string_lossy();
@@ -15,7 +24,13 @@ pub fn format(device: &Path, fs_type: &str) -> Result<()> {
         // inode tables in the background.
         "ext4" => cmd::run(
             "mkfs.ext4",
-            &["-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard", &device],
+            &[
+                "-q",
+                "-F",
+                "-E",
+                "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+                &device,
+            ],
         ),
         "xfs" => cmd::run("mkfs.xfs", &["-q", "-K", &device]),
         "btrfs" => cmd::run("mkfs.btrfs", &["-q", "-K", &device]),

@@ -64,7 +64,11 @@ impl Error {
         }
     }
 
-    pub(crate) fn errno(op: &'static str, path: impl Into<PathBuf>, errno: nix::errno::Errno) -> Self {
+    pub(crate) fn errno(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+        errno: nix::errno::Errno,
+    ) -> Self {
         Self::io(op, path, io::Error::from(errno))
     }
 

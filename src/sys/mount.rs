@@ -29,8 +29,14 @@ pub fn mount_fs(device: &Path, target: &Path, fs_type: &str, options: &[String])
 
 /// Bind-mounts `source` (a directory or a device node) on `target`, read-only if asked.
 pub fn bind(source: &Path, target: &Path, read_only: bool) -> Result<()> {
-    nix::mount::mount(Some(source), target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-        .map_err(|e| Error::errno("bind mount", target, e))?;
+    nix::mount::mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|e| Error::errno("bind mount", target, e))?;
     if read_only {
         let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
         if let Err(e) = nix::mount::mount(None::<&str>, target, None::<&str>, flags, None::<&str>) {

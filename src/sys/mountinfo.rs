@@ -20,6 +20,12 @@ pub struct MountEntry {
 }
 
 impl MountEntry {
+    /// Whether this mounts the filesystem on `device` (whose numbers are `numbers`).
+    /// btrfs reports an anonymous device number, so the source path counts too.
+    pub fn is_from(&self, device: &Path, numbers: (u32, u32)) -> bool {
+        (self.major, self.minor) == numbers || Path::new(&self.source) == device
+    }
+
     pub fn is_read_only(&self) -> bool {
         self.options.iter().any(|o| o == "ro")
     }
@@ -34,7 +40,11 @@ pub fn read() -> Result<Vec<MountEntry>> {
 
 /// The topmost mount at `mount_point`, if any.
 pub fn find_mount(table: &[MountEntry], mount_point: &Path) -> Option<MountEntry> {
-    table.iter().rev().find(|m| m.mount_point == mount_point).cloned()
+    table
+        .iter()
+        .rev()
+        .find(|m| m.mount_point == mount_point)
+        .cloned()
 }
 
 /// Parses mountinfo text (see proc(5)).
@@ -132,6 +142,15 @@ mod tests {
         let m = find_mount(&table, Path::new("/tmp/target")).unwrap();
         assert_eq!(m.source, "/dev/loop4");
         assert!(find_mount(&table, Path::new("/tmp/nothing")).is_none());
+    }
+
+    #[test]
+    fn recognises_a_device_by_number_or_source() {
+        let table = parse(FIXTURE).unwrap();
+        let pool = &table[2];
+        assert!(pool.is_from(Path::new("/dev/other"), (7, 3)));
+        assert!(pool.is_from(Path::new("/dev/loop3"), (0, 99)));
+        assert!(!pool.is_from(Path::new("/dev/loop4"), (7, 4)));
     }
 
     #[test]
