@@ -40,7 +40,7 @@ pub struct AllInOne {
     #[arg(long, env = "KURA_ENDPOINT")]
     pub endpoint: String,
     /// This node's name, as the CO knows it (the topology value).
-    #[arg(long, env = "KURA_NODE_ID")]
+    #[arg(long, env = "KURA_NODE_ID", value_parser = parse_node_id)]
     pub node_id: String,
     /// Directory for kura's own state: the pool mount point and attachment records.
     #[arg(long, env = "KURA_STATE_DIR", default_value = "/var/lib/kura")]
@@ -51,7 +51,7 @@ pub struct AllInOne {
     #[arg(long, env = "KURA_POOL_SIZE", value_parser = parse_size, requires = "pool_image")]
     pub pool_size: Option<u64>,
     /// Driver name reported to the CO.
-    #[arg(long, env = "KURA_DRIVER_NAME", default_value = "kura.csi.dev")]
+    #[arg(long, env = "KURA_DRIVER_NAME", default_value = "kura.csi.dev", value_parser = parse_driver_name)]
     pub driver_name: String,
     /// How many volumes this node may hold (NodeGetInfo max_volumes_per_node).
     #[arg(long, env = "KURA_MAX_VOLUMES_PER_NODE", default_value_t = 1000)]
@@ -120,6 +120,37 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
+/// A CSI plugin name: at most 63 characters, alphanumeric at both ends, with `-`, `_`
+/// and `.` allowed inside.
+fn parse_driver_name(text: &str) -> Result<String, String> {
+    let bytes = text.as_bytes();
+    let ok = !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes[bytes.len() - 1].is_ascii_alphanumeric()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(b));
+    if ok {
+        Ok(text.to_owned())
+    } else {
+        Err(format!(
+            "{text:?} is not a CSI driver name (at most 63 characters, alphanumeric at both ends, '-', '_' or '.' inside)"
+        ))
+    }
+}
+
+/// A CSI node ID: not empty, at most 256 bytes.
+fn parse_node_id(text: &str) -> Result<String, String> {
+    if text.is_empty() || text.len() > 256 {
+        return Err(format!(
+            "a node ID has 1 to 256 bytes; {text:?} has {}",
+            text.len()
+        ));
+    }
+    Ok(text.to_owned())
+}
+
 fn parse_ratio(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(r) if r.is_finite() && r >= 1.0 => Ok(r),
@@ -142,6 +173,17 @@ mod tests {
         for bad in ["", "G", "12X", "-1", "0", "99999999999Pi", "1.5Gi"] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn driver_names_and_node_ids() {
+        assert!(parse_driver_name("kura.csi.dev").is_ok());
+        for bad in ["", "-kura", "kura.", "ku ra", &"k".repeat(64)] {
+            assert!(parse_driver_name(bad).is_err(), "{bad}");
+        }
+        assert!(parse_node_id("worker-1").is_ok());
+        assert!(parse_node_id("").is_err());
+        assert!(parse_node_id(&"n".repeat(257)).is_err());
     }
 
     #[test]
