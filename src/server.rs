@@ -40,6 +40,7 @@ impl AllInOneDriver {
         let options = pool::Options {
             overprovision_ratio: args.overprovision_ratio,
             default_volume_size: args.default_volume_size,
+            mounted_root: !matches!(source, Source::Dir(_)),
         };
         let pool = Arc::new(Pool::open(&root, &args.node_id, options)?);
         let attacher = Arc::new(Attacher::new(

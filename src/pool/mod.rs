@@ -121,6 +121,9 @@ pub struct Options {
     pub overprovision_ratio: f64,
     /// Size of a volume whose request names no capacity.
     pub default_volume_size: u64,
+    /// The pool root is a mount point kura made (image and device pools); the pool is
+    /// usable only while it is mounted.
+    pub mounted_root: bool,
 }
 
 impl Default for Options {
@@ -128,6 +131,7 @@ impl Default for Options {
         Options {
             overprovision_ratio: 1.0,
             default_volume_size: 1 << 30,
+            mounted_root: false,
         }
     }
 }
@@ -179,8 +183,17 @@ impl Pool {
         self.reflink
     }
 
-    /// Ready when the pool directory is writable (and so mounted and healthy).
+    /// Ready when the pool is mounted (if kura mounted it) and writable.
     pub fn probe(&self) -> Result<()> {
+        if self.options.mounted_root {
+            let table = sys::mountinfo::read()?;
+            if sys::mountinfo::find_mount(&table, &self.root).is_none() {
+                return Err(Error::Precondition(format!(
+                    "pool {} is not mounted",
+                    self.root.display()
+                )));
+            }
+        }
         let path = self.root.join(".kura-probe");
         sys::fs::atomic_write(&path, b"ok")?;
         sys::fs::remove(&path)?;

@@ -76,9 +76,13 @@ impl Pool {
         let thick = spec.provisioning == Provisioning::Thick;
         let built = match &source {
             None => sys::fs::create_image(&partial, size_bytes, thick),
-            Some((source_image, _)) => self
-                .clone_image(source_image, &partial)
-                .and_then(|()| sys::fs::grow_image(&partial, size_bytes, thick)),
+            Some((source_image, _)) => {
+                // A source volume in use is made consistent for the copy, as for a
+                // snapshot; a snapshot image is never attached, so this is a no-op.
+                let _quiesced = super::snapshot::quiesce(source_image)?;
+                self.clone_image(source_image, &partial)
+            }
+            .and_then(|()| sys::fs::grow_image(&partial, size_bytes, thick)),
         }
         .and_then(|()| sys::fs::rename(&partial, &image));
         if let Err(e) = built {
