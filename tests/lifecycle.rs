@@ -41,6 +41,15 @@ async fn lifecycle(cap: proto::VolumeCapability, tag: &str) {
             .unwrap();
     }
 
+    let image = driver.pool_root().join(format!("volumes/{id}.img"));
+    let device = kura::sys::loopdev::find_by_backing(&image)
+        .unwrap()
+        .expect("volume is attached");
+    assert!(
+        device.direct_io,
+        "loop device uses direct I/O: no double page cache"
+    );
+
     let data = pattern(7, 1 << 20);
     let file = match cap.access_type {
         Some(proto::volume_capability::AccessType::Block(_)) => target.clone(),
@@ -82,6 +91,12 @@ async fn lifecycle(cap: proto::VolumeCapability, tag: &str) {
         .await
         .unwrap();
     }
+    assert!(
+        kura::sys::loopdev::find_by_backing(&image)
+            .unwrap()
+            .is_none(),
+        "unstage detaches the loop device"
+    );
 
     // Staged again, the data is still there: the filesystem was not reformatted.
     let (staging, target) = driver.stage_and_publish(&id, &cap, "again").await;
