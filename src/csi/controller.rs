@@ -198,13 +198,25 @@ impl<P: Pools> Controller for ControllerService<P> {
         let range = validate::range(req.capacity_range.as_ref())?;
         let provisioning = validate::volume_parameters(&req.parameters)?;
         let source = content_source(req.volume_content_source.as_ref())?;
+        let source_node = source.as_ref().map(|s| match s {
+            ContentSource::Snapshot(id) => (id.node(), id.to_string()),
+            ContentSource::Volume(id) => (id.node(), id.to_string()),
+        });
+        // A source on a node kura does not know names nothing: NOT_FOUND, not a
+        // topology failure.
+        if let Some((token, id)) = &source_node
+            && self.pools.node(token).is_none()
+        {
+            return Err(Status::not_found(format!(
+                "volume_content_source: {id} does not exist (no kura node {})",
+                token.as_str()
+            )));
+        }
         let node = self
             .place(req.accessibility_requirements.as_ref(), provisioning)
             .await?;
-        if let Some(source_node) = source.as_ref().map(|s| match s {
-            ContentSource::Snapshot(id) => id.node(),
-            ContentSource::Volume(id) => id.node(),
-        }) && source_node != node.token
+        if let Some((source_node, _)) = source_node
+            && source_node != node.token
         {
             return Err(Status::resource_exhausted(
                 "volume_content_source: the source lives on a node outside the requested topology",
