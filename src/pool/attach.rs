@@ -150,6 +150,13 @@ fn plan_publish(
     }
 }
 
+/// Logical sector size of every volume's loop device. Left to the kernel, it follows
+/// the image's direct I/O alignment, and XFS raises that to its block size (4 KiB) once
+/// a file shares extents: a volume formatted on 512-byte sectors would no longer mount
+/// after its first snapshot or clone, nor would its restores. A fixed size keeps it the
+/// same for the volume's whole life.
+pub const VOLUME_SECTOR_SIZE: u32 = 4096;
+
 /// The node side of a pool.
 #[derive(Debug)]
 pub struct Attacher {
@@ -181,6 +188,11 @@ impl Attacher {
     /// `staging`.
     pub fn stage(&self, id: &VolumeId, staging: &Path, capability: &Capability) -> Result<()> {
         let volume = self.pool.volume(id)?;
+        if self.pool.copying_from(id) {
+            return Err(Error::Busy(format!(
+                "volume {id} is being copied into a snapshot; it can be staged once the copy is done"
+            )));
+        }
         let mut record = Record {
             staging_path: staging.to_owned(),
             capability: capability.clone(),
@@ -204,7 +216,10 @@ impl Attacher {
         let image = self.pool.image_path(&volume.id);
         let (device, attached_now) = match sys::loopdev::find_by_backing(&image)? {
             Some(found) => (found.path, false),
-            None => (sys::loopdev::attach(&image, false)?, true),
+            None => (
+                sys::loopdev::attach_with_block_size(&image, false, VOLUME_SECTOR_SIZE)?,
+                true,
+            ),
         };
         let mounted = match &capability.access {
             AccessType::Block => Ok(()),
@@ -448,7 +463,11 @@ impl Attacher {
                     Error::Precondition(format!("{} is not mounted", staging.display()))
                 })?;
             if let Err(e) = sys::mkfs::grow_online(&fs, &device, staging) {
-                if e.stderr_contains("Operation not permitted") {
+                // resize2fs reports the kernel's EPERM as "Permission denied to resize
+                // filesystem".
+                if e.stderr_contains("Operation not permitted")
+                    || e.stderr_contains("Permission denied to resize")
+                {
                     return Err(Error::Precondition(format!(
                         "the kernel refused to grow the mounted {fs} filesystem ({e}); it will be grown when the volume is next staged"
                     )));

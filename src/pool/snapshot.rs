@@ -1,7 +1,7 @@
 //! Snapshots: a reflink of a volume image taken while the volume is quiesced, or, on a
 //! pool without reflink, a sparse copy made in the background.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,8 +28,9 @@ pub struct Snapshot {
     pub ready: bool,
 }
 
-/// Snapshots whose background copy is running in this process.
-pub(super) type Copying = Arc<Mutex<HashSet<SnapshotId>>>;
+/// Snapshots whose background copy is running in this process, with the volume each
+/// is copied from while the copy still reads it.
+pub(super) type Copying = Arc<Mutex<HashMap<SnapshotId, Option<VolumeId>>>>;
 
 impl Pool {
     /// Cuts a snapshot of `source` named `name`, or returns the one that exists.
@@ -82,23 +83,41 @@ impl Pool {
     /// Records the snapshot as not ready and copies the image in a thread. A crash
     /// mid-copy leaves a not-ready record that start-up reconciliation removes, so the
     /// CO's next CreateSnapshot (same name, same ID) starts over.
+    ///
+    /// A copy holds the data of one moment only if nothing writes to the volume while
+    /// it runs: a volume attached on this node is refused, and one being copied cannot
+    /// be staged until the copy is done (see [`Pool::copying_from`]).
     fn start_background_copy(&self, snapshot: &Snapshot, source_image: PathBuf) -> Result<()> {
         let meta_path = self.snapshot_meta_path(&snapshot.id);
         let image = self.snapshot_image_path(&snapshot.id);
         let partial = partial_path(&image);
-        // Flush what the volume's users wrote before copying.
         if let Some(device) = sys::loopdev::find_by_backing(&source_image)? {
-            sys::blockdev::flush(&device.path)?;
+            return Err(Error::Precondition(format!(
+                "volume {} is in use at {}: this pool cannot reflink, so a snapshot is a full \
+                 copy, which would not hold the data of one moment while the volume is \
+                 written; unstage the volume and retry",
+                snapshot.source_volume,
+                device.path.display()
+            )));
         }
         write_meta(&meta_path, snapshot)?;
         self.copying
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(snapshot.id.clone());
+            .insert(snapshot.id.clone(), Some(snapshot.source_volume.clone()));
         let copying = Arc::clone(&self.copying);
         let mut done = snapshot.clone();
         std::thread::spawn(move || {
-            let result = sys::copy::sparse_copy(&source_image, &partial)
+            let copied = sys::copy::sparse_copy(&source_image, &partial);
+            // The source is read no more: it may be staged, and written, again.
+            if let Some(reading) = copying
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_mut(&done.id)
+            {
+                *reading = None;
+            }
+            let result = copied
                 .and_then(|()| sys::fs::rename(&partial, &image))
                 .map_err(super::Error::from)
                 .and_then(|()| {
@@ -132,7 +151,7 @@ impl Pool {
             .copying
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .contains(id)
+            .contains_key(id)
         {
             return Err(Error::Busy(format!("snapshot {id} is still being copied")));
         }
@@ -140,6 +159,15 @@ impl Pool {
         sys::fs::remove(&self.snapshot_image_path(id))?;
         tracing::info!(snapshot.id = %id, "snapshot deleted");
         Ok(())
+    }
+
+    /// Whether a background snapshot copy is reading `volume` now.
+    pub fn copying_from(&self, volume: &VolumeId) -> bool {
+        self.copying
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .any(|reading| reading.as_ref() == Some(volume))
     }
 
     pub fn snapshot(&self, id: &SnapshotId) -> Result<Snapshot> {

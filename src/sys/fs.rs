@@ -68,7 +68,10 @@ pub fn create_image(path: &Path, size: u64, allocate: bool) -> Result<()> {
     resize_open(&file, path, 0, size, allocate)
 }
 
-/// Grows the file at `path` from its current size to `size`.
+/// Grows the file at `path` from its current size to `size`. With `allocate`, every
+/// block of the whole file is allocated, holes it had before included: a clone of a
+/// thin volume, or of a thick one, whose preallocated (unwritten) extents a reflink
+/// does not share.
 pub fn grow_image(path: &Path, size: u64, allocate: bool) -> Result<()> {
     let file = OpenOptions::new()
         .write(true)
@@ -78,10 +81,11 @@ pub fn grow_image(path: &Path, size: u64, allocate: bool) -> Result<()> {
         .metadata()
         .map_err(|e| Error::io("stat", path, e))?
         .len();
-    if current >= size {
+    if current >= size && !allocate {
         return Ok(());
     }
-    resize_open(&file, path, current, size, allocate)
+    let from = if allocate { 0 } else { current };
+    resize_open(&file, path, from, size.max(current), allocate)
 }
 
 fn resize_open(file: &File, path: &Path, from: u64, to: u64, allocate: bool) -> Result<()> {

@@ -89,8 +89,16 @@ pub struct LoopDevice {
 }
 
 /// Attaches `file` to a free loop device, with direct I/O when the backing
-/// filesystem allows it. Returns the device path.
+/// filesystem allows it and the logical sector size the kernel picks. Returns the
+/// device path.
 pub fn attach(file: &Path, read_only: bool) -> Result<PathBuf> {
+    attach_with_block_size(file, read_only, 0)
+}
+
+/// Like [`attach`], with a fixed logical sector size (`block_size`: 512 to 4096, a
+/// power of two; 0 lets the kernel pick it from the backing file's direct I/O
+/// alignment, which can change over the file's life).
+pub fn attach_with_block_size(file: &Path, read_only: bool, block_size: u32) -> Result<PathBuf> {
     let backing = OpenOptions::new()
         .read(true)
         .write(!read_only)
@@ -117,7 +125,7 @@ pub fn attach(file: &Path, read_only: bool) -> Result<PathBuf> {
             .map_err(|e| Error::io("open", &path, e))?;
         let mut config = LoopConfig {
             fd: backing.as_raw_fd() as u32,
-            block_size: 0,
+            block_size,
             info: zeroed_info(),
             reserved: [0; 8],
         };
