@@ -1,0 +1,767 @@
+//! Crash safety: the real `kura` binary killed in the middle of a data copy, leftovers
+//! of interrupted operations planted by hand, graceful shutdown on SIGTERM and restarts
+//! that keep the pool. Start-up reconciliation must leave each pool holding whole
+//! objects only, and never touch what is live.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use hyper_util::rt::TokioIo;
+use kura::csi::proto;
+use kura::csi::proto::controller_client::ControllerClient;
+use kura::csi::proto::identity_client::IdentityClient;
+use kura::csi::proto::node_client::NodeClient;
+use kura::pool::{NodeToken, SnapshotId, VolumeId};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// How long the binary may take to come up or to stop.
+const DEADLINE: Duration = Duration::from_secs(90);
+
+/// Where a child's pool lives.
+enum ChildPool {
+    /// `--pool-image <dir>/pool.img --pool-size 16Gi`: XFS with reflinks.
+    Image,
+    /// `--pool-dir <dir>/pool-dir` on /tmp's own filesystem (ext4 here): no reflinks,
+    /// so clones and restores are real data copies.
+    Dir,
+}
+
+/// The `kura` binary run as a child process on a temporary directory. Drop kills the
+/// child (only the one this started) and removes its mounts, loop devices and files.
+struct Kura {
+    dir: PathBuf,
+    socket: PathBuf,
+    args: Vec<String>,
+    child: Option<std::process::Child>,
+    runs: usize,
+}
+
+impl Kura {
+    fn new(pool: ChildPool) -> Kura {
+        let dir = tempfile::Builder::new()
+            .prefix("kura-test")
+            .tempdir_in("/tmp")
+            .expect("temp dir")
+            .keep();
+        let socket = dir.join("csi.sock");
+        let mut args: Vec<String> = vec![
+            "all-in-one".into(),
+            "--endpoint".into(),
+            format!("unix://{}", socket.display()),
+            "--node-id".into(),
+            NODE_ID.into(),
+            "--state-dir".into(),
+            dir.join("state").display().to_string(),
+        ];
+        match pool {
+            ChildPool::Image => args.extend([
+                "--pool-image".into(),
+                dir.join("pool.img").display().to_string(),
+                "--pool-size".into(),
+                "16Gi".into(),
+            ]),
+            ChildPool::Dir => {
+                let pool = dir.join("pool-dir");
+                std::fs::create_dir_all(&pool).unwrap();
+                args.extend(["--pool-dir".into(), pool.display().to_string()]);
+            }
+        }
+        Kura {
+            dir,
+            socket,
+            args,
+            child: None,
+            runs: 0,
+        }
+    }
+
+    fn pool_root(&self) -> PathBuf {
+        match self.args.iter().position(|a| a == "--pool-dir") {
+            Some(i) => PathBuf::from(&self.args[i + 1]),
+            None => self.dir.join("state/pool"),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Starts the binary and waits until it answers Probe on its socket.
+    async fn start(&mut self) -> Channel {
+        assert!(self.child.is_none(), "kura is already running");
+        self.runs += 1;
+        let log = std::fs::File::create(self.log_path(self.runs)).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_kura"))
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("kura starts");
+        self.child = Some(child);
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                panic!("kura exited on start ({status}):\n{}", self.logs());
+            }
+            if let Ok(channel) = connect(&self.socket).await
+                && IdentityClient::new(channel.clone())
+                    .probe(proto::ProbeRequest {})
+                    .await
+                    .is_ok()
+            {
+                return channel;
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "kura did not come up:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL, as a crash or an OOM kill would stop it.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, as the kubelet stops a pod; returns the exit status.
+    async fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("kura is running");
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if started.elapsed() > DEADLINE {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("kura ignored SIGTERM:\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn log_path(&self, run: usize) -> PathBuf {
+        self.dir.join(format!("kura-{run}.log"))
+    }
+
+    fn logs(&self) -> String {
+        (1..=self.runs)
+            .map(|run| {
+                let text = std::fs::read_to_string(self.log_path(run)).unwrap_or_default();
+                format!("--- kura run {run} ---\n{text}")
+            })
+            .collect()
+    }
+}
+
+impl Drop for Kura {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+        cleanup(&self.dir);
+    }
+}
+
+async fn connect(socket: &Path) -> Result<Channel, tonic::transport::Error> {
+    let socket = socket.to_owned();
+    Endpoint::from_static("http://kura.invalid")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
+        }))
+        .await
+}
+
+fn node_token() -> NodeToken {
+    NodeToken::for_node(NODE_ID)
+}
+
+/// Names of the files in a directory.
+fn names(dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Every file under the pool that only an unfinished write leaves.
+fn unfinished(pool: &Path) -> Vec<String> {
+    ["volumes", "snapshots"]
+        .iter()
+        .flat_map(|dir| names(&pool.join(dir)))
+        .filter(|n| n.ends_with(".partial") || n.ends_with(".tmp"))
+        .collect()
+}
+
+async fn volume_ids(channel: &Channel) -> BTreeSet<String> {
+    ControllerClient::new(channel.clone())
+        .list_volumes(proto::ListVolumesRequest::default())
+        .await
+        .expect("ListVolumes")
+        .into_inner()
+        .entries
+        .into_iter()
+        .map(|e| e.volume.unwrap().volume_id)
+        .collect()
+}
+
+async fn snapshots(channel: &Channel) -> Vec<proto::Snapshot> {
+    ControllerClient::new(channel.clone())
+        .list_snapshots(proto::ListSnapshotsRequest::default())
+        .await
+        .expect("ListSnapshots")
+        .into_inner()
+        .entries
+        .into_iter()
+        .map(|e| e.snapshot.unwrap())
+        .collect()
+}
+
+async fn stage(channel: &Channel, volume_id: &str, staging: &Path) {
+    std::fs::create_dir_all(staging).unwrap();
+    NodeClient::new(channel.clone())
+        .node_stage_volume(stage_request(volume_id, staging, &mount_cap("ext4")))
+        .await
+        .expect("NodeStageVolume");
+}
+
+async fn unstage(channel: &Channel, volume_id: &str, staging: &Path) {
+    NodeClient::new(channel.clone())
+        .node_unstage_volume(proto::NodeUnstageVolumeRequest {
+            volume_id: volume_id.into(),
+            staging_target_path: staging.display().to_string(),
+        })
+        .await
+        .expect("NodeUnstageVolume");
+}
+
+/// Cuts a snapshot and waits until it is ready to use (a background copy on a pool
+/// without reflink).
+async fn ready_snapshot(channel: &Channel, name: &str, source: &str) -> proto::Snapshot {
+    let started = Instant::now();
+    loop {
+        let snapshot = ControllerClient::new(channel.clone())
+            .create_snapshot(proto::CreateSnapshotRequest {
+                source_volume_id: source.into(),
+                name: name.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("CreateSnapshot")
+            .into_inner()
+            .snapshot
+            .unwrap();
+        if snapshot.ready_to_use {
+            return snapshot;
+        }
+        assert!(started.elapsed() < DEADLINE, "snapshot never became ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+const CHUNK: usize = 1 << 20;
+
+/// The `index`th chunk of a large test file: a pattern stamped with its index, so a
+/// chunk copied to the wrong place or lost does not compare equal.
+fn chunk(base: &[u8], index: u64) -> Vec<u8> {
+    let mut chunk = base.to_vec();
+    chunk[..8].copy_from_slice(&index.to_le_bytes());
+    chunk
+}
+
+fn write_big_file(path: &Path, chunks: u64) {
+    use std::io::Write;
+    let base = pattern(42, CHUNK);
+    let mut file = std::fs::File::create(path).unwrap();
+    for i in 0..chunks {
+        file.write_all(&chunk(&base, i)).unwrap();
+    }
+    file.sync_all().unwrap();
+}
+
+fn assert_big_file(path: &Path, chunks: u64) {
+    use std::io::Read;
+    let base = pattern(42, CHUNK);
+    let mut file = std::fs::File::open(path).unwrap();
+    assert_eq!(file.metadata().unwrap().len(), chunks * CHUNK as u64);
+    let mut buf = vec![0u8; CHUNK];
+    for i in 0..chunks {
+        file.read_exact(&mut buf).unwrap();
+        assert!(
+            buf == chunk(&base, i),
+            "chunk {i} of {} differs",
+            path.display()
+        );
+    }
+}
+
+/// Waits until a copy has written data into `partial`; returns how much. Fails if
+/// `finished` says the operation completed first, so a kill that follows is known to
+/// land in the middle of it.
+async fn copy_under_way(partial: &Path, finished: impl Fn() -> bool) -> u64 {
+    let started = Instant::now();
+    loop {
+        assert!(
+            !finished(),
+            "the copy finished before it could be interrupted"
+        );
+        if let Ok(meta) = std::fs::metadata(partial)
+            && meta.blocks() > 0
+        {
+            return meta.blocks() * 512;
+        }
+        assert!(started.elapsed() < DEADLINE, "the copy never started");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// SIGKILL in the middle of copying a GiB of data (a pool without reflink), first while
+/// a snapshot's background copy runs, then during a restore, each followed by a
+/// restart: the half-written image is gone, the object does not exist, and the CO's
+/// retry builds it whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_mid_copy_leaves_nothing_and_the_retry_succeeds() {
+    const CHUNKS: u64 = 1024;
+    let mut kura = Kura::new(ChildPool::Dir);
+    let channel = kura.start().await;
+    let pool = kura.pool_root();
+    let volumes = pool.join("volumes");
+    assert!(
+        !kura::sys::fs::supports_reflink(&pool).unwrap(),
+        "the pool must copy data for this test to interrupt a copy"
+    );
+
+    // A source volume holding 1 GiB of data, and a snapshot of it.
+    let source = ControllerClient::new(channel.clone())
+        .create_volume(create_request("source", 2 * GIB, &[], None))
+        .await
+        .expect("CreateVolume source")
+        .into_inner()
+        .volume
+        .unwrap();
+    let staging = kura.path("stage-source");
+    stage(&channel, &source.volume_id, &staging).await;
+    write_big_file(&staging.join("data"), CHUNKS);
+    unstage(&channel, &source.volume_id, &staging).await;
+
+    // A snapshot is a background copy here: kill kura while it runs.
+    let snapshots_dir = pool.join("snapshots");
+    let snap_id = SnapshotId::derive("source-snap", &node_token()).to_string();
+    let snap_meta = snapshots_dir.join(format!("{snap_id}.json"));
+    let snap_partial = snapshots_dir.join(format!("{snap_id}.img.partial"));
+    let first = ControllerClient::new(channel.clone())
+        .create_snapshot(proto::CreateSnapshotRequest {
+            source_volume_id: source.volume_id.clone(),
+            name: "source-snap".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("CreateSnapshot")
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(first.snapshot_id, snap_id);
+    assert!(!first.ready_to_use, "a copy cannot be ready at once");
+    copy_under_way(&snap_partial, || {
+        snapshots_dir.join(format!("{snap_id}.img")).exists()
+    })
+    .await;
+    kura.kill();
+    drop(channel);
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&snap_meta).unwrap()).unwrap();
+    assert_eq!(record["ready"], false, "the kill left a record not ready");
+    assert!(
+        snap_partial.exists(),
+        "the kill left a partial snapshot image"
+    );
+
+    // Restarted, the unfinished snapshot is gone; the CO's retry cuts it anew.
+    let channel = kura.start().await;
+    assert!(!snap_meta.exists() && !snap_partial.exists());
+    assert_eq!(unfinished(&pool), Vec::<String>::new());
+    assert!(snapshots(&channel).await.is_empty());
+    let snapshot = ready_snapshot(&channel, "source-snap", &source.volume_id).await;
+    assert_eq!(snapshot.snapshot_id, snap_id);
+
+    // Restore it, and kill kura once the copy has written some of the new image.
+    let restored_id = VolumeId::derive("restored", &node_token()).to_string();
+    let image = volumes.join(format!("{restored_id}.img"));
+    let partial = volumes.join(format!("{restored_id}.img.partial"));
+    let meta = volumes.join(format!("{restored_id}.json"));
+    let request = create_request(
+        "restored",
+        2 * GIB,
+        &[],
+        Some(snapshot_source(&snapshot.snapshot_id)),
+    );
+    let mut controller = ControllerClient::new(channel.clone());
+    let in_flight = {
+        let request = request.clone();
+        tokio::spawn(async move { controller.create_volume(request).await })
+    };
+    let copied = copy_under_way(&partial, || in_flight.is_finished()).await;
+    kura.kill();
+    assert!(
+        in_flight.await.unwrap().is_err(),
+        "CreateVolume must not have succeeded: the process was killed"
+    );
+    drop(channel);
+
+    // What the crash left: a half-copied image and no volume.
+    let left = std::fs::metadata(&partial).expect("the kill left a partial image");
+    assert!(
+        left.blocks() * 512 < CHUNKS * CHUNK as u64,
+        "the copy was complete ({} bytes allocated) when it was killed",
+        left.blocks() * 512
+    );
+    assert!(
+        !image.exists() && !meta.exists(),
+        "the volume was committed"
+    );
+    eprintln!(
+        "killed with {copied}+ of {} bytes copied",
+        CHUNKS * CHUNK as u64
+    );
+
+    // Restart: the leftover is gone and the volume does not exist.
+    let channel = kura.start().await;
+    assert!(!partial.exists(), "partial image survived the restart");
+    assert!(!image.exists() && !meta.exists());
+    assert_eq!(unfinished(&pool), Vec::<String>::new());
+    assert_eq!(
+        volume_ids(&channel).await,
+        BTreeSet::from([source.volume_id.clone()])
+    );
+    let listed = snapshots(&channel).await;
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].ready_to_use);
+    let mut controller = ControllerClient::new(channel.clone());
+    let missing = controller
+        .controller_get_volume(proto::ControllerGetVolumeRequest {
+            volume_id: restored_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+
+    // The CO retries the same request: it succeeds, whole.
+    let restored = controller
+        .create_volume(request)
+        .await
+        .expect("retried CreateVolume")
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(restored.volume_id, restored_id);
+    assert_eq!(restored.capacity_bytes, 2 * GIB);
+    assert_eq!(
+        restored.content_source,
+        Some(snapshot_source(&snapshot.snapshot_id))
+    );
+    assert!(image.exists() && meta.exists() && !partial.exists());
+    let staging = kura.path("stage-restored");
+    stage(&channel, &restored_id, &staging).await;
+    assert_big_file(&staging.join("data"), CHUNKS);
+    unstage(&channel, &restored_id, &staging).await;
+}
+
+/// Every kind of leftover an interrupted operation can leave, planted while the driver
+/// is down: reconciliation removes each one and keeps the live volume, its loop device,
+/// and its snapshot.
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_removes_planted_leftovers_and_keeps_live_objects() {
+    let mut driver = Driver::start().await;
+    let keep = driver.create_volume("keep", 256 * MIB, &[]).await;
+    let cap = mount_cap("ext4");
+    let (staging, target) = driver
+        .stage_and_publish(&keep.volume_id, &cap, "keep")
+        .await;
+    let data = pattern(9, 3 * MIB as usize);
+    std::fs::File::create(target.join("data")).unwrap();
+    write_at(&target.join("data"), 0, &data);
+    let snapshot = driver
+        .controller()
+        .create_snapshot(proto::CreateSnapshotRequest {
+            source_volume_id: keep.volume_id.clone(),
+            name: "keep-snap".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("CreateSnapshot")
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(snapshot.ready_to_use);
+    driver.stop().await;
+
+    let pool = driver.pool_root();
+    let volumes = pool.join("volumes");
+    let snapshots_dir = pool.join("snapshots");
+    let volumes_before = names(&volumes);
+    let snapshots_before = names(&snapshots_dir);
+    let keep_image = volumes.join(format!("{}.img", keep.volume_id));
+    let keep_loop = kura::sys::loopdev::find_by_backing(&keep_image)
+        .unwrap()
+        .expect("the staged volume has a loop device");
+    let token = node_token();
+    let vol = |name: &str| VolumeId::derive(name, &token).to_string();
+    let snap = |name: &str| SnapshotId::derive(name, &token).to_string();
+    let sparse = |path: &Path, len: u64| {
+        let file = std::fs::File::create(path).unwrap();
+        file.set_len(len).unwrap();
+        file.sync_all().unwrap();
+    };
+
+    // A create killed while building its image.
+    let partial = volumes.join(format!("{}.img.partial", vol("interrupted-create")));
+    sparse(&partial, 64 * MIB as u64);
+    write_at(&partial, 0, &pattern(1, 4096));
+    // A create killed after the rename, before its metadata was committed.
+    let orphan = volumes.join(format!("{}.img", vol("uncommitted")));
+    sparse(&orphan, 64 * MIB as u64);
+    // Metadata writes killed before their rename: a new volume's, and an update of the
+    // live volume's (an expansion).
+    let new_tmp = volumes.join(format!("{}.json.tmp", vol("uncommitted")));
+    std::fs::write(&new_tmp, b"{\"id\":").unwrap();
+    let keep_tmp = volumes.join(format!("{}.json.tmp", keep.volume_id));
+    std::fs::write(&keep_tmp, b"{").unwrap();
+    // A background snapshot copy killed half-way: a record that is not ready, its
+    // half-copied image, and a metadata write of it.
+    let keep_snap_meta = snapshots_dir.join(format!("{}.json", snapshot.snapshot_id));
+    let mut record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&keep_snap_meta).unwrap()).unwrap();
+    let unready = snap("interrupted-snap");
+    record["id"] = unready.clone().into();
+    record["name"] = "interrupted-snap".into();
+    record["ready"] = false.into();
+    let unready_meta = snapshots_dir.join(format!("{unready}.json"));
+    std::fs::write(&unready_meta, serde_json::to_vec(&record).unwrap()).unwrap();
+    let unready_partial = snapshots_dir.join(format!("{unready}.img.partial"));
+    sparse(&unready_partial, 256 * MIB as u64);
+    let unready_tmp = snapshots_dir.join(format!("{unready}.json.tmp"));
+    std::fs::write(&unready_tmp, b"{}").unwrap();
+    // A snapshot whose delete removed the metadata and stopped.
+    let snap_orphan = snapshots_dir.join(format!("{}.img", snap("half-deleted")));
+    sparse(&snap_orphan, 64 * MIB as u64);
+    // A volume deleted while still attached: its loop device outlives the file.
+    let deleted = volumes.join(format!("{}.img", vol("deleted-while-attached")));
+    sparse(&deleted, 64 * MIB as u64);
+    let deleted_loop = kura::sys::loopdev::attach(&deleted, false).unwrap();
+    let deleted_id = {
+        let meta = std::fs::metadata(&deleted).unwrap();
+        (meta.dev(), meta.ino())
+    };
+    std::fs::remove_file(&deleted).unwrap();
+    let bound = |id: (u64, u64)| {
+        kura::sys::loopdev::list_bound()
+            .unwrap()
+            .into_iter()
+            .any(|d| (d.backing_dev, d.backing_ino) == id)
+    };
+    assert!(bound(deleted_id), "{} is bound", deleted_loop.display());
+    let planted = [
+        &partial,
+        &orphan,
+        &new_tmp,
+        &keep_tmp,
+        &unready_meta,
+        &unready_partial,
+        &unready_tmp,
+        &snap_orphan,
+    ];
+    for path in planted {
+        assert!(path.exists(), "{} planted", path.display());
+    }
+
+    driver.restart().await;
+
+    for path in planted {
+        assert!(!path.exists(), "{} survived the restart", path.display());
+    }
+    assert_eq!(names(&volumes), volumes_before);
+    assert_eq!(names(&snapshots_dir), snapshots_before);
+    assert!(
+        !bound(deleted_id),
+        "the loop device of the deleted image was not detached"
+    );
+    let keep_now = kura::sys::loopdev::find_by_backing(&keep_image)
+        .unwrap()
+        .expect("the live volume's loop device was detached");
+    assert_eq!(keep_now.path, keep_loop.path);
+
+    // The live volume and its snapshot are listed and whole.
+    assert_eq!(
+        volume_ids(&driver.channel).await,
+        BTreeSet::from([keep.volume_id.clone()])
+    );
+    let listed = snapshots(&driver.channel).await;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].snapshot_id, snapshot.snapshot_id);
+    assert!(listed[0].ready_to_use);
+    assert_eq!(read_at(&target.join("data"), 0, data.len()), data);
+    driver
+        .node()
+        .node_stage_volume(stage_request(&keep.volume_id, &staging, &cap))
+        .await
+        .expect("NodeStageVolume again");
+    let restored = driver
+        .controller()
+        .create_volume(create_request(
+            "from-keep-snap",
+            256 * MIB,
+            &[],
+            Some(snapshot_source(&snapshot.snapshot_id)),
+        ))
+        .await
+        .expect("restore from the kept snapshot")
+        .into_inner()
+        .volume
+        .unwrap();
+    let (r_staging, r_target) = driver
+        .stage_and_publish(&restored.volume_id, &cap, "restored")
+        .await;
+    assert_eq!(read_at(&r_target.join("data"), 0, data.len()), data);
+    driver
+        .unpublish_and_unstage(&restored.volume_id, &r_staging, &r_target)
+        .await;
+    driver
+        .unpublish_and_unstage(&keep.volume_id, &staging, &target)
+        .await;
+    // Staged anew (a fresh loop device over an image that now shares its extents with
+    // the snapshot), the live volume still mounts and holds its data.
+    let (staging, target) = driver
+        .stage_and_publish(&keep.volume_id, &cap, "keep-again")
+        .await;
+    assert_eq!(read_at(&target.join("data"), 0, data.len()), data);
+    driver
+        .unpublish_and_unstage(&keep.volume_id, &staging, &target)
+        .await;
+}
+
+/// SIGTERM stops the binary cleanly: exit status 0 and its socket removed, even with a
+/// client still connected. A stale socket at the endpoint is replaced on start.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_exits_cleanly_and_a_stale_socket_is_replaced() {
+    let mut kura = Kura::new(ChildPool::Image);
+    // A socket file nobody listens on, as a killed process leaves it.
+    drop(std::os::unix::net::UnixListener::bind(&kura.socket).unwrap());
+    assert!(
+        std::fs::symlink_metadata(&kura.socket)
+            .unwrap()
+            .file_type()
+            .is_socket()
+    );
+    assert!(connect(&kura.socket).await.is_err(), "nobody listens yet");
+
+    // Answering at all means the stale socket was replaced: binding over it fails.
+    let channel = kura.start().await;
+    let socket = std::fs::symlink_metadata(&kura.socket).unwrap();
+    assert!(socket.file_type().is_socket());
+    assert_eq!(socket.permissions().mode() & 0o777, 0o600);
+    let info = IdentityClient::new(channel.clone())
+        .get_plugin_info(proto::GetPluginInfoRequest {})
+        .await
+        .expect("GetPluginInfo")
+        .into_inner();
+    assert_eq!(info.name, "kura.csi.dev");
+
+    let status = kura.terminate().await;
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    assert!(!kura.socket.exists(), "the socket was left behind");
+    assert!(
+        IdentityClient::new(channel)
+            .probe(proto::ProbeRequest {})
+            .await
+            .is_err(),
+        "nothing answers after shutdown"
+    );
+}
+
+/// A restarted binary reuses its pool as it is, and again after a node reboot (pool
+/// unmounted and detached): the volume is listed, its data is there, and staging it
+/// again is idempotent.
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_keeps_the_pool_and_its_volumes() {
+    let mut kura = Kura::new(ChildPool::Image);
+    let channel = kura.start().await;
+    let volume = ControllerClient::new(channel.clone())
+        .create_volume(create_request("kept", 512 * MIB, &[], None))
+        .await
+        .expect("CreateVolume")
+        .into_inner()
+        .volume
+        .unwrap();
+    let id = volume.volume_id.clone();
+    let staging = kura.path("stage");
+    stage(&channel, &id, &staging).await;
+    let data = pattern(3, 5 * MIB as usize);
+    std::fs::File::create(staging.join("data")).unwrap();
+    write_at(&staging.join("data"), 0, &data);
+    let pool_image = kura.path("pool.img");
+    let pool_loop = kura::sys::loopdev::find_by_backing(&pool_image)
+        .unwrap()
+        .expect("the pool image is attached");
+    drop(channel);
+
+    // Restart while the volume stays staged.
+    let status = kura.terminate().await;
+    assert!(status.success(), "exit status {status}");
+    let channel = kura.start().await;
+    assert_eq!(
+        kura::sys::loopdev::find_by_backing(&pool_image)
+            .unwrap()
+            .map(|d| d.path),
+        Some(pool_loop.path),
+        "the pool's loop device was reused"
+    );
+    assert_eq!(volume_ids(&channel).await, BTreeSet::from([id.clone()]));
+    let got = ControllerClient::new(channel.clone())
+        .controller_get_volume(proto::ControllerGetVolumeRequest {
+            volume_id: id.clone(),
+        })
+        .await
+        .expect("ControllerGetVolume")
+        .into_inner();
+    assert_eq!(got.volume.unwrap().capacity_bytes, 512 * MIB);
+    stage(&channel, &id, &staging).await;
+    assert_eq!(read_at(&staging.join("data"), 0, data.len()), data);
+    unstage(&channel, &id, &staging).await;
+    drop(channel);
+
+    // A node reboot: the process, the pool's mount and its loop device all go away.
+    let status = kura.terminate().await;
+    assert!(status.success(), "exit status {status}");
+    let pool_mount = kura.path("state/pool");
+    kura::sys::mount::unmount(&pool_mount).unwrap();
+    let pool_loop = kura::sys::loopdev::find_by_backing(&pool_image)
+        .unwrap()
+        .expect("the pool image is attached");
+    kura::sys::loopdev::detach(&pool_loop.path).unwrap();
+    let channel = kura.start().await;
+    assert_eq!(volume_ids(&channel).await, BTreeSet::from([id.clone()]));
+    stage(&channel, &id, &staging).await;
+    stage(&channel, &id, &staging).await;
+    assert_eq!(read_at(&staging.join("data"), 0, data.len()), data);
+    unstage(&channel, &id, &staging).await;
+}
