@@ -8,13 +8,10 @@ use std::error::Error;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use hyper_util::rt::TokioIo;
 use kura::csi::proto::controller_client::ControllerClient;
 use kura::csi::proto::identity_client::IdentityClient;
 use kura::csi::proto::node_client::NodeClient;
 use kura::csi::proto::{self, volume_capability};
-use tokio::net::UnixStream;
-use tonic::transport::{Endpoint, Uri};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn Error>> {
@@ -24,26 +21,38 @@ async fn main() -> Result<(), Box<dyn Error>> {
     };
     let socket = kura::server::socket_path(&endpoint).map_err(|e| e.to_string())?;
     let work = PathBuf::from(work);
-    let channel = Endpoint::from_static("http://kura.invalid")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
-        }))
-        .await?;
+    let channel = kura::csi::client::connect(&socket).await?;
     let mut identity = IdentityClient::new(channel.clone());
     let mut controller = ControllerClient::new(channel.clone());
     let mut node = NodeClient::new(channel);
 
-    let info = identity.get_plugin_info(proto::GetPluginInfoRequest {}).await?.into_inner();
-    let ready = identity.probe(proto::ProbeRequest {}).await?.into_inner().ready;
-    step(&format!("driver {} {} ready={}", info.name, info.vendor_version, ready.unwrap_or(true)));
-    let node_info = node.node_get_info(proto::NodeGetInfoRequest {}).await?.into_inner();
+    let info = identity
+        .get_plugin_info(proto::GetPluginInfoRequest {})
+        .await?
+        .into_inner();
+    let ready = identity
+        .probe(proto::ProbeRequest {})
+        .await?
+        .into_inner()
+        .ready;
+    step(&format!(
+        "driver {} {} ready={}",
+        info.name,
+        info.vendor_version,
+        ready.unwrap_or(true)
+    ));
+    let node_info = node
+        .node_get_info(proto::NodeGetInfoRequest {})
+        .await?
+        .into_inner();
 
     let capability = proto::VolumeCapability {
-        access_type: Some(volume_capability::AccessType::Mount(volume_capability::MountVolume {
-            fs_type: "ext4".into(),
-            ..Default::default()
-        })),
+        access_type: Some(volume_capability::AccessType::Mount(
+            volume_capability::MountVolume {
+                fs_type: "ext4".into(),
+                ..Default::default()
+            },
+        )),
         access_mode: Some(volume_capability::AccessMode {
             mode: volume_capability::access_mode::Mode::SingleNodeWriter as i32,
         }),
@@ -52,7 +61,10 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let volume = controller
         .create_volume(proto::CreateVolumeRequest {
             name: "pvc-kura-demo".into(),
-            capacity_range: Some(proto::CapacityRange { required_bytes: 1 << 30, limit_bytes: 0 }),
+            capacity_range: Some(proto::CapacityRange {
+                required_bytes: 1 << 30,
+                limit_bytes: 0,
+            }),
             volume_capabilities: vec![capability.clone()],
             accessibility_requirements: Some(proto::TopologyRequirement {
                 requisite: node_info.accessible_topology.clone().into_iter().collect(),
@@ -65,7 +77,11 @@ async fn main() -> Result<(), Box<dyn Error>> {
         .volume
         .ok_or("CreateVolume returned no volume")?;
     let id = volume.volume_id.clone();
-    step(&format!("created {id} ({} bytes) in {:?}", volume.capacity_bytes, started.elapsed()));
+    step(&format!(
+        "created {id} ({} bytes) in {:?}",
+        volume.capacity_bytes,
+        started.elapsed()
+    ));
 
     let staging = work.join("staging");
     let target = work.join("target");
@@ -77,7 +93,10 @@ async fn main() -> Result<(), Box<dyn Error>> {
         ..Default::default()
     })
     .await?;
-    step(&format!("staged: loop device with direct I/O, ext4, mounted at {}", staging.display()));
+    step(&format!(
+        "staged: loop device with direct I/O, ext4, mounted at {}",
+        staging.display()
+    ));
     node.node_publish_volume(proto::NodePublishVolumeRequest {
         volume_id: id.clone(),
         staging_target_path: path(&staging),
@@ -96,7 +115,11 @@ async fn main() -> Result<(), Box<dyn Error>> {
     if read_back != message {
         return Err(format!("read back {read_back:?}, wrote {message:?}").into());
     }
-    step(&format!("wrote and read back {}: {}", file.display(), read_back.trim()));
+    step(&format!(
+        "wrote and read back {}: {}",
+        file.display(),
+        read_back.trim()
+    ));
 
     let stats = node
         .node_get_volume_stats(proto::NodeGetVolumeStatsRequest {
@@ -107,7 +130,10 @@ async fn main() -> Result<(), Box<dyn Error>> {
         .await?
         .into_inner();
     if let Some(bytes) = stats.usage.first() {
-        step(&format!("usage: {} of {} bytes used", bytes.used, bytes.total));
+        step(&format!(
+            "usage: {} of {} bytes used",
+            bytes.used, bytes.total
+        ));
     }
 
     node.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
@@ -123,7 +149,10 @@ async fn main() -> Result<(), Box<dyn Error>> {
     .await?;
     step("unstaged: unmounted, loop device detached");
     controller
-        .delete_volume(proto::DeleteVolumeRequest { volume_id: id.clone(), ..Default::default() })
+        .delete_volume(proto::DeleteVolumeRequest {
+            volume_id: id.clone(),
+            ..Default::default()
+        })
         .await?;
     step("deleted");
     std::fs::remove_dir(&staging)?;

@@ -2,6 +2,7 @@
 //! handlers check a request into typed arguments, take the object's lock, call the
 //! pool, and build the response.
 
+pub mod client;
 pub mod controller;
 pub mod identity;
 pub mod node;

@@ -10,16 +10,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
-use hyper_util::rt::TokioIo;
 use kura::cli::{Cli, Command};
 use kura::csi::proto::controller_client::ControllerClient;
 use kura::csi::proto::identity_client::IdentityClient;
 use kura::csi::proto::node_client::NodeClient;
 use kura::csi::proto::{self, volume_capability};
-use tokio::net::UnixStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::{Channel, Endpoint};
 
 pub const NODE_ID: &str = "test-node";
 pub const MIB: i64 = 1 << 20;
@@ -253,12 +251,7 @@ pub fn cleanup(dir: &Path) {
 }
 
 async fn connect(socket: &Path) -> Channel {
-    let socket = socket.to_owned();
-    Endpoint::from_static("http://kura.invalid")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
-        }))
+    kura::csi::client::connect(socket)
         .await
         .expect("connects to the driver socket")
 }
