@@ -12,7 +12,6 @@ use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use hyper_util::rt::TokioIo;
 use kura::csi::proto;
 use kura::csi::proto::controller_client::ControllerClient;
 use kura::csi::proto::identity_client::IdentityClient;
@@ -20,8 +19,7 @@ use kura::csi::proto::node_client::NodeClient;
 use kura::pool::{NodeToken, SnapshotId, VolumeId};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 /// How long the binary may take to come up or to stop.
 const DEADLINE: Duration = Duration::from_secs(90);
@@ -115,7 +113,7 @@ impl Kura {
                 self.child = None;
                 panic!("kura exited on start ({status}):\n{}", self.logs());
             }
-            if let Ok(channel) = connect(&self.socket).await
+            if let Ok(channel) = kura::csi::client::connect(&self.socket).await
                 && IdentityClient::new(channel.clone())
                     .probe(proto::ProbeRequest {})
                     .await
@@ -180,16 +178,6 @@ impl Drop for Kura {
         }
         cleanup(&self.dir);
     }
-}
-
-async fn connect(socket: &Path) -> Result<Channel, tonic::transport::Error> {
-    let socket = socket.to_owned();
-    Endpoint::from_static("http://kura.invalid")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
-        }))
-        .await
 }
 
 fn node_token() -> NodeToken {
@@ -672,7 +660,10 @@ async fn sigterm_exits_cleanly_and_a_stale_socket_is_replaced() {
             .file_type()
             .is_socket()
     );
-    assert!(connect(&kura.socket).await.is_err(), "nobody listens yet");
+    assert!(
+        kura::csi::client::connect(&kura.socket).await.is_err(),
+        "nobody listens yet"
+    );
 
     // Answering at all means the stale socket was replaced: binding over it fails.
     let channel = kura.start().await;
