@@ -25,12 +25,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use hyper_util::rt::TokioIo;
 use kura::csi::proto::controller_client::ControllerClient;
 use kura::csi::proto::node_client::NodeClient;
 use kura::csi::proto::{self, volume_capability, volume_content_source};
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 const GIB: u64 = 1 << 30;
 /// Size of each O_DIRECT read and write.
@@ -78,7 +76,7 @@ struct Row {
 async fn main() -> Result<()> {
     let args = Args::parse();
     let socket = kura::server::socket_path(&args.endpoint).map_err(|e| e.to_string())?;
-    let channel = connect(&socket).await?;
+    let channel = kura::csi::client::connect(&socket).await?;
     let bench = Bench {
         controller: ControllerClient::new(channel.clone()),
         node: NodeClient::new(channel),
@@ -92,16 +90,6 @@ async fn main() -> Result<()> {
     }
     print_report(&rows, args.runs);
     Ok(())
-}
-
-async fn connect(socket: &Path) -> Result<Channel> {
-    let socket = socket.to_owned();
-    Ok(Endpoint::from_static("http://kura.invalid")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
-        }))
-        .await?)
 }
 
 struct Bench {
