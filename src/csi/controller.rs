@@ -29,12 +29,15 @@ impl<P: Pools> ControllerService<P> {
 
     /// The node to place a new volume on: the first preferred node within requisite,
     /// else any requisite node (the one with most free space), else any node.
+    /// A volume with a content source can only be placed on the source's node
+    /// (`pinned`): reflinks do not cross pools.
     async fn place(
         &self,
         requirements: Option<&proto::TopologyRequirement>,
         provisioning: pool::Provisioning,
+        pinned: Option<Node>,
     ) -> Result<Node, Status> {
-        let nodes = self.pools.nodes();
+        let nodes = pinned.map_or_else(|| self.pools.nodes(), |node| vec![node]);
         let node_of = |t: &proto::Topology| t.segments.get(TOPOLOGY_KEY).cloned();
         let (requisite, preferred): (Vec<String>, Vec<String>) = match requirements {
             None => (vec![], vec![]),
@@ -198,30 +201,30 @@ impl<P: Pools> Controller for ControllerService<P> {
         let range = validate::range(req.capacity_range.as_ref())?;
         let provisioning = validate::volume_parameters(&req.parameters)?;
         let source = content_source(req.volume_content_source.as_ref())?;
-        let source_node = source.as_ref().map(|s| match s {
-            ContentSource::Snapshot(id) => (id.node(), id.to_string()),
-            ContentSource::Volume(id) => (id.node(), id.to_string()),
-        });
         // A source on a node kura does not know names nothing: NOT_FOUND, not a
         // topology failure.
-        if let Some((token, id)) = &source_node
-            && self.pools.node(token).is_none()
-        {
-            return Err(Status::not_found(format!(
-                "volume_content_source: {id} does not exist (no kura node {})",
-                token.as_str()
-            )));
-        }
+        let pinned = match &source {
+            None => None,
+            Some(source) => {
+                let (token, id) = match source {
+                    ContentSource::Snapshot(id) => (id.node(), id.to_string()),
+                    ContentSource::Volume(id) => (id.node(), id.to_string()),
+                };
+                Some(self.pools.node(&token).ok_or_else(|| {
+                    Status::not_found(format!(
+                        "volume_content_source: {id} does not exist (no kura node {})",
+                        token.as_str()
+                    ))
+                })?)
+            }
+        };
         let node = self
-            .place(req.accessibility_requirements.as_ref(), provisioning)
+            .place(
+                req.accessibility_requirements.as_ref(),
+                provisioning,
+                pinned,
+            )
             .await?;
-        if let Some((source_node, _)) = source_node
-            && source_node != node.token
-        {
-            return Err(Status::resource_exhausted(
-                "volume_content_source: the source lives on a node outside the requested topology",
-            ));
-        }
         let id = VolumeId::derive(name, &node.token);
         let _guard = self.lock(id.as_str())?;
         let spec = VolumeSpec {

@@ -53,6 +53,24 @@ pub enum AccessType {
     },
 }
 
+impl AccessType {
+    /// Whether a volume staged with `self` can be published with `other`: the same
+    /// access type and, when both name one, the same filesystem. (Mount flags may
+    /// differ: they apply to the staging mount.)
+    fn publishable_as(&self, other: &AccessType) -> bool {
+        match (self, other) {
+            (AccessType::Block, AccessType::Block) => true,
+            (
+                AccessType::Mount {
+                    fs_type: staged, ..
+                },
+                AccessType::Mount { fs_type: asked, .. },
+            ) => staged.is_none() || asked.is_none() || staged == asked,
+            _ => false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Capability {
     pub access: AccessType,
@@ -339,11 +357,10 @@ impl Attacher {
                 staging.display()
             )));
         }
-        if std::mem::discriminant(&record.capability.access)
-            != std::mem::discriminant(&capability.access)
-        {
+        if !record.capability.access.publishable_as(&capability.access) {
             return Err(Error::Precondition(format!(
-                "volume {id} is staged with another access type"
+                "volume {id} is staged as {:?}, which cannot be published as {:?}",
+                record.capability.access, capability.access
             )));
         }
         let wanted = Publication {
@@ -561,6 +578,21 @@ mod tests {
             plan_format(Some(&Signature::default()), None, "ext4"),
             FormatPlan::Conflict(_)
         ));
+    }
+
+    #[test]
+    fn publish_must_match_the_staged_access_type_and_filesystem() {
+        let mount = |fs: Option<&str>| AccessType::Mount {
+            fs_type: fs.map(str::to_owned),
+            flags: vec![],
+        };
+        assert!(AccessType::Block.publishable_as(&AccessType::Block));
+        assert!(mount(Some("xfs")).publishable_as(&mount(Some("xfs"))));
+        assert!(mount(None).publishable_as(&mount(Some("xfs"))));
+        assert!(mount(Some("xfs")).publishable_as(&mount(None)));
+        assert!(!mount(Some("xfs")).publishable_as(&mount(Some("ext4"))));
+        assert!(!mount(None).publishable_as(&AccessType::Block));
+        assert!(!AccessType::Block.publishable_as(&mount(None)));
     }
 
     fn publication(mode: AccessMode, readonly: bool) -> Publication {
