@@ -126,8 +126,15 @@ pub fn bind(socket: &Path) -> Result<UnixListener, BoxError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e.into()),
     }
-    let listener = UnixListener::bind(socket)?;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    // Bound under a temporary name and made private before it takes the endpoint's
+    // name, so no client can connect while the socket still has the umask's mode.
+    let mut temporary = socket.as_os_str().to_owned();
+    temporary.push(format!(".{}.tmp", std::process::id()));
+    let temporary = PathBuf::from(temporary);
+    let _ = std::fs::remove_file(&temporary);
+    let listener = UnixListener::bind(&temporary)?;
+    std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::rename(&temporary, socket)?;
     Ok(listener)
 }
 

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -213,17 +213,21 @@ pub(super) fn quiesce(image: &Path) -> Result<Option<Frozen>> {
 pub(super) struct Frozen {
     mount_point: PathBuf,
     thawed: Arc<AtomicBool>,
+    /// Dropped with the guard, which wakes the watchdog at once.
+    _wake_watchdog: mpsc::Sender<()>,
 }
 
 impl Frozen {
     fn new(mount_point: PathBuf) -> Result<Self> {
         sys::fs::freeze(&mount_point)?;
         let thawed = Arc::new(AtomicBool::new(false));
+        let (wake, woken) = mpsc::channel::<()>();
         let watchdog = (Arc::clone(&thawed), mount_point.clone());
         std::thread::spawn(move || {
-            std::thread::sleep(FREEZE_DEADLINE);
             let (thawed, mount_point) = watchdog;
-            if !thawed.swap(true, Ordering::SeqCst) {
+            if woken.recv_timeout(FREEZE_DEADLINE) == Err(mpsc::RecvTimeoutError::Timeout)
+                && !thawed.swap(true, Ordering::SeqCst)
+            {
                 tracing::error!(path = %mount_point.display(), "freeze deadline passed; thawing");
                 let _ = sys::fs::thaw(&mount_point);
             }
@@ -231,6 +235,7 @@ impl Frozen {
         Ok(Frozen {
             mount_point,
             thawed,
+            _wake_watchdog: wake,
         })
     }
 }
