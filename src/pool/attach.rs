@@ -273,7 +273,7 @@ impl Attacher {
                 mount.source
             )));
         }
-        let fs = match plan_format(
+        let (fs, formatted) = match plan_format(
             sys::blkid::probe(device)?.as_ref(),
             fs_type,
             &self.default_fs,
@@ -286,19 +286,20 @@ impl Attacher {
                     )));
                 }
                 sys::mkfs::format(device, &fs)?;
-                fs
+                (fs, true)
             }
             FormatPlan::Mount(fs) => {
                 grow_unmounted(&fs, device)?;
-                fs
+                (fs, false)
             }
             FormatPlan::Conflict(reason) => return Err(Error::Precondition(reason)),
         };
         std::fs::create_dir_all(staging).map_err(|e| sys::Error::io("mkdir", staging, e))?;
         sys::mount::mount_fs(device, staging, &fs, flags)?;
         // XFS and btrfs grow only while mounted; this is where a volume restored or
-        // expanded while unstaged reaches its full size.
-        if fs != "ext4"
+        // expanded while unstaged reaches its full size (ext was grown before mounting).
+        if !formatted
+            && !fs.starts_with("ext")
             && let Err(e) = sys::mkfs::grow_online(&fs, device, staging)
         {
             let _ = sys::mount::unmount(staging);
@@ -453,6 +454,10 @@ impl Attacher {
                 condition,
             }),
             AccessType::Mount { .. } => {
+                let table = sys::mountinfo::read()?;
+                if sys::mountinfo::find_mount(&table, path).is_none() && !condition.abnormal {
+                    condition = Condition::abnormal(format!("{} is not mounted", path.display()));
+                }
                 let usage = sys::fs::usage(path)?;
                 Ok(Stats {
                     total_bytes: usage.total_bytes,
