@@ -2,7 +2,7 @@
 # Installs what kura needs at run time and in tests, on Debian, as root. Safe to rerun.
 set -euo pipefail
 
-packages=(xfsprogs e2fsprogs btrfs-progs util-linux mount fio)
+packages=(xfsprogs e2fsprogs btrfs-progs util-linux mount)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
