@@ -24,15 +24,6 @@ use tonic::transport::Channel;
 /// How long the binary may take to come up or to stop.
 const DEADLINE: Duration = Duration::from_secs(90);
 
-/// Where a child's pool lives.
-enum ChildPool {
-    /// `--pool-image <dir>/pool.img --pool-size 16Gi`: XFS with reflinks.
-    Image,
-    /// `--pool-dir <dir>/pool-dir` on /tmp's own filesystem (ext4 here): no reflinks,
-    /// so clones and restores are real data copies.
-    Dir,
-}
-
 /// The `kura` binary run as a child process on a temporary directory. Drop kills the
 /// child (only the one this started) and removes its mounts, loop devices and files.
 struct Kura {
@@ -44,35 +35,12 @@ struct Kura {
 }
 
 impl Kura {
-    fn new(pool: ChildPool) -> Kura {
-        let dir = tempfile::Builder::new()
-            .prefix("kura-test")
-            .tempdir_in("/tmp")
-            .expect("temp dir")
-            .keep();
+    /// `pool`: `Image` is XFS with reflinks; `Dir` is /tmp's own filesystem (ext4
+    /// here), without reflinks, so clones and restores are real data copies.
+    fn new(pool: PoolKind) -> Kura {
+        let dir = test_dir();
         let socket = dir.join("csi.sock");
-        let mut args: Vec<String> = vec![
-            "all-in-one".into(),
-            "--endpoint".into(),
-            format!("unix://{}", socket.display()),
-            "--node-id".into(),
-            NODE_ID.into(),
-            "--state-dir".into(),
-            dir.join("state").display().to_string(),
-        ];
-        match pool {
-            ChildPool::Image => args.extend([
-                "--pool-image".into(),
-                dir.join("pool.img").display().to_string(),
-                "--pool-size".into(),
-                "16Gi".into(),
-            ]),
-            ChildPool::Dir => {
-                let pool = dir.join("pool-dir");
-                std::fs::create_dir_all(&pool).unwrap();
-                args.extend(["--pool-dir".into(), pool.display().to_string()]);
-            }
-        }
+        let args = all_in_one_args(&dir, &socket, &pool);
         Kura {
             dir,
             socket,
@@ -83,10 +51,7 @@ impl Kura {
     }
 
     fn pool_root(&self) -> PathBuf {
-        match self.args.iter().position(|a| a == "--pool-dir") {
-            Some(i) => PathBuf::from(&self.args[i + 1]),
-            None => self.dir.join("state/pool"),
-        }
+        pool_root(&self.dir, &self.args)
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -330,7 +295,7 @@ async fn copy_under_way(partial: &Path, finished: impl Fn() -> bool) -> u64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn killed_mid_copy_leaves_nothing_and_the_retry_succeeds() {
     const CHUNKS: u64 = 1024;
-    let mut kura = Kura::new(ChildPool::Dir);
+    let mut kura = Kura::new(PoolKind::Dir);
     let channel = kura.start().await;
     let pool = kura.pool_root();
     let volumes = pool.join("volumes");
@@ -651,7 +616,7 @@ async fn restart_removes_planted_leftovers_and_keeps_live_objects() {
 /// client still connected. A stale socket at the endpoint is replaced on start.
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_exits_cleanly_and_a_stale_socket_is_replaced() {
-    let mut kura = Kura::new(ChildPool::Image);
+    let mut kura = Kura::new(PoolKind::Image);
     // A socket file nobody listens on, as a killed process leaves it.
     drop(std::os::unix::net::UnixListener::bind(&kura.socket).unwrap());
     assert!(
@@ -694,7 +659,7 @@ async fn sigterm_exits_cleanly_and_a_stale_socket_is_replaced() {
 /// again is idempotent.
 #[tokio::test(flavor = "multi_thread")]
 async fn restart_keeps_the_pool_and_its_volumes() {
-    let mut kura = Kura::new(ChildPool::Image);
+    let mut kura = Kura::new(PoolKind::Image);
     let channel = kura.start().await;
     let volume = ControllerClient::new(channel.clone())
         .create_volume(create_request("kept", 512 * MIB, &[], None))

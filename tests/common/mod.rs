@@ -46,38 +46,10 @@ impl Driver {
     }
 
     pub async fn start_with(kind: PoolKind, extra: &[&str]) -> Driver {
-        let dir = tempfile::Builder::new()
-            .prefix("kura-test")
-            .tempdir_in("/tmp")
-            .expect("temp dir")
-            .keep();
+        let dir = test_dir();
         let socket = dir.join("csi.sock");
-        let mut args: Vec<String> = [
-            "kura",
-            "all-in-one",
-            "--endpoint",
-            &format!("unix://{}", socket.display()),
-            "--node-id",
-            NODE_ID,
-            "--state-dir",
-            &dir.join("state").display().to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        match kind {
-            PoolKind::Image => args.extend([
-                "--pool-image".into(),
-                dir.join("pool.img").display().to_string(),
-                "--pool-size".into(),
-                "16Gi".into(),
-            ]),
-            PoolKind::Dir => {
-                let pool = dir.join("pool-dir");
-                std::fs::create_dir_all(&pool).unwrap();
-                args.extend(["--pool-dir".into(), pool.display().to_string()]);
-            }
-        }
+        let mut args = vec!["kura".to_owned()];
+        args.extend(all_in_one_args(&dir, &socket, &kind));
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut driver = Driver {
             dir,
@@ -140,10 +112,7 @@ impl Driver {
 
     /// The pool's root directory.
     pub fn pool_root(&self) -> PathBuf {
-        match self.args.iter().position(|a| a == "--pool-dir") {
-            Some(i) => PathBuf::from(&self.args[i + 1]),
-            None => self.dir.join("state/pool"),
-        }
+        pool_root(&self.dir, &self.args)
     }
 
     /// A fresh path under the test directory (not created).
@@ -216,6 +185,54 @@ impl Drop for Driver {
             task.abort();
         }
         cleanup(&self.dir);
+    }
+}
+
+/// A new temporary directory for one test's driver, under /tmp (short paths keep loop
+/// devices' recorded backing names whole).
+pub fn test_dir() -> PathBuf {
+    tempfile::Builder::new()
+        .prefix("kura-test")
+        .tempdir_in("/tmp")
+        .expect("temp dir")
+        .keep()
+}
+
+/// The `all-in-one` subcommand and its flags for a driver living in `dir`.
+pub fn all_in_one_args(dir: &Path, socket: &Path, kind: &PoolKind) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "all-in-one",
+        "--endpoint",
+        &format!("unix://{}", socket.display()),
+        "--node-id",
+        NODE_ID,
+        "--state-dir",
+        &dir.join("state").display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    match kind {
+        PoolKind::Image => args.extend([
+            "--pool-image".into(),
+            dir.join("pool.img").display().to_string(),
+            "--pool-size".into(),
+            "16Gi".into(),
+        ]),
+        PoolKind::Dir => {
+            let pool = dir.join("pool-dir");
+            std::fs::create_dir_all(&pool).unwrap();
+            args.extend(["--pool-dir".into(), pool.display().to_string()]);
+        }
+    }
+    args
+}
+
+/// The pool root a driver started with `args` in `dir` uses.
+pub fn pool_root(dir: &Path, args: &[String]) -> PathBuf {
+    match args.iter().position(|a| a == "--pool-dir") {
+        Some(i) => PathBuf::from(&args[i + 1]),
+        None => dir.join("state/pool"),
     }
 }
 
