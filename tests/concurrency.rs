@@ -720,12 +720,9 @@ async fn a_stage_in_progress_holds_its_volume() {
 // ---------------------------------------------------------------------------------
 
 /// A full copy holds the data of one moment only if nothing writes to the source while
-/// it runs, as for a snapshot copy (b). Today CreateVolume takes no lock on its source
-/// volume and the pool does not mark it as being read: the source can be staged and
-/// written mid-copy, and the clone then holds its old first chunks and its new last
-/// ones, a state the source never had.
+/// it runs, as for a snapshot copy (b): CreateVolume holds its source's lock for the
+/// whole copy, so the source cannot be staged (and written) mid-copy.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "CreateVolume from a volume source does not hold the source while copying it"]
 async fn a_clone_being_copied_holds_its_source() {
     let mut driver = Driver::start_with(PoolKind::Dir, &[]).await;
     let root = restart_on_ext4_pool(&mut driver).await;

@@ -227,6 +227,13 @@ impl<P: Pools> Controller for ControllerService<P> {
             .await?;
         let id = VolumeId::derive(name, &node.token);
         let _guard = self.lock(id.as_str())?;
+        // The source is read while the new volume is filled: no stage, expand,
+        // snapshot or delete of it meanwhile.
+        let _source_guard = match &source {
+            None => None,
+            Some(ContentSource::Snapshot(id)) => Some(self.lock(id.as_str())?),
+            Some(ContentSource::Volume(id)) => Some(self.lock(id.as_str())?),
+        };
         let spec = VolumeSpec {
             name: name.to_owned(),
             range,

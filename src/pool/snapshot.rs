@@ -91,15 +91,7 @@ impl Pool {
         let meta_path = self.snapshot_meta_path(&snapshot.id);
         let image = self.snapshot_image_path(&snapshot.id);
         let partial = partial_path(&image);
-        if let Some(device) = sys::loopdev::find_by_backing(&source_image)? {
-            return Err(Error::Precondition(format!(
-                "volume {} is in use at {}: this pool cannot reflink, so a snapshot is a full \
-                 copy, which would not hold the data of one moment while the volume is \
-                 written; unstage the volume and retry",
-                snapshot.source_volume,
-                device.path.display()
-            )));
-        }
+        self.check_copyable(&snapshot.source_volume, &source_image)?;
         write_meta(&meta_path, snapshot)?;
         self.copying
             .lock()
@@ -140,6 +132,24 @@ impl Pool {
         });
         tracing::info!(snapshot.id = %snapshot.id, "snapshot copy started");
         Ok(())
+    }
+
+    /// On a pool that cannot reflink, snapshots and clones are full copies, which hold
+    /// the data of one moment only if nothing writes to the volume while they run: a
+    /// volume attached on this node is refused.
+    pub(super) fn check_copyable(&self, volume: &VolumeId, image: &Path) -> Result<()> {
+        if self.reflink {
+            return Ok(());
+        }
+        match sys::loopdev::find_by_backing(image)? {
+            None => Ok(()),
+            Some(device) => Err(Error::Precondition(format!(
+                "volume {volume} is in use at {}: this pool cannot reflink, so a copy of it \
+                 would not hold the data of one moment while it is written; unstage the \
+                 volume and retry",
+                device.path.display()
+            ))),
+        }
     }
 
     /// Deletes a snapshot; one that does not exist counts as deleted.

@@ -111,7 +111,9 @@ impl Pool {
         match source {
             ContentSource::Volume(id) => {
                 let volume = self.volume(id)?;
-                Ok((self.image_path(id), volume.size_bytes))
+                let image = self.image_path(id);
+                self.check_copyable(id, &image)?;
+                Ok((image, volume.size_bytes))
             }
             ContentSource::Snapshot(id) => {
                 let snapshot = self.snapshot(id)?;
