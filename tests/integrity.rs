@@ -703,6 +703,11 @@ async fn expansion_never_shrinks_and_repeats_cleanly() {
 // ---------------------------------------------------------------------------------
 
 /// A well-formed volume ID of this node that names no volume.
+/// The ID a CreateVolume named `name` gets on the test node.
+fn derived_clone_id(name: &str) -> String {
+    kura::pool::VolumeId::derive(name, &kura::pool::NodeToken::for_node(NODE_ID)).to_string()
+}
+
 fn unknown_volume_id() -> String {
     kura::pool::VolumeId::derive("never-created", &kura::pool::NodeToken::for_node(NODE_ID))
         .to_string()
@@ -1028,6 +1033,35 @@ async fn non_reflink_pool_copies_snapshots_in_the_background() {
         .unwrap_err();
     assert_eq!(in_use.code(), Code::FailedPrecondition, "{in_use:?}");
     assert!(in_use.message().contains("unstage"), "{}", in_use.message());
+    // So would a clone, which is the same copy made at once.
+    let clone_in_use = driver
+        .controller()
+        .create_volume(create_request(
+            "pvc-copied-clone",
+            512 * MIB,
+            &[],
+            Some(volume_source(&id)),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        clone_in_use.code(),
+        Code::FailedPrecondition,
+        "{clone_in_use:?}"
+    );
+    assert!(
+        !driver
+            .pool_root()
+            .join("volumes")
+            .read_dir()
+            .unwrap()
+            .any(|e| e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains(&derived_clone_id("pvc-copied-clone"))),
+        "a refused clone leaves nothing behind"
+    );
     driver.unpublish_and_unstage(&id, &staging, &target).await;
 
     let started = Instant::now();
