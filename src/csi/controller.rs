@@ -205,18 +205,13 @@ impl<P: Pools> Controller for ControllerService<P> {
         // topology failure.
         let pinned = match &source {
             None => None,
-            Some(source) => {
-                let (token, id) = match source {
-                    ContentSource::Snapshot(id) => (id.node(), id.to_string()),
-                    ContentSource::Volume(id) => (id.node(), id.to_string()),
-                };
-                Some(self.pools.node(&token).ok_or_else(|| {
-                    Status::not_found(format!(
-                        "volume_content_source: {id} does not exist (no kura node {})",
-                        token.as_str()
-                    ))
-                })?)
-            }
+            Some(source) => Some(self.pools.node(&source.node()).ok_or_else(|| {
+                Status::not_found(format!(
+                    "volume_content_source: {} does not exist (no kura node {})",
+                    source.id(),
+                    source.node().as_str()
+                ))
+            })?),
         };
         let node = self
             .place(
@@ -231,8 +226,7 @@ impl<P: Pools> Controller for ControllerService<P> {
         // snapshot or delete of it meanwhile.
         let _source_guard = match &source {
             None => None,
-            Some(ContentSource::Snapshot(id)) => Some(self.lock(id.as_str())?),
-            Some(ContentSource::Volume(id)) => Some(self.lock(id.as_str())?),
+            Some(source) => Some(self.lock(source.id())?),
         };
         let spec = VolumeSpec {
             name: name.to_owned(),

@@ -25,6 +25,24 @@ pub enum ContentSource {
     Volume(VolumeId),
 }
 
+impl ContentSource {
+    /// The source's ID, as the CO knows it.
+    pub fn id(&self) -> &str {
+        match self {
+            ContentSource::Snapshot(id) => id.as_str(),
+            ContentSource::Volume(id) => id.as_str(),
+        }
+    }
+
+    /// The node whose pool holds the source.
+    pub fn node(&self) -> super::NodeToken {
+        match self {
+            ContentSource::Snapshot(id) => id.node(),
+            ContentSource::Volume(id) => id.node(),
+        }
+    }
+}
+
 /// A create request in pool terms.
 #[derive(Debug, Clone)]
 pub struct VolumeSpec {
