@@ -171,16 +171,8 @@ impl Pool {
         Ok(pool)
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     pub fn node(&self) -> &NodeToken {
         &self.node
-    }
-
-    pub fn supports_reflink(&self) -> bool {
-        self.reflink
     }
 
     /// Ready when the pool is mounted (if kura mounted it) and writable.

@@ -85,7 +85,6 @@ pub struct LoopDevice {
     /// The backing path as recorded at attach time (truncated to 63 bytes).
     pub backing_name: String,
     pub direct_io: bool,
-    pub read_only: bool,
 }
 
 /// Attaches `file` to a free loop device, with direct I/O when the backing
@@ -217,7 +216,6 @@ pub fn list_bound() -> Result<Vec<LoopDevice>> {
                 backing_ino: info.lo_inode,
                 backing_name: c_string(&info.lo_file_name),
                 direct_io: info.lo_flags & LO_FLAGS_DIRECT_IO != 0,
-                read_only: info.lo_flags & LO_FLAGS_READ_ONLY != 0,
             }),
             // Detached between the sysfs look and the ioctl.
             Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {}
