@@ -32,39 +32,6 @@ const CHUNK: usize = 4 << 20;
 /// How long a copy may take before the test gives up on it.
 const COPY_DEADLINE: Duration = Duration::from_secs(120);
 
-/// Puts a fresh ext4 filesystem (which cannot reflink) under the driver's pool
-/// directory and restarts the driver on it. The image, its loop device and the mount
-/// all live under the driver's test directory, so the driver's own cleanup removes
-/// them (deepest mounts first, then loop devices, in rounds) even if the test fails.
-async fn restart_on_ext4_pool(driver: &mut Driver) -> PathBuf {
-    driver.stop().await;
-    let image = driver.path("ext4-pool.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(8 * GIB as u64)
-        .unwrap();
-    let device = kura::sys::loopdev::attach(&image, false).expect("attach the ext4 pool image");
-    let status = std::process::Command::new("mkfs.ext4")
-        .args([
-            "-q",
-            "-F",
-            "-E",
-            "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
-        ])
-        .arg(&device)
-        .status()
-        .expect("run mkfs.ext4");
-    assert!(status.success(), "mkfs.ext4 {}", device.display());
-    let root = driver.pool_root();
-    kura::sys::mount::mount_fs(&device, &root, "ext4", &[]).expect("mount the ext4 pool");
-    assert!(
-        !kura::sys::fs::supports_reflink(&root).unwrap(),
-        "the test pool must not reflink"
-    );
-    driver.restart().await;
-    root
-}
-
 /// CHUNK bytes of xorshift noise: the raw material of every chunk a volume holds.
 fn noise() -> Vec<u8> {
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;

@@ -5,7 +5,7 @@
 mod common;
 
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -971,39 +971,6 @@ async fn thick_volume_snapshots_and_restores() {
 // ---------------------------------------------------------------------------------
 // h) A pool without reflink: snapshots are copies made in the background
 // ---------------------------------------------------------------------------------
-
-/// Puts a fresh ext4 filesystem (which cannot reflink) under the driver's pool
-/// directory and restarts the driver on it. The image, its loop device and the mount
-/// all live under the driver's test directory, so the driver's own cleanup removes
-/// them (deepest mounts first, then loop devices, in rounds) even if the test fails.
-async fn restart_on_ext4_pool(driver: &mut Driver) -> PathBuf {
-    driver.stop().await;
-    let image = driver.path("ext4-pool.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(8 * GIB as u64)
-        .unwrap();
-    let device = kura::sys::loopdev::attach(&image, false).expect("attach the ext4 pool image");
-    let status = std::process::Command::new("mkfs.ext4")
-        .args([
-            "-q",
-            "-F",
-            "-E",
-            "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
-        ])
-        .arg(&device)
-        .status()
-        .expect("run mkfs.ext4");
-    assert!(status.success(), "mkfs.ext4 {}", device.display());
-    let root = driver.pool_root();
-    kura::sys::mount::mount_fs(&device, &root, "ext4", &[]).expect("mount the ext4 pool");
-    assert!(
-        !kura::sys::fs::supports_reflink(&root).unwrap(),
-        "the test pool must not reflink"
-    );
-    driver.restart().await;
-    root
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn non_reflink_pool_copies_snapshots_in_the_background() {

@@ -188,6 +188,30 @@ impl Drop for Driver {
     }
 }
 
+/// Puts a fresh ext4 filesystem (which cannot reflink) under the driver's pool
+/// directory and restarts the driver on it; returns the pool root. The image, its loop
+/// device and the mount all live under the driver's test directory, so the driver's own
+/// cleanup removes them (deepest mounts first, then loop devices, in rounds) even if
+/// the test fails.
+pub async fn restart_on_ext4_pool(driver: &mut Driver) -> PathBuf {
+    driver.stop().await;
+    let image = driver.path("ext4-pool.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(8 * GIB as u64)
+        .unwrap();
+    let device = kura::sys::loopdev::attach(&image, false).expect("attach the ext4 pool image");
+    kura::sys::mkfs::format(&device, "ext4").expect("mkfs.ext4 on the pool image");
+    let root = driver.pool_root();
+    kura::sys::mount::mount_fs(&device, &root, "ext4", &[]).expect("mount the ext4 pool");
+    assert!(
+        !kura::sys::fs::supports_reflink(&root).unwrap(),
+        "the test pool must not reflink"
+    );
+    driver.restart().await;
+    root
+}
+
 /// A new temporary directory for one test's driver, under /tmp (short paths keep loop
 /// devices' recorded backing names whole).
 pub fn test_dir() -> PathBuf {
