@@ -20,6 +20,7 @@ use crate::pool::attach::Attacher;
 use crate::pool::locks::Locks;
 use crate::pool::source::{self, Source};
 use crate::pool::{self, Pool};
+use crate::sys;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -34,6 +35,12 @@ impl AllInOneDriver {
     /// Prepares the pool (mounting or formatting as the source needs), reconciles it,
     /// and builds the services. Blocks.
     pub fn open(args: &AllInOne) -> Result<Self, BoxError> {
+        Self::open_with_pause(args, sys::pause::Points::from_env())
+    }
+
+    /// [`AllInOneDriver::open`] with the given test pause points: how in-process tests,
+    /// which share one environment, give each driver its own.
+    pub fn open_with_pause(args: &AllInOne, pause: sys::pause::Points) -> Result<Self, BoxError> {
         let source = pool_source(args)?;
         std::fs::create_dir_all(&args.state_dir)?;
         let root = source::prepare(&source, &args.state_dir)?;
@@ -41,6 +48,7 @@ impl AllInOneDriver {
             overprovision_ratio: args.overprovision_ratio,
             default_volume_size: args.default_volume_size,
             mounted_root: !matches!(source, Source::Dir(_)),
+            pause,
         };
         let pool = Arc::new(Pool::open(&root, &args.node_id, options)?);
         let attacher = Arc::new(Attacher::new(

@@ -3,10 +3,10 @@
 //! CO retries) before it touches anything, other volumes are not held up, and the first
 //! operation then finishes as if it had been alone.
 //!
-//! Operations are held in flight by real work, not by mocks: on a pool that cannot
-//! reflink, a clone is a synchronous full copy and a snapshot a background one, so a
-//! volume full of data keeps them running for seconds; and a stage that formats a
-//! volume waits, in mkfs, for as long as the pool filesystem is frozen.
+//! Operations are real, not mocks: on a pool that cannot reflink, a clone is a
+//! synchronous full copy and a snapshot a background one; a stage attaches and formats.
+//! Each is held in flight at a test pause point (`kura::sys::pause`) for exactly as
+//! long as the test needs, whatever the machine's speed, and then released.
 
 mod common;
 
@@ -25,8 +25,9 @@ use tonic::{Code, Response, Status};
 // Helpers
 // ---------------------------------------------------------------------------------
 
-/// Size of the volumes that are copied: enough data that a copy takes seconds here.
-const VOLUME: i64 = GIB;
+/// Size of the volumes that are copied: several of the copy's chunks, so a copy held
+/// after its first chunk is truly half done.
+const VOLUME: i64 = 256 * MIB;
 /// Unit in which volume contents are written and compared.
 const CHUNK: usize = 4 << 20;
 /// How long a copy may take before the test gives up on it.
@@ -135,33 +136,14 @@ fn partial_image(root: &Path, id: &VolumeId) -> PathBuf {
     root.join("volumes").join(format!("{id}.img.partial"))
 }
 
-/// Waits until `file` exists and is not empty: the operation that builds it is under
-/// way. Fails if `task` ends first.
-async fn wait_for_file<T>(file: &Path, task: &JoinHandle<T>) {
-    let started = Instant::now();
-    while !std::fs::metadata(file).is_ok_and(|m| m.len() > 0) {
-        assert!(
-            !task.is_finished(),
-            "the operation ended before {} appeared",
-            file.display()
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "{} did not appear in 30 s",
-            file.display()
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-/// The first operation is still in flight: its task has not ended and its mark
-/// (a file it is building, say) is still there. A refusal only proves the lock if the
-/// operation holding it was still running when the refusal came.
+/// The first operation is still in flight: its task has not ended and it is still held
+/// at its pause point. A refusal only proves the lock if the operation holding it was
+/// still running when the refusal came.
 fn assert_in_flight<T>(task: &JoinHandle<T>, still: bool, after: &str) {
     assert!(
         !task.is_finished() && still,
-        "the first operation finished before {after} was answered, so that answer proves \
-         nothing; give it more data to work on"
+        "the first operation was no longer in flight when {after} was answered, so that \
+         answer proves nothing"
     );
 }
 
@@ -252,24 +234,6 @@ async fn poll_snapshot(driver: &Driver, name: &str, source: &str) -> proto::Snap
         .expect("snapshot in response")
 }
 
-/// Keeps a filesystem frozen; thaws it when dropped, also when a test fails.
-struct FrozenFs(PathBuf);
-
-impl FrozenFs {
-    fn freeze(mount_point: &Path) -> FrozenFs {
-        kura::sys::fs::freeze(mount_point).expect("freeze the pool");
-        FrozenFs(mount_point.to_owned())
-    }
-}
-
-impl Drop for FrozenFs {
-    fn drop(&mut self) {
-        if let Err(e) = kura::sys::fs::thaw(&self.0) {
-            eprintln!("thawing {}: {e}", self.0.display());
-        }
-    }
-}
-
 /// Waits, when dropped, until the server has no operation running in the test
 /// directory: the tasks it was given have ended and no file under the directory is
 /// open in this process (a copy thread holds its source and its `.partial`). Declared
@@ -328,16 +292,15 @@ async fn a_clone_being_copied_holds_its_volume() {
     let key = clone_id.as_str();
     let partial = partial_image(&root, &clone_id);
     let request = create_request("pvc-clone", VOLUME, &[], Some(volume_source(&source)));
-    let started = Instant::now();
+    let copying = driver.pause.arm("copying");
     let first = tokio::spawn({
         let mut controller = driver.controller();
         let request = request.clone();
         async move { controller.create_volume(request).await }
     });
     settle.watch(&first);
-    wait_for_file(&partial, &first).await;
-    eprintln!("clone under way after {:?}", started.elapsed());
-    let running = || partial.exists();
+    copying.held(|| first.is_finished()).await;
+    let running = || copying.is_held() && partial.exists();
 
     // The CO's retry of the same CreateVolume, and every other operation on the
     // volume, controller and node side alike.
@@ -422,6 +385,7 @@ async fn a_clone_being_copied_holds_its_volume() {
     assert!(!target.exists(), "a refused publish made {target:?}");
 
     // The clone finishes as if it had been alone.
+    copying.release();
     let volume = tokio::time::timeout(COPY_DEADLINE, first)
         .await
         .expect("the clone finishes")
@@ -430,11 +394,6 @@ async fn a_clone_being_copied_holds_its_volume() {
         .into_inner()
         .volume
         .unwrap();
-    eprintln!("clone done after {:?}", started.elapsed());
-    assert!(
-        started.elapsed() > Duration::from_secs(1),
-        "the clone took under a second: too little data to hold it in flight"
-    );
     assert_eq!(volume.volume_id, key);
     assert_eq!(volume.capacity_bytes, VOLUME);
     assert_eq!(volume.content_source, Some(volume_source(&source)));
@@ -479,7 +438,7 @@ async fn a_background_snapshot_copy_holds_its_source_and_itself() {
     let _settle = Settle::new(&driver);
     let source = filled_volume(&driver, "pvc-snapped").await;
 
-    let started = Instant::now();
+    let copying = driver.pause.arm("copying");
     let first = poll_snapshot(&driver, "snap-copied", &source).await;
     let id = first.snapshot_id.clone();
     assert_eq!(id, derived_snapshot_id("snap-copied").as_str());
@@ -488,6 +447,7 @@ async fn a_background_snapshot_copy_holds_its_source_and_itself() {
         "a snapshot on a pool without reflink is a background copy"
     );
     let image = root.join("snapshots").join(format!("{id}.img"));
+    copying.held(|| image.exists()).await;
 
     // While it is copied, the source cannot be staged (and so not written), nor the
     // snapshot deleted.
@@ -513,12 +473,10 @@ async fn a_background_snapshot_copy_holds_its_source_and_itself() {
     // above came while the copy ran.
     let polled = poll_snapshot(&driver, "snap-copied", &source).await;
     assert_eq!(polled, first);
-    assert!(
-        !image.exists(),
-        "the copy finished before the refusals were checked, so they prove nothing; \
-         give it more data to work on"
-    );
+    assert!(copying.is_held() && !image.exists());
 
+    copying.release();
+    let started = Instant::now();
     let mut snapshot = polled;
     while !snapshot.ready_to_use {
         assert!(
@@ -575,30 +533,23 @@ async fn a_stage_in_progress_holds_its_volume() {
     let staging = driver.path("stage-held");
     std::fs::create_dir_all(&staging).unwrap();
 
-    // With the pool frozen, the stage attaches the volume, then its mkfs waits for the
-    // thaw: the writes to the volume are writes to its image in the pool.
-    let frozen = FrozenFs::freeze(&driver.pool_root());
+    // The stage attaches the volume and is held before it formats and mounts it.
+    let staging_point = driver.pause.arm("staging");
     let first = tokio::spawn({
         let mut node = driver.node();
         let request = stage_request(&id, &staging, &cap);
         async move { node.node_stage_volume(request).await }
     });
     settle.watch(&first);
-    let started = Instant::now();
-    while kura::sys::loopdev::find_by_backing(&image)
-        .unwrap()
-        .is_none()
-    {
-        assert!(!first.is_finished(), "the stage ended before it attached");
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "no attach in 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let running = || !is_mounted(&staging);
-    assert_in_flight(&first, running(), "the frozen pool held it");
+    staging_point.held(|| first.is_finished()).await;
+    assert!(
+        kura::sys::loopdev::find_by_backing(&image)
+            .unwrap()
+            .is_some(),
+        "the held stage has attached the volume"
+    );
+    let running = || staging_point.is_held() && !is_mounted(&staging);
+    assert_in_flight(&first, running(), "the stage is held");
 
     let mut node = driver.node();
     let mut controller = driver.controller();
@@ -643,10 +594,10 @@ async fn a_stage_in_progress_holds_its_volume() {
     assert!(!target.exists(), "a refused publish made {target:?}");
     assert_in_flight(&first, running(), "the refused calls");
 
-    drop(frozen);
+    staging_point.release();
     tokio::time::timeout(Duration::from_secs(60), first)
         .await
-        .expect("the stage finishes after the thaw")
+        .expect("the stage finishes once released")
         .unwrap()
         .expect("NodeStageVolume");
     let table = kura::sys::mountinfo::read().unwrap();
@@ -699,12 +650,13 @@ async fn a_clone_being_copied_holds_its_source() {
     let clone_id = derived_volume_id("pvc-clone");
     let partial = partial_image(&root, &clone_id);
     let request = create_request("pvc-clone", VOLUME, &[], Some(volume_source(&source)));
+    let copying = driver.pause.arm("copying");
     let first = tokio::spawn({
         let mut controller = driver.controller();
         async move { controller.create_volume(request).await }
     });
     settle.watch(&first);
-    wait_for_file(&partial, &first).await;
+    copying.held(|| first.is_finished()).await;
 
     let staging = driver.path("stage-source-during-clone");
     std::fs::create_dir_all(&staging).unwrap();
@@ -712,7 +664,7 @@ async fn a_clone_being_copied_holds_its_source() {
         .node()
         .node_stage_volume(stage_request(&source, &staging, &block_cap()))
         .await;
-    let in_flight = !first.is_finished() && partial.exists();
+    let in_flight = copying.is_held() && !first.is_finished() && partial.exists();
     if staged.is_ok() {
         driver
             .node()
@@ -723,6 +675,7 @@ async fn a_clone_being_copied_holds_its_source() {
     assert_aborted(staged, &source, "NodeStageVolume of the clone's source");
     assert_in_flight(&first, in_flight, "NodeStageVolume of the source");
 
+    copying.release();
     tokio::time::timeout(COPY_DEADLINE, first)
         .await
         .expect("the clone finishes")

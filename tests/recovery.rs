@@ -7,143 +7,17 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::process::{DEADLINE, Kura};
 use common::*;
 use kura::csi::proto;
 use kura::csi::proto::controller_client::ControllerClient;
 use kura::csi::proto::identity_client::IdentityClient;
 use kura::csi::proto::node_client::NodeClient;
 use kura::pool::{NodeToken, SnapshotId, VolumeId};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use tonic::transport::Channel;
-
-/// How long the binary may take to come up or to stop.
-const DEADLINE: Duration = Duration::from_secs(90);
-
-/// The `kura` binary run as a child process on a temporary directory. Drop kills the
-/// child (only the one this started) and removes its mounts, loop devices and files.
-struct Kura {
-    dir: PathBuf,
-    socket: PathBuf,
-    args: Vec<String>,
-    child: Option<std::process::Child>,
-    runs: usize,
-}
-
-impl Kura {
-    /// `pool`: `Image` is XFS with reflinks; `Dir` is /tmp's own filesystem (ext4
-    /// here), without reflinks, so clones and restores are real data copies.
-    fn new(pool: PoolKind) -> Kura {
-        let dir = test_dir();
-        let socket = dir.join("csi.sock");
-        let args = all_in_one_args(&dir, &socket, &pool);
-        Kura {
-            dir,
-            socket,
-            args,
-            child: None,
-            runs: 0,
-        }
-    }
-
-    fn pool_root(&self) -> PathBuf {
-        pool_root(&self.dir, &self.args)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-
-    /// Starts the binary and waits until it answers Probe on its socket.
-    async fn start(&mut self) -> Channel {
-        assert!(self.child.is_none(), "kura is already running");
-        self.runs += 1;
-        let log = std::fs::File::create(self.log_path(self.runs)).unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_kura"))
-            .args(&self.args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("kura starts");
-        self.child = Some(child);
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                self.child = None;
-                panic!("kura exited on start ({status}):\n{}", self.logs());
-            }
-            if let Ok(channel) = kura::csi::client::connect(&self.socket).await
-                && IdentityClient::new(channel.clone())
-                    .probe(proto::ProbeRequest {})
-                    .await
-                    .is_ok()
-            {
-                return channel;
-            }
-            assert!(
-                started.elapsed() < DEADLINE,
-                "kura did not come up:\n{}",
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// SIGKILL, as a crash or an OOM kill would stop it.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// SIGTERM, as the kubelet stops a pod; returns the exit status.
-    async fn terminate(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("kura is running");
-        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
-        let started = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            if started.elapsed() > DEADLINE {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("kura ignored SIGTERM:\n{}", self.logs());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn log_path(&self, run: usize) -> PathBuf {
-        self.dir.join(format!("kura-{run}.log"))
-    }
-
-    fn logs(&self) -> String {
-        (1..=self.runs)
-            .map(|run| {
-                let text = std::fs::read_to_string(self.log_path(run)).unwrap_or_default();
-                format!("--- kura run {run} ---\n{text}")
-            })
-            .collect()
-    }
-}
-
-impl Drop for Kura {
-    fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            eprintln!("{}", self.logs());
-        }
-        cleanup(&self.dir);
-    }
-}
 
 fn node_token() -> NodeToken {
     NodeToken::for_node(NODE_ID)
@@ -268,33 +142,13 @@ fn assert_big_file(path: &Path, chunks: u64) {
     }
 }
 
-/// Waits until a copy has written data into `partial`; returns how much. Fails if
-/// `finished` says the operation completed first, so a kill that follows is known to
-/// land in the middle of it.
-async fn copy_under_way(partial: &Path, finished: impl Fn() -> bool) -> u64 {
-    let started = Instant::now();
-    loop {
-        assert!(
-            !finished(),
-            "the copy finished before it could be interrupted"
-        );
-        if let Ok(meta) = std::fs::metadata(partial)
-            && meta.blocks() > 0
-        {
-            return meta.blocks() * 512;
-        }
-        assert!(started.elapsed() < DEADLINE, "the copy never started");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
-
-/// SIGKILL in the middle of copying a GiB of data (a pool without reflink), first while
+/// SIGKILL in the middle of copying data (a pool without reflink), first while
 /// a snapshot's background copy runs, then during a restore, each followed by a
 /// restart: the half-written image is gone, the object does not exist, and the CO's
 /// retry builds it whole.
 #[tokio::test(flavor = "multi_thread")]
 async fn killed_mid_copy_leaves_nothing_and_the_retry_succeeds() {
-    const CHUNKS: u64 = 1024;
+    const CHUNKS: u64 = 256;
     let mut kura = Kura::new(PoolKind::Dir);
     let channel = kura.start().await;
     let pool = kura.pool_root();
@@ -304,7 +158,7 @@ async fn killed_mid_copy_leaves_nothing_and_the_retry_succeeds() {
         "the pool must copy data for this test to interrupt a copy"
     );
 
-    // A source volume holding 1 GiB of data, and a snapshot of it.
+    // A source volume holding 256 MiB of data, and a snapshot of it.
     let source = ControllerClient::new(channel.clone())
         .create_volume(create_request("source", 2 * GIB, &[], None))
         .await
@@ -317,7 +171,8 @@ async fn killed_mid_copy_leaves_nothing_and_the_retry_succeeds() {
     write_big_file(&staging.join("data"), CHUNKS);
     unstage(&channel, &source.volume_id, &staging).await;
 
-    // A snapshot is a background copy here: kill kura while it runs.
+    // A snapshot is a background copy here: kill kura while it is held mid-copy.
+    let copying = kura.pause.arm("copying");
     let snapshots_dir = pool.join("snapshots");
     let snap_id = SnapshotId::derive("source-snap", &node_token()).to_string();
     let snap_meta = snapshots_dir.join(format!("{snap_id}.json"));
@@ -334,12 +189,15 @@ async fn killed_mid_copy_leaves_nothing_and_the_retry_succeeds() {
         .snapshot
         .unwrap();
     assert_eq!(first.snapshot_id, snap_id);
-    assert!(!first.ready_to_use, "a copy cannot be ready at once");
-    copy_under_way(&snap_partial, || {
-        snapshots_dir.join(format!("{snap_id}.img")).exists()
-    })
-    .await;
+    assert!(
+        !first.ready_to_use,
+        "the copy is held, so it cannot be ready"
+    );
+    copying
+        .held(|| snapshots_dir.join(format!("{snap_id}.img")).exists())
+        .await;
     kura.kill();
+    copying.release();
     drop(channel);
     let record: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&snap_meta).unwrap()).unwrap();
@@ -369,12 +227,18 @@ async fn killed_mid_copy_leaves_nothing_and_the_retry_succeeds() {
         Some(snapshot_source(&snapshot.snapshot_id)),
     );
     let mut controller = ControllerClient::new(channel.clone());
+    let copying = kura.pause.arm("copying");
     let in_flight = {
         let request = request.clone();
         tokio::spawn(async move { controller.create_volume(request).await })
     };
-    let copied = copy_under_way(&partial, || in_flight.is_finished()).await;
+    copying.held(|| in_flight.is_finished()).await;
+    let copied = std::fs::metadata(&partial)
+        .expect("the copy has begun its image")
+        .blocks()
+        * 512;
     kura.kill();
+    copying.release();
     assert!(
         in_flight.await.unwrap().is_err(),
         "CreateVolume must not have succeeded: the process was killed"
@@ -720,4 +584,130 @@ async fn restart_keeps_the_pool_and_its_volumes() {
     stage(&channel, &id, &staging).await;
     assert_eq!(read_at(&staging.join("data"), 0, data.len()), data);
     unstage(&channel, &id, &staging).await;
+}
+
+/// SIGKILL while a snapshot holds its volume's filesystem frozen (held there at a pause
+/// point, between FIFREEZE and FITHAW). The application's writes block while kura is
+/// dead; the restart thaws the filesystem before serving, the writes go through, the
+/// CO's retried snapshot succeeds and holds the data, and unstage and delete leave
+/// nothing behind. A filesystem found frozen already when a snapshot freezes it is
+/// thawed and frozen again, never an error.
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_while_a_freeze_is_held_restarts_thawed() {
+    let mut kura = Kura::new(PoolKind::Image);
+    let channel = kura.start().await;
+    let pool = kura.pool_root();
+    let mut controller = ControllerClient::new(channel.clone());
+    let id = controller
+        .create_volume(create_request("frozen", 256 * MIB, &[], None))
+        .await
+        .expect("CreateVolume")
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let staging = kura.path("stage-frozen");
+    stage(&channel, &id, &staging).await;
+    let _thaw = ThawOnDrop(staging.clone());
+    let before = pattern(1, 1 << 20);
+    write_file(&staging.join("before"), &before);
+
+    // The snapshot freezes the volume and is held there; kura dies holding the freeze.
+    let quiesced = kura.pause.arm("quiesced");
+    let request = proto::CreateSnapshotRequest {
+        source_volume_id: id.clone(),
+        name: "snap-frozen".into(),
+        ..Default::default()
+    };
+    let in_flight = {
+        let mut controller = controller.clone();
+        let request = request.clone();
+        tokio::spawn(async move { controller.create_snapshot(request).await })
+    };
+    quiesced.held(|| in_flight.is_finished()).await;
+    assert!(is_frozen(&staging), "the held snapshot froze the volume");
+    kura.kill();
+    quiesced.release();
+    assert!(in_flight.await.unwrap().is_err(), "the killed call failed");
+    drop((channel, controller));
+    assert!(
+        is_frozen(&staging),
+        "nothing thaws the volume while kura is down"
+    );
+
+    // An application writes meanwhile: it blocks until the filesystem is thawed.
+    let during = pattern(2, 1 << 20);
+    let (written, write_done) = std::sync::mpsc::channel();
+    {
+        let (path, data) = (staging.join("during"), during.clone());
+        std::thread::spawn(move || {
+            write_file(&path, &data);
+            let _ = written.send(());
+        });
+    }
+
+    // The restart thaws it before it serves: the write completes.
+    let channel = kura.start().await;
+    write_done
+        .recv_timeout(DEADLINE)
+        .expect("the application's write completes once kura is back");
+    assert!(!is_frozen(&staging), "the restart thawed the volume");
+
+    // A filesystem found frozen already (as if by a kura that died a moment ago) is
+    // thawed and frozen again by the next snapshot, which then thaws it.
+    kura::sys::fs::freeze(&staging).unwrap();
+    let mut controller = ControllerClient::new(channel.clone());
+    let snapshot = controller
+        .create_snapshot(request)
+        .await
+        .expect("the retried CreateSnapshot succeeds on a frozen volume")
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(snapshot.ready_to_use);
+    assert!(!is_frozen(&staging), "the snapshot left the volume frozen");
+    assert_eq!(unfinished(&pool), Vec::<String>::new());
+
+    // The snapshot holds what was written and fsynced before it was cut.
+    controller
+        .create_volume(create_request(
+            "from-frozen",
+            256 * MIB,
+            &[],
+            Some(snapshot_source(&snapshot.snapshot_id)),
+        ))
+        .await
+        .expect("restore the snapshot");
+    let restored = VolumeId::derive("from-frozen", &node_token()).to_string();
+    let restored_staging = kura.path("stage-restored");
+    stage(&channel, &restored, &restored_staging).await;
+    assert_eq!(
+        read_at(&restored_staging.join("before"), 0, before.len()),
+        before
+    );
+    assert_eq!(
+        read_at(&restored_staging.join("during"), 0, during.len()),
+        during
+    );
+
+    // Everything comes apart cleanly.
+    unstage(&channel, &restored, &restored_staging).await;
+    unstage(&channel, &id, &staging).await;
+    for volume in [&restored, &id] {
+        controller
+            .delete_volume(proto::DeleteVolumeRequest {
+                volume_id: volume.to_string(),
+                ..Default::default()
+            })
+            .await
+            .expect("DeleteVolume");
+    }
+    controller
+        .delete_snapshot(proto::DeleteSnapshotRequest {
+            snapshot_id: snapshot.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("DeleteSnapshot");
+    assert_eq!(leftovers(&kura.dir, &pool), Vec::<String>::new());
 }

@@ -103,25 +103,11 @@ impl Pools for LocalPools {
     }
 
     async fn volume(&self, id: VolumeId) -> pool::Result<(Volume, Condition)> {
-        self.blocking(move |p| {
-            let volume = p.volume(&id)?;
-            let condition = p.condition(&volume);
-            Ok((volume, condition))
-        })
-        .await
+        self.blocking(move |p| p.volume_status(&id)).await
     }
 
     async fn list_volumes(&self) -> pool::Result<Vec<(Volume, Condition)>> {
-        self.blocking(|p| {
-            Ok(p.list_volumes()?
-                .into_iter()
-                .map(|v| {
-                    let condition = p.condition(&v);
-                    (v, condition)
-                })
-                .collect())
-        })
-        .await
+        self.blocking(|p| p.list_volumes()).await
     }
 
     async fn expand_volume(

@@ -239,6 +239,7 @@ impl Attacher {
                 true,
             ),
         };
+        self.pool.pause_at("staging");
         let mounted = match &capability.access {
             AccessType::Block => Ok(()),
             AccessType::Mount { fs_type, flags } => {

@@ -124,6 +124,8 @@ pub struct Options {
     /// The pool root is a mount point kura made (image and device pools); the pool is
     /// usable only while it is mounted.
     pub mounted_root: bool,
+    /// Test-only pause points (off in production).
+    pub pause: sys::pause::Points,
 }
 
 impl Default for Options {
@@ -132,6 +134,7 @@ impl Default for Options {
             overprovision_ratio: 1.0,
             default_volume_size: 1 << 30,
             mounted_root: false,
+            pause: sys::pause::Points::off(),
         }
     }
 }
@@ -173,6 +176,11 @@ impl Pool {
 
     pub fn node(&self) -> &NodeToken {
         &self.node
+    }
+
+    /// Holds the calling operation at a test pause point (a no-op in production).
+    pub fn pause_at(&self, point: &str) {
+        self.options.pause.at(point);
     }
 
     /// Ready when the pool is mounted (if kura mounted it) and writable.
@@ -257,8 +265,9 @@ fn write_meta<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     Ok(sys::fs::atomic_write(path, &bytes)?)
 }
 
-/// Every `*.json` document in `dir`, in ID order.
-fn list_meta<T: for<'de> Deserialize<'de>>(dir: &Path) -> Result<Vec<T>> {
+/// Every `*.json` document in `dir`, in ID order, each with its path: read, or why it
+/// could not be. One unreadable document never hides the others.
+fn list_meta<T: for<'de> Deserialize<'de>>(dir: &Path) -> Result<Vec<(PathBuf, Result<T>)>> {
     let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| sys::Error::io("read_dir", dir, e))?
         .flatten()
@@ -266,11 +275,17 @@ fn list_meta<T: for<'de> Deserialize<'de>>(dir: &Path) -> Result<Vec<T>> {
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
         .collect();
     paths.sort();
-    let mut out = Vec::with_capacity(paths.len());
-    for path in paths {
-        if let Some(meta) = read_meta(&path)? {
-            out.push(meta);
-        }
-    }
-    Ok(out)
+    Ok(paths
+        .into_iter()
+        .filter_map(|path| match read_meta(&path) {
+            Ok(None) => None,
+            Ok(Some(meta)) => Some((path, Ok(meta))),
+            Err(e) => Some((path, Err(e))),
+        })
+        .collect())
+}
+
+/// The ID a metadata document's file name carries (`<id>.json`).
+fn id_of_meta<T>(path: &Path, parse: impl Fn(&str) -> Option<T>) -> Option<T> {
+    path.file_stem().and_then(|s| s.to_str()).and_then(parse)
 }

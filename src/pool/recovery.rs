@@ -15,6 +15,10 @@ impl Pool {
     /// - A snapshot whose background copy never finished: removed (its CO retries).
     /// - A loop device backed by a file of this pool's volume directory that no longer
     ///   exists: detached.
+    /// - A filesystem mounted from a volume's loop device: thawed, since a crash
+    ///   between freeze and thaw (a snapshot or clone of the volume) leaves it frozen,
+    ///   with every write of its application blocked. One that is not frozen is left
+    ///   as it is.
     pub(super) fn recover(&self) -> Result<()> {
         for dir in [self.volume_dir(), self.snapshot_dir()] {
             for path in entries(&dir)? {
@@ -31,7 +35,47 @@ impl Pool {
                 self.remove_unfinished(&snapshot)?;
             }
         }
-        self.detach_orphaned_loops()
+        self.detach_orphaned_loops()?;
+        self.thaw_volumes()
+    }
+
+    fn thaw_volumes(&self) -> Result<()> {
+        let table = sys::mountinfo::read()?;
+        for device in self.attached_volumes()? {
+            let numbers = sys::blockdev::numbers(&device.path)?;
+            let staged = table
+                .iter()
+                .find(|m| m.is_from(&device.path, numbers) && m.root == Path::new("/"));
+            if let Some(mount) = staged
+                && sys::fs::thaw(&mount.mount_point)?
+            {
+                tracing::warn!(path = %mount.mount_point.display(), "thawed a volume's filesystem that an interrupted snapshot left frozen");
+            }
+        }
+        Ok(())
+    }
+
+    /// Loop devices attached to this pool's live volume images.
+    fn attached_volumes(&self) -> Result<Vec<sys::loopdev::LoopDevice>> {
+        let (pool_dev, live) = self.volume_inodes()?;
+        Ok(sys::loopdev::list_bound()?
+            .into_iter()
+            .filter(|d| d.backing_dev == pool_dev && live.contains(&d.backing_ino))
+            .collect())
+    }
+
+    /// The device of the volume directory and the inodes of the files in it.
+    fn volume_inodes(&self) -> Result<(u64, HashSet<u64>)> {
+        let volume_dir = self.volume_dir();
+        let pool_dev = std::fs::metadata(&volume_dir)
+            .map_err(|e| sys::Error::io("stat", &volume_dir, e))?
+            .dev();
+        let live = entries(&volume_dir)?
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.ino())
+            .collect();
+        Ok((pool_dev, live))
     }
 
     fn remove_unfinished(&self, snapshot: &Snapshot) -> Result<()> {
@@ -42,16 +86,8 @@ impl Pool {
     }
 
     fn detach_orphaned_loops(&self) -> Result<()> {
-        let volume_dir = self.volume_dir();
-        let pool_dev = std::fs::metadata(&volume_dir)
-            .map_err(|e| sys::Error::io("stat", &volume_dir, e))?
-            .dev();
-        let live: HashSet<u64> = entries(&volume_dir)?
-            .iter()
-            .filter_map(|p| std::fs::metadata(p).ok())
-            .map(|m| m.ino())
-            .collect();
-        let prefix = format!("{}/", volume_dir.display());
+        let (pool_dev, live) = self.volume_inodes()?;
+        let prefix = format!("{}/", self.volume_dir().display());
         for device in sys::loopdev::list_bound()? {
             let ours =
                 device.backing_dev == pool_dev && names_within(&device.backing_name, &prefix);

@@ -15,6 +15,8 @@ use crate::sys;
 
 /// How long a volume's filesystem may stay frozen before it is thawed regardless.
 const FREEZE_DEADLINE: Duration = Duration::from_secs(30);
+/// How long a freeze may wait for the filesystem's writers to drain.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A snapshot's metadata document.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,7 +65,7 @@ impl Pool {
             return Ok(snapshot);
         }
         let cloned = {
-            let _quiesced = quiesce(&source_image)?;
+            let _quiesced = self.quiesce(&source_image)?;
             snapshot.created = Timestamp::now();
             sys::fs::reflink(&source_image, &partial)
         };
@@ -98,9 +100,10 @@ impl Pool {
             .unwrap_or_else(|e| e.into_inner())
             .insert(snapshot.id.clone(), Some(snapshot.source_volume.clone()));
         let copying = Arc::clone(&self.copying);
+        let pause = self.options.pause.clone();
         let mut done = snapshot.clone();
-        std::thread::spawn(move || {
-            let copied = sys::copy::sparse_copy(&source_image, &partial);
+        let started = sys::thread::spawn("snapshot copy", move || {
+            let copied = sys::copy::sparse_copy(&source_image, &partial, &|| pause.at("copying"));
             // The source is read no more: it may be staged, and written, again.
             if let Some(reading) = copying
                 .lock()
@@ -130,6 +133,14 @@ impl Pool {
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&done.id);
         });
+        if let Err(e) = started {
+            self.copying
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&snapshot.id);
+            let _ = sys::fs::remove(&self.snapshot_meta_path(&snapshot.id));
+            return Err(e.into());
+        }
         tracing::info!(snapshot.id = %snapshot.id, "snapshot copy started");
         Ok(())
     }
@@ -191,31 +202,46 @@ impl Pool {
         read_meta(&self.snapshot_meta_path(id))?.ok_or_else(not_found)
     }
 
-    /// Every snapshot in the pool, in ID order.
+    /// Every snapshot in the pool, in ID order. A snapshot whose metadata cannot be
+    /// read is left out (it has no source volume or time to report) and logged; the
+    /// rest are served as ever, and deleting it still works.
     pub fn list_snapshots(&self) -> Result<Vec<Snapshot>> {
-        list_meta(&self.snapshot_dir())
+        let mut out = Vec::new();
+        for (path, listed) in list_meta::<Snapshot>(&self.snapshot_dir())? {
+            match listed {
+                Ok(snapshot) => out.push(snapshot),
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "snapshot metadata is unreadable; leaving the snapshot out of listings")
+                }
+            }
+        }
+        Ok(out)
     }
 }
 
-/// Makes a volume image consistent for as long as the returned guard lives: a
-/// filesystem mounted from its loop device is frozen (and thawed on drop, or by a
-/// watchdog after [`FREEZE_DEADLINE`]); a loop device without a filesystem mounted is
-/// flushed. An image that is not attached is consistent already.
-pub(super) fn quiesce(image: &Path) -> Result<Option<Frozen>> {
-    let Some(device) = sys::loopdev::find_by_backing(image)? else {
-        return Ok(None);
-    };
-    let (major, minor) = sys::blockdev::numbers(&device.path)?;
-    let table = sys::mountinfo::read()?;
-    let mounted = table
-        .iter()
-        .find(|m| m.is_from(&device.path, (major, minor)) && m.root == Path::new("/"));
-    match mounted {
-        Some(mount) => Ok(Some(Frozen::new(mount.mount_point.clone())?)),
-        None => {
-            sys::blockdev::flush(&device.path)?;
-            Ok(None)
-        }
+impl Pool {
+    /// Makes a volume image consistent for as long as the returned guard lives: a
+    /// filesystem mounted from its loop device is frozen (and thawed on drop, or by a
+    /// watchdog after [`FREEZE_DEADLINE`]); a loop device without a filesystem mounted
+    /// is flushed. An image that is not attached is consistent already.
+    pub(super) fn quiesce(&self, image: &Path) -> Result<Option<Frozen>> {
+        let Some(device) = sys::loopdev::find_by_backing(image)? else {
+            return Ok(None);
+        };
+        let (major, minor) = sys::blockdev::numbers(&device.path)?;
+        let table = sys::mountinfo::read()?;
+        let mounted = table
+            .iter()
+            .find(|m| m.is_from(&device.path, (major, minor)) && m.root == Path::new("/"));
+        let frozen = match mounted {
+            Some(mount) => Some(Frozen::new(mount.mount_point.clone())?),
+            None => {
+                sys::blockdev::flush(&device.path)?;
+                None
+            }
+        };
+        self.pause_at("quiesced");
+        Ok(frozen)
     }
 }
 
@@ -229,11 +255,11 @@ pub(super) struct Frozen {
 
 impl Frozen {
     fn new(mount_point: PathBuf) -> Result<Self> {
-        sys::fs::freeze(&mount_point)?;
+        freeze(&mount_point)?;
         let thawed = Arc::new(AtomicBool::new(false));
         let (wake, woken) = mpsc::channel::<()>();
         let watchdog = (Arc::clone(&thawed), mount_point.clone());
-        std::thread::spawn(move || {
+        let started = sys::thread::spawn("freeze watchdog", move || {
             let (thawed, mount_point) = watchdog;
             if woken.recv_timeout(FREEZE_DEADLINE) == Err(mpsc::RecvTimeoutError::Timeout)
                 && !thawed.swap(true, Ordering::SeqCst)
@@ -242,11 +268,14 @@ impl Frozen {
                 let _ = sys::fs::thaw(&mount_point);
             }
         });
-        Ok(Frozen {
+        let frozen = Frozen {
             mount_point,
             thawed,
             _wake_watchdog: wake,
-        })
+        };
+        // Without its watchdog the freeze is not held: dropping the guard thaws.
+        started?;
+        Ok(frozen)
     }
 }
 
@@ -258,4 +287,36 @@ impl Drop for Frozen {
             tracing::error!(error = %e, "thaw failed");
         }
     }
+}
+
+/// Freezes the filesystem at `mount_point`, waiting at most [`FREEZE_TIMEOUT`] for
+/// its writers to drain.
+///
+/// A filesystem found frozen already was frozen by kura before a crash (the volume's
+/// lock is held, so no other snapshot of it is running, and start-up thaws what a
+/// crash left): it is thawed and frozen again, so this snapshot holds a moment of its
+/// own and its thaw is the one that counts.
+fn freeze(mount_point: &Path) -> Result<()> {
+    match freeze_within(mount_point) {
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            tracing::warn!(path = %mount_point.display(), "filesystem was frozen already; thawing it and freezing again");
+            sys::fs::thaw(mount_point)?;
+            Ok(freeze_within(mount_point)?)
+        }
+        other => Ok(other?),
+    }
+}
+
+fn freeze_within(mount_point: &Path) -> sys::Result<()> {
+    let path = mount_point.to_owned();
+    let late = mount_point.to_owned();
+    sys::thread::within(
+        &format!("FIFREEZE {}", mount_point.display()),
+        FREEZE_TIMEOUT,
+        move || sys::fs::freeze(&path),
+        // A freeze that lands after kura gave up on it would never be thawed.
+        move |()| {
+            let _ = sys::fs::thaw(&late);
+        },
+    )
 }

@@ -4,7 +4,8 @@ use serde::{Deserialize, Serialize};
 
 use super::ids::{SnapshotId, VolumeId};
 use super::{
-    Condition, Error, Pool, Result, Timestamp, list_meta, partial_path, read_meta, size, write_meta,
+    Condition, Error, Pool, Result, Timestamp, id_of_meta, list_meta, partial_path, read_meta,
+    size, write_meta,
 };
 use crate::sys;
 
@@ -97,7 +98,7 @@ impl Pool {
             Some((source_image, _)) => {
                 // A source volume in use is made consistent for the copy, as for a
                 // snapshot; a snapshot image is never attached, so this is a no-op.
-                let _quiesced = super::snapshot::quiesce(source_image)?;
+                let _quiesced = self.quiesce(source_image)?;
                 self.clone_image(source_image, &partial)
             }
             .and_then(|()| sys::fs::grow_image(&partial, size_bytes, thick)),
@@ -179,9 +180,63 @@ impl Pool {
         read_meta(&self.volume_meta_path(id))?.ok_or_else(not_found)
     }
 
-    /// Every volume in the pool, in ID order.
-    pub fn list_volumes(&self) -> Result<Vec<Volume>> {
-        list_meta(&self.volume_dir())
+    /// A volume's metadata and condition. A volume whose metadata cannot be read is
+    /// reported abnormal, from what its image shows.
+    pub fn volume_status(&self, id: &VolumeId) -> Result<(Volume, Condition)> {
+        match self.volume(id) {
+            Ok(volume) => {
+                let condition = self.condition(&volume);
+                Ok((volume, condition))
+            }
+            Err(e @ (Error::Corrupt { .. } | Error::Sys(_))) if self.is_local(&id.node()) => {
+                Ok(self.unreadable(id.clone(), &e))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every volume in the pool with its condition, in ID order. A volume whose
+    /// metadata cannot be read is listed as abnormal; the rest are served as ever.
+    pub fn list_volumes(&self) -> Result<Vec<(Volume, Condition)>> {
+        let mut out = Vec::new();
+        for (path, listed) in list_meta::<Volume>(&self.volume_dir())? {
+            match listed {
+                Ok(volume) => {
+                    let condition = self.condition(&volume);
+                    out.push((volume, condition));
+                }
+                Err(e) => match id_of_meta(&path, VolumeId::parse) {
+                    Some(id) => out.push(self.unreadable(id, &e)),
+                    None => {
+                        tracing::warn!(path = %path.display(), "ignoring a file that names no volume")
+                    }
+                },
+            }
+        }
+        Ok(out)
+    }
+
+    /// What can be told of a volume whose metadata is unreadable: its ID and its
+    /// image's size, and a condition saying what is wrong. Its image is kept as it is
+    /// (start-up removes only images without any metadata document).
+    fn unreadable(&self, id: VolumeId, error: &Error) -> (Volume, Condition) {
+        let image = self.image_path(&id);
+        let size_bytes = std::fs::metadata(&image).map_or(0, |m| m.len());
+        tracing::error!(volume.id = %id, error = %error, "volume metadata is unreadable");
+        let condition = Condition::abnormal(format!(
+            "the volume's metadata is unreadable ({error}); its image {} is kept untouched: \
+             restore the metadata or delete the volume",
+            image.display()
+        ));
+        let volume = Volume {
+            id,
+            name: String::new(),
+            size_bytes,
+            provisioning: Provisioning::Thin,
+            source: None,
+            created: Timestamp::now(),
+        };
+        (volume, condition)
     }
 
     /// Whether a volume's image is present, whole and readable.
@@ -240,7 +295,7 @@ impl Pool {
         if self.reflink {
             sys::fs::reflink(source, target)
         } else {
-            sys::copy::sparse_copy(source, target)
+            sys::copy::sparse_copy(source, target, &|| self.pause_at("copying"))
         }
     }
 }

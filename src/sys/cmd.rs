@@ -1,21 +1,67 @@
 //! Runs external tools. This is the only place that checks exit codes; quirks of a
 //! particular tool (an exit code that is not a failure) sit in that tool's wrapper.
+//!
+//! Every run has a deadline: a tool that hangs (a mount on a dead device, an mkfs
+//! stuck in I/O) is killed and its step reported as timed out, instead of holding its
+//! volume's lock, and so every retry of the CO, forever.
 
-use std::process::{Command, Output, Stdio};
+use std::io::Read;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use super::{Error, Result};
 
-/// Runs `program` with `args`, failing unless it exits with one of `ok_codes`.
-pub fn run_accepting(program: &str, args: &[&str], ok_codes: &[i32]) -> Result<Output> {
+/// How long a tool may run unless its wrapper says otherwise.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(120);
+
+/// How often a running tool is checked on.
+const POLL: Duration = Duration::from_millis(5);
+
+/// Runs `program` with `args` for at most `deadline`, failing unless it exits with
+/// one of `ok_codes`.
+pub fn run_within(
+    program: &str,
+    args: &[&str],
+    ok_codes: &[i32],
+    deadline: Duration,
+) -> Result<Output> {
     tracing::debug!(program, ?args, "running");
-    let output = Command::new(program)
+    let mut child = Command::new(program)
         .args(args)
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .map_err(|source| Error::Spawn {
             program: program.to_owned(),
             source,
         })?;
+    // The pipes are drained while the tool runs, so a chatty tool never blocks on a
+    // full pipe and looks hung.
+    let stdout = drain(child.stdout.take(), program)?;
+    let stderr = drain(child.stderr.take(), program)?;
+    let status = match wait_within(&mut child, deadline) {
+        Ok(status) => status,
+        Err(waited) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(waited.map_or_else(
+                |source| Error::Spawn {
+                    program: program.to_owned(),
+                    source,
+                },
+                |()| Error::Timeout {
+                    step: format!("{program} {}", args.join(" ")),
+                    seconds: deadline.as_secs(),
+                },
+            ));
+        }
+    };
+    let output = Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    };
     match output.status.code() {
         Some(code) if ok_codes.contains(&code) => Ok(output),
         _ => Err(Error::Command {
@@ -25,6 +71,37 @@ pub fn run_accepting(program: &str, args: &[&str], ok_codes: &[i32]) -> Result<O
             stderr: summary(&String::from_utf8_lossy(&output.stderr)),
         }),
     }
+}
+
+/// Waits for the child until `deadline`: `Err(Ok(()))` when it passed, `Err(Err(_))`
+/// when waiting itself failed.
+fn wait_within(
+    child: &mut Child,
+    deadline: Duration,
+) -> std::result::Result<std::process::ExitStatus, std::result::Result<(), std::io::Error>> {
+    let started = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Ok(status),
+            Ok(None) if started.elapsed() >= deadline => return Err(Ok(())),
+            Ok(None) => std::thread::sleep(POLL),
+            Err(e) => return Err(Err(e)),
+        }
+    }
+}
+
+/// Reads a pipe to its end in a thread of its own.
+fn drain(
+    pipe: Option<impl Read + Send + 'static>,
+    program: &str,
+) -> Result<std::thread::JoinHandle<Vec<u8>>> {
+    super::thread::spawn(&format!("{program} output"), move || {
+        let mut bytes = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut bytes);
+        }
+        bytes
+    })
 }
 
 /// The first lines of a tool's stderr: enough to say what went wrong, short enough
@@ -37,6 +114,11 @@ fn summary(stderr: &str) -> String {
         text.push_str(" ...");
     }
     text
+}
+
+/// Runs `program` with `args`, failing unless it exits with one of `ok_codes`.
+pub fn run_accepting(program: &str, args: &[&str], ok_codes: &[i32]) -> Result<Output> {
+    run_within(program, args, ok_codes, DEFAULT_DEADLINE)
 }
 
 /// Runs `program` with `args`, failing unless it exits with status 0.
@@ -69,5 +151,31 @@ mod tests {
             run("kura-no-such-program", &[]),
             Err(Error::Spawn { .. })
         ));
+    }
+
+    #[test]
+    fn a_hung_tool_is_killed_at_its_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        let script = format!("echo $$ > {}; exec sleep 600", pid_file.display());
+        let err = run_within("sh", &["-c", &script], &[0], Duration::from_secs(2)).unwrap_err();
+        assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
+        assert!(err.to_string().contains("sleep 600"), "{err}");
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // The tool is gone (killed and reaped), not left running.
+        assert_eq!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH)
+        );
+    }
+
+    #[test]
+    fn plenty_of_output_does_not_stall_a_tool() {
+        let out = run("sh", &["-c", "head -c 1000000 /dev/zero; echo done >&2"]).unwrap();
+        assert_eq!(out.stdout.len(), 1_000_000);
     }
 }

@@ -11,8 +11,12 @@ use nix::unistd::{Whence, lseek};
 
 use super::{Error, Result};
 
-/// Copies `src` to the new file `dst`, preserving holes.
-pub fn sparse_copy(src: &Path, dst: &Path) -> Result<()> {
+/// Bytes copied in one call to the kernel; `after_chunk` runs between chunks.
+const CHUNK: usize = 64 << 20;
+
+/// Copies `src` to the new file `dst`, preserving holes. `after_chunk` runs after each
+/// chunk of data is copied (a test pause point holds a copy mid-way there).
+pub fn sparse_copy(src: &Path, dst: &Path, after_chunk: &dyn Fn()) -> Result<()> {
     let source = File::open(src).map_err(|e| Error::io("open", src, e))?;
     let len = source
         .metadata()
@@ -37,7 +41,7 @@ pub fn sparse_copy(src: &Path, dst: &Path) -> Result<()> {
         };
         let hole = lseek(source.as_fd(), data, Whence::SeekHole)
             .map_err(|e| Error::errno("SEEK_HOLE", src, e))?;
-        copy_range(&source, src, &target, dst, data, hole)?;
+        copy_range(&source, src, &target, dst, (data, hole), after_chunk)?;
         offset = hole;
     }
     target.sync_all().map_err(|e| Error::io("fsync", dst, e))
@@ -48,13 +52,13 @@ fn copy_range(
     src: &Path,
     target: &File,
     dst: &Path,
-    start: i64,
-    end: i64,
+    (start, end): (i64, i64),
+    after_chunk: &dyn Fn(),
 ) -> Result<()> {
     let mut off_in = start;
     let mut off_out = start;
     while off_in < end {
-        let chunk = ((end - off_in) as usize).min(1 << 30);
+        let chunk = ((end - off_in) as usize).min(CHUNK);
         let copied = nix::fcntl::copy_file_range(
             source.as_fd(),
             Some(&mut off_in),
@@ -73,6 +77,7 @@ fn copy_range(
                 ),
             ));
         }
+        after_chunk();
     }
     Ok(())
 }
@@ -97,7 +102,7 @@ mod tests {
         f.sync_all().unwrap();
         drop(f);
 
-        sparse_copy(&src, &dst).unwrap();
+        sparse_copy(&src, &dst, &|| {}).unwrap();
         assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
         let allocated = std::fs::metadata(&dst).unwrap().blocks() * 512;
         assert!(

@@ -159,13 +159,15 @@ pub fn freeze(mount_point: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Thaws a frozen filesystem; one that is not frozen counts as thawed.
-pub fn thaw(mount_point: &Path) -> Result<()> {
+/// Thaws a frozen filesystem; one that is not frozen counts as thawed. Returns whether
+/// it was frozen.
+pub fn thaw(mount_point: &Path) -> Result<bool> {
     let dir = File::open(mount_point).map_err(|e| Error::io("open", mount_point, e))?;
     let mut arg: libc::c_int = 0;
     // SAFETY: FITHAW ignores its argument; `arg` is a valid int that outlives the call.
     match unsafe { fithaw(dir.as_raw_fd(), &mut arg) } {
-        Ok(_) | Err(nix::errno::Errno::EINVAL) => Ok(()),
+        Ok(_) => Ok(true),
+        Err(nix::errno::Errno::EINVAL) => Ok(false),
         Err(e) => Err(Error::errno("FITHAW", mount_point, e)),
     }
 }

@@ -12,6 +12,8 @@ pub mod loopdev;
 pub mod mkfs;
 pub mod mount;
 pub mod mountinfo;
+pub mod pause;
+pub mod thread;
 
 use std::io;
 use std::path::PathBuf;
@@ -46,12 +48,15 @@ pub enum Error {
     /// A tool or kernel file said something kura cannot read.
     #[error("cannot parse {what}: {detail}")]
     Parse { what: &'static str, detail: String },
-    /// An operation did not finish in time.
-    #[error("{op} {path} did not finish within {seconds}s")]
-    Timeout {
-        op: &'static str,
-        path: PathBuf,
-        seconds: u64,
+    /// A step did not finish in time.
+    #[error("{step} did not finish within {seconds}s")]
+    Timeout { step: String, seconds: u64 },
+    /// The OS refused a thread kura needs.
+    #[error("cannot start a thread for {what}: {source}")]
+    Thread {
+        what: String,
+        #[source]
+        source: io::Error,
     },
 }
 

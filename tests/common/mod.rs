@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -38,6 +40,8 @@ pub struct Driver {
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
     pub channel: Channel,
+    /// The driver's test pause points.
+    pub pause: PausePoints,
 }
 
 impl Driver {
@@ -51,7 +55,9 @@ impl Driver {
         let mut args = vec!["kura".to_owned()];
         args.extend(all_in_one_args(&dir, &socket, &kind));
         args.extend(extra.iter().map(|s| s.to_string()));
+        let pause = PausePoints::new(&dir.join("pause"));
         let mut driver = Driver {
+            pause,
             dir,
             socket,
             args,
@@ -65,10 +71,13 @@ impl Driver {
 
     async fn serve(&mut self) {
         let Command::AllInOne(args) = Cli::parse_from(&self.args).command;
-        let built = tokio::task::spawn_blocking(move || kura::server::AllInOneDriver::open(&args))
-            .await
-            .unwrap()
-            .expect("driver opens");
+        let pause = kura::sys::pause::Points::in_dir(self.pause.dir());
+        let built = tokio::task::spawn_blocking(move || {
+            kura::server::AllInOneDriver::open_with_pause(&args, pause)
+        })
+        .await
+        .unwrap()
+        .expect("driver opens");
         let listener = kura::server::bind(&self.socket).expect("socket binds");
         let (tx, rx) = oneshot::channel();
         self.shutdown = Some(tx);
@@ -186,6 +195,138 @@ impl Drop for Driver {
         }
         cleanup(&self.dir);
     }
+}
+
+/// The test pause points of a driver (see `kura::sys::pause`): a test arms a point,
+/// waits until the driver is held there, checks what it must while the operation is
+/// in flight (or kills the process), and releases it.
+pub struct PausePoints {
+    dir: PathBuf,
+}
+
+/// An armed pause point; released when dropped, also when a test fails, so no
+/// operation stays held after its test.
+pub struct Armed {
+    file: PathBuf,
+    reached: PathBuf,
+}
+
+impl PausePoints {
+    pub fn new(dir: &Path) -> PausePoints {
+        std::fs::create_dir_all(dir).unwrap();
+        PausePoints {
+            dir: dir.to_owned(),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Arms `point`: the next operation that comes to it stops there.
+    pub fn arm(&self, point: &str) -> Armed {
+        let file = self.dir.join(point);
+        let reached = self.dir.join(format!("{point}.reached"));
+        // A process killed while held there could not take its marker away.
+        let _ = std::fs::remove_file(&reached);
+        std::fs::write(&file, b"").unwrap();
+        Armed { file, reached }
+    }
+}
+
+impl Armed {
+    /// Whether an operation is held at the point now.
+    pub fn is_held(&self) -> bool {
+        self.reached.exists()
+    }
+
+    /// Waits until an operation is held at the point. Fails if `ended` says the
+    /// operation it waits for finished first, or after a generous deadline.
+    pub async fn held(&self, ended: impl Fn() -> bool) {
+        let started = std::time::Instant::now();
+        while !self.is_held() {
+            assert!(
+                !ended(),
+                "the operation ended before it reached {}",
+                self.file.display()
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "no operation reached {} in 60 s",
+                self.file.display()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Lets the held operation go on.
+    pub fn release(self) {}
+}
+
+impl Drop for Armed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
+
+/// Whether the filesystem mounted at `mount_point` is frozen, found without blocking:
+/// a second FIFREEZE of a frozen filesystem fails with EBUSY. (One that is not frozen
+/// is frozen and thawed at once.)
+pub fn is_frozen(mount_point: &Path) -> bool {
+    match kura::sys::fs::freeze(mount_point) {
+        Ok(()) => {
+            kura::sys::fs::thaw(mount_point).expect("thaw after the probe");
+            false
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => true,
+        Err(e) => panic!("probing {}: {e}", mount_point.display()),
+    }
+}
+
+/// Thaws a filesystem when dropped, so a test that fails while a volume is frozen does
+/// not leave blocked writers and an unmountable filesystem behind.
+pub struct ThawOnDrop(pub PathBuf);
+
+impl Drop for ThawOnDrop {
+    fn drop(&mut self) {
+        let _ = kura::sys::fs::thaw(&self.0);
+    }
+}
+
+/// What a driver living in `dir` with its pool at `pool` has left on this machine
+/// beyond its empty pool: volume and snapshot files, attachment records, mounts under
+/// `dir` other than the pool's own, and loop devices backed by files in the pool.
+pub fn leftovers(dir: &Path, pool: &Path) -> Vec<String> {
+    let mut left = Vec::new();
+    for sub in ["volumes", "snapshots"] {
+        for entry in std::fs::read_dir(pool.join(sub))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            left.push(format!("file {}", entry.path().display()));
+        }
+    }
+    let records = dir.join("state/attachments");
+    for entry in std::fs::read_dir(records).into_iter().flatten().flatten() {
+        left.push(format!("attachment record {}", entry.path().display()));
+    }
+    for mount in kura::sys::mountinfo::read().unwrap() {
+        if mount.mount_point.starts_with(dir) && mount.mount_point != pool {
+            left.push(format!("mount {}", mount.mount_point.display()));
+        }
+    }
+    let prefix = format!("{}/", pool.display());
+    for device in kura::sys::loopdev::list_bound().unwrap() {
+        if device.backing_name.starts_with(&prefix) {
+            left.push(format!(
+                "loop device {} on {}",
+                device.path.display(),
+                device.backing_name
+            ));
+        }
+    }
+    left
 }
 
 /// Puts a fresh ext4 filesystem (which cannot reflink) under the driver's pool
@@ -411,6 +552,14 @@ pub fn write_at(path: &Path, offset: u64, data: &[u8]) {
         .open(path)
         .expect("open for write");
     file.write_all_at(data, offset).expect("write");
+    file.sync_all().expect("fsync");
+}
+
+/// Writes `data` as the whole of a new file and makes it durable.
+pub fn write_file(path: &Path, data: &[u8]) {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).expect("create");
+    file.write_all(data).expect("write");
     file.sync_all().expect("fsync");
 }
 
