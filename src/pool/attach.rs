@@ -198,6 +198,11 @@ impl Attacher {
         self.records.join(format!("{id}.json"))
     }
 
+    /// Present while kura formats the volume: a crash mid-format leaves it behind.
+    fn formatting_path(&self, id: &VolumeId) -> PathBuf {
+        self.records.join(format!("{id}.formatting"))
+    }
+
     fn record(&self, id: &VolumeId) -> Result<Option<Record>> {
         read_meta(&self.record_path(id))
     }
@@ -243,7 +248,7 @@ impl Attacher {
         let mounted = match &capability.access {
             AccessType::Block => Ok(()),
             AccessType::Mount { fs_type, flags } => {
-                self.mount_staging(&device, staging, fs_type.as_deref(), flags)
+                self.mount_staging(id, &device, staging, fs_type.as_deref(), flags)
             }
         };
         if let Err(e) = mounted.and_then(|()| write_meta(&self.record_path(id), &record)) {
@@ -257,6 +262,7 @@ impl Attacher {
 
     fn mount_staging(
         &self,
+        id: &VolumeId,
         device: &Path,
         staging: &Path,
         fs_type: Option<&str>,
@@ -274,11 +280,14 @@ impl Attacher {
                 mount.source
             )));
         }
-        let (fs, formatted) = match plan_format(
-            sys::blkid::probe(device)?.as_ref(),
-            fs_type,
-            &self.default_fs,
-        ) {
+        // A format that a crash interrupted leaves a device that may look formatted but
+        // is not: it is blank as far as kura is concerned, and formatted again.
+        let formatting = self.formatting_path(id);
+        let found = match formatting.exists() {
+            true => None,
+            false => sys::blkid::probe(device)?,
+        };
+        let (fs, formatted) = match plan_format(found.as_ref(), fs_type, &self.default_fs) {
             FormatPlan::Format(fs) => {
                 let (size, minimum) = (sys::blockdev::size(device)?, sys::mkfs::minimum_size(&fs));
                 if size < minimum {
@@ -286,7 +295,9 @@ impl Attacher {
                         "volume of {size} bytes is too small for {fs}, which needs at least {minimum} bytes"
                     )));
                 }
+                sys::fs::atomic_write(&formatting, fs.as_bytes())?;
                 sys::mkfs::format(device, &fs)?;
+                sys::fs::remove(&formatting)?;
                 (fs, true)
             }
             FormatPlan::Mount(fs) => {
@@ -296,7 +307,15 @@ impl Attacher {
             FormatPlan::Conflict(reason) => return Err(Error::Precondition(reason)),
         };
         std::fs::create_dir_all(staging).map_err(|e| sys::Error::io("mkdir", staging, e))?;
-        sys::mount::mount_fs(device, staging, &fs, flags)?;
+        if let Err(e) = sys::mount::mount_fs(device, staging, &fs, flags) {
+            // A mount of a process that died a moment ago may land while this one runs.
+            let table = sys::mountinfo::read()?;
+            let landed = sys::mountinfo::find_mount(&table, staging)
+                .is_some_and(|m| m.is_from(device, (major, minor)));
+            if !landed {
+                return Err(e.into());
+            }
+        }
         // XFS and btrfs grow only while mounted; this is where a volume restored or
         // expanded while unstaged reaches its full size (ext was grown before mounting).
         if !formatted
@@ -332,6 +351,7 @@ impl Attacher {
         if let Some(device) = device {
             sys::loopdev::detach(&device.path)?;
         }
+        sys::fs::remove(&self.formatting_path(id))?;
         sys::fs::remove(&self.record_path(id))?;
         Ok(())
     }
@@ -378,16 +398,21 @@ impl Attacher {
             PublishPlan::Forbidden(reason) => return Err(Error::Precondition(reason)),
         }
         let read_only = readonly || capability.mode.read_only();
-        match &capability.access {
+        // A publish that a crash cut short between its bind mount and its record left
+        // the bind in place: it is recorded, not mounted a second time on top.
+        let source = match &capability.access {
             AccessType::Block => {
                 let device = self.device(id)?;
                 make_file(target)?;
-                sys::mount::bind(&device, target, read_only)?;
+                device
             }
             AccessType::Mount { .. } => {
                 std::fs::create_dir_all(target).map_err(|e| sys::Error::io("mkdir", target, e))?;
-                sys::mount::bind(staging, target, read_only)?;
+                staging.to_owned()
             }
+        };
+        if !(mounted && sys::fs::same_object(target, &source)) {
+            sys::mount::bind(&source, target, read_only)?;
         }
         record.targets.insert(target.to_owned(), wanted);
         if let Err(e) = write_meta(&self.record_path(id), &record) {

@@ -6,6 +6,7 @@
 //! volume's lock, and so every retry of the CO, forever.
 
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -26,16 +27,29 @@ pub fn run_within(
     deadline: Duration,
 ) -> Result<Output> {
     tracing::debug!(program, ?args, "running");
-    let mut child = Command::new(program)
+    let mut command = Command::new(program);
+    command
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| Error::Spawn {
-            program: program.to_owned(),
-            source,
-        })?;
+        .stderr(Stdio::piped());
+    // A tool dies with kura: after a crash, the CO's retry must not race a mkfs or a
+    // mount that the dead process left running.
+    // SAFETY: the closure runs in the child between fork and exec, where only
+    // async-signal-safe calls are allowed; prctl is one, and it touches no memory of
+    // the parent.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(|source| Error::Spawn {
+        program: program.to_owned(),
+        source,
+    })?;
     // The pipes are drained while the tool runs, so a chatty tool never blocks on a
     // full pipe and looks hung.
     let stdout = drain(child.stdout.take(), program)?;

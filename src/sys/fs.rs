@@ -172,6 +172,19 @@ pub fn thaw(mount_point: &Path) -> Result<bool> {
     }
 }
 
+/// Whether two paths show the same object: one directory or file (as a bind mount
+/// shows its source), or two nodes of one block device.
+pub fn same_object(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) if x.file_type().is_block_device() && y.file_type().is_block_device() => {
+            x.rdev() == y.rdev()
+        }
+        (Ok(x), Ok(y)) => (x.dev(), x.ino()) == (y.dev(), y.ino()),
+        _ => false,
+    }
+}
+
 /// Space and inodes of a mounted filesystem.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {

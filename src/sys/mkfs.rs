@@ -16,7 +16,8 @@ pub fn minimum_size(fs_type: &str) -> u64 {
     }
 }
 
-/// Formats `device` with `fs_type`. Callers check first that the device is blank.
+/// Formats `device` with `fs_type`, over whatever it holds: callers check first that
+/// the device is blank (or holds only an interrupted format of kura's).
 pub fn format(device: &Path, fs_type: &str) -> Result<()> {
     let device = device.to_string_lossy();
     match fs_type {
@@ -32,8 +33,9 @@ pub fn format(device: &Path, fs_type: &str) -> Result<()> {
                 &device,
             ],
         ),
-        "xfs" => cmd::run("mkfs.xfs", &["-q", "-K", &device]),
-        "btrfs" => cmd::run("mkfs.btrfs", &["-q", "-K", &device]),
+        // -f: a format interrupted by a crash may have left a signature behind.
+        "xfs" => cmd::run("mkfs.xfs", &["-q", "-f", "-K", &device]),
+        "btrfs" => cmd::run("mkfs.btrfs", &["-q", "-f", "-K", &device]),
         other => {
             return Err(Error::Parse {
                 what: "filesystem type",
