@@ -4,8 +4,9 @@
 //!
 //! They are off unless the environment variable [`ENV`] names a directory, which
 //! production never sets (the in-process test harness passes the directory directly).
-//! When on, a point named `p` pauses while the file `<dir>/p` exists: the test creates
-//! it (arms the point), waits for `<dir>/p.reached` to appear, does what it checks
+//! When on, a point named `p` holds the first operation that reaches it while the file
+//! `<dir>/p` exists (others pass): the test creates it (arms the point), waits for
+//! `<dir>/p.reached` to appear, does what it checks
 //! (calls that must see the operation in flight, or a SIGKILL), and removes `<dir>/p`
 //! to let the operation go on. A point that is not armed costs one `stat`.
 
@@ -57,8 +58,16 @@ impl Points {
         if !armed.exists() {
             return;
         }
+        // One operation is held at a time; others pass, so a test that checks a lock
+        // sees a second operation go through (and fail the test) when the lock is gone.
         let reached = dir.join(format!("{name}.reached"));
-        let _ = std::fs::write(&reached, std::process::id().to_string());
+        let held = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&reached);
+        if held.is_err() {
+            return;
+        }
         tracing::warn!(
             point = name,
             "test pause point reached; waiting for its release"
@@ -94,6 +103,8 @@ mod tests {
             std::thread::sleep(POLL);
         }
         assert!(!worker.is_finished(), "an armed point let the worker go");
+        // A second operation passes while the first is held.
+        points.at("p");
         std::fs::remove_file(dir.path().join("p")).unwrap();
         worker.join().unwrap();
         assert!(
