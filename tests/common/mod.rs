@@ -64,7 +64,9 @@ impl Driver {
     }
 
     async fn serve(&mut self) {
-        let Command::AllInOne(args) = Cli::parse_from(&self.args).command;
+        let Command::AllInOne(args) = Cli::parse_from(&self.args).command else {
+            unreachable!("the harness builds all-in-one flags");
+        };
         let built = tokio::task::spawn_blocking(move || kura::server::AllInOneDriver::open(&args))
             .await
             .unwrap()
