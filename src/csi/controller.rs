@@ -2,6 +2,7 @@
 //! through [`Pools`].
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use tonic::{Request, Response, Status};
 use tracing::instrument;
@@ -12,7 +13,6 @@ use super::status::{busy, from_agent, incompatible, invalid, missing, no_node};
 use super::validate::{self, CapabilityError};
 use super::{TOPOLOGY_KEY, node_topology};
 use crate::agent::{Node, Pools};
-use crate::pool::locks::Locks;
 use crate::pool::{
     self, Condition, ContentSource, Snapshot, SnapshotId, Volume, VolumeId, VolumeSpec,
 };
@@ -27,14 +27,59 @@ use crate::pool::{
 /// - The per-object locks are taken by [`Pools`] in the process that owns the pool.
 pub struct ControllerService<P> {
     pools: P,
-    names: Locks,
+    names: Names,
+}
+
+/// Requests' names in flight in this process, each with the ID it is making once that
+/// is known (so a second caller's ABORTED names the object).
+#[derive(Debug, Default)]
+struct Names {
+    held: Arc<Mutex<HashMap<String, Option<String>>>>,
+}
+
+/// Releases its name when dropped.
+struct NameGuard {
+    held: Arc<Mutex<HashMap<String, Option<String>>>>,
+    key: String,
+}
+
+impl Names {
+    fn try_acquire(&self, key: String) -> Result<NameGuard, Status> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(id) = held.get(&key) {
+            return Err(match id {
+                Some(id) => busy(&format!("{id} ({key})")),
+                None => busy(&key),
+            });
+        }
+        held.insert(key.clone(), None);
+        Ok(NameGuard {
+            held: Arc::clone(&self.held),
+            key,
+        })
+    }
+}
+
+impl NameGuard {
+    /// Records the ID the holder is making.
+    fn making(&self, id: &str) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.insert(self.key.clone(), Some(id.to_owned()));
+    }
+}
+
+impl Drop for NameGuard {
+    fn drop(&mut self) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.remove(&self.key);
+    }
 }
 
 impl<P: Pools> ControllerService<P> {
     pub fn new(pools: P) -> Self {
         ControllerService {
             pools,
-            names: Locks::default(),
+            names: Names::default(),
         }
     }
 
@@ -156,9 +201,8 @@ impl<P: Pools> ControllerService<P> {
     }
 
     /// Takes the lock on a request's name.
-    fn lock_name(&self, kind: &str, name: &str) -> Result<pool::locks::Guard, Status> {
-        let key = format!("{kind} name {name:?}");
-        self.names.try_acquire(&key).ok_or_else(|| busy(&key))
+    fn lock_name(&self, kind: &str, name: &str) -> Result<NameGuard, Status> {
+        self.names.try_acquire(format!("{kind} name {name:?}"))
     }
 
     fn volume_message(&self, volume: &Volume) -> proto::Volume {
@@ -308,7 +352,7 @@ impl<P: Pools> Controller for ControllerService<P> {
         let range = validate::range(req.capacity_range.as_ref())?;
         let provisioning = validate::volume_parameters(&req.parameters)?;
         let source = content_source(req.volume_content_source.as_ref())?;
-        let _name_guard = self.lock_name("volume", name)?;
+        let name_guard = self.lock_name("volume", name)?;
         let requirements = req.accessibility_requirements.as_ref();
         let node = match self.find_volume(name).await? {
             Some((node, _)) => {
@@ -320,6 +364,7 @@ impl<P: Pools> Controller for ControllerService<P> {
                     .await?
             }
         };
+        name_guard.making(VolumeId::derive(name, &node.token).as_str());
         let spec = VolumeSpec {
             name: name.to_owned(),
             range,
@@ -516,7 +561,8 @@ impl<P: Pools> Controller for ControllerService<P> {
         let name = validate::name(&req.name, "name")?;
         validate::snapshot_parameters(&req.parameters)?;
         let source = source.ok_or_else(|| not_found_volume(&req.source_volume_id))?;
-        let _name_guard = self.lock_name("snapshot", name)?;
+        let name_guard = self.lock_name("snapshot", name)?;
+        name_guard.making(SnapshotId::derive(name, &source.node()).as_str());
         if let Some(existing) = self.find_snapshot(name).await?
             && existing.source_volume != source
         {

@@ -62,12 +62,15 @@ pub fn not_controller(name: &str) -> Status {
     ))
 }
 
-/// What the agent's gRPC status means on the controller's side of the seam. The agent
-/// itself never answers UNAVAILABLE (see [`agent_code`] over pool errors), so that
-/// code always comes from the transport (no connection, connection lost): the node is
-/// unreachable. Any other status is the agent's own answer, kept as it is.
+/// What the agent's gRPC status means on the controller's side of the seam. A status
+/// made by the client's transport (no connection, a TLS alert, the connection closed
+/// or lost) means the node is unreachable; so do UNAVAILABLE and CANCELLED, which the
+/// agent itself never answers (see [`agent_code`] over pool errors). Any other status
+/// is the agent's own answer, kept as it is.
 pub fn agent_error(node: &str, status: Status) -> agent::Error {
-    if status.code() == Code::Unavailable {
+    let transport = std::error::Error::source(&status)
+        .is_some_and(|source| source.is::<tonic::transport::Error>());
+    if transport || matches!(status.code(), Code::Unavailable | Code::Cancelled) {
         agent::Error::Unreachable {
             node: node.to_owned(),
             reason: chain(&status),
