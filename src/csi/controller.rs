@@ -9,7 +9,7 @@ use tracing::instrument;
 
 use super::proto::controller_server::Controller;
 use super::proto::{self, controller_service_capability, volume_content_source};
-use super::status::{busy, from_agent, incompatible, invalid, missing, no_node};
+use super::status::{busy, from_agent, incompatible, invalid, missing, no_node, source_not_found};
 use super::validate::{self, CapabilityError};
 use super::{TOPOLOGY_KEY, node_topology};
 use crate::agent::{Node, Pools};
@@ -110,7 +110,12 @@ impl<P: Pools> ControllerService<P> {
         let constrained = requirements.is_some_and(|r| !r.requisite.is_empty());
         let allowed = |id: &str| !constrained || requisite.iter().any(|r| r == id);
         if let Some(source) = source {
-            let node = self.pools.locate(&source.node()).map_err(from_agent)?;
+            // A source on a node kura cannot have names nothing: NOT_FOUND, not a
+            // topology failure.
+            let node = self.pools.locate(&source.node()).map_err(|e| match e {
+                crate::agent::Error::UnknownNode { token } => source_not_found(source.id(), &token),
+                other => from_agent(other),
+            })?;
             if !allowed(&node.id) {
                 return Err(no_node(format!(
                     "the content source {} is on node {}, outside the requisite topology \

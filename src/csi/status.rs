@@ -89,6 +89,13 @@ pub fn no_node(reason: impl std::fmt::Display) -> Status {
     Status::resource_exhausted(format!("accessibility_requirements: {reason}"))
 }
 
+/// A content source whose ID names a node that cannot exist.
+pub fn source_not_found(id: &str, node: &str) -> Status {
+    Status::not_found(format!(
+        "volume_content_source: {id} does not exist (no kura node {node})"
+    ))
+}
+
 /// A name that exists with arguments the request does not allow.
 pub fn incompatible(reason: impl std::fmt::Display) -> Status {
     Status::already_exists(reason.to_string())
