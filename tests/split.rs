@@ -260,8 +260,7 @@ async fn placement_capacity_and_listing() {
     }
     assert_eq!(paged, ids);
 
-    // Capacity follows the pools: node-c holds 3 GiB more than before (thin volumes
-    // count as the filesystem counts them, so compare loosely).
+    // Deleting is idempotent across nodes too.
     for id in &ids {
         delete_volume(controller, id).await.unwrap();
         delete_volume(controller, id).await.unwrap();
@@ -707,7 +706,7 @@ async fn the_agent_refuses_every_credential_but_the_controllers() {
     let foreign = cluster.dir.join("foreign-certs");
     make_certs(&foreign);
     let ca = certs.join("ca.crt");
-    let create = || kura::agent::proto::CreateVolumeRequest {
+    let agent_create = || kura::agent::proto::CreateVolumeRequest {
         name: "pvc-intruder".into(),
         required_bytes: MIB as u64,
         provisioning: kura::agent::proto::Provisioning::Thin as i32,
@@ -734,7 +733,7 @@ async fn the_agent_refuses_every_credential_but_the_controllers() {
     node.info(kura::agent::proto::InfoRequest {})
         .await
         .expect("Info as a node");
-    let denied = node.create_volume(create()).await.unwrap_err();
+    let denied = node.create_volume(agent_create()).await.unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
     let denied = node
         .list_volumes(kura::agent::proto::ListVolumesRequest {})
@@ -765,7 +764,7 @@ async fn the_agent_refuses_every_credential_but_the_controllers() {
         ),
     ];
     for (what, mut client) in refused {
-        let error = client.create_volume(create()).await.unwrap_err();
+        let error = client.create_volume(agent_create()).await.unwrap_err();
         eprintln!("{what}: {:?}: {}", error.code(), error.message());
         assert!(closed(error.code()), "{what}: {error:?}");
         let error = client
@@ -793,5 +792,177 @@ async fn the_agent_refuses_every_credential_but_the_controllers() {
     );
     assert_eq!(error.code(), Code::Unavailable, "{error:?}");
 
+    // A controller process with the other CA's identity: the agent refuses it, so it
+    // finds no node, says it is not ready, and has nowhere to place a volume.
+    let lost = cluster.start_controller(&foreign.join("controller")).await;
+    tokio::time::sleep(2 * kura::agent::cluster::DISCOVERY_INTERVAL).await;
+    let probe = lost
+        .identity()
+        .await
+        .probe(proto::ProbeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(probe.ready, Some(false));
+    assert_eq!(lost.capacity("node-a").await, 0);
+    let nowhere = create(&lost, with_topology("pvc-nowhere", MIB, None))
+        .await
+        .unwrap_err();
+    assert_eq!(nowhere.code(), Code::ResourceExhausted, "{nowhere:?}");
+    let unreachable = get_volume(
+        &lost,
+        kura::pool::VolumeId::derive("pvc-x", &kura::pool::NodeToken::for_node("node-a")).as_str(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(unreachable.code(), Code::Unavailable, "{unreachable:?}");
+    assert!(lost.proc.logs().contains("agent"), "the refusal is logged");
+
     assert_eq!(volumes_on_disk(&cluster.nodes[0]), 0, "nothing was created");
+}
+
+/// Puts an ext4 filesystem (which cannot reflink, so clones are real copies that take
+/// a while) under the node's directory and points the node at it with `--pool-dir`.
+/// The image, its loop device and the mount live under the run's directory, so the
+/// cluster's cleanup removes them.
+fn ext4_pool(node: &mut NodeProc) {
+    let image = node.dir.join("ext4-pool.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(4 * GIB as u64)
+        .unwrap();
+    let device = kura::sys::loopdev::attach(&image, false).expect("attach the ext4 pool image");
+    kura::sys::mkfs::format(&device, "ext4").expect("mkfs.ext4 on the pool image");
+    let root = node.dir.join("pool-dir");
+    std::fs::create_dir_all(&root).unwrap();
+    kura::sys::mount::mount_fs(&device, &root, "ext4", &[]).expect("mount the ext4 pool");
+    let args = &mut node.proc.args;
+    let at = args.iter().position(|a| a == "--pool-image").unwrap();
+    args.splice(
+        at..at + 4,
+        ["--pool-dir".to_owned(), root.display().to_string()],
+    );
+}
+
+/// Writes `len` bytes of non-zero data to a device, so a sparse copy must copy it all.
+fn fill(device: &std::path::Path, len: usize) {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(device)
+        .unwrap();
+    let chunk = pattern(3, 4 << 20);
+    for _ in 0..len / chunk.len() {
+        file.write_all(&chunk).unwrap();
+    }
+    file.sync_all().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_clone_through_the_agent_holds_its_source_against_the_node_service() {
+    let mut cluster = Cluster::new(&SIZES[..1]);
+    ext4_pool(&mut cluster.nodes[0]);
+    cluster.nodes[0].start().await;
+    cluster.add_controller().await;
+    let controller = cluster.controller();
+    let owner = &cluster.nodes[0];
+    let size = GIB;
+    let source = create(controller, with_topology("pvc-source", size, None))
+        .await
+        .unwrap()
+        .volume_id;
+
+    let cap = common::block_cap();
+    let staging = owner.path("stage");
+    std::fs::create_dir_all(&staging).unwrap();
+    let device = owner.path("device");
+    let mut node = owner.node().await;
+    node.node_stage_volume(stage_request(&source, &staging, &cap))
+        .await
+        .unwrap();
+    node.node_publish_volume(publish_request(&source, &staging, &device, &cap, false))
+        .await
+        .unwrap();
+    let written = device.clone();
+    tokio::task::spawn_blocking(move || fill(&written, size as usize))
+        .await
+        .unwrap();
+    node.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
+        volume_id: source.clone(),
+        target_path: device.display().to_string(),
+    })
+    .await
+    .unwrap();
+    node.node_unstage_volume(proto::NodeUnstageVolumeRequest {
+        volume_id: source.clone(),
+        staging_target_path: staging.display().to_string(),
+    })
+    .await
+    .unwrap();
+
+    // The clone copies through the agent in the node process...
+    let clone_id =
+        kura::pool::VolumeId::derive("pvc-clone", &kura::pool::NodeToken::for_node(&owner.id));
+    let partial = owner
+        .dir
+        .join("pool-dir/volumes")
+        .join(format!("{clone_id}.img.partial"));
+    let first = tokio::spawn({
+        let mut client = controller.controller().await;
+        let request = create_request("pvc-clone", size, &[], Some(volume_source(&source)));
+        async move { client.create_volume(request).await }
+    });
+    let started = Instant::now();
+    while !std::fs::metadata(&partial).is_ok_and(|m| m.len() > 0) {
+        assert!(
+            !first.is_finished(),
+            "the clone ended before its copy was seen"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no copy in 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // ... so the node's own service (another caller in that process) and the
+    // controller's other calls on the source are refused while it runs.
+    let stage = node
+        .node_stage_volume(stage_request(&source, &staging, &cap))
+        .await
+        .unwrap_err();
+    assert_eq!(stage.code(), Code::Aborted, "{stage:?}");
+    assert!(stage.message().contains(&source), "{}", stage.message());
+    let snapshot = controller
+        .controller()
+        .await
+        .create_snapshot(proto::CreateSnapshotRequest {
+            source_volume_id: source.clone(),
+            name: "snap-during-clone".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(snapshot.code(), Code::Aborted, "{snapshot:?}");
+    let delete = delete_volume(controller, &source).await.unwrap_err();
+    assert_eq!(delete.code(), Code::Aborted, "{delete:?}");
+    assert!(
+        !first.is_finished() && partial.exists(),
+        "the clone finished before the other calls were answered, so they prove nothing"
+    );
+
+    let clone = first.await.unwrap().expect("the clone completes");
+    assert_eq!(
+        clone.into_inner().volume.unwrap().volume_id,
+        clone_id.as_str()
+    );
+    // Released: the source can be staged again.
+    node.node_stage_volume(stage_request(&source, &staging, &cap))
+        .await
+        .expect("stage after the clone");
+    node.node_unstage_volume(proto::NodeUnstageVolumeRequest {
+        volume_id: source.clone(),
+        staging_target_path: staging.display().to_string(),
+    })
+    .await
+    .unwrap();
 }

@@ -320,15 +320,24 @@ impl Cluster {
     /// Starts another controller over the static agent list and waits until it sees
     /// every node; returns its index.
     pub async fn add_controller(&mut self) -> usize {
-        let n = self.controllers.len();
-        let name = format!("controller-{n}");
+        let controller = self.start_controller(&self.certs.join("controller")).await;
+        let ids: Vec<&str> = self.nodes.iter().map(|n| n.id.as_str()).collect();
+        controller.wait_for_nodes(&ids).await;
+        self.controllers.push(controller);
+        self.controllers.len() - 1
+    }
+
+    /// Starts a controller with the identity in `tls` over the static agent list,
+    /// without waiting for it to find anything; it is the caller's to keep (and drop).
+    pub async fn start_controller(&self, tls: &Path) -> ControllerProc {
+        let name = format!("controller-{}", free_port(Ipv4Addr::LOCALHOST));
         let socket = self.dir.join(format!("{name}.sock"));
         let mut args: Vec<String> = vec![
             "controller".into(),
             "--endpoint".into(),
             format!("unix://{}", socket.display()),
             "--tls-dir".into(),
-            self.certs.join("controller").display().to_string(),
+            tls.display().to_string(),
         ];
         for node in &self.nodes {
             args.extend(["--agent".into(), node.agent.to_string()]);
@@ -338,10 +347,7 @@ impl Cluster {
             proc: Proc::new(&name, &self.dir, args),
         };
         controller.start().await;
-        let ids: Vec<&str> = self.nodes.iter().map(|n| n.id.as_str()).collect();
-        controller.wait_for_nodes(&ids).await;
-        self.controllers.push(controller);
-        n
+        controller
     }
 
     pub fn controller(&self) -> &ControllerProc {
