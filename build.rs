@@ -1,8 +1,8 @@
-//! Generates the gRPC code for the CSI contract. protox compiles the proto files in
-//! pure Rust, so building kura needs no system protoc.
+//! Generates the gRPC code for the CSI contract and for kura's own agent API. protox
+//! compiles the proto files in pure Rust, so building kura needs no system protoc.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/csi.proto"];
+    let protos = ["proto/csi.proto", "proto/agent.proto"];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

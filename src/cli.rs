@@ -1,5 +1,6 @@
 //! The command line. Every flag can also come from a `KURA_*` environment variable.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -32,10 +33,21 @@ pub enum Command {
     /// Identity, Controller and Node services on one socket, over this machine's pool
     /// (conformance runs, single-node clusters).
     AllInOne(AllInOne),
+    /// The node DaemonSet's role: Identity and Node on the CSI socket, plus the agent
+    /// (mutual TLS on TCP) through which controllers reach this node's pool.
+    Node(NodeArgs),
+    /// The controller Deployment's role: Identity and Controller over the agents it
+    /// finds. No pool and no state; any number may run at once.
+    Controller(ControllerArgs),
+    /// Writes a new CA and the controller and node identities (TLS-secret layout).
+    Certs(CertsArgs),
 }
 
+/// The flags of a role that owns a pool (`all-in-one`, and `node` with more).
+pub type AllInOne = Local;
+
 #[derive(Debug, Args)]
-pub struct AllInOne {
+pub struct Local {
     /// CSI endpoint to listen on, `unix:///path/csi.sock`. The socket gets mode 0600.
     #[arg(long, env = "KURA_ENDPOINT")]
     pub endpoint: String,
@@ -65,6 +77,50 @@ pub struct AllInOne {
     /// Size of a volume whose request names no capacity (e.g. 1Gi).
     #[arg(long, env = "KURA_DEFAULT_VOLUME_SIZE", default_value = "1Gi", value_parser = parse_size)]
     pub default_volume_size: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    #[command(flatten)]
+    pub local: Local,
+    /// TCP address the agent listens on, e.g. `0.0.0.0:9810` (mutual TLS only).
+    #[arg(long, env = "KURA_AGENT_LISTEN")]
+    pub agent_listen: SocketAddr,
+    /// Directory holding this role's identity: ca.crt, tls.crt, tls.key (the node
+    /// identity, from `kura certs` or any CA; see README).
+    #[arg(long, env = "KURA_TLS_DIR")]
+    pub tls_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("targets").required(true).multiple(true).args(["agents", "agent"])))]
+pub struct ControllerArgs {
+    /// CSI endpoint to listen on, `unix:///path/csi.sock`. The socket gets mode 0600.
+    #[arg(long, env = "KURA_ENDPOINT")]
+    pub endpoint: String,
+    /// Directory holding this role's identity: ca.crt, tls.crt, tls.key (the
+    /// controller identity).
+    #[arg(long, env = "KURA_TLS_DIR")]
+    pub tls_dir: PathBuf,
+    /// `NAME:PORT` resolved to every address of NAME (a headless Service selecting
+    /// the node pods), again every few seconds.
+    #[arg(long, env = "KURA_AGENTS", value_parser = parse_host_port)]
+    pub agents: Option<String>,
+    /// A static agent address `ADDR:PORT`; repeat for several (comma-separated in the
+    /// variable).
+    #[arg(long, env = "KURA_AGENT", value_delimiter = ',')]
+    pub agent: Vec<SocketAddr>,
+    /// Driver name reported to the CO.
+    #[arg(long, env = "KURA_DRIVER_NAME", default_value = "kura.csi.dev", value_parser = parse_driver_name)]
+    pub driver_name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct CertsArgs {
+    /// Directory to write into: ca.crt, controller/ and node/ (each ca.crt, tls.crt,
+    /// tls.key). Existing identities are never overwritten.
+    #[arg(long, env = "KURA_CERTS_OUT")]
+    pub out: PathBuf,
 }
 
 /// Where the pool lives: exactly one source.
@@ -151,6 +207,16 @@ fn parse_node_id(text: &str) -> Result<String, String> {
     Ok(text.to_owned())
 }
 
+/// `HOST:PORT` with a port number.
+fn parse_host_port(text: &str) -> Result<String, String> {
+    match text.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+            Ok(text.to_owned())
+        }
+        _ => Err(format!("{text:?} is not NAME:PORT")),
+    }
+}
+
 fn parse_ratio(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(r) if r.is_finite() && r >= 1.0 => Ok(r),
@@ -207,5 +273,50 @@ mod tests {
         assert!(parse(&[]).is_err());
         assert!(parse(&["--pool-dir", "/p", "--pool-device", "/dev/x"]).is_err());
         assert!(parse(&["--pool-image", "/p.img"]).is_err());
+    }
+
+    #[test]
+    fn roles_take_their_flags() {
+        let node = Cli::try_parse_from([
+            "kura",
+            "node",
+            "--endpoint",
+            "unix:///csi/csi.sock",
+            "--node-id",
+            "n1",
+            "--state-dir",
+            "/s",
+            "--pool-dir",
+            "/p",
+            "--agent-listen",
+            "127.0.0.2:9810",
+            "--tls-dir",
+            "/tls",
+        ])
+        .unwrap();
+        assert!(matches!(node.command, Command::Node(_)));
+        let controller = |extra: &[&str]| {
+            let base = [
+                "kura",
+                "controller",
+                "--endpoint",
+                "unix:///csi/csi.sock",
+                "--tls-dir",
+                "/tls",
+            ];
+            Cli::try_parse_from(base.iter().chain(extra))
+        };
+        assert!(controller(&[]).is_err());
+        assert!(controller(&["--agents", "kura-agents.kube-system:9810"]).is_ok());
+        assert!(controller(&["--agents", "no-port"]).is_err());
+        let Command::Controller(args) =
+            controller(&["--agent", "127.0.0.2:9810", "--agent", "127.0.0.3:9810"])
+                .unwrap()
+                .command
+        else {
+            panic!("controller");
+        };
+        assert_eq!(args.agent.len(), 2);
+        assert!(Cli::try_parse_from(["kura", "certs", "--out", "/x"]).is_ok());
     }
 }

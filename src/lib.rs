@@ -3,10 +3,12 @@
 //! # Layout
 //!
 //! - [`cli`]: the command line (every flag also from a `KURA_*` variable).
-//! - [`server`]: builds a driver from the command line and serves it on a Unix socket.
+//! - [`server`]: builds each role (`all-in-one`, `node`, `controller`) from the command
+//!   line and serves it; `certs` writes the agent API's identities.
 //! - [`csi`]: the CSI Identity, Controller and Node services; request validation and
 //!   the mapping of errors to gRPC codes. Only `csi` and `agent` see gRPC types.
-//! - [`agent`]: how the controller reaches nodes' pools ([`agent::Pools`]).
+//! - [`agent`]: how the controller reaches nodes' pools ([`agent::Pools`]): in-process,
+//!   or over the agent API (`proto/agent.proto`, mutual TLS), both ends.
 //! - [`pool`]: the node-local pool: volumes, snapshots, metadata, capacity, recovery,
 //!   and exposing volumes on the node ([`pool::attach`]).
 //! - [`sys`]: the only code that touches the OS: loop devices, mounts, mkfs, reflink,

@@ -2,42 +2,103 @@
 //! through [`Pools`].
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use super::proto::controller_server::Controller;
 use super::proto::{self, controller_service_capability, volume_content_source};
-use super::status::{busy, from_pool, invalid, missing};
+use super::status::{busy, from_agent, incompatible, invalid, missing, no_node, source_not_found};
 use super::validate::{self, CapabilityError};
 use super::{TOPOLOGY_KEY, node_topology};
 use crate::agent::{Node, Pools};
-use crate::pool::locks::Locks;
 use crate::pool::{
     self, Condition, ContentSource, Snapshot, SnapshotId, Volume, VolumeId, VolumeSpec,
 };
 
+/// The Controller service over the nodes' pools.
+///
+/// # Guarantees
+///
+/// - CreateVolume and CreateSnapshot hold a lock on the request's name (in this
+///   process) while they look for an object of that name on every live node and, only
+///   if there is none, make one: a retried or doubled request never makes two.
+/// - The per-object locks are taken by [`Pools`] in the process that owns the pool.
 pub struct ControllerService<P> {
     pools: P,
-    locks: Locks,
+    names: Names,
+}
+
+/// Requests' names in flight in this process, each with the ID it is making once that
+/// is known (so a second caller's ABORTED names the object).
+#[derive(Debug, Default)]
+struct Names {
+    held: Arc<Mutex<HashMap<String, Option<String>>>>,
+}
+
+/// Releases its name when dropped.
+struct NameGuard {
+    held: Arc<Mutex<HashMap<String, Option<String>>>>,
+    key: String,
+}
+
+impl Names {
+    fn try_acquire(&self, key: String) -> Result<NameGuard, Status> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(id) = held.get(&key) {
+            return Err(match id {
+                Some(id) => busy(&format!("{id} ({key})")),
+                None => busy(&key),
+            });
+        }
+        held.insert(key.clone(), None);
+        Ok(NameGuard {
+            held: Arc::clone(&self.held),
+            key,
+        })
+    }
+}
+
+impl NameGuard {
+    /// Records the ID the holder is making.
+    fn making(&self, id: &str) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.insert(self.key.clone(), Some(id.to_owned()));
+    }
+}
+
+impl Drop for NameGuard {
+    fn drop(&mut self) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.remove(&self.key);
+    }
 }
 
 impl<P: Pools> ControllerService<P> {
-    pub fn new(pools: P, locks: Locks) -> Self {
-        ControllerService { pools, locks }
+    pub fn new(pools: P) -> Self {
+        ControllerService {
+            pools,
+            names: Names::default(),
+        }
     }
 
-    /// The node to place a new volume on: the first preferred node within requisite,
-    /// else any requisite node (the one with most free space), else any node.
-    /// A volume with a content source can only be placed on the source's node
-    /// (`pinned`): reflinks do not cross pools.
+    /// The node to place a new volume on.
+    ///
+    /// - With a content source: the source's node (reflinks do not cross pools), if
+    ///   the requisite topology allows it; otherwise RESOURCE_EXHAUSTED, saying so.
+    /// - Otherwise, among the live nodes within requisite (all live nodes without
+    ///   one): the first preferred node with room for `needed` bytes, else the one
+    ///   with the most free space. With `--strict-topology` requisite and preferred
+    ///   are the one selected node: if it is down or full the answer is
+    ///   RESOURCE_EXHAUSTED, and the scheduler picks again.
     async fn place(
         &self,
         requirements: Option<&proto::TopologyRequirement>,
         provisioning: pool::Provisioning,
-        pinned: Option<Node>,
+        needed: u64,
+        source: Option<&ContentSource>,
     ) -> Result<Node, Status> {
-        let nodes = pinned.map_or_else(|| self.pools.nodes(), |node| vec![node]);
         let node_of = |t: &proto::Topology| t.segments.get(TOPOLOGY_KEY).cloned();
         let (requisite, preferred): (Vec<String>, Vec<String>) = match requirements {
             None => (vec![], vec![]),
@@ -47,33 +108,106 @@ impl<P: Pools> ControllerService<P> {
             ),
         };
         let constrained = requirements.is_some_and(|r| !r.requisite.is_empty());
-        let allowed = |n: &Node| !constrained || requisite.contains(&n.id);
-        if let Some(node) = preferred
-            .iter()
-            .find_map(|id| nodes.iter().find(|n| n.id == *id && allowed(n)))
-        {
-            return Ok(node.clone());
+        let allowed = |id: &str| !constrained || requisite.iter().any(|r| r == id);
+        if let Some(source) = source {
+            // A source on a node kura cannot have names nothing: NOT_FOUND, not a
+            // topology failure.
+            let node = self.pools.locate(&source.node()).map_err(|e| match e {
+                crate::agent::Error::UnknownNode { token } => source_not_found(source.id(), &token),
+                other => from_agent(other),
+            })?;
+            if !allowed(&node.id) {
+                return Err(no_node(format!(
+                    "the content source {} is on node {}, outside the requisite topology \
+                     {requisite:?}; kura copies sources only within their node for now",
+                    source.id(),
+                    node.id
+                )));
+            }
+            return Ok(node);
         }
-        let mut best: Option<(u64, &Node)> = None;
-        for node in nodes.iter().filter(|n| allowed(n)) {
-            let free = self
+        let nodes: Vec<Node> = self
+            .pools
+            .nodes()
+            .into_iter()
+            .filter(|n| allowed(&n.id))
+            .collect();
+        let mut free = Vec::with_capacity(nodes.len());
+        for node in &nodes {
+            let bytes = self
                 .pools
                 .available(node, provisioning)
                 .await
-                .map_err(from_pool)?;
-            if best.is_none_or(|(most, _)| free > most) {
-                best = Some((free, node));
+                .map_err(from_agent)?;
+            free.push((node, bytes));
+        }
+        let preferred_with_room = preferred.iter().find_map(|id| {
+            free.iter()
+                .find(|(n, bytes)| n.id == *id && *bytes >= needed)
+                .map(|(n, _)| (*n).clone())
+        });
+        if let Some(node) = preferred_with_room {
+            return Ok(node);
+        }
+        // Most free space; ties go to the first node by ID, so every controller
+        // replica places alike.
+        let mut best: Option<(u64, &Node)> = None;
+        for (node, bytes) in &free {
+            if best.is_none_or(|(most, _)| *bytes > most) {
+                best = Some((*bytes, node));
             }
         }
-        best.map(|(_, node)| node.clone()).ok_or_else(|| {
-            Status::resource_exhausted(format!(
-                "accessibility_requirements: no kura node among the requisite topologies {requisite:?}"
-            ))
-        })
+        match best {
+            Some((bytes, node)) if bytes >= needed || !constrained => Ok(node.clone()),
+            Some((bytes, node)) => Err(no_node(format!(
+                "no node within the requisite topology {requisite:?} has room for \
+                 {needed} bytes (most free: {bytes} bytes on {})",
+                node.id
+            ))),
+            None if constrained => Err(no_node(format!(
+                "no live kura node among the requisite topologies {requisite:?}"
+            ))),
+            None => Err(no_node("no live kura node can take a volume")),
+        }
     }
 
-    fn lock(&self, key: &str) -> Result<pool::locks::Guard, Status> {
-        self.locks.try_acquire(key).ok_or_else(|| busy(key))
+    /// The live node that holds a volume made by a create with this name, if any.
+    async fn find_volume(&self, name: &str) -> Result<Option<(Node, Volume)>, Status> {
+        let nodes = self.pools.nodes();
+        let found = futures_util::future::join_all(
+            nodes
+                .iter()
+                .map(|node| self.pools.find_volume(node, name.to_owned())),
+        )
+        .await;
+        for (node, found) in nodes.into_iter().zip(found) {
+            if let Some(volume) = found.map_err(from_agent)? {
+                return Ok(Some((node, volume)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// A snapshot made by a create with this name on any live node, if any.
+    async fn find_snapshot(&self, name: &str) -> Result<Option<Snapshot>, Status> {
+        let nodes = self.pools.nodes();
+        let found = futures_util::future::join_all(
+            nodes
+                .iter()
+                .map(|node| self.pools.find_snapshot(node, name.to_owned())),
+        )
+        .await;
+        for found in found {
+            if let Some(snapshot) = found.map_err(from_agent)? {
+                return Ok(Some(snapshot));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Takes the lock on a request's name.
+    fn lock_name(&self, kind: &str, name: &str) -> Result<NameGuard, Status> {
+        self.names.try_acquire(format!("{kind} name {name:?}"))
     }
 
     fn volume_message(&self, volume: &Volume) -> proto::Volume {
@@ -133,6 +267,28 @@ fn content_source(
                 .map(|id| Some(ContentSource::Volume(id)))
                 .ok_or_else(|| not_found("volume", &v.volume_id))
         }
+    }
+}
+
+/// A volume of the requested name exists already on `node`: a request whose requisite
+/// topology excludes that node asks for another volume.
+fn check_existing_topology(
+    requirements: Option<&proto::TopologyRequirement>,
+    node: &str,
+) -> Result<(), Status> {
+    let Some(r) = requirements.filter(|r| !r.requisite.is_empty()) else {
+        return Ok(());
+    };
+    let inside = r
+        .requisite
+        .iter()
+        .any(|t| t.segments.get(TOPOLOGY_KEY).is_some_and(|n| n == node));
+    if inside {
+        Ok(())
+    } else {
+        Err(incompatible(format!(
+            "a volume of this name already exists on node {node}, outside the requisite topology"
+        )))
     }
 }
 
@@ -201,33 +357,19 @@ impl<P: Pools> Controller for ControllerService<P> {
         let range = validate::range(req.capacity_range.as_ref())?;
         let provisioning = validate::volume_parameters(&req.parameters)?;
         let source = content_source(req.volume_content_source.as_ref())?;
-        // A source on a node kura does not know names nothing: NOT_FOUND, not a
-        // topology failure.
-        let pinned = match &source {
-            None => None,
-            Some(source) => Some(self.pools.node(&source.node()).ok_or_else(|| {
-                Status::not_found(format!(
-                    "volume_content_source: {} does not exist (no kura node {})",
-                    source.id(),
-                    source.node().as_str()
-                ))
-            })?),
+        let name_guard = self.lock_name("volume", name)?;
+        let requirements = req.accessibility_requirements.as_ref();
+        let node = match self.find_volume(name).await? {
+            Some((node, _)) => {
+                check_existing_topology(requirements, &node.id)?;
+                node
+            }
+            None => {
+                self.place(requirements, provisioning, range.required, source.as_ref())
+                    .await?
+            }
         };
-        let node = self
-            .place(
-                req.accessibility_requirements.as_ref(),
-                provisioning,
-                pinned,
-            )
-            .await?;
-        let id = VolumeId::derive(name, &node.token);
-        let _guard = self.lock(id.as_str())?;
-        // The source is read while the new volume is filled: no stage, expand,
-        // snapshot or delete of it meanwhile.
-        let _source_guard = match &source {
-            None => None,
-            Some(source) => Some(self.lock(source.id())?),
-        };
+        name_guard.making(VolumeId::derive(name, &node.token).as_str());
         let spec = VolumeSpec {
             name: name.to_owned(),
             range,
@@ -238,7 +380,7 @@ impl<P: Pools> Controller for ControllerService<P> {
             .pools
             .create_volume(&node, spec)
             .await
-            .map_err(from_pool)?;
+            .map_err(from_agent)?;
         Ok(Response::new(proto::CreateVolumeResponse {
             volume: Some(self.volume_message(&volume)),
         }))
@@ -252,8 +394,7 @@ impl<P: Pools> Controller for ControllerService<P> {
         let req = request.into_inner();
         // An ID that cannot be ours names a volume that is already gone.
         if let Some(id) = validate::volume_id(&req.volume_id, "volume_id")? {
-            let _guard = self.lock(id.as_str())?;
-            self.pools.delete_volume(id).await.map_err(from_pool)?;
+            self.pools.delete_volume(id).await.map_err(from_agent)?;
         }
         Ok(Response::new(proto::DeleteVolumeResponse {}))
     }
@@ -288,7 +429,7 @@ impl<P: Pools> Controller for ControllerService<P> {
             return Err(status);
         }
         let id = id.ok_or_else(|| not_found_volume(&req.volume_id))?;
-        self.pools.volume(id).await.map_err(from_pool)?;
+        self.pools.volume(id).await.map_err(from_agent)?;
         let verdict = checked
             .map_err(|e| e.into_invalid("volume_capabilities").message().to_owned())
             .and_then(|_| {
@@ -320,7 +461,9 @@ impl<P: Pools> Controller for ControllerService<P> {
         let req = request.into_inner();
         let max = validate::max_entries(req.max_entries)?;
         let start = validate::starting_token(&req.starting_token, VolumeId::parse)?;
-        let volumes = self.pools.list_volumes().await.map_err(from_pool)?;
+        let mut volumes = self.pools.list_volumes().await.map_err(from_agent)?;
+        // Tokens are IDs: one order over every node keeps paging stable.
+        volumes.sort_by(|(a, _), (b, _)| a.id.cmp(&b.id));
         let (page, next) = page(volumes, |(v, _)| &v.id, start.as_ref(), max);
         let entries = page
             .into_iter()
@@ -372,7 +515,7 @@ impl<P: Pools> Controller for ControllerService<P> {
                     .pools
                     .available(node, provisioning)
                     .await
-                    .map_err(from_pool)?;
+                    .map_err(from_agent)?;
                 available = available.saturating_add(free);
                 largest = largest.max(free);
             }
@@ -423,14 +566,21 @@ impl<P: Pools> Controller for ControllerService<P> {
         let name = validate::name(&req.name, "name")?;
         validate::snapshot_parameters(&req.parameters)?;
         let source = source.ok_or_else(|| not_found_volume(&req.source_volume_id))?;
-        let id = SnapshotId::derive(name, &source.node());
-        let _snapshot_guard = self.lock(id.as_str())?;
-        let _volume_guard = self.lock(source.as_str())?;
+        let name_guard = self.lock_name("snapshot", name)?;
+        name_guard.making(SnapshotId::derive(name, &source.node()).as_str());
+        if let Some(existing) = self.find_snapshot(name).await?
+            && existing.source_volume != source
+        {
+            return Err(incompatible(format!(
+                "snapshot {name:?} already exists for volume {}",
+                existing.source_volume
+            )));
+        }
         let snapshot = self
             .pools
             .create_snapshot(name.to_owned(), source)
             .await
-            .map_err(from_pool)?;
+            .map_err(from_agent)?;
         Ok(Response::new(proto::CreateSnapshotResponse {
             snapshot: Some(snapshot_message(&snapshot)),
         }))
@@ -443,8 +593,7 @@ impl<P: Pools> Controller for ControllerService<P> {
     ) -> Result<Response<proto::DeleteSnapshotResponse>, Status> {
         let req = request.into_inner();
         if let Some(id) = validate::snapshot_id(&req.snapshot_id, "snapshot_id")? {
-            let _guard = self.lock(id.as_str())?;
-            self.pools.delete_snapshot(id).await.map_err(from_pool)?;
+            self.pools.delete_snapshot(id).await.map_err(from_agent)?;
         }
         Ok(Response::new(proto::DeleteSnapshotResponse {}))
     }
@@ -459,20 +608,21 @@ impl<P: Pools> Controller for ControllerService<P> {
         let start = validate::starting_token(&req.starting_token, SnapshotId::parse)?;
         let empty = || Ok(Response::new(proto::ListSnapshotsResponse::default()));
         let mut snapshots = if req.snapshot_id.is_empty() {
-            self.pools.list_snapshots().await.map_err(from_pool)?
+            self.pools.list_snapshots().await.map_err(from_agent)?
         } else {
             let Some(id) = SnapshotId::parse(&req.snapshot_id) else {
                 return empty();
             };
             match self.pools.snapshot(id).await {
                 Ok(snapshot) => vec![snapshot],
-                Err(pool::Error::NotFound { .. }) => return empty(),
-                Err(e) => return Err(from_pool(e)),
+                Err(e) if e.is_not_found() => return empty(),
+                Err(e) => return Err(from_agent(e)),
             }
         };
         if !req.source_volume_id.is_empty() {
             snapshots.retain(|s| s.source_volume.as_str() == req.source_volume_id);
         }
+        snapshots.sort_by(|a, b| a.id.cmp(&b.id));
         let (page, next) = page(snapshots, |s| &s.id, start.as_ref(), max);
         Ok(Response::new(proto::ListSnapshotsResponse {
             entries: page
@@ -501,12 +651,11 @@ impl<P: Pools> Controller for ControllerService<P> {
             return Err(invalid("capacity_range", "asks for no size"));
         }
         let id = id.ok_or_else(|| not_found_volume(&req.volume_id))?;
-        let _guard = self.lock(id.as_str())?;
         let (volume, _) = self
             .pools
             .expand_volume(id, range)
             .await
-            .map_err(from_pool)?;
+            .map_err(from_agent)?;
         Ok(Response::new(proto::ControllerExpandVolumeResponse {
             capacity_bytes: volume.size_bytes as i64,
             // The loop device must re-read the size on the node, even for block access.
@@ -522,7 +671,7 @@ impl<P: Pools> Controller for ControllerService<P> {
         let req = request.into_inner();
         let id = validate::volume_id(&req.volume_id, "volume_id")?
             .ok_or_else(|| not_found_volume(&req.volume_id))?;
-        let (volume, condition) = self.pools.volume(id).await.map_err(from_pool)?;
+        let (volume, condition) = self.pools.volume(id).await.map_err(from_agent)?;
         Ok(Response::new(proto::ControllerGetVolumeResponse {
             volume: Some(self.volume_message(&volume)),
             status: Some(proto::controller_get_volume_response::VolumeStatus {
@@ -550,7 +699,7 @@ impl<P: Pools> Controller for ControllerService<P> {
         let id = validate::snapshot_id(&req.snapshot_id, "snapshot_id")?.ok_or_else(|| {
             Status::not_found(format!("snapshot {} does not exist", req.snapshot_id))
         })?;
-        let snapshot = self.pools.snapshot(id).await.map_err(from_pool)?;
+        let snapshot = self.pools.snapshot(id).await.map_err(from_agent)?;
         Ok(Response::new(proto::GetSnapshotResponse {
             snapshot: Some(snapshot_message(&snapshot)),
         }))

@@ -7,18 +7,27 @@ use tonic::{Request, Response, Status};
 use super::proto::identity_server::Identity;
 use super::proto::{self, plugin_capability};
 use super::{blocking, status};
+use crate::agent::cluster::Cluster;
 use crate::pool::Pool;
+
+/// What a role needs before it can serve.
+pub enum Readiness {
+    /// A role with a pool (all-in-one, node): the pool is mounted and writable.
+    Pool(Arc<Pool>),
+    /// The controller: at least one agent is live.
+    Agents(Cluster),
+}
 
 pub struct IdentityService {
     driver_name: String,
-    pool: Arc<Pool>,
+    readiness: Readiness,
 }
 
 impl IdentityService {
-    pub fn new(driver_name: &str, pool: Arc<Pool>) -> Self {
+    pub fn new(driver_name: &str, readiness: Readiness) -> Self {
         IdentityService {
             driver_name: driver_name.to_owned(),
-            pool,
+            readiness,
         }
     }
 }
@@ -67,15 +76,29 @@ impl Identity for IdentityService {
         }))
     }
 
-    /// Ready only while the pool is mounted and writable.
+    /// With a pool: ready while it is mounted and writable, FAILED_PRECONDITION
+    /// otherwise. The controller: ready once an agent is live; until then (or while
+    /// every agent is down) `ready` is false, and the call succeeds.
     async fn probe(
         &self,
         _request: Request<proto::ProbeRequest>,
     ) -> Result<Response<proto::ProbeResponse>, Status> {
-        let pool = Arc::clone(&self.pool);
-        blocking(move || pool.probe()).await.map_err(|e| {
-            Status::failed_precondition(format!("pool is not usable: {}", status::chain(&e)))
-        })?;
-        Ok(Response::new(proto::ProbeResponse { ready: Some(true) }))
+        let ready = match &self.readiness {
+            Readiness::Pool(pool) => {
+                let pool = Arc::clone(pool);
+                blocking(move || pool.probe()).await.map_err(|e| {
+                    status::not_ready(format!("pool is not usable: {}", status::chain(&e)))
+                })?;
+                true
+            }
+            Readiness::Agents(cluster) => match cluster.ready() {
+                Ok(()) => true,
+                Err(reason) => {
+                    tracing::warn!(reason, "Probe: not ready");
+                    false
+                }
+            },
+        };
+        Ok(Response::new(proto::ProbeResponse { ready: Some(ready) }))
     }
 }

@@ -6,6 +6,7 @@
 
 use tonic::{Code, Status};
 
+use crate::agent;
 use crate::pool;
 
 /// The code a pool error means to a CO.
@@ -25,6 +26,84 @@ pub fn code(error: &pool::Error) -> Code {
 
 pub fn from_pool(error: pool::Error) -> Status {
     Status::new(code(&error), chain(&error))
+}
+
+/// The code an error of the controller-to-pool seam means to a CO. A remote error
+/// keeps the agent's code; an unreachable node is UNAVAILABLE (the outcome is unknown,
+/// so the CO must retry), never a success.
+pub fn agent_code(error: &agent::Error) -> Code {
+    match error {
+        agent::Error::Pool(e) => code(e),
+        agent::Error::UnknownNode { .. } => Code::NotFound,
+        agent::Error::Unreachable { .. } => Code::Unavailable,
+        agent::Error::Remote { code, .. } => *code,
+        agent::Error::Protocol(_) => Code::Internal,
+    }
+}
+
+pub fn from_agent(error: agent::Error) -> Status {
+    match error {
+        // Passed through unchanged: the agent built the message.
+        agent::Error::Remote { code, message } => Status::new(code, message),
+        other => Status::new(agent_code(&other), chain(&other)),
+    }
+}
+
+/// An agent call whose request kura's controller could not have sent.
+pub fn from_malformed(error: agent::wire::Malformed) -> Status {
+    Status::invalid_argument(error.to_string())
+}
+
+/// An agent's answer to a caller that is not the controller.
+pub fn not_controller(name: &str) -> Status {
+    Status::permission_denied(format!(
+        "control calls are accepted only from the controller identity (a client \
+         certificate naming {name})"
+    ))
+}
+
+/// What the agent's gRPC status means on the controller's side of the seam. A status
+/// made by the client's transport (no connection, a TLS alert, the connection closed
+/// or lost) means the node is unreachable; so do UNAVAILABLE and CANCELLED, which the
+/// agent itself never answers (see [`agent_code`] over pool errors). Any other status
+/// is the agent's own answer, kept as it is.
+pub fn agent_error(node: &str, status: Status) -> agent::Error {
+    let transport = std::error::Error::source(&status)
+        .is_some_and(|source| source.is::<tonic::transport::Error>());
+    if transport || matches!(status.code(), Code::Unavailable | Code::Cancelled) {
+        agent::Error::Unreachable {
+            node: node.to_owned(),
+            reason: chain(&status),
+        }
+    } else {
+        agent::Error::Remote {
+            code: status.code(),
+            message: status.message().to_owned(),
+        }
+    }
+}
+
+/// No node can take the volume within what the request allows (the scheduler picks
+/// again when the CO uses WaitForFirstConsumer).
+pub fn no_node(reason: impl std::fmt::Display) -> Status {
+    Status::resource_exhausted(format!("accessibility_requirements: {reason}"))
+}
+
+/// A content source whose ID names a node that cannot exist.
+pub fn source_not_found(id: &str, node: &str) -> Status {
+    Status::not_found(format!(
+        "volume_content_source: {id} does not exist (no kura node {node})"
+    ))
+}
+
+/// A name that exists with arguments the request does not allow.
+pub fn incompatible(reason: impl std::fmt::Display) -> Status {
+    Status::already_exists(reason.to_string())
+}
+
+/// The controller's Probe when it cannot serve yet.
+pub fn not_ready(reason: impl std::fmt::Display) -> Status {
+    Status::failed_precondition(reason.to_string())
 }
 
 /// An error and its sources, joined: "a: b: c".
@@ -125,6 +204,79 @@ mod tests {
             let busy = matches!(error, pool::Error::Busy(_));
             assert_eq!(retried.contains(&code(&error)), busy, "{error:?}");
         }
+    }
+
+    /// Every seam error, with the code a CO must see for it.
+    fn every_agent_variant() -> Vec<(agent::Error, Code)> {
+        let mut cases: Vec<(agent::Error, Code)> = every_variant()
+            .into_iter()
+            .map(|(e, c)| (agent::Error::Pool(e), c))
+            .collect();
+        cases.extend([
+            (
+                agent::Error::UnknownNode { token: "n".into() },
+                Code::NotFound,
+            ),
+            (
+                agent::Error::Unreachable {
+                    node: "n".into(),
+                    reason: "down".into(),
+                },
+                Code::Unavailable,
+            ),
+            (
+                agent::Error::Remote {
+                    code: Code::FailedPrecondition,
+                    message: "volume is attached".into(),
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                agent::Error::Protocol(agent::wire::Malformed {
+                    field: "volume.id",
+                    reason: "bad".into(),
+                }),
+                Code::Internal,
+            ),
+        ]);
+        cases
+    }
+
+    #[test]
+    fn every_agent_error_has_its_code() {
+        for (error, want) in every_agent_variant() {
+            assert_eq!(from_agent(error).code(), want);
+        }
+    }
+
+    #[test]
+    fn retried_agent_codes_mean_in_progress_or_unknown_outcome() {
+        // UNAVAILABLE from an unreachable node: the outcome is unknown, so the CO must
+        // retry; a remote ABORTED is the agent's own Busy.
+        for (error, want) in every_agent_variant() {
+            let retried = matches!(
+                error,
+                agent::Error::Pool(pool::Error::Busy(_)) | agent::Error::Unreachable { .. }
+            );
+            assert_eq!(
+                retried,
+                matches!(want, Code::Aborted | Code::Unavailable),
+                "{error:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn remote_errors_keep_code_and_message_and_transport_failures_are_unreachable() {
+        let remote = agent_error("n1", Status::already_exists("volume \"x\" exists"));
+        let status = from_agent(remote);
+        assert_eq!(status.code(), Code::AlreadyExists);
+        assert_eq!(status.message(), "volume \"x\" exists");
+        let lost = agent_error("n1", Status::unavailable("connection reset"));
+        assert!(matches!(lost, agent::Error::Unreachable { .. }));
+        let status = from_agent(lost);
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(status.message().contains("n1"), "{}", status.message());
     }
 
     #[test]

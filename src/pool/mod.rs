@@ -144,6 +144,7 @@ impl Default for Options {
 pub struct Pool {
     root: PathBuf,
     node: NodeToken,
+    id: String,
     reflink: bool,
     options: Options,
     copying: snapshot::Copying,
@@ -166,6 +167,7 @@ impl Pool {
         let pool = Pool {
             root: root.to_owned(),
             node: NodeToken::for_node(node_id),
+            id: pool_id(root)?,
             reflink,
             options,
             copying: Default::default(),
@@ -181,6 +183,12 @@ impl Pool {
     /// Holds the calling operation at a test pause point (a no-op in production).
     pub fn pause_at(&self, point: &str) {
         self.options.pause.at(point);
+    }
+
+    /// The pool's own identity: made when the pool is first opened and stored in it,
+    /// so it stays the same across restarts and says when a node's pool was replaced.
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     /// Ready when the pool is mounted (if kura mounted it) and writable.
@@ -238,6 +246,23 @@ impl Pool {
     fn is_local(&self, node: &NodeToken) -> bool {
         *node == self.node
     }
+}
+
+/// Reads the pool's ID from `<root>/pool-id`, writing a new one if there is none.
+fn pool_id(root: &Path) -> Result<String> {
+    let path = root.join("pool-id");
+    match std::fs::read_to_string(&path) {
+        Ok(text) if !text.trim().is_empty() => Ok(text.trim().to_owned()),
+        Ok(_) => write_pool_id(&path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => write_pool_id(&path),
+        Err(e) => Err(sys::Error::io("read", &path, e).into()),
+    }
+}
+
+fn write_pool_id(path: &Path) -> Result<String> {
+    let id = uuid::Uuid::new_v4().to_string();
+    sys::fs::atomic_write(path, format!("{id}\n").as_bytes())?;
+    Ok(id)
 }
 
 /// Appends `.partial` to a path: where an image is built before it goes live.

@@ -57,6 +57,45 @@ pub fn sync_parent(path: &Path) -> Result<()> {
     handle.sync_all().map_err(|e| Error::io("fsync", dir, e))
 }
 
+/// An exclusive lock on a file, held until dropped (or the process exits).
+#[derive(Debug)]
+pub struct LockFile {
+    _lock: nix::fcntl::Flock<File>,
+    pub path: PathBuf,
+}
+
+/// Takes an exclusive `flock` on `path` (created if missing) without waiting, and
+/// writes this process's ID into it. `Ok(Err(pid))` when another process holds it,
+/// with the ID that process wrote.
+pub fn try_lock_exclusive(path: &Path) -> Result<std::result::Result<LockFile, String>> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::io("open", path, e))?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => {
+            lock.set_len(0)
+                .map_err(|e| Error::io("truncate", path, e))?;
+            (&*lock)
+                .write_all(format!("{}\n", std::process::id()).as_bytes())
+                .map_err(|e| Error::io("write", path, e))?;
+            Ok(Ok(LockFile {
+                _lock: lock,
+                path: path.to_owned(),
+            }))
+        }
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            let holder = std::fs::read_to_string(path).unwrap_or_default();
+            Ok(Err(holder.trim().to_owned()))
+        }
+        Err((_, errno)) => Err(Error::io("flock", path, errno.into())),
+    }
+}
+
 /// Creates a new file of `size` bytes: sparse, or with every block allocated.
 pub fn create_image(path: &Path, size: u64, allocate: bool) -> Result<()> {
     let file = OpenOptions::new()
@@ -223,4 +262,20 @@ pub fn probe_read(path: &Path) -> Result<()> {
     let mut buf = [0u8; 4096];
     nix::sys::uio::pread(&file, &mut buf, 0).map_err(|e| Error::errno("read", path, e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_lock_is_refused_with_the_holder_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lock");
+        let held = try_lock_exclusive(&path).unwrap().expect("first lock");
+        let refused = try_lock_exclusive(&path).unwrap().expect_err("second lock");
+        assert_eq!(refused, std::process::id().to_string());
+        drop(held);
+        assert!(try_lock_exclusive(&path).unwrap().is_ok());
+    }
 }

@@ -70,7 +70,9 @@ impl Driver {
     }
 
     async fn serve(&mut self) {
-        let Command::AllInOne(args) = Cli::parse_from(&self.args).command;
+        let Command::AllInOne(args) = Cli::parse_from(&self.args).command else {
+            unreachable!("the harness builds all-in-one flags");
+        };
         let pause = kura::sys::pause::Points::in_dir(self.pause.dir());
         let built = tokio::task::spawn_blocking(move || {
             kura::server::AllInOneDriver::open_with_pause(&args, pause)

@@ -1,4 +1,12 @@
-//! Building a driver from the command line and serving it on a Unix socket.
+//! Building each role from the command line and serving it.
+//!
+//! - `all-in-one` (this file): Identity, Controller and Node on one Unix socket.
+//! - [`node`]: Identity and Node on the CSI socket, plus the agent on TCP.
+//! - [`controller`]: Identity and Controller over the agents.
+//! - `certs`: writes the identities ([`crate::agent::tls::write_certs`]).
+
+pub mod controller;
+pub mod node;
 
 use std::future::Future;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -9,9 +17,9 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::agent::LocalPools;
-use crate::cli::{AllInOne, Command};
+use crate::cli::{AllInOne, Command, Local};
 use crate::csi::controller::ControllerService;
-use crate::csi::identity::IdentityService;
+use crate::csi::identity::{IdentityService, Readiness};
 use crate::csi::node::NodeService;
 use crate::csi::proto::controller_server::ControllerServer;
 use crate::csi::proto::identity_server::IdentityServer;
@@ -23,6 +31,58 @@ use crate::pool::{self, Pool};
 use crate::sys;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A node's pool, opened: what `all-in-one` and `node` share.
+pub struct LocalPool {
+    pub pool: Arc<Pool>,
+    pub attacher: Arc<Attacher>,
+    /// Where the pool lives (a mount point kura made, or the `--pool-dir`).
+    pub root: PathBuf,
+    /// The node's per-volume locks, shared by every service of the process.
+    pub locks: Locks,
+}
+
+impl LocalPool {
+    /// Prepares the pool (mounting or formatting as the source needs), reconciles it,
+    /// and opens the node side, with the given test pause points (off in production:
+    /// see [`sys::pause::Points::from_env`]). Blocks.
+    pub fn open(args: &Local, pause: sys::pause::Points) -> Result<Self, BoxError> {
+        let source = pool_source(args)?;
+        std::fs::create_dir_all(&args.state_dir)?;
+        let root = source::prepare(&source, &args.state_dir)?;
+        let options = pool::Options {
+            overprovision_ratio: args.overprovision_ratio,
+            default_volume_size: args.default_volume_size,
+            mounted_root: !matches!(source, Source::Dir(_)),
+            pause,
+        };
+        let pool = Arc::new(Pool::open(&root, &args.node_id, options)?);
+        let attacher = Arc::new(Attacher::new(
+            Arc::clone(&pool),
+            &args.state_dir,
+            &args.default_fs_type,
+        )?);
+        Ok(LocalPool {
+            pool,
+            attacher,
+            root,
+            locks: Locks::default(),
+        })
+    }
+
+    fn node_service(&self, args: &Local) -> NodeService {
+        NodeService::new(
+            Arc::clone(&self.attacher),
+            self.locks.clone(),
+            &args.node_id,
+            args.max_volumes_per_node,
+        )
+    }
+
+    fn pools(&self, args: &Local) -> LocalPools {
+        LocalPools::new(Arc::clone(&self.pool), &args.node_id, self.locks.clone())
+    }
+}
 
 /// The services of an all-in-one driver, ready to serve.
 pub struct AllInOneDriver {
@@ -41,31 +101,19 @@ impl AllInOneDriver {
     /// [`AllInOneDriver::open`] with the given test pause points: how in-process tests,
     /// which share one environment, give each driver its own.
     pub fn open_with_pause(args: &AllInOne, pause: sys::pause::Points) -> Result<Self, BoxError> {
-        let source = pool_source(args)?;
-        std::fs::create_dir_all(&args.state_dir)?;
-        let root = source::prepare(&source, &args.state_dir)?;
-        let options = pool::Options {
-            overprovision_ratio: args.overprovision_ratio,
-            default_volume_size: args.default_volume_size,
-            mounted_root: !matches!(source, Source::Dir(_)),
-            pause,
-        };
-        let pool = Arc::new(Pool::open(&root, &args.node_id, options)?);
-        let attacher = Arc::new(Attacher::new(
-            Arc::clone(&pool),
-            &args.state_dir,
-            &args.default_fs_type,
-        )?);
-        let locks = Locks::default();
+        let local = LocalPool::open(args, pause)?;
         Ok(AllInOneDriver {
-            identity: IdentityService::new(&args.driver_name, Arc::clone(&pool)),
-            controller: ControllerService::new(LocalPools::new(pool, &args.node_id), locks.clone()),
-            node: NodeService::new(attacher, locks, &args.node_id, args.max_volumes_per_node),
+            identity: IdentityService::new(
+                &args.driver_name,
+                Readiness::Pool(Arc::clone(&local.pool)),
+            ),
+            controller: ControllerService::new(local.pools(args)),
+            node: local.node_service(args),
         })
     }
 }
 
-fn pool_source(args: &AllInOne) -> Result<Source, BoxError> {
+fn pool_source(args: &Local) -> Result<Source, BoxError> {
     let pool = &args.pool;
     match (&pool.pool_image, &pool.pool_device, &pool.pool_dir) {
         (Some(path), None, None) => Ok(Source::Image {
@@ -105,6 +153,17 @@ pub async fn run(command: Command) -> Result<(), BoxError> {
             let _ = std::fs::remove_file(&socket);
             tracing::info!("stopped");
             Ok(result?)
+        }
+        Command::Node(args) => node::run(args, shutdown_signal()).await,
+        Command::Controller(args) => controller::run(args, shutdown_signal()).await,
+        Command::Certs(args) => {
+            let out = args.out.clone();
+            tokio::task::spawn_blocking(move || crate::agent::tls::write_certs(&out)).await??;
+            tracing::info!(
+                out = %args.out.display(),
+                "wrote ca.crt, controller/ and node/ (ca.crt, tls.crt, tls.key)"
+            );
+            Ok(())
         }
     }
 }
@@ -146,7 +205,7 @@ pub fn bind(socket: &Path) -> Result<UnixListener, BoxError> {
     Ok(listener)
 }
 
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler installs");

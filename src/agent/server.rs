@@ -1,0 +1,332 @@
+//! The node's side of the agent API: this node's pool, served to the controller.
+//!
+//! # Guarantees
+//!
+//! - Only a client presenting the controller identity ([`tls::CONTROLLER_NAME`]) may
+//!   make control calls; any other identity of the CA gets PERMISSION_DENIED. A client
+//!   without a certificate of the CA never gets past the TLS handshake.
+//! - Every call goes through [`LocalPools`], which takes the node's per-volume locks
+//!   (shared with the Node service) for as long as the pool work runs, even if the
+//!   controller gives up waiting.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use super::proto::agent_server::Agent;
+use super::{LocalPools, Pools, proto, tls, wire};
+use crate::csi::status::{from_agent, from_malformed};
+use crate::pool::{Provisioning, size};
+
+/// How often the status stream sends an update.
+pub const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+
+pub struct AgentService {
+    pools: LocalPools,
+    instance_id: String,
+    /// Becomes true when the process stops: status streams end, so a graceful
+    /// shutdown does not wait on them.
+    stopping: watch::Receiver<bool>,
+}
+
+impl AgentService {
+    pub fn new(pools: LocalPools, stopping: watch::Receiver<bool>) -> Self {
+        AgentService {
+            pools,
+            instance_id: uuid::Uuid::new_v4().to_string(),
+            stopping,
+        }
+    }
+
+    fn info(&self) -> proto::InfoResponse {
+        let node = self.pools.this_node();
+        proto::InfoResponse {
+            node_id: node.id.clone(),
+            node_token: node.token.as_str().to_owned(),
+            pool_id: self.pools.pool().id().to_owned(),
+            instance_id: self.instance_id.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        }
+    }
+}
+
+/// Refuses a caller that is not the controller.
+fn control<T>(request: &Request<T>) -> Result<(), Status> {
+    let certs = request.peer_certs();
+    if tls::peer_has_name(certs.as_deref().map(Vec::as_slice), tls::CONTROLLER_NAME) {
+        Ok(())
+    } else {
+        Err(crate::csi::status::not_controller(tls::CONTROLLER_NAME))
+    }
+}
+
+/// A snapshot of the pool's state for the status stream.
+async fn status(pools: &LocalPools) -> proto::StatusUpdate {
+    let node = pools.this_node().clone();
+    let thin = pools.available(&node, Provisioning::Thin).await;
+    let thick = pools.available(&node, Provisioning::Thick).await;
+    let pool = Arc::clone(pools.pool());
+    let probe = match tokio::task::spawn_blocking(move || pool.probe()).await {
+        Ok(result) => result,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    };
+    match (thin, thick, probe) {
+        (Ok(thin), Ok(thick), Ok(())) => proto::StatusUpdate {
+            available_thin: thin,
+            available_thick: thick,
+            healthy: true,
+            message: "pool is usable".to_owned(),
+        },
+        (thin, thick, probe) => {
+            let problem = [thin.err(), thick.err(), probe.err().map(Into::into)]
+                .into_iter()
+                .flatten()
+                .map(|e| crate::csi::status::chain(&e))
+                .next()
+                .unwrap_or_default();
+            proto::StatusUpdate {
+                available_thin: 0,
+                available_thick: 0,
+                healthy: false,
+                message: format!("pool is not usable: {problem}"),
+            }
+        }
+    }
+}
+
+type StatusStream = Pin<Box<dyn Stream<Item = Result<proto::StatusUpdate, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    async fn info(
+        &self,
+        _request: Request<proto::InfoRequest>,
+    ) -> Result<Response<proto::InfoResponse>, Status> {
+        // Any identity of the CA may ask who this is (the handshake checked the CA).
+        Ok(Response::new(self.info()))
+    }
+
+    type StatusStream = StatusStream;
+
+    async fn status(
+        &self,
+        request: Request<proto::StatusRequest>,
+    ) -> Result<Response<Self::StatusStream>, Status> {
+        control(&request)?;
+        let pools = self.pools.clone();
+        let mut stopping = self.stopping.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(STATUS_INTERVAL);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = ticks.tick() => {}
+                    _ = stopping.wait_for(|s| *s) => break,
+                }
+                // Ends when the controller hangs up.
+                if tx.send(Ok(status(&pools).await)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    #[instrument(err, skip_all, fields(volume.name = %request.get_ref().name))]
+    async fn find_volume(
+        &self,
+        request: Request<proto::FindVolumeRequest>,
+    ) -> Result<Response<proto::FindVolumeResponse>, Status> {
+        control(&request)?;
+        let node = self.pools.this_node().clone();
+        let found = self
+            .pools
+            .find_volume(&node, request.into_inner().name)
+            .await
+            .map_err(from_agent)?;
+        Ok(Response::new(proto::FindVolumeResponse {
+            volume: found.as_ref().map(wire::volume_message),
+        }))
+    }
+
+    #[instrument(err, skip_all, fields(volume.name = %request.get_ref().name))]
+    async fn create_volume(
+        &self,
+        request: Request<proto::CreateVolumeRequest>,
+    ) -> Result<Response<proto::VolumeResponse>, Status> {
+        control(&request)?;
+        let spec = wire::spec(request.get_ref()).map_err(from_malformed)?;
+        let node = self.pools.this_node().clone();
+        let volume = self
+            .pools
+            .create_volume(&node, spec)
+            .await
+            .map_err(from_agent)?;
+        Ok(Response::new(proto::VolumeResponse {
+            volume: Some(wire::volume_message(&volume)),
+            condition: None,
+        }))
+    }
+
+    #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
+    async fn get_volume(
+        &self,
+        request: Request<proto::GetVolumeRequest>,
+    ) -> Result<Response<proto::VolumeResponse>, Status> {
+        control(&request)?;
+        let id =
+            wire::volume_id(&request.get_ref().volume_id, "volume_id").map_err(from_malformed)?;
+        let (volume, condition) = self.pools.volume(id).await.map_err(from_agent)?;
+        Ok(Response::new(wire::volume_response(&volume, &condition)))
+    }
+
+    #[instrument(err, skip_all)]
+    async fn list_volumes(
+        &self,
+        request: Request<proto::ListVolumesRequest>,
+    ) -> Result<Response<proto::ListVolumesResponse>, Status> {
+        control(&request)?;
+        let volumes = self.pools.list_volumes().await.map_err(from_agent)?;
+        Ok(Response::new(proto::ListVolumesResponse {
+            volumes: volumes
+                .iter()
+                .map(|(v, c)| wire::volume_response(v, c))
+                .collect(),
+        }))
+    }
+
+    #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
+    async fn delete_volume(
+        &self,
+        request: Request<proto::DeleteVolumeRequest>,
+    ) -> Result<Response<proto::DeleteVolumeResponse>, Status> {
+        control(&request)?;
+        let id =
+            wire::volume_id(&request.get_ref().volume_id, "volume_id").map_err(from_malformed)?;
+        self.pools.delete_volume(id).await.map_err(from_agent)?;
+        Ok(Response::new(proto::DeleteVolumeResponse {}))
+    }
+
+    #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
+    async fn expand_volume(
+        &self,
+        request: Request<proto::ExpandVolumeRequest>,
+    ) -> Result<Response<proto::ExpandVolumeResponse>, Status> {
+        control(&request)?;
+        let req = request.into_inner();
+        let id = wire::volume_id(&req.volume_id, "volume_id").map_err(from_malformed)?;
+        let range = size::Range {
+            required: req.required_bytes,
+            limit: req.limit_bytes,
+        };
+        let (volume, changed) = self
+            .pools
+            .expand_volume(id, range)
+            .await
+            .map_err(from_agent)?;
+        Ok(Response::new(proto::ExpandVolumeResponse {
+            volume: Some(wire::volume_message(&volume)),
+            changed,
+        }))
+    }
+
+    #[instrument(err, skip_all, fields(snapshot.name = %request.get_ref().name))]
+    async fn find_snapshot(
+        &self,
+        request: Request<proto::FindSnapshotRequest>,
+    ) -> Result<Response<proto::FindSnapshotResponse>, Status> {
+        control(&request)?;
+        let node = self.pools.this_node().clone();
+        let found = self
+            .pools
+            .find_snapshot(&node, request.into_inner().name)
+            .await
+            .map_err(from_agent)?;
+        Ok(Response::new(proto::FindSnapshotResponse {
+            snapshot: found.as_ref().map(wire::snapshot_message),
+        }))
+    }
+
+    #[instrument(err, skip_all, fields(snapshot.name = %request.get_ref().name))]
+    async fn create_snapshot(
+        &self,
+        request: Request<proto::CreateSnapshotRequest>,
+    ) -> Result<Response<proto::SnapshotResponse>, Status> {
+        control(&request)?;
+        let req = request.into_inner();
+        let source =
+            wire::volume_id(&req.source_volume_id, "source_volume_id").map_err(from_malformed)?;
+        let snapshot = self
+            .pools
+            .create_snapshot(req.name, source)
+            .await
+            .map_err(from_agent)?;
+        Ok(Response::new(proto::SnapshotResponse {
+            snapshot: Some(wire::snapshot_message(&snapshot)),
+        }))
+    }
+
+    #[instrument(err, skip_all, fields(snapshot.id = %request.get_ref().snapshot_id))]
+    async fn get_snapshot(
+        &self,
+        request: Request<proto::GetSnapshotRequest>,
+    ) -> Result<Response<proto::SnapshotResponse>, Status> {
+        control(&request)?;
+        let id = wire::snapshot_id(&request.get_ref().snapshot_id, "snapshot_id")
+            .map_err(from_malformed)?;
+        let snapshot = self.pools.snapshot(id).await.map_err(from_agent)?;
+        Ok(Response::new(proto::SnapshotResponse {
+            snapshot: Some(wire::snapshot_message(&snapshot)),
+        }))
+    }
+
+    #[instrument(err, skip_all)]
+    async fn list_snapshots(
+        &self,
+        request: Request<proto::ListSnapshotsRequest>,
+    ) -> Result<Response<proto::ListSnapshotsResponse>, Status> {
+        control(&request)?;
+        let snapshots = self.pools.list_snapshots().await.map_err(from_agent)?;
+        Ok(Response::new(proto::ListSnapshotsResponse {
+            snapshots: snapshots.iter().map(wire::snapshot_message).collect(),
+        }))
+    }
+
+    #[instrument(err, skip_all, fields(snapshot.id = %request.get_ref().snapshot_id))]
+    async fn delete_snapshot(
+        &self,
+        request: Request<proto::DeleteSnapshotRequest>,
+    ) -> Result<Response<proto::DeleteSnapshotResponse>, Status> {
+        control(&request)?;
+        let id = wire::snapshot_id(&request.get_ref().snapshot_id, "snapshot_id")
+            .map_err(from_malformed)?;
+        self.pools.delete_snapshot(id).await.map_err(from_agent)?;
+        Ok(Response::new(proto::DeleteSnapshotResponse {}))
+    }
+
+    async fn capacity(
+        &self,
+        request: Request<proto::CapacityRequest>,
+    ) -> Result<Response<proto::CapacityResponse>, Status> {
+        control(&request)?;
+        let provisioning =
+            wire::provisioning(request.get_ref().provisioning).map_err(from_malformed)?;
+        let node = self.pools.this_node().clone();
+        let available = self
+            .pools
+            .available(&node, provisioning)
+            .await
+            .map_err(from_agent)?;
+        Ok(Response::new(proto::CapacityResponse {
+            available_bytes: available,
+        }))
+    }
+}

@@ -1,0 +1,262 @@
+//! Conversions between pool types and the agent protocol. What comes off the wire is
+//! parsed as strictly as a CSI request: an ID that does not parse is refused.
+
+use super::proto;
+use crate::pool::{
+    self, Condition, ContentSource, Provisioning, Snapshot, SnapshotId, Timestamp, Volume,
+    VolumeId, size,
+};
+
+/// A message from the other side that kura could not have sent.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed agent message: {field}: {reason}")]
+pub struct Malformed {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+fn malformed(field: &'static str, reason: impl Into<String>) -> Malformed {
+    Malformed {
+        field,
+        reason: reason.into(),
+    }
+}
+
+pub fn volume_id(text: &str, field: &'static str) -> Result<VolumeId, Malformed> {
+    VolumeId::parse(text).ok_or_else(|| malformed(field, format!("{text:?} is not a volume ID")))
+}
+
+pub fn snapshot_id(text: &str, field: &'static str) -> Result<SnapshotId, Malformed> {
+    SnapshotId::parse(text)
+        .ok_or_else(|| malformed(field, format!("{text:?} is not a snapshot ID")))
+}
+
+pub fn provisioning_message(p: Provisioning) -> proto::Provisioning {
+    match p {
+        Provisioning::Thin => proto::Provisioning::Thin,
+        Provisioning::Thick => proto::Provisioning::Thick,
+    }
+}
+
+pub fn provisioning(value: i32) -> Result<Provisioning, Malformed> {
+    match proto::Provisioning::try_from(value) {
+        Ok(proto::Provisioning::Thin) => Ok(Provisioning::Thin),
+        Ok(proto::Provisioning::Thick) => Ok(Provisioning::Thick),
+        Ok(proto::Provisioning::Unspecified) | Err(_) => Err(malformed(
+            "provisioning",
+            format!("{value} is not thin or thick"),
+        )),
+    }
+}
+
+pub fn source_message(source: &ContentSource) -> proto::ContentSource {
+    let kind = match source {
+        ContentSource::Snapshot(id) => proto::content_source::Kind::SnapshotId(id.to_string()),
+        ContentSource::Volume(id) => proto::content_source::Kind::VolumeId(id.to_string()),
+    };
+    proto::ContentSource { kind: Some(kind) }
+}
+
+pub fn source(message: Option<&proto::ContentSource>) -> Result<Option<ContentSource>, Malformed> {
+    match message.and_then(|m| m.kind.as_ref()) {
+        None => Ok(None),
+        Some(proto::content_source::Kind::SnapshotId(id)) => Ok(Some(ContentSource::Snapshot(
+            snapshot_id(id, "source.snapshot_id")?,
+        ))),
+        Some(proto::content_source::Kind::VolumeId(id)) => Ok(Some(ContentSource::Volume(
+            volume_id(id, "source.volume_id")?,
+        ))),
+    }
+}
+
+fn timestamp_message(t: Timestamp) -> proto::Timestamp {
+    proto::Timestamp {
+        seconds: t.seconds,
+        nanos: t.nanos,
+    }
+}
+
+fn timestamp(t: Option<&proto::Timestamp>) -> Timestamp {
+    t.map_or(
+        Timestamp {
+            seconds: 0,
+            nanos: 0,
+        },
+        |t| Timestamp {
+            seconds: t.seconds,
+            nanos: t.nanos,
+        },
+    )
+}
+
+pub fn volume_message(v: &Volume) -> proto::Volume {
+    proto::Volume {
+        id: v.id.to_string(),
+        name: v.name.clone(),
+        size_bytes: v.size_bytes,
+        provisioning: provisioning_message(v.provisioning) as i32,
+        source: v.source.as_ref().map(source_message),
+        created: Some(timestamp_message(v.created)),
+    }
+}
+
+pub fn volume(m: Option<&proto::Volume>) -> Result<Volume, Malformed> {
+    let m = m.ok_or_else(|| malformed("volume", "missing"))?;
+    Ok(Volume {
+        id: volume_id(&m.id, "volume.id")?,
+        name: m.name.clone(),
+        size_bytes: m.size_bytes,
+        provisioning: provisioning(m.provisioning)?,
+        source: source(m.source.as_ref())?,
+        created: timestamp(m.created.as_ref()),
+    })
+}
+
+pub fn condition_message(c: &Condition) -> proto::Condition {
+    proto::Condition {
+        abnormal: c.abnormal,
+        message: c.message.clone(),
+    }
+}
+
+pub fn condition(c: Option<&proto::Condition>) -> Condition {
+    c.map_or_else(
+        || Condition::abnormal("the node reported no condition"),
+        |c| Condition {
+            abnormal: c.abnormal,
+            message: c.message.clone(),
+        },
+    )
+}
+
+pub fn volume_response(v: &Volume, c: &Condition) -> proto::VolumeResponse {
+    proto::VolumeResponse {
+        volume: Some(volume_message(v)),
+        condition: Some(condition_message(c)),
+    }
+}
+
+pub fn volume_and_condition(r: &proto::VolumeResponse) -> Result<(Volume, Condition), Malformed> {
+    Ok((volume(r.volume.as_ref())?, condition(r.condition.as_ref())))
+}
+
+pub fn snapshot_message(s: &Snapshot) -> proto::Snapshot {
+    proto::Snapshot {
+        id: s.id.to_string(),
+        name: s.name.clone(),
+        source_volume_id: s.source_volume.to_string(),
+        size_bytes: s.size_bytes,
+        created: Some(timestamp_message(s.created)),
+        ready: s.ready,
+    }
+}
+
+pub fn snapshot(m: Option<&proto::Snapshot>) -> Result<Snapshot, Malformed> {
+    let m = m.ok_or_else(|| malformed("snapshot", "missing"))?;
+    Ok(Snapshot {
+        id: snapshot_id(&m.id, "snapshot.id")?,
+        name: m.name.clone(),
+        source_volume: volume_id(&m.source_volume_id, "snapshot.source_volume_id")?,
+        size_bytes: m.size_bytes,
+        created: timestamp(m.created.as_ref()),
+        ready: m.ready,
+    })
+}
+
+pub fn create_request(spec: &pool::VolumeSpec) -> proto::CreateVolumeRequest {
+    proto::CreateVolumeRequest {
+        name: spec.name.clone(),
+        required_bytes: spec.range.required,
+        limit_bytes: spec.range.limit,
+        provisioning: provisioning_message(spec.provisioning) as i32,
+        source: spec.source.as_ref().map(source_message),
+    }
+}
+
+pub fn spec(m: &proto::CreateVolumeRequest) -> Result<pool::VolumeSpec, Malformed> {
+    if m.name.is_empty() {
+        return Err(malformed("name", "is required"));
+    }
+    Ok(pool::VolumeSpec {
+        name: m.name.clone(),
+        range: size::Range {
+            required: m.required_bytes,
+            limit: m.limit_bytes,
+        },
+        provisioning: provisioning(m.provisioning)?,
+        source: source(m.source.as_ref())?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::NodeToken;
+
+    #[test]
+    fn volumes_and_snapshots_round_trip() {
+        let node = NodeToken::for_node("worker-1");
+        let snap = SnapshotId::derive("s", &node);
+        let volume = Volume {
+            id: VolumeId::derive("v", &node),
+            name: "v".into(),
+            size_bytes: 1 << 30,
+            provisioning: Provisioning::Thick,
+            source: Some(ContentSource::Snapshot(snap.clone())),
+            created: Timestamp {
+                seconds: 7,
+                nanos: 9,
+            },
+        };
+        assert_eq!(
+            super::volume(Some(&volume_message(&volume))).unwrap(),
+            volume
+        );
+        let snapshot = Snapshot {
+            id: snap,
+            name: "s".into(),
+            source_volume: volume.id.clone(),
+            size_bytes: 5,
+            created: volume.created,
+            ready: false,
+        };
+        assert_eq!(
+            super::snapshot(Some(&snapshot_message(&snapshot))).unwrap(),
+            snapshot
+        );
+        let spec = pool::VolumeSpec {
+            name: "c".into(),
+            range: size::Range {
+                required: 3,
+                limit: 4,
+            },
+            provisioning: Provisioning::Thin,
+            source: Some(ContentSource::Volume(volume.id.clone())),
+        };
+        let back = self::spec(&create_request(&spec)).unwrap();
+        assert_eq!(
+            (back.name, back.range, back.provisioning, back.source),
+            (spec.name, spec.range, spec.provisioning, spec.source)
+        );
+    }
+
+    #[test]
+    fn malformed_messages_are_refused() {
+        let mut m = volume_message(&Volume {
+            id: VolumeId::derive("v", &NodeToken::for_node("n")),
+            name: "v".into(),
+            size_bytes: 1,
+            provisioning: Provisioning::Thin,
+            source: None,
+            created: Timestamp {
+                seconds: 0,
+                nanos: 0,
+            },
+        });
+        m.id = "vol-../../etc".into();
+        assert!(volume(Some(&m)).is_err());
+        assert!(volume(None).is_err());
+        assert!(provisioning(0).is_err());
+        assert!(provisioning(99).is_err());
+    }
+}

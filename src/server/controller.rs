@@ -1,0 +1,58 @@
+//! `kura controller`: Identity and Controller over the agents it finds. It keeps no
+//! state: any number of replicas may serve at once, and a restarted one serves as soon
+//! as it has found the agents again.
+
+use std::future::Future;
+
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use super::{BoxError, bind, socket_path};
+use crate::agent::cluster::{self, Cluster};
+use crate::agent::tls;
+use crate::cli::ControllerArgs;
+use crate::csi::controller::ControllerService;
+use crate::csi::identity::{IdentityService, Readiness};
+use crate::csi::proto::controller_server::ControllerServer;
+use crate::csi::proto::identity_server::IdentityServer;
+
+/// Starts finding the agents the flags name.
+pub fn start_cluster(args: &ControllerArgs) -> Result<Cluster, BoxError> {
+    let files = tls::Files::read(&args.tls_dir)?;
+    let mut targets: Vec<String> = args.agents.iter().cloned().collect();
+    targets.extend(args.agent.iter().map(|a| a.to_string()));
+    Ok(Cluster::start(cluster::Config {
+        targets,
+        tls: files.client(),
+    }))
+}
+
+/// Serves Identity and Controller over `cluster` on `listener` until `shutdown`.
+pub async fn serve(
+    listener: UnixListener,
+    cluster: Cluster,
+    driver_name: &str,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let identity = IdentityService::new(driver_name, Readiness::Agents(cluster.clone()));
+    tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(identity))
+        .add_service(ControllerServer::new(ControllerService::new(cluster)))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await
+}
+
+/// `kura controller` until `shutdown`.
+pub async fn run(
+    args: ControllerArgs,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), BoxError> {
+    let socket = socket_path(&args.endpoint)?;
+    let cluster = start_cluster(&args)?;
+    let listener = bind(&socket)?;
+    tracing::info!(endpoint = %socket.display(), "serving CSI (controller)");
+    let result = serve(listener, cluster, &args.driver_name, shutdown).await;
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!("stopped");
+    Ok(result?)
+}

@@ -1,0 +1,144 @@
+//! `kura node`: Identity and Node on the CSI socket, as all-in-one serves them, plus
+//! the agent on TCP (mutual TLS) through which controllers reach this node's pool.
+//!
+//! # Guarantees
+//!
+//! - One `kura node` per pool: the state directory and the pool root are locked
+//!   (`flock`) before anything is touched; a second process exits with an error
+//!   naming the holder.
+//! - The Node service and the agent share one set of per-volume locks, so a
+//!   controller's call (through the agent) and the kubelet's call on the same volume
+//!   exclude each other as they do in all-in-one.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use super::{BoxError, LocalPool, bind, socket_path};
+use crate::agent::proto::agent_server::AgentServer;
+use crate::agent::server::AgentService;
+use crate::agent::{cluster, tls};
+use crate::cli::NodeArgs;
+use crate::csi::identity::{IdentityService, Readiness};
+use crate::csi::node::NodeService;
+use crate::csi::proto::identity_server::IdentityServer;
+use crate::csi::proto::node_server::NodeServer;
+use crate::sys::fs::LockFile;
+
+/// The services of a node, ready to serve.
+pub struct NodeDriver {
+    identity: IdentityService,
+    node: NodeService,
+    agent: AgentService,
+    tls: tls::Files,
+    stopping: watch::Sender<bool>,
+    _locks: Vec<LockFile>,
+}
+
+/// Takes the exclusive lock `path`, or says who holds it.
+fn lock(path: &Path) -> Result<LockFile, BoxError> {
+    match crate::sys::fs::try_lock_exclusive(path)? {
+        Ok(lock) => Ok(lock),
+        Err(holder) => Err(format!(
+            "another kura process (pid {holder}) holds {}: one kura node serves a pool at a time",
+            path.display()
+        )
+        .into()),
+    }
+}
+
+impl NodeDriver {
+    /// Locks the pool, prepares it, and builds the services. Blocks.
+    pub fn open(args: &NodeArgs) -> Result<Self, BoxError> {
+        let tls = tls::Files::read(&args.tls_dir)?;
+        let local_args = &args.local;
+        std::fs::create_dir_all(&local_args.state_dir)?;
+        let mut locks = vec![lock(&local_args.state_dir.join("node.lock"))?];
+        let local = LocalPool::open(local_args, crate::sys::pause::Points::from_env())?;
+        let pool_lock = local.root.join(".kura-node.lock");
+        if !pool_lock.starts_with(&local_args.state_dir) {
+            // A --pool-dir may be shared between state directories: lock it too.
+            locks.push(lock(&pool_lock)?);
+        }
+        let (stopping, stopped) = watch::channel(false);
+        Ok(NodeDriver {
+            identity: IdentityService::new(
+                &local_args.driver_name,
+                Readiness::Pool(Arc::clone(&local.pool)),
+            ),
+            node: local.node_service(local_args),
+            agent: AgentService::new(local.pools(local_args), stopped),
+            tls,
+            stopping,
+            _locks: locks,
+        })
+    }
+}
+
+/// Serves the CSI socket and the agent until `shutdown` completes, then lets in-flight
+/// calls finish (status streams end at once).
+pub async fn serve(
+    csi: UnixListener,
+    agent: TcpListener,
+    driver: NodeDriver,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), BoxError> {
+    let NodeDriver {
+        identity,
+        node,
+        agent: agent_service,
+        tls,
+        stopping,
+        _locks,
+    } = driver;
+    let mut stopped = stopping.subscribe();
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stopping.send(true);
+    });
+    let mut agent_stopped = stopped.clone();
+    let csi_server = tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(identity))
+        .add_service(NodeServer::new(node))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(csi), async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        });
+    let agent_server = tonic::transport::Server::builder()
+        .tls_config(tls.server())?
+        .http2_keepalive_interval(Some(cluster::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(cluster::KEEPALIVE_TIMEOUT))
+        .add_service(AgentServer::new(agent_service))
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(agent).with_nodelay(Some(true)),
+            async move {
+                let _ = agent_stopped.wait_for(|s| *s).await;
+            },
+        );
+    let (csi_result, agent_result) = tokio::join!(csi_server, agent_server);
+    csi_result?;
+    agent_result?;
+    Ok(())
+}
+
+/// `kura node` until `shutdown`.
+pub async fn run(
+    args: NodeArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), BoxError> {
+    let socket = socket_path(&args.local.endpoint)?;
+    let listen = args.agent_listen;
+    let driver = tokio::task::spawn_blocking(move || NodeDriver::open(&args)).await??;
+    let agent = TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("agent: cannot listen on {listen}: {e}"))?;
+    let csi = bind(&socket)?;
+    tracing::info!(endpoint = %socket.display(), agent = %listen, "serving CSI and the agent");
+    let result = serve(csi, agent, driver, shutdown).await;
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!("stopped");
+    result
+}
