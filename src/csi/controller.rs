@@ -1,20 +1,23 @@
 //! The Controller service: volumes and snapshots in the nodes' pools, reached only
 //! through [`Pools`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use super::proto::controller_server::Controller;
 use super::proto::{self, controller_service_capability, volume_content_source};
-use super::status::{busy, from_pool, invalid, missing};
+use super::status::{
+    busy, from_pool, invalid, missing, no_node, no_volume, not_found, unimplemented,
+};
 use super::validate::{self, CapabilityError};
 use super::{TOPOLOGY_KEY, node_topology};
 use crate::agent::{Node, Pools};
+use crate::pool::attach::Capability;
 use crate::pool::locks::Locks;
 use crate::pool::{
-    self, Condition, ContentSource, Snapshot, SnapshotId, Volume, VolumeId, VolumeSpec,
+    self, AccessKind, Condition, ContentSource, Snapshot, SnapshotId, Volume, VolumeId, VolumeSpec,
 };
 
 pub struct ControllerService<P> {
@@ -65,11 +68,8 @@ impl<P: Pools> ControllerService<P> {
                 best = Some((free, node));
             }
         }
-        best.map(|(_, node)| node.clone()).ok_or_else(|| {
-            Status::resource_exhausted(format!(
-                "accessibility_requirements: no kura node among the requisite topologies {requisite:?}"
-            ))
-        })
+        best.map(|(_, node)| node.clone())
+            .ok_or_else(|| no_node(&requisite))
     }
 
     fn lock(&self, key: &str) -> Result<pool::locks::Guard, Status> {
@@ -116,11 +116,8 @@ fn content_source(
     let Some(source) = source else {
         return Ok(None);
     };
-    let not_found = |kind: &str, id: &str| {
-        Status::not_found(format!(
-            "volume_content_source: {kind} {id:?} does not exist"
-        ))
-    };
+    let not_found =
+        |kind: &str, id: &str| not_found(format_args!("volume_content_source: {kind} {id:?}"));
     match &source.r#type {
         None => Err(missing("volume_content_source.type")),
         Some(volume_content_source::Type::Snapshot(s)) => {
@@ -157,8 +154,9 @@ fn snapshot_message(snapshot: &Snapshot) -> proto::Snapshot {
     }
 }
 
-fn not_found_volume(id: &str) -> Status {
-    Status::not_found(format!("volume {id} does not exist"))
+/// The access types a list of capabilities asks for.
+fn access_kinds(caps: &[Capability]) -> BTreeSet<AccessKind> {
+    caps.iter().map(|c| c.access.kind()).collect()
 }
 
 /// One page of `items` (sorted by ID) starting at `start`.
@@ -189,25 +187,28 @@ fn capability(
 
 #[tonic::async_trait]
 impl<P: Pools> Controller for ControllerService<P> {
-    #[instrument(err, skip_all, fields(volume.name = %request.get_ref().name))]
+    #[instrument(err, skip_all, fields(volume.name = ?request.get_ref().name))]
     async fn create_volume(
         &self,
         request: Request<proto::CreateVolumeRequest>,
     ) -> Result<Response<proto::CreateVolumeResponse>, Status> {
         let req = request.into_inner();
         let name = validate::name(&req.name, "name")?;
-        validate::capabilities(&req.volume_capabilities, "volume_capabilities")
+        let capabilities = validate::capabilities(&req.volume_capabilities, "volume_capabilities")
             .map_err(|e| e.into_invalid("volume_capabilities"))?;
         let range = validate::range(req.capacity_range.as_ref())?;
+        validate::map_size(&req.parameters, "parameters")?;
         let provisioning = validate::volume_parameters(&req.parameters)?;
+        validate::no_mutable_parameters(&req.mutable_parameters)?;
+        validate::map_size(&req.secrets, "secrets")?;
         let source = content_source(req.volume_content_source.as_ref())?;
         // A source on a node kura does not know names nothing: NOT_FOUND, not a
         // topology failure.
         let pinned = match &source {
             None => None,
             Some(source) => Some(self.pools.node(&source.node()).ok_or_else(|| {
-                Status::not_found(format!(
-                    "volume_content_source: {} does not exist (no kura node {})",
+                not_found(format_args!(
+                    "volume_content_source: {:?} (no kura node {})",
                     source.id(),
                     source.node().as_str()
                 ))
@@ -233,6 +234,7 @@ impl<P: Pools> Controller for ControllerService<P> {
             range,
             provisioning,
             source,
+            access: access_kinds(&capabilities),
         };
         let volume = self
             .pools
@@ -244,7 +246,7 @@ impl<P: Pools> Controller for ControllerService<P> {
         }))
     }
 
-    #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
+    #[instrument(err, skip_all, fields(volume.id = ?request.get_ref().volume_id))]
     async fn delete_volume(
         &self,
         request: Request<proto::DeleteVolumeRequest>,
@@ -262,8 +264,9 @@ impl<P: Pools> Controller for ControllerService<P> {
         &self,
         _request: Request<proto::ControllerPublishVolumeRequest>,
     ) -> Result<Response<proto::ControllerPublishVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "ControllerPublishVolume: kura volumes are local; there is nothing to attach",
+        Err(unimplemented(
+            "ControllerPublishVolume",
+            "kura volumes are local; there is nothing to attach",
         ))
     }
 
@@ -271,12 +274,13 @@ impl<P: Pools> Controller for ControllerService<P> {
         &self,
         _request: Request<proto::ControllerUnpublishVolumeRequest>,
     ) -> Result<Response<proto::ControllerUnpublishVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "ControllerUnpublishVolume: kura volumes are local; there is nothing to detach",
+        Err(unimplemented(
+            "ControllerUnpublishVolume",
+            "kura volumes are local; there is nothing to detach",
         ))
     }
 
-    #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
+    #[instrument(err, skip_all, fields(volume.id = ?request.get_ref().volume_id))]
     async fn validate_volume_capabilities(
         &self,
         request: Request<proto::ValidateVolumeCapabilitiesRequest>,
@@ -287,12 +291,32 @@ impl<P: Pools> Controller for ControllerService<P> {
         if let Err(CapabilityError::Invalid(status)) = checked {
             return Err(status);
         }
-        let id = id.ok_or_else(|| not_found_volume(&req.volume_id))?;
-        self.pools.volume(id).await.map_err(from_pool)?;
+        let id = id.ok_or_else(|| no_volume("volume_id", &req.volume_id))?;
+        let (volume, _) = self.pools.volume(id).await.map_err(from_pool)?;
         let verdict = checked
             .map_err(|e| e.into_invalid("volume_capabilities").message().to_owned())
-            .and_then(|_| {
+            .and_then(|caps| {
+                let asked = access_kinds(&caps);
+                if volume.serves(&asked) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "volume_capabilities: volume {} was created for other access types than {}",
+                        volume.id,
+                        asked
+                            .iter()
+                            .map(|k| k.to_string())
+                            .collect::<Vec<_>>()
+                            .join(" and ")
+                    ))
+                }
+            })
+            .and_then(|()| {
                 validate::volume_parameters(&req.parameters).map_err(|s| s.message().to_owned())
+            })
+            .and_then(|_| {
+                validate::no_mutable_parameters(&req.mutable_parameters)
+                    .map_err(|s| s.message().to_owned())
             });
         let response = match verdict {
             Ok(_) => proto::ValidateVolumeCapabilitiesResponse {
@@ -413,7 +437,7 @@ impl<P: Pools> Controller for ControllerService<P> {
         }))
     }
 
-    #[instrument(err, skip_all, fields(snapshot.name = %request.get_ref().name, volume.id = %request.get_ref().source_volume_id))]
+    #[instrument(err, skip_all, fields(snapshot.name = ?request.get_ref().name, volume.id = ?request.get_ref().source_volume_id))]
     async fn create_snapshot(
         &self,
         request: Request<proto::CreateSnapshotRequest>,
@@ -421,8 +445,10 @@ impl<P: Pools> Controller for ControllerService<P> {
         let req = request.into_inner();
         let source = validate::volume_id(&req.source_volume_id, "source_volume_id")?;
         let name = validate::name(&req.name, "name")?;
+        validate::map_size(&req.parameters, "parameters")?;
         validate::snapshot_parameters(&req.parameters)?;
-        let source = source.ok_or_else(|| not_found_volume(&req.source_volume_id))?;
+        validate::map_size(&req.secrets, "secrets")?;
+        let source = source.ok_or_else(|| no_volume("source_volume_id", &req.source_volume_id))?;
         let id = SnapshotId::derive(name, &source.node());
         let _snapshot_guard = self.lock(id.as_str())?;
         let _volume_guard = self.lock(source.as_str())?;
@@ -436,7 +462,7 @@ impl<P: Pools> Controller for ControllerService<P> {
         }))
     }
 
-    #[instrument(err, skip_all, fields(snapshot.id = %request.get_ref().snapshot_id))]
+    #[instrument(err, skip_all, fields(snapshot.id = ?request.get_ref().snapshot_id))]
     async fn delete_snapshot(
         &self,
         request: Request<proto::DeleteSnapshotRequest>,
@@ -485,7 +511,7 @@ impl<P: Pools> Controller for ControllerService<P> {
         }))
     }
 
-    #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
+    #[instrument(err, skip_all, fields(volume.id = ?request.get_ref().volume_id))]
     async fn controller_expand_volume(
         &self,
         request: Request<proto::ControllerExpandVolumeRequest>,
@@ -500,7 +526,9 @@ impl<P: Pools> Controller for ControllerService<P> {
         if range.required == 0 && range.limit == 0 {
             return Err(invalid("capacity_range", "asks for no size"));
         }
-        let id = id.ok_or_else(|| not_found_volume(&req.volume_id))?;
+        validate::optional_capability(req.volume_capability.as_ref(), "volume_capability")?;
+        validate::map_size(&req.secrets, "secrets")?;
+        let id = id.ok_or_else(|| no_volume("volume_id", &req.volume_id))?;
         let _guard = self.lock(id.as_str())?;
         let (volume, _) = self
             .pools
@@ -514,14 +542,14 @@ impl<P: Pools> Controller for ControllerService<P> {
         }))
     }
 
-    #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
+    #[instrument(err, skip_all, fields(volume.id = ?request.get_ref().volume_id))]
     async fn controller_get_volume(
         &self,
         request: Request<proto::ControllerGetVolumeRequest>,
     ) -> Result<Response<proto::ControllerGetVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = validate::volume_id(&req.volume_id, "volume_id")?
-            .ok_or_else(|| not_found_volume(&req.volume_id))?;
+            .ok_or_else(|| no_volume("volume_id", &req.volume_id))?;
         let (volume, condition) = self.pools.volume(id).await.map_err(from_pool)?;
         Ok(Response::new(proto::ControllerGetVolumeResponse {
             volume: Some(self.volume_message(&volume)),
@@ -536,19 +564,20 @@ impl<P: Pools> Controller for ControllerService<P> {
         &self,
         _request: Request<proto::ControllerModifyVolumeRequest>,
     ) -> Result<Response<proto::ControllerModifyVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "ControllerModifyVolume: kura volumes have no mutable parameters",
+        Err(unimplemented(
+            "ControllerModifyVolume",
+            "kura volumes have no mutable parameters",
         ))
     }
 
-    #[instrument(err, skip_all, fields(snapshot.id = %request.get_ref().snapshot_id))]
+    #[instrument(err, skip_all, fields(snapshot.id = ?request.get_ref().snapshot_id))]
     async fn get_snapshot(
         &self,
         request: Request<proto::GetSnapshotRequest>,
     ) -> Result<Response<proto::GetSnapshotResponse>, Status> {
         let req = request.into_inner();
         let id = validate::snapshot_id(&req.snapshot_id, "snapshot_id")?.ok_or_else(|| {
-            Status::not_found(format!("snapshot {} does not exist", req.snapshot_id))
+            not_found(format_args!("snapshot_id: snapshot {:?}", req.snapshot_id))
         })?;
         let snapshot = self.pools.snapshot(id).await.map_err(from_pool)?;
         Ok(Response::new(proto::GetSnapshotResponse {

@@ -73,9 +73,9 @@ impl Identity for IdentityService {
         _request: Request<proto::ProbeRequest>,
     ) -> Result<Response<proto::ProbeResponse>, Status> {
         let pool = Arc::clone(&self.pool);
-        blocking(move || pool.probe()).await.map_err(|e| {
-            Status::failed_precondition(format!("pool is not usable: {}", status::chain(&e)))
-        })?;
+        blocking(move || pool.probe())
+            .await
+            .map_err(|e| status::not_ready(status::chain(&e)))?;
         Ok(Response::new(proto::ProbeResponse { ready: Some(true) }))
     }
 }

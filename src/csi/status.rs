@@ -56,6 +56,82 @@ pub fn busy(key: &str) -> Status {
     Status::aborted(format!("an operation on {key} is already in progress"))
 }
 
+/// An object a request names that does not exist (or cannot: a malformed ID). `what`
+/// says which field or kind it is and quotes the CO's value.
+pub fn not_found(what: impl std::fmt::Display) -> Status {
+    Status::not_found(format!("{what} does not exist"))
+}
+
+/// A volume ID that names no volume.
+pub fn no_volume(field: &str, id: &str) -> Status {
+    not_found(format_args!("{field}: volume {id:?}"))
+}
+
+/// A path that is not where the volume is staged or published.
+pub fn not_at_path(field: &str, path: &str, volume: &str) -> Status {
+    Status::not_found(format!(
+        "{field}: volume {volume:?} is not staged or published at {path:?}"
+    ))
+}
+
+/// The request cannot be served in the state things are in (FAILED_PRECONDITION).
+pub fn precondition(field: &str, reason: impl std::fmt::Display) -> Status {
+    Status::failed_precondition(format!("{field}: {reason}"))
+}
+
+/// A `starting_token` kura did not hand out (the spec asks for ABORTED).
+pub fn bad_token(token: &str) -> Status {
+    Status::aborted(format!(
+        "starting_token: {token:?} is not a token this driver issued"
+    ))
+}
+
+/// A requisite topology that names no node with a kura pool.
+pub fn no_node(requisite: &[String]) -> Status {
+    Status::resource_exhausted(format!(
+        "accessibility_requirements: no kura node among the requisite topologies {requisite:?}"
+    ))
+}
+
+/// An RPC kura does not offer.
+pub fn unimplemented(rpc: &str, reason: &str) -> Status {
+    Status::unimplemented(format!("{rpc}: {reason}"))
+}
+
+/// The pool cannot answer a probe.
+pub fn not_ready(reason: impl std::fmt::Display) -> Status {
+    Status::failed_precondition(format!("pool is not usable: {reason}"))
+}
+
+/// The text tonic's decoder gives a request over the message limit (with the code
+/// OUT_OF_RANGE, where gRPC says RESOURCE_EXHAUSTED).
+pub const TONIC_TOO_LARGE: &str = "Error, decoded message length too large: ";
+
+/// Rewrites a response carrying tonic's status for a request over the message limit
+/// to RESOURCE_EXHAUSTED; every other response passes unchanged. The server applies it
+/// to every call (a tower `map_response` layer), since the decoder's status is made
+/// before any handler runs.
+pub fn oversized_is_resource_exhausted<B>(
+    mut response: tonic::codegen::http::Response<B>,
+) -> tonic::codegen::http::Response<B> {
+    if let Some(status) = Status::from_header_map(response.headers())
+        && let Some(fixed) = oversized_request(&status)
+    {
+        // A message of our own making always encodes; should it not, the original
+        // status stands.
+        let _ = fixed.add_header(response.headers_mut());
+    }
+    response
+}
+
+/// The status for a request over the message limit, from tonic's: RESOURCE_EXHAUSTED,
+/// as gRPC specifies. `None` for every other status, which passes unchanged.
+pub fn oversized_request(status: &Status) -> Option<Status> {
+    let detail = status.message().strip_prefix(TONIC_TOO_LARGE)?;
+    (status.code() == Code::OutOfRange)
+        .then(|| Status::resource_exhausted(format!("request message too large: {detail}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,6 +200,23 @@ mod tests {
         for (error, _) in every_variant() {
             let busy = matches!(error, pool::Error::Busy(_));
             assert_eq!(retried.contains(&code(&error)), busy, "{error:?}");
+        }
+    }
+
+    #[test]
+    fn only_the_decoders_size_error_becomes_resource_exhausted() {
+        let tonic = Status::out_of_range(format!(
+            "{TONIC_TOO_LARGE}found 5000000 bytes, the limit is: 4194304 bytes"
+        ));
+        let fixed = oversized_request(&tonic).expect("rewritten");
+        assert_eq!(fixed.code(), Code::ResourceExhausted);
+        assert!(fixed.message().contains("5000000"), "{}", fixed.message());
+        for other in [
+            Status::out_of_range("capacity_range: required_bytes 5 exceeds limit_bytes 4"),
+            Status::internal(format!("{TONIC_TOO_LARGE}found 1 bytes")),
+            Status::ok(""),
+        ] {
+            assert!(oversized_request(&other).is_none(), "{other:?}");
         }
     }
 

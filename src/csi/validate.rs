@@ -1,14 +1,16 @@
 //! Checking requests into typed arguments. Every error names the field and the reason.
+//! Pure functions: nothing here touches the OS, so a malformed value never reaches it.
 
 use std::collections::HashMap;
+use std::path::{Component, Path, PathBuf};
 
 use tonic::Status;
 
 use super::proto::{self, volume_capability};
-use super::status::{invalid, missing};
-use crate::pool::attach::{AccessMode, AccessType, Capability};
+use super::status::{bad_token, invalid, missing, precondition};
+use crate::pool::attach::{AccessMode, AccessType, Capability, SYSTEM_TREES};
 use crate::pool::{Provisioning, SnapshotId, VolumeId, size};
-use crate::sys::mkfs;
+use crate::sys::{mkfs, mount};
 
 /// The StorageClass parameter that picks thin or thick provisioning.
 pub const PROVISIONING_KEY: &str = "kura.csi.dev/provisioning";
@@ -16,8 +18,16 @@ pub const PROVISIONING_KEY: &str = "kura.csi.dev/provisioning";
 const SIDECAR_PREFIX: &str = "csi.storage.k8s.io/";
 /// CSI's limit on string fields, in bytes.
 const MAX_STRING: usize = 128;
-/// CSI's limit on mount_flags, in bytes.
+/// CSI's limit on mount_flags, in bytes. They are counted as mount(8) hands them to
+/// the kernel: joined by commas and ended by a NUL, so each flag costs its length plus
+/// one (the kernel copies at most one 4 KiB page of options).
 const MAX_MOUNT_FLAGS: usize = 4096;
+/// CSI's limit on a map field (keys and values together), in bytes.
+const MAX_MAP: usize = 4096;
+/// The longest path the kernel takes (PATH_MAX counts the terminating NUL).
+pub const MAX_PATH: usize = 4095;
+/// The longest path component (NAME_MAX).
+pub const MAX_NAME: usize = 255;
 
 /// A required string field.
 pub fn required<'a>(value: &'a str, field: &str) -> Result<&'a str, Status> {
@@ -27,7 +37,8 @@ pub fn required<'a>(value: &'a str, field: &str) -> Result<&'a str, Status> {
     Ok(value)
 }
 
-/// A request name (volume or snapshot).
+/// A request name (volume or snapshot): at most 128 bytes, none of the control
+/// characters CSI bans in names.
 pub fn name<'a>(value: &'a str, field: &str) -> Result<&'a str, Status> {
     required(value, field)?;
     if value.len() > MAX_STRING {
@@ -36,7 +47,145 @@ pub fn name<'a>(value: &'a str, field: &str) -> Result<&'a str, Status> {
             format!("is {} bytes, more than {MAX_STRING}", value.len()),
         ));
     }
+    if let Some(c) = value.chars().find(|c| banned_in_names(*c)) {
+        return Err(invalid(
+            field,
+            format!(
+                "contains the control character U+{:04X}, which CSI does not allow in names",
+                c as u32
+            ),
+        ));
+    }
     Ok(value)
+}
+
+/// The characters CSI bans in names: the control characters other than tab, line feed
+/// and carriage return (U+0000–U+0008, U+000B, U+000C, U+000E–U+001F, U+007F–U+009F).
+fn banned_in_names(c: char) -> bool {
+    c.is_control() && !matches!(c, '\t' | '\n' | '\r')
+}
+
+/// A map field within CSI's 4 KiB (keys and values counted together). The message
+/// names the size only: maps such as secrets must not be echoed.
+pub fn map_size(map: &HashMap<String, String>, field: &str) -> Result<(), Status> {
+    let bytes: usize = map.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if bytes > MAX_MAP {
+        return Err(invalid(
+            field,
+            format!("holds {bytes} bytes of keys and values, more than {MAX_MAP}"),
+        ));
+    }
+    Ok(())
+}
+
+/// `mutable_parameters` of CreateVolume: kura offers none (MODIFY_VOLUME is not
+/// advertised), so any is an error naming the first key.
+pub fn no_mutable_parameters(parameters: &HashMap<String, String>) -> Result<(), Status> {
+    match parameters.keys().min() {
+        None => Ok(()),
+        Some(key) => Err(invalid(
+            "mutable_parameters",
+            format!(
+                "kura has no mutable parameters (MODIFY_VOLUME is not offered); got key {key:?}"
+            ),
+        )),
+    }
+}
+
+/// Why a path given to the node cannot be right, or `None` when it can. `reserved` are
+/// kura's own directories (state and pool), which no CO path may point into.
+pub fn path_problem(value: &str, reserved: &[PathBuf]) -> Option<String> {
+    if value.len() > MAX_PATH {
+        return Some(format!(
+            "is {} bytes, more than the {MAX_PATH} a path may have",
+            value.len()
+        ));
+    }
+    if value.contains('\0') {
+        return Some(format!("{value:?} contains a NUL byte"));
+    }
+    if let Some(c) = value.chars().find(|c| c.is_control()) {
+        return Some(format!(
+            "{value:?} contains the control character U+{:04X}",
+            c as u32
+        ));
+    }
+    let path = Path::new(value);
+    if !path.is_absolute() {
+        return Some(format!("{value:?} is not an absolute path"));
+    }
+    if let Some(long) = value.split('/').find(|c| c.len() > MAX_NAME) {
+        return Some(format!(
+            "{value:?} has a component of {} bytes, more than the {MAX_NAME} a name may have",
+            long.len()
+        ));
+    }
+    if path.components().any(|c| c == Component::ParentDir) {
+        return Some(format!("{value:?} has a \"..\" component"));
+    }
+    if path.parent().is_none() {
+        return Some(format!("{value:?} is the root directory"));
+    }
+    if let Some(tree) = SYSTEM_TREES.iter().find(|t| path.starts_with(t)) {
+        return Some(format!(
+            "{value:?} is under {tree}, where no volume may be staged or published"
+        ));
+    }
+    if let Some(own) = reserved
+        .iter()
+        .find(|r| path.starts_with(r) || r.starts_with(path))
+    {
+        return Some(format!(
+            "{value:?} overlaps kura's own directory {}",
+            own.display()
+        ));
+    }
+    None
+}
+
+/// A required path of a node request that kura will create or mount on.
+pub fn node_path(value: &str, field: &str, reserved: &[PathBuf]) -> Result<PathBuf, Status> {
+    required(value, field)?;
+    match path_problem(value, reserved) {
+        Some(reason) => Err(invalid(field, reason)),
+        None => Ok(PathBuf::from(value)),
+    }
+}
+
+/// An optional path of a node request (empty: not given).
+pub fn optional_node_path(
+    value: &str,
+    field: &str,
+    reserved: &[PathBuf],
+) -> Result<Option<PathBuf>, Status> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    node_path(value, field, reserved).map(Some)
+}
+
+/// The `volume_path` of NodeGetVolumeStats and NodeExpandVolume: required; `None` when
+/// it cannot be a path (it then is not where the volume is, which is NOT_FOUND).
+pub fn volume_path(value: &str, field: &str) -> Result<Option<PathBuf>, Status> {
+    required(value, field)?;
+    Ok(path_problem(value, &[])
+        .is_none()
+        .then(|| PathBuf::from(value)))
+}
+
+/// A publish target and its staging path must be apart: neither inside the other.
+pub fn publish_paths(target: &Path, staging: &Path) -> Result<(), Status> {
+    if target.starts_with(staging) || staging.starts_with(target) {
+        return Err(invalid(
+            "target_path",
+            format!(
+                "{:?} overlaps staging_target_path {:?}; a volume is published elsewhere than where it is staged",
+                target.display().to_string(),
+                staging.display().to_string()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A volume ID field: required; `None` when it is not one of ours, which means the
@@ -73,9 +222,7 @@ impl CapabilityError {
     pub fn into_node_status(self, field: &str) -> Status {
         match self {
             CapabilityError::Invalid(status) => status,
-            CapabilityError::Unsupported(reason) => {
-                Status::failed_precondition(format!("{field}: {reason}"))
-            }
+            CapabilityError::Unsupported(reason) => precondition(field, reason),
         }
     }
 }
@@ -139,22 +286,31 @@ fn mount_access(
             )));
         }
     };
-    let flags_len: usize = mount.mount_flags.iter().map(String::len).sum();
+    let flags_field = format!("{field}.mount.mount_flags");
+    let flags_len = mount_flags_len(&mount.mount_flags);
     if flags_len > MAX_MOUNT_FLAGS {
         return Err(CapabilityError::Invalid(invalid(
-            &format!("{field}.mount.mount_flags"),
-            format!("are {flags_len} bytes, more than {MAX_MOUNT_FLAGS}"),
+            &flags_field,
+            format!(
+                "are {flags_len} bytes with their separators ({} flags), more than {MAX_MOUNT_FLAGS}",
+                mount.mount_flags.len()
+            ),
         )));
     }
-    if let Some(flag) = mount
-        .mount_flags
-        .iter()
-        .find(|f| f.is_empty() || f.contains(char::is_whitespace))
-    {
-        return Err(CapabilityError::Invalid(invalid(
-            &format!("{field}.mount.mount_flags"),
-            format!("{flag:?} is not a mount option"),
-        )));
+    for (i, flag) in mount.mount_flags.iter().enumerate() {
+        let reason = if flag.is_empty() {
+            Some("is empty".to_owned())
+        } else if flag.contains(|c: char| c.is_whitespace() || c.is_control()) {
+            Some("contains whitespace or a control character".to_owned())
+        } else {
+            mount::check_option(flag, fs_type.as_deref()).err()
+        };
+        if let Some(reason) = reason {
+            return Err(CapabilityError::Invalid(invalid(
+                &format!("{flags_field}[{i}]"),
+                reason,
+            )));
+        }
     }
     if !mount.volume_mount_group.is_empty() {
         return Err(CapabilityError::Unsupported(
@@ -165,6 +321,24 @@ fn mount_access(
         fs_type,
         flags: mount.mount_flags.clone(),
     })
+}
+
+/// Bytes the flags take as mount(8) passes them: joined by commas, ended by a NUL.
+fn mount_flags_len(flags: &[String]) -> usize {
+    flags.iter().map(|f| f.len() + 1).sum()
+}
+
+/// An optional capability (expansion requests): when given it must be one kura serves.
+pub fn optional_capability(
+    cap: Option<&proto::VolumeCapability>,
+    field: &str,
+) -> Result<Option<Capability>, Status> {
+    match cap {
+        None => Ok(None),
+        Some(cap) => capability(Some(cap), field)
+            .map(Some)
+            .map_err(|e| e.into_invalid(field)),
+    }
 }
 
 /// Every capability in a list, which must not be empty.
@@ -239,11 +413,7 @@ pub fn starting_token<T>(
     if token.is_empty() {
         return Ok(None);
     }
-    parse(token).map(Some).ok_or_else(|| {
-        Status::aborted(format!(
-            "starting_token: {token:?} is not a token this driver issued"
-        ))
-    })
+    parse(token).map(Some).ok_or_else(|| bad_token(token))
 }
 
 pub fn max_entries(value: i32) -> Result<usize, Status> {
