@@ -600,4 +600,221 @@ mod tests {
         );
         assert_eq!(volume_id("no-such", "volume_id").unwrap(), None);
     }
+
+    #[test]
+    fn names_refuse_exactly_the_control_characters_csi_bans() {
+        let banned = [
+            '\u{0}', '\u{8}', '\u{b}', '\u{c}', '\u{e}', '\u{1f}', '\u{7f}', '\u{80}', '\u{9f}',
+        ];
+        for c in banned {
+            let err = name(&format!("pvc-{c}-x"), "name").unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{c:?}");
+            let hex = format!("U+{:04X}", c as u32);
+            assert!(err.message().contains(&hex), "{}", err.message());
+            assert!(err.message().starts_with("name: "), "{}", err.message());
+        }
+        for allowed in [
+            "tab\there",
+            "line\nfeed",
+            "cr\r",
+            "nbsp\u{a0}",
+            "ünïcødé",
+            "🦀",
+            "\u{202e}rtl",
+        ] {
+            assert_eq!(name(allowed, "name").unwrap(), allowed);
+        }
+        // 128 bytes is the limit, counted in bytes, not characters.
+        assert!(name(&"é".repeat(64), "name").is_ok());
+        assert!(name(&"é".repeat(65), "name").is_err());
+    }
+
+    #[test]
+    fn paths_that_cannot_be_right() {
+        let reserved = [PathBuf::from("/var/lib/kura")];
+        let long_name = format!("/mnt/{}", "n".repeat(256));
+        let long_path = format!("/{}", "a/".repeat(2048));
+        let bad = [
+            ("relative/path", "absolute"),
+            ("", "absolute"),
+            ("/mnt/nul\0byte", "NUL"),
+            ("/mnt/new\nline", "U+000A"),
+            ("/mnt/esc\u{1b}[31m", "U+001B"),
+            ("/mnt/../etc", "\"..\""),
+            ("/mnt/a/..", "\"..\""),
+            ("/", "root"),
+            ("/proc/self", "/proc"),
+            ("/proc", "/proc"),
+            ("/sys/fs/cgroup", "/sys"),
+            ("/dev/sda", "/dev"),
+            ("//dev/sda", "/dev"),
+            ("/dev/./sda", "/dev"),
+            ("/var/lib/kura/pool/volumes", "kura's own"),
+            ("/var/lib/kura", "kura's own"),
+            ("/var/lib", "kura's own"),
+            (long_name.as_str(), "255"),
+            (long_path.as_str(), "4095"),
+        ];
+        for (path, needle) in bad {
+            let reason = path_problem(path, &reserved).unwrap_or_else(|| panic!("{path:?} passed"));
+            assert!(reason.contains(needle), "{path:?}: {reason}");
+        }
+        let fine = [
+            "/var/lib/kubelet/pods/uid/volumes/kubernetes.io~csi/pv/mount",
+            "/var/lib/kura-other",
+            "/devices/x",
+            "/procfs",
+            "/mnt/with space/and:colon",
+            "/mnt/./dot",
+            "/mnt/trailing/",
+            "/mnt/ünïcødé",
+        ];
+        for path in fine {
+            assert_eq!(path_problem(path, &reserved), None, "{path:?}");
+        }
+        let at_limit = format!("/{}", "a".repeat(MAX_NAME));
+        assert_eq!(path_problem(&at_limit, &reserved), None);
+        assert_eq!(
+            node_path("", "target_path", &reserved)
+                .unwrap_err()
+                .message(),
+            "target_path: is required"
+        );
+        let err = node_path("/proc/1", "target_path", &reserved).unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().starts_with("target_path: "));
+        // A stats or expand path that cannot be a path names no place of the volume.
+        assert_eq!(volume_path("some/path", "volume_path").unwrap(), None);
+        assert_eq!(
+            volume_path("", "volume_path").unwrap_err().code(),
+            Code::InvalidArgument
+        );
+        assert!(volume_path("/mnt/x", "volume_path").unwrap().is_some());
+        for (target, staging, ok) in [
+            ("/t", "/s", true),
+            ("/s", "/s", false),
+            ("/s/sub", "/s", false),
+            ("/t", "/t/sub", false),
+            ("/st", "/s", true),
+        ] {
+            assert_eq!(
+                publish_paths(Path::new(target), Path::new(staging)).is_ok(),
+                ok,
+                "{target} {staging}"
+            );
+        }
+    }
+
+    #[test]
+    fn mount_flags_count_their_separators_and_follow_the_allow_list() {
+        let with_flags = |flags: Vec<String>, fs: &str| {
+            capability(
+                Some(&proto::VolumeCapability {
+                    access_type: Some(volume_capability::AccessType::Mount(
+                        volume_capability::MountVolume {
+                            fs_type: fs.into(),
+                            mount_flags: flags,
+                            volume_mount_group: String::new(),
+                        },
+                    )),
+                    access_mode: Some(volume_capability::AccessMode {
+                        mode: Mode::SingleNodeWriter as i32,
+                    }),
+                }),
+                "c",
+            )
+        };
+        // 1365 flags of 2 bytes take 4095 bytes with their commas and NUL; 2048 take
+        // 6144, though their characters alone are 4096.
+        assert!(with_flags(vec!["ro".into(); 1365], "").is_ok());
+        match with_flags(vec!["ro".into(); 2048], "") {
+            Err(CapabilityError::Invalid(status)) => {
+                assert!(status.message().contains("4096"), "{}", status.message())
+            }
+            other => panic!("{other:?}"),
+        }
+        let refused = [
+            (vec!["suid"], "", "c.mount.mount_flags[0]"),
+            (vec!["noatime", "dev"], "", "c.mount.mount_flags[1]"),
+            (vec!["noatime,suid"], "", "not a mount option"),
+            (vec!["x-mount.mkdir"], "", "mount point"),
+            (vec!["nouuid"], "ext4", "does not apply to ext4"),
+            (vec![""], "", "empty"),
+            (vec!["no atime"], "", "whitespace"),
+            (vec!["tab\tx"], "", "whitespace"),
+        ];
+        for (flags, fs, needle) in refused {
+            let flags: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
+            match with_flags(flags.clone(), fs) {
+                Err(CapabilityError::Invalid(status)) => {
+                    assert_eq!(status.code(), Code::InvalidArgument);
+                    assert!(
+                        status.message().contains(needle),
+                        "{flags:?}: {}",
+                        status.message()
+                    );
+                }
+                other => panic!("{flags:?}: {other:?}"),
+            }
+        }
+        assert!(with_flags(vec!["noatime".into(), "nouuid".into()], "xfs").is_ok());
+        assert!(with_flags(vec!["data=journal".into()], "").is_ok());
+    }
+
+    #[test]
+    fn maps_and_mutable_parameters() {
+        let map = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<HashMap<_, _>>()
+        };
+        assert!(no_mutable_parameters(&map(&[])).is_ok());
+        let err = no_mutable_parameters(&map(&[("iops", "100")])).unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(
+            err.message().starts_with("mutable_parameters: "),
+            "{}",
+            err.message()
+        );
+        assert!(err.message().contains("iops"), "{}", err.message());
+        let big = "v".repeat(4000);
+        assert!(map_size(&map(&[("k", &big)]), "secrets").is_ok());
+        let err = map_size(&map(&[("k", &big), ("l", &big)]), "secrets").unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(
+            !err.message().contains(&big[..16]),
+            "secrets are not echoed"
+        );
+        assert!(err.message().starts_with("secrets: "), "{}", err.message());
+    }
+
+    #[test]
+    fn expansion_capabilities_must_be_servable() {
+        assert!(
+            optional_capability(None, "volume_capability")
+                .unwrap()
+                .is_none()
+        );
+        let ok = cap(block(), Some(Mode::SingleNodeWriter));
+        assert!(
+            optional_capability(Some(&ok), "volume_capability")
+                .unwrap()
+                .is_some()
+        );
+        for bad in [
+            cap(block(), Some(Mode::MultiNodeMultiWriter)),
+            cap(mount("", &[]), Some(Mode::MultiNodeSingleWriter)),
+            cap(None, Some(Mode::SingleNodeWriter)),
+            cap(block(), None),
+        ] {
+            let err = optional_capability(Some(&bad), "volume_capability").unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{bad:?}");
+            assert!(
+                err.message().contains("volume_capability"),
+                "{}",
+                err.message()
+            );
+        }
+    }
 }
