@@ -84,7 +84,7 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
         .layer(tower::util::MapResponseLayer::new(
-            status::oversized_is_resource_exhausted::<tonic::body::Body>,
+            status::rewrite_transport_status::<tonic::body::Body>,
         ))
         .add_service(
             IdentityServer::new(driver.identity).max_decoding_message_size(MAX_REQUEST_BYTES),

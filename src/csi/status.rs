@@ -107,21 +107,32 @@ pub fn not_ready(reason: impl std::fmt::Display) -> Status {
 /// OUT_OF_RANGE, where gRPC says RESOURCE_EXHAUSTED).
 pub const TONIC_TOO_LARGE: &str = "Error, decoded message length too large: ";
 
-/// Rewrites a response carrying tonic's status for a request over the message limit
-/// to RESOURCE_EXHAUSTED; every other response passes unchanged. The server applies it
-/// to every call (a tower `map_response` layer), since the decoder's status is made
-/// before any handler runs.
-pub fn oversized_is_resource_exhausted<B>(
+/// Rewrites the statuses tonic makes before any handler runs, where they fall short of
+/// the contract: a request over the message limit (tonic: OUT_OF_RANGE) becomes
+/// RESOURCE_EXHAUSTED, as gRPC specifies; an RPC of a service kura does not serve
+/// (GroupController, SnapshotMetadata; tonic: UNIMPLEMENTED with no message) gets a
+/// message, as CSI asks of every error. Every other response passes unchanged. The
+/// server applies this to every call (a tower `map_response` layer).
+pub fn rewrite_transport_status<B>(
     mut response: tonic::codegen::http::Response<B>,
 ) -> tonic::codegen::http::Response<B> {
     if let Some(status) = Status::from_header_map(response.headers())
-        && let Some(fixed) = oversized_request(&status)
+        && let Some(fixed) = oversized_request(&status).or_else(|| unserved(&status))
     {
         // A message of our own making always encodes; should it not, the original
         // status stands.
         let _ = fixed.add_header(response.headers_mut());
     }
     response
+}
+
+/// The status for an RPC kura does not serve, from tonic's message-less one.
+pub fn unserved(status: &Status) -> Option<Status> {
+    (status.code() == Code::Unimplemented && status.message().is_empty()).then(|| {
+        Status::unimplemented(
+            "kura does not serve this RPC: it offers the CSI Identity, Controller and Node services",
+        )
+    })
 }
 
 /// The status for a request over the message limit, from tonic's: RESOURCE_EXHAUSTED,
@@ -211,6 +222,8 @@ mod tests {
         let fixed = oversized_request(&tonic).expect("rewritten");
         assert_eq!(fixed.code(), Code::ResourceExhausted);
         assert!(fixed.message().contains("5000000"), "{}", fixed.message());
+        assert!(unserved(&Status::unimplemented("")).is_some());
+        assert!(unserved(&Status::unimplemented("ControllerPublishVolume: no")).is_none());
         for other in [
             Status::out_of_range("capacity_range: required_bytes 5 exceeds limit_bytes 4"),
             Status::internal(format!("{TONIC_TOO_LARGE}found 1 bytes")),
