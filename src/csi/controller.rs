@@ -9,7 +9,7 @@ use tracing::instrument;
 use super::proto::controller_server::Controller;
 use super::proto::{self, controller_service_capability, volume_content_source};
 use super::status::{
-    busy, from_pool, invalid, missing, no_node, no_volume, not_found, unimplemented,
+    busy, from_pool, invalid, missing, no_node, no_volume, not_found, shown, unimplemented,
 };
 use super::validate::{self, CapabilityError};
 use super::{TOPOLOGY_KEY, node_topology};
@@ -116,8 +116,9 @@ fn content_source(
     let Some(source) = source else {
         return Ok(None);
     };
-    let not_found =
-        |kind: &str, id: &str| not_found(format_args!("volume_content_source: {kind} {id:?}"));
+    let not_found = |kind: &str, id: &str| {
+        not_found(format_args!("volume_content_source: {kind} {}", shown(id)))
+    };
     match &source.r#type {
         None => Err(missing("volume_content_source.type")),
         Some(volume_content_source::Type::Snapshot(s)) => {
@@ -577,7 +578,10 @@ impl<P: Pools> Controller for ControllerService<P> {
     ) -> Result<Response<proto::GetSnapshotResponse>, Status> {
         let req = request.into_inner();
         let id = validate::snapshot_id(&req.snapshot_id, "snapshot_id")?.ok_or_else(|| {
-            not_found(format_args!("snapshot_id: snapshot {:?}", req.snapshot_id))
+            not_found(format_args!(
+                "snapshot_id: snapshot {}",
+                shown(&req.snapshot_id)
+            ))
         })?;
         let snapshot = self.pools.snapshot(id).await.map_err(from_pool)?;
         Ok(Response::new(proto::GetSnapshotResponse {

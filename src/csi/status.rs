@@ -42,6 +42,20 @@ pub fn chain(error: &dyn std::error::Error) -> String {
     message
 }
 
+/// A value from a request, for a message: quoted and escaped (control characters never
+/// reach a log or a terminal as they are), and cut short when long.
+pub fn shown(value: &str) -> String {
+    const SHOWN: usize = 128;
+    if value.len() <= SHOWN {
+        return format!("{value:?}");
+    }
+    let mut end = SHOWN;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}... ({} bytes)", &value[..end], value.len())
+}
+
 /// A request field that is missing or malformed.
 pub fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {reason}"))
@@ -64,13 +78,15 @@ pub fn not_found(what: impl std::fmt::Display) -> Status {
 
 /// A volume ID that names no volume.
 pub fn no_volume(field: &str, id: &str) -> Status {
-    not_found(format_args!("{field}: volume {id:?}"))
+    not_found(format_args!("{field}: volume {}", shown(id)))
 }
 
 /// A path that is not where the volume is staged or published.
 pub fn not_at_path(field: &str, path: &str, volume: &str) -> Status {
     Status::not_found(format!(
-        "{field}: volume {volume:?} is not staged or published at {path:?}"
+        "{field}: volume {} is not staged or published at {}",
+        shown(volume),
+        shown(path)
     ))
 }
 
@@ -82,7 +98,8 @@ pub fn precondition(field: &str, reason: impl std::fmt::Display) -> Status {
 /// A `starting_token` kura did not hand out (the spec asks for ABORTED).
 pub fn bad_token(token: &str) -> Status {
     Status::aborted(format!(
-        "starting_token: {token:?} is not a token this driver issued"
+        "starting_token: {} is not a token this driver issued",
+        shown(token)
     ))
 }
 
@@ -231,6 +248,14 @@ mod tests {
         ] {
             assert!(oversized_request(&other).is_none(), "{other:?}");
         }
+    }
+
+    #[test]
+    fn values_are_shown_escaped_and_short() {
+        assert_eq!(shown("a\nb"), "\"a\\nb\"");
+        assert_eq!(shown("\u{1b}[31m"), "\"\\u{1b}[31m\"");
+        let long = shown(&"é".repeat(1000));
+        assert!(long.len() < 200 && long.ends_with("(2000 bytes)"), "{long}");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::path::{Component, Path, PathBuf};
 use tonic::Status;
 
 use super::proto::{self, volume_capability};
-use super::status::{bad_token, invalid, missing, precondition};
+use super::status::{bad_token, invalid, missing, precondition, shown};
 use crate::pool::attach::{AccessMode, AccessType, Capability, SYSTEM_TREES};
 use crate::pool::{Provisioning, SnapshotId, VolumeId, size};
 use crate::sys::{mkfs, mount};
@@ -86,7 +86,8 @@ pub fn no_mutable_parameters(parameters: &HashMap<String, String>) -> Result<(),
         Some(key) => Err(invalid(
             "mutable_parameters",
             format!(
-                "kura has no mutable parameters (MODIFY_VOLUME is not offered); got key {key:?}"
+                "kura has no mutable parameters (MODIFY_VOLUME is not offered); got key {}",
+                shown(key)
             ),
         )),
     }
@@ -102,33 +103,36 @@ pub fn path_problem(value: &str, reserved: &[PathBuf]) -> Option<String> {
         ));
     }
     if value.contains('\0') {
-        return Some(format!("{value:?} contains a NUL byte"));
+        return Some(format!("{} contains a NUL byte", shown(value)));
     }
     if let Some(c) = value.chars().find(|c| c.is_control()) {
         return Some(format!(
-            "{value:?} contains the control character U+{:04X}",
+            "{} contains the control character U+{:04X}",
+            shown(value),
             c as u32
         ));
     }
     let path = Path::new(value);
     if !path.is_absolute() {
-        return Some(format!("{value:?} is not an absolute path"));
+        return Some(format!("{} is not an absolute path", shown(value)));
     }
     if let Some(long) = value.split('/').find(|c| c.len() > MAX_NAME) {
         return Some(format!(
-            "{value:?} has a component of {} bytes, more than the {MAX_NAME} a name may have",
+            "{} has a component of {} bytes, more than the {MAX_NAME} a name may have",
+            shown(value),
             long.len()
         ));
     }
     if path.components().any(|c| c == Component::ParentDir) {
-        return Some(format!("{value:?} has a \"..\" component"));
+        return Some(format!("{} has a \"..\" component", shown(value)));
     }
     if path.parent().is_none() {
-        return Some(format!("{value:?} is the root directory"));
+        return Some(format!("{} is the root directory", shown(value)));
     }
     if let Some(tree) = SYSTEM_TREES.iter().find(|t| path.starts_with(t)) {
         return Some(format!(
-            "{value:?} is under {tree}, where no volume may be staged or published"
+            "{} is under {tree}, where no volume may be staged or published",
+            shown(value)
         ));
     }
     if let Some(own) = reserved
@@ -136,7 +140,8 @@ pub fn path_problem(value: &str, reserved: &[PathBuf]) -> Option<String> {
         .find(|r| path.starts_with(r) || r.starts_with(path))
     {
         return Some(format!(
-            "{value:?} overlaps kura's own directory {}",
+            "{} overlaps kura's own directory {}",
+            shown(value),
             own.display()
         ));
     }
@@ -390,7 +395,7 @@ pub fn volume_parameters(parameters: &HashMap<String, String>) -> Result<Provisi
                 }
             }
             k if k.starts_with(SIDECAR_PREFIX) => {}
-            _ => return Err(invalid("parameters", format!("unknown key {key:?}"))),
+            _ => return Err(invalid("parameters", format!("unknown key {}", shown(key)))),
         }
     }
     Ok(provisioning)
@@ -399,7 +404,7 @@ pub fn volume_parameters(parameters: &HashMap<String, String>) -> Result<Provisi
 /// Snapshot parameters: only the sidecars' keys.
 pub fn snapshot_parameters(parameters: &HashMap<String, String>) -> Result<(), Status> {
     match parameters.keys().find(|k| !k.starts_with(SIDECAR_PREFIX)) {
-        Some(key) => Err(invalid("parameters", format!("unknown key {key:?}"))),
+        Some(key) => Err(invalid("parameters", format!("unknown key {}", shown(key)))),
         None => Ok(()),
     }
 }
