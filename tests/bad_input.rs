@@ -1075,6 +1075,52 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
         );
     }
 
+    t.add(
+        "DeleteVolume with secrets over 4 KiB",
+        Call::DeleteVolume(proto::DeleteVolumeRequest {
+            volume_id: UNKNOWN_VOLUME.into(),
+            secrets: big_map(),
+        }),
+        InvalidArgument,
+        "secrets",
+    );
+    t.add(
+        "DeleteSnapshot with secrets over 4 KiB",
+        Call::DeleteSnapshot(proto::DeleteSnapshotRequest {
+            snapshot_id: UNKNOWN_SNAPSHOT.into(),
+            secrets: big_map(),
+        }),
+        InvalidArgument,
+        "secrets",
+    );
+    t.add(
+        "ListSnapshots with secrets over 4 KiB",
+        Call::ListSnapshots(proto::ListSnapshotsRequest {
+            secrets: big_map(),
+            ..Default::default()
+        }),
+        InvalidArgument,
+        "secrets",
+    );
+    t.add(
+        "Validate with a volume_context over 4 KiB",
+        Call::Validate(proto::ValidateVolumeCapabilitiesRequest {
+            volume_context: big_map(),
+            ..validate(&mount_vol, vec![mount_cap("")])
+        }),
+        InvalidArgument,
+        "volume_context",
+    );
+    t.add(
+        "GetCapacity with parameters over 4 KiB",
+        Call::GetCapacity(proto::GetCapacityRequest {
+            parameters: big_map(),
+            ..Default::default()
+        }),
+        InvalidArgument,
+        "parameters",
+    );
+
     // ControllerPublish, ControllerUnpublish, ModifyVolume, GroupController and
     // SnapshotMetadata: not offered.
     t.add(

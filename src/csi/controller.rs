@@ -253,8 +253,10 @@ impl<P: Pools> Controller for ControllerService<P> {
         request: Request<proto::DeleteVolumeRequest>,
     ) -> Result<Response<proto::DeleteVolumeResponse>, Status> {
         let req = request.into_inner();
+        let id = validate::volume_id(&req.volume_id, "volume_id")?;
+        validate::map_size(&req.secrets, "secrets")?;
         // An ID that cannot be ours names a volume that is already gone.
-        if let Some(id) = validate::volume_id(&req.volume_id, "volume_id")? {
+        if let Some(id) = id {
             let _guard = self.lock(id.as_str())?;
             self.pools.delete_volume(id).await.map_err(from_pool)?;
         }
@@ -288,6 +290,14 @@ impl<P: Pools> Controller for ControllerService<P> {
     ) -> Result<Response<proto::ValidateVolumeCapabilitiesResponse>, Status> {
         let req = request.into_inner();
         let id = validate::volume_id(&req.volume_id, "volume_id")?;
+        for (map, field) in [
+            (&req.volume_context, "volume_context"),
+            (&req.parameters, "parameters"),
+            (&req.mutable_parameters, "mutable_parameters"),
+            (&req.secrets, "secrets"),
+        ] {
+            validate::map_size(map, field)?;
+        }
         let checked = validate::capabilities(&req.volume_capabilities, "volume_capabilities");
         if let Err(CapabilityError::Invalid(status)) = checked {
             return Err(status);
@@ -369,6 +379,7 @@ impl<P: Pools> Controller for ControllerService<P> {
         request: Request<proto::GetCapacityRequest>,
     ) -> Result<Response<proto::GetCapacityResponse>, Status> {
         let req = request.into_inner();
+        validate::map_size(&req.parameters, "parameters")?;
         let provisioning = validate::volume_parameters(&req.parameters)?;
         let mut unusable = false;
         for (i, cap) in req.volume_capabilities.iter().enumerate() {
@@ -469,7 +480,9 @@ impl<P: Pools> Controller for ControllerService<P> {
         request: Request<proto::DeleteSnapshotRequest>,
     ) -> Result<Response<proto::DeleteSnapshotResponse>, Status> {
         let req = request.into_inner();
-        if let Some(id) = validate::snapshot_id(&req.snapshot_id, "snapshot_id")? {
+        let id = validate::snapshot_id(&req.snapshot_id, "snapshot_id")?;
+        validate::map_size(&req.secrets, "secrets")?;
+        if let Some(id) = id {
             let _guard = self.lock(id.as_str())?;
             self.pools.delete_snapshot(id).await.map_err(from_pool)?;
         }
@@ -483,6 +496,7 @@ impl<P: Pools> Controller for ControllerService<P> {
     ) -> Result<Response<proto::ListSnapshotsResponse>, Status> {
         let req = request.into_inner();
         let max = validate::max_entries(req.max_entries)?;
+        validate::map_size(&req.secrets, "secrets")?;
         let start = validate::starting_token(&req.starting_token, SnapshotId::parse)?;
         let empty = || Ok(Response::new(proto::ListSnapshotsResponse::default()));
         let mut snapshots = if req.snapshot_id.is_empty() {
