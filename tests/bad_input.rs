@@ -2796,6 +2796,33 @@ async fn mounts_are_hardened_and_paths_left_as_found() {
         .unwrap();
         assert!(!target.exists());
     }
+    // A target the CO made stays after unpublish; one kura made whose mount is gone
+    // (a crash, a reboot) is still a recorded publication: unpublish removes it.
+    let by_the_co = driver.path("target-by-the-co");
+    std::fs::create_dir(&by_the_co).unwrap();
+    let crashed = driver.path("target-crashed");
+    for target in [&by_the_co, &crashed] {
+        node.node_publish_volume(publish_request(&id, &staging, target, &cap, false))
+            .await
+            .unwrap();
+    }
+    kura::sys::mount::unmount(&crashed).unwrap();
+    for target in [&by_the_co, &crashed] {
+        node.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            target_path: p(target),
+        })
+        .await
+        .unwrap();
+        assert!(mounts_at(target).is_empty());
+    }
+    assert!(by_the_co.is_dir(), "unpublish removed the CO's target");
+    assert!(!crashed.exists(), "unpublish left the target kura made");
+    let targets = record_of(&driver, &id)["targets"]
+        .as_object()
+        .unwrap()
+        .len();
+    assert_eq!(targets, 0, "publications left in the record");
     node.node_unstage_volume(proto::NodeUnstageVolumeRequest {
         volume_id: id.clone(),
         staging_target_path: p(&staging),

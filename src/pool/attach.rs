@@ -508,7 +508,7 @@ impl Attacher {
             if let Err(reason) = sys::mount::check_option(flag, Some(&fs)) {
                 return Err(Error::Invalid {
                     field: "volume_capability.mount.mount_flags",
-                    reason: format!("[{i}]: {reason}"),
+                    reason: format!("flag {i} on the volume's {fs}: {reason}"),
                 });
             }
         }

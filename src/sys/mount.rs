@@ -99,6 +99,9 @@ enum Value {
     FlagOr(&'static [&'static str]),
 }
 
+/// Generic (VFS) options: any filesystem takes them, also one kura did not make (a
+/// restored volume may carry ext3).
+const ANY: &[&str] = &[];
 const ALL: &[&str] = &["ext4", "xfs", "btrfs"];
 const EXT4: &[&str] = &["ext4"];
 const XFS: &[&str] = &["xfs"];
@@ -110,27 +113,27 @@ const EXT4_BTRFS: &[&str] = &["ext4", "btrfs"];
 /// changes only how the volume's own filesystem behaves; none reaches beyond the mount.
 const ALLOWED: &[(&str, Value, &[&str])] = &[
     // Generic (VFS) options.
-    ("ro", Value::Flag, ALL),
-    ("rw", Value::Flag, ALL),
-    ("noexec", Value::Flag, ALL),
-    ("exec", Value::Flag, ALL),
-    ("nosuid", Value::Flag, ALL),
-    ("nodev", Value::Flag, ALL),
-    ("noatime", Value::Flag, ALL),
-    ("atime", Value::Flag, ALL),
-    ("nodiratime", Value::Flag, ALL),
-    ("diratime", Value::Flag, ALL),
-    ("relatime", Value::Flag, ALL),
-    ("norelatime", Value::Flag, ALL),
-    ("strictatime", Value::Flag, ALL),
-    ("nostrictatime", Value::Flag, ALL),
-    ("lazytime", Value::Flag, ALL),
-    ("nolazytime", Value::Flag, ALL),
-    ("sync", Value::Flag, ALL),
-    ("async", Value::Flag, ALL),
-    ("dirsync", Value::Flag, ALL),
-    ("iversion", Value::Flag, ALL),
-    ("noiversion", Value::Flag, ALL),
+    ("ro", Value::Flag, ANY),
+    ("rw", Value::Flag, ANY),
+    ("noexec", Value::Flag, ANY),
+    ("exec", Value::Flag, ANY),
+    ("nosuid", Value::Flag, ANY),
+    ("nodev", Value::Flag, ANY),
+    ("noatime", Value::Flag, ANY),
+    ("atime", Value::Flag, ANY),
+    ("nodiratime", Value::Flag, ANY),
+    ("diratime", Value::Flag, ANY),
+    ("relatime", Value::Flag, ANY),
+    ("norelatime", Value::Flag, ANY),
+    ("strictatime", Value::Flag, ANY),
+    ("nostrictatime", Value::Flag, ANY),
+    ("lazytime", Value::Flag, ANY),
+    ("nolazytime", Value::Flag, ANY),
+    ("sync", Value::Flag, ANY),
+    ("async", Value::Flag, ANY),
+    ("dirsync", Value::Flag, ANY),
+    ("iversion", Value::Flag, ANY),
+    ("noiversion", Value::Flag, ANY),
     ("discard", Value::FlagOr(&["sync", "async"]), ALL),
     ("nodiscard", Value::Flag, ALL),
     ("acl", Value::Flag, EXT4_BTRFS),
@@ -294,6 +297,7 @@ pub fn check_option(option: &str, fs_type: Option<&str>) -> std::result::Result<
         ));
     };
     if let Some(fs) = fs_type
+        && !filesystems.is_empty()
         && !filesystems.contains(&fs)
     {
         return Err(format!(
@@ -368,6 +372,8 @@ mod tests {
             ("discard=async", Some("btrfs")),
             ("space_cache=v2", Some("btrfs")),
             ("barrier=0", Some("ext4")),
+            ("ro", Some("ext3")),
+            ("noatime", Some("ext2")),
         ];
         for (option, fs) in ok {
             assert_eq!(check_option(option, fs), Ok(()), "{option} on {fs:?}");
@@ -391,6 +397,7 @@ mod tests {
             ("errors=panic", Some("ext4"), "one of"),
             ("nouuid", Some("ext4"), "does not apply to ext4"),
             ("data=journal", Some("xfs"), "does not apply to xfs"),
+            ("discard", Some("ext3"), "does not apply to ext3"),
             ("noatime=1", None, "no value"),
             ("commit", Some("ext4"), "number"),
             ("commit=-1", Some("ext4"), "number"),
