@@ -1929,6 +1929,12 @@ async fn node_refuses_bad_input_and_changes_nothing() {
             "staging_target_path",
         ),
         (
+            "staging path a directory that is not empty",
+            stage(&u, &fulldir, single.clone()),
+            FailedPrecondition,
+            "not empty",
+        ),
+        (
             "staging path a symlink",
             stage(&u, &link_dir, single.clone()),
             FailedPrecondition,
@@ -2178,6 +2184,18 @@ async fn node_refuses_bad_input_and_changes_nothing() {
             publish(&m, &sm, &fifo, multi.clone()),
             FailedPrecondition,
             "target_path",
+        ),
+        (
+            "target a directory that is not empty",
+            publish(&m, &sm, &fulldir, multi.clone()),
+            FailedPrecondition,
+            "not empty",
+        ),
+        (
+            "block target a file that is not empty",
+            publish(&b, &sb, &afile, block.clone()),
+            FailedPrecondition,
+            "not empty",
         ),
         (
             "target a FIFO, block",

@@ -14,7 +14,8 @@
 //!   device), unstage acts only at the volume's recorded staging path.
 //! - Paths are left as found: kura creates only the last component of a path, never
 //!   its parents; it removes on unpublish or unstage only what it created, and a call
-//!   that fails removes what it created.
+//!   that fails removes what it created. It never mounts over a directory or file
+//!   that is not empty.
 //! - A stage that fails detaches the loop device it attached.
 //! - Volumes are mounted `nosuid,nodev`, with mount options from an allow-list only.
 
@@ -432,6 +433,12 @@ impl Attacher {
             AccessType::Mount { .. } => Want::Dir,
         };
         let found = self.inspect(staging, "staging_target_path", want)?;
+        if want == Want::Dir
+            && found == Found::Dir
+            && sys::mountinfo::find_mount(&sys::mountinfo::read()?, staging).is_none()
+        {
+            must_be_empty(staging, "staging_target_path")?;
+        }
         let image = self.pool.image_path(&volume.id);
         let (device, attached_now) = match sys::loopdev::find_by_backing(&image)? {
             Some(found) => (found.path, false),
@@ -673,7 +680,13 @@ impl Attacher {
             AccessType::Block => Want::File,
             AccessType::Mount { .. } => Want::Dir,
         };
-        let create = self.inspect(target, "target_path", want)? == Found::Missing;
+        let create = match self.inspect(target, "target_path", want)? {
+            Found::Missing => true,
+            _ => {
+                must_be_empty(target, "target_path")?;
+                false
+            }
+        };
         wanted.created_target =
             create || record.targets.get(target).is_some_and(|p| p.created_target);
         let mut updated = record.clone();
@@ -923,19 +936,36 @@ fn remove_target(target: &Path) -> Result<()> {
     result.map_err(|e| sys::Error::io("remove", target, e).into())
 }
 
+/// kura never mounts over something: a directory or file it mounts on must be empty
+/// (what is in it would be hidden, and a CO never hands out a full one).
+fn must_be_empty(path: &Path, field: &str) -> Result<()> {
+    if is_empty(path)? {
+        Ok(())
+    } else {
+        Err(Error::Precondition(format!(
+            "{field}: {} is not empty; kura does not mount over what is there",
+            path.display()
+        )))
+    }
+}
+
+/// Whether `path` is an empty directory or an empty regular file.
+fn is_empty(path: &Path) -> Result<bool> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => Ok(std::fs::read_dir(path)
+            .map_err(|e| sys::Error::io("read_dir", path, e))?
+            .next()
+            .is_none()),
+        Ok(meta) => Ok(meta.is_file() && meta.len() == 0),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(sys::Error::io("stat", path, e).into()),
+    }
+}
+
 /// Removes what kura made at `path` if it still is as kura made it: an empty directory
 /// or an empty file. Anything else (something was put there) stays.
 fn remove_if_empty(path: &Path) -> Result<()> {
-    let empty = match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.is_dir() => std::fs::read_dir(path)
-            .map_err(|e| sys::Error::io("read_dir", path, e))?
-            .next()
-            .is_none(),
-        Ok(meta) => meta.is_file() && meta.len() == 0,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-        Err(e) => return Err(sys::Error::io("stat", path, e).into()),
-    };
-    if empty {
+    if is_empty(path)? {
         remove_target(path)?;
     }
     Ok(())
