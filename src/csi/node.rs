@@ -9,7 +9,7 @@ use tracing::instrument;
 
 use super::proto::node_server::Node;
 use super::proto::{self, node_service_capability};
-use super::status::{busy, from_pool, no_volume, not_at_path, precondition};
+use super::status::{busy, from_pool, no_volume, not_at_path};
 use super::{blocking, node_topology, validate};
 use crate::pool::attach::{Attacher, Capability};
 use crate::pool::locks::Locks;
@@ -131,15 +131,8 @@ impl Node for NodeService {
             (&req.publish_context, "publish_context"),
             (&req.volume_context, "volume_context"),
         ])?;
-        // The node advertises STAGE_UNSTAGE_VOLUME: the spec's answer to a publish that
-        // names no staging path is FAILED_PRECONDITION.
-        if req.staging_target_path.is_empty() {
-            return Err(precondition(
-                "staging_target_path",
-                "is not set, but this node stages volumes (STAGE_UNSTAGE_VOLUME): NodeStageVolume comes first and its path is needed here",
-            ));
-        }
-        let staging = self.path(&req.staging_target_path, "staging_target_path")?;
+        let staging =
+            validate::publish_staging_path(&req.staging_target_path, self.attacher.reserved())?;
         validate::publish_paths(&target, &staging)?;
         let id = existing_volume_id(&req.volume_id)?;
         let readonly = req.readonly;

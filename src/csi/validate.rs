@@ -178,6 +178,20 @@ pub fn volume_path(value: &str, field: &str) -> Result<Option<PathBuf>, Status> 
         .then(|| PathBuf::from(value)))
 }
 
+/// The `staging_target_path` of NodePublishVolume. The node advertises
+/// STAGE_UNSTAGE_VOLUME, so one that is not set is FAILED_PRECONDITION (the spec's
+/// table), not a missing field.
+pub fn publish_staging_path(value: &str, reserved: &[PathBuf]) -> Result<PathBuf, Status> {
+    let field = "staging_target_path";
+    if value.is_empty() {
+        return Err(precondition(
+            field,
+            "is not set, but this node stages volumes (STAGE_UNSTAGE_VOLUME): NodeStageVolume comes first and its path is needed here",
+        ));
+    }
+    node_path(value, field, reserved)
+}
+
 /// A publish target and its staging path must be apart: neither inside the other.
 pub fn publish_paths(target: &Path, staging: &Path) -> Result<(), Status> {
     if target.starts_with(staging) || staging.starts_with(target) {
@@ -695,6 +709,14 @@ mod tests {
             Code::InvalidArgument
         );
         assert!(volume_path("/mnt/x", "volume_path").unwrap().is_some());
+        assert_eq!(
+            publish_staging_path("", &reserved).unwrap_err().code(),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            publish_staging_path("rel", &reserved).unwrap_err().code(),
+            Code::InvalidArgument
+        );
         for (target, staging, ok) in [
             ("/t", "/s", true),
             ("/s", "/s", false),
