@@ -2841,6 +2841,13 @@ async fn mounts_are_hardened_and_paths_left_as_found() {
         .unwrap()
         .len();
     assert_eq!(targets, 0, "publications left in the record");
+    // A publication whose mount is gone when the volume is unstaged: the unstage
+    // removes the target kura made for it.
+    let left_over = driver.path("target-left-over");
+    node.node_publish_volume(publish_request(&id, &staging, &left_over, &cap, false))
+        .await
+        .unwrap();
+    kura::sys::mount::unmount(&left_over).unwrap();
     node.node_unstage_volume(proto::NodeUnstageVolumeRequest {
         volume_id: id.clone(),
         staging_target_path: p(&staging),
@@ -2852,6 +2859,7 @@ async fn mounts_are_hardened_and_paths_left_as_found() {
         before,
         "the CO's staging directory changed"
     );
+    assert!(!left_over.exists(), "unstage left a target kura made");
 
     // A staging directory kura had to make is gone again after the unstage; the parent
     // it needed was the CO's.

@@ -606,8 +606,19 @@ impl Attacher {
                 sys::mount::unmount(staging)?;
             }
         }
-        if record.as_ref().is_some_and(|r| r.created_staging) {
-            remove_if_empty(staging)?;
+        if let Some(record) = &record {
+            // Publications whose mounts are gone (a crash, a reboot) leave only what
+            // kura made for them.
+            for (target, publication) in &record.targets {
+                if publication.created_target
+                    && sys::mountinfo::find_mount(&table, target).is_none()
+                {
+                    remove_if_empty(target)?;
+                }
+            }
+            if record.created_staging {
+                remove_if_empty(staging)?;
+            }
         }
         if let Some(device) = device {
             sys::loopdev::detach(&device.path)?;
