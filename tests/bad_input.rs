@@ -2500,6 +2500,12 @@ async fn node_refuses_bad_input_and_changes_nothing() {
         ("the volume's target", stats(&m, &tm), Ok, ""),
         ("the volume's staging path", stats(&m, &sm), Ok, ""),
         ("the block volume's target", stats(&b, &tb), Ok, ""),
+        (
+            "the block volume's staging path: nothing of it is there",
+            stats(&b, &sb),
+            NotFound,
+            "volume path",
+        ),
     ];
     for (what, request, code, names) in stats_rows {
         t.add(
@@ -2634,6 +2640,12 @@ async fn node_refuses_bad_input_and_changes_nothing() {
             "secrets",
         ),
         ("to the size it has", node_expand(&m, &tm, SIZE, 0), Ok, ""),
+        (
+            "the block volume's staging path",
+            node_expand(&b, &sb, 0, 0),
+            NotFound,
+            "volume path",
+        ),
     ];
     for (what, request, code, names) in expand_rows {
         t.add(

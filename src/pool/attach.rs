@@ -788,7 +788,10 @@ impl Attacher {
             id: format!("{} for volume {id}", path.display()),
         };
         let record = self.record(id)?.ok_or_else(not_found)?;
-        let known = record.staging_path == path || record.targets.contains_key(path);
+        // A block volume is nowhere at its staging path: kura puts nothing there.
+        let staged_here = record.staging_path == path
+            && matches!(record.capability.access, AccessType::Mount { .. });
+        let known = staged_here || record.targets.contains_key(path);
         if !known || !path.exists() {
             return Err(not_found());
         }
