@@ -389,19 +389,28 @@ async fn create_volume_errors_and_idempotency() {
     assert_eq!(placed.accessible_topology, vec![topology(NODE_ID)]);
     assert!(placed.volume_id.ends_with(NODE_ID));
 
-    // Bigger than the pool (16Gi): RESOURCE_EXHAUSTED, and nothing left behind.
+    // Bigger than the whole pool (16Gi) could ever hold: OUT_OF_RANGE. Within it, but
+    // bigger than the free space: RESOURCE_EXHAUSTED. Nothing left behind either way.
+    let filler = driver
+        .create_volume("pvc-filler", 10 * GIB, &[(PROVISIONING, "thick")])
+        .await;
     let before = pool_volume_files(&driver);
-    for (name, provisioning) in [("pvc-huge-thick", "thick"), ("pvc-huge-thin", "thin")] {
+    for (name, size, provisioning, code) in [
+        ("pvc-huge-thick", 64 * GIB, "thick", Code::OutOfRange),
+        ("pvc-huge-thin", 64 * GIB, "thin", Code::OutOfRange),
+        ("pvc-full-thick", 8 * GIB, "thick", Code::ResourceExhausted),
+        ("pvc-full-thin", 8 * GIB, "thin", Code::ResourceExhausted),
+    ] {
         assert_code(
             controller
                 .create_volume(create_request(
                     name,
-                    64 * GIB,
+                    size,
                     &[(PROVISIONING, provisioning)],
                     None,
                 ))
                 .await,
-            Code::ResourceExhausted,
+            code,
             &[],
         );
         let id = volume_id_for(name);
@@ -412,6 +421,10 @@ async fn create_volume_errors_and_idempotency() {
         );
         assert_eq!(before, after);
     }
+    controller
+        .delete_volume(delete_request(&filler.volume_id))
+        .await
+        .unwrap();
 
     // Content sources that name nothing: NOT_FOUND, whatever their form.
     for (source, id) in [
@@ -479,7 +492,7 @@ async fn delete_and_validate_volume() {
     );
 
     // ValidateVolumeCapabilities.
-    let caps = vec![mount_cap("ext4"), block_cap()];
+    let caps = vec![mount_cap("ext4"), mount_cap("")];
     for unknown in [UNKNOWN_VOLUME, MALFORMED_ID, FOREIGN_VOLUME] {
         assert_code(
             controller
@@ -514,6 +527,14 @@ async fn delete_and_validate_volume() {
         "{}",
         refused.message
     );
+    // The volume was created for mount access: block is not confirmed for it.
+    let refused = controller
+        .validate_volume_capabilities(validate_request(&id, vec![block_cap()]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(refused.confirmed, None);
+    assert!(refused.message.contains("block"), "{}", refused.message);
     for volume_id in [id.as_str(), UNKNOWN_VOLUME] {
         assert_code(
             controller
@@ -754,11 +775,13 @@ async fn node_errors_and_access_modes() {
             Code::InvalidArgument,
             &["target_path"],
         );
+        // This node advertises STAGE_UNSTAGE_VOLUME: a publish without a staging path
+        // is FAILED_PRECONDITION (the spec's table).
         let mut request = publish();
         request.staging_target_path.clear();
         assert_code(
             node.node_publish_volume(request).await,
-            Code::InvalidArgument,
+            Code::FailedPrecondition,
             &["staging_target_path"],
         );
         let mut request = publish();

@@ -1,10 +1,12 @@
 //! Conversions between pool types and the agent protocol. What comes off the wire is
 //! parsed as strictly as a CSI request: an ID that does not parse is refused.
 
+use std::collections::BTreeSet;
+
 use super::proto;
 use crate::pool::{
-    self, Condition, ContentSource, Provisioning, Snapshot, SnapshotId, Timestamp, Volume,
-    VolumeId, size,
+    self, AccessKind, Condition, ContentSource, Provisioning, Snapshot, SnapshotId, Timestamp,
+    Volume, VolumeId, size,
 };
 
 /// A message from the other side that kura could not have sent.
@@ -47,6 +49,29 @@ pub fn provisioning(value: i32) -> Result<Provisioning, Malformed> {
             format!("{value} is not thin or thick"),
         )),
     }
+}
+
+pub fn access_message(set: &BTreeSet<AccessKind>) -> Vec<i32> {
+    set.iter()
+        .map(|kind| match kind {
+            AccessKind::Mount => proto::AccessKind::Mount as i32,
+            AccessKind::Block => proto::AccessKind::Block as i32,
+        })
+        .collect()
+}
+
+pub fn access(values: &[i32]) -> Result<BTreeSet<AccessKind>, Malformed> {
+    values
+        .iter()
+        .map(|&value| match proto::AccessKind::try_from(value) {
+            Ok(proto::AccessKind::Mount) => Ok(AccessKind::Mount),
+            Ok(proto::AccessKind::Block) => Ok(AccessKind::Block),
+            Ok(proto::AccessKind::Unspecified) | Err(_) => Err(malformed(
+                "access",
+                format!("{value} is not mount or block"),
+            )),
+        })
+        .collect()
 }
 
 pub fn source_message(source: &ContentSource) -> proto::ContentSource {
@@ -97,6 +122,7 @@ pub fn volume_message(v: &Volume) -> proto::Volume {
         provisioning: provisioning_message(v.provisioning) as i32,
         source: v.source.as_ref().map(source_message),
         created: Some(timestamp_message(v.created)),
+        access: access_message(&v.access),
     }
 }
 
@@ -109,6 +135,7 @@ pub fn volume(m: Option<&proto::Volume>) -> Result<Volume, Malformed> {
         provisioning: provisioning(m.provisioning)?,
         source: source(m.source.as_ref())?,
         created: timestamp(m.created.as_ref()),
+        access: access(&m.access)?,
     })
 }
 
@@ -170,6 +197,7 @@ pub fn create_request(spec: &pool::VolumeSpec) -> proto::CreateVolumeRequest {
         limit_bytes: spec.range.limit,
         provisioning: provisioning_message(spec.provisioning) as i32,
         source: spec.source.as_ref().map(source_message),
+        access: access_message(&spec.access),
     }
 }
 
@@ -185,6 +213,7 @@ pub fn spec(m: &proto::CreateVolumeRequest) -> Result<pool::VolumeSpec, Malforme
         },
         provisioning: provisioning(m.provisioning)?,
         source: source(m.source.as_ref())?,
+        access: access(&m.access)?,
     })
 }
 
@@ -207,6 +236,7 @@ mod tests {
                 seconds: 7,
                 nanos: 9,
             },
+            access: [AccessKind::Block, AccessKind::Mount].into(),
         };
         assert_eq!(
             super::volume(Some(&volume_message(&volume))).unwrap(),
@@ -232,11 +262,24 @@ mod tests {
             },
             provisioning: Provisioning::Thin,
             source: Some(ContentSource::Volume(volume.id.clone())),
+            access: [AccessKind::Mount].into(),
         };
         let back = self::spec(&create_request(&spec)).unwrap();
         assert_eq!(
-            (back.name, back.range, back.provisioning, back.source),
-            (spec.name, spec.range, spec.provisioning, spec.source)
+            (
+                back.name,
+                back.range,
+                back.provisioning,
+                back.source,
+                back.access
+            ),
+            (
+                spec.name,
+                spec.range,
+                spec.provisioning,
+                spec.source,
+                spec.access
+            )
         );
     }
 
@@ -252,11 +295,14 @@ mod tests {
                 seconds: 0,
                 nanos: 0,
             },
+            access: BTreeSet::new(),
         });
         m.id = "vol-../../etc".into();
         assert!(volume(Some(&m)).is_err());
         assert!(volume(None).is_err());
         assert!(provisioning(0).is_err());
         assert!(provisioning(99).is_err());
+        assert!(access(&[0]).is_err());
+        assert!(access(&[7]).is_err());
     }
 }

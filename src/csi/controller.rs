@@ -1,7 +1,7 @@
 //! The Controller service: volumes and snapshots in the nodes' pools, reached only
 //! through [`Pools`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use tonic::{Request, Response, Status};
@@ -9,12 +9,16 @@ use tracing::instrument;
 
 use super::proto::controller_server::Controller;
 use super::proto::{self, controller_service_capability, volume_content_source};
-use super::status::{busy, from_agent, incompatible, invalid, missing, no_node, source_not_found};
+use super::status::{
+    busy, from_agent, incompatible, invalid, missing, no_node, no_volume, not_found, shown,
+    source_not_found, unimplemented,
+};
 use super::validate::{self, CapabilityError};
 use super::{TOPOLOGY_KEY, node_topology};
 use crate::agent::{Node, Pools};
+use crate::pool::attach::Capability;
 use crate::pool::{
-    self, Condition, ContentSource, Snapshot, SnapshotId, Volume, VolumeId, VolumeSpec,
+    self, AccessKind, Condition, ContentSource, Snapshot, SnapshotId, Volume, VolumeId, VolumeSpec,
 };
 
 /// The Controller service over the nodes' pools.
@@ -251,9 +255,7 @@ fn content_source(
         return Ok(None);
     };
     let not_found = |kind: &str, id: &str| {
-        Status::not_found(format!(
-            "volume_content_source: {kind} {id:?} does not exist"
-        ))
+        not_found(format_args!("volume_content_source: {kind} {}", shown(id)))
     };
     match &source.r#type {
         None => Err(missing("volume_content_source.type")),
@@ -313,8 +315,9 @@ fn snapshot_message(snapshot: &Snapshot) -> proto::Snapshot {
     }
 }
 
-fn not_found_volume(id: &str) -> Status {
-    Status::not_found(format!("volume {id} does not exist"))
+/// The access types a list of capabilities asks for.
+fn access_kinds(caps: &[Capability]) -> BTreeSet<AccessKind> {
+    caps.iter().map(|c| c.access.kind()).collect()
 }
 
 /// One page of `items` (sorted by ID) starting at `start`.
@@ -345,17 +348,20 @@ fn capability(
 
 #[tonic::async_trait]
 impl<P: Pools> Controller for ControllerService<P> {
-    #[instrument(err, skip_all, fields(volume.name = %request.get_ref().name))]
+    #[instrument(err, skip_all, fields(volume.name = ?request.get_ref().name))]
     async fn create_volume(
         &self,
         request: Request<proto::CreateVolumeRequest>,
     ) -> Result<Response<proto::CreateVolumeResponse>, Status> {
         let req = request.into_inner();
         let name = validate::name(&req.name, "name")?;
-        validate::capabilities(&req.volume_capabilities, "volume_capabilities")
+        let capabilities = validate::capabilities(&req.volume_capabilities, "volume_capabilities")
             .map_err(|e| e.into_invalid("volume_capabilities"))?;
         let range = validate::range(req.capacity_range.as_ref())?;
+        validate::map_size(&req.parameters, "parameters")?;
         let provisioning = validate::volume_parameters(&req.parameters)?;
+        validate::no_mutable_parameters(&req.mutable_parameters)?;
+        validate::map_size(&req.secrets, "secrets")?;
         let source = content_source(req.volume_content_source.as_ref())?;
         let name_guard = self.lock_name("volume", name)?;
         let requirements = req.accessibility_requirements.as_ref();
@@ -375,6 +381,7 @@ impl<P: Pools> Controller for ControllerService<P> {
             range,
             provisioning,
             source,
+            access: access_kinds(&capabilities),
         };
         let volume = self
             .pools
@@ -386,14 +393,16 @@ impl<P: Pools> Controller for ControllerService<P> {
         }))
     }
 
-    #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
+    #[instrument(err, skip_all, fields(volume.id = ?request.get_ref().volume_id))]
     async fn delete_volume(
         &self,
         request: Request<proto::DeleteVolumeRequest>,
     ) -> Result<Response<proto::DeleteVolumeResponse>, Status> {
         let req = request.into_inner();
+        let id = validate::volume_id(&req.volume_id, "volume_id")?;
+        validate::map_size(&req.secrets, "secrets")?;
         // An ID that cannot be ours names a volume that is already gone.
-        if let Some(id) = validate::volume_id(&req.volume_id, "volume_id")? {
+        if let Some(id) = id {
             self.pools.delete_volume(id).await.map_err(from_agent)?;
         }
         Ok(Response::new(proto::DeleteVolumeResponse {}))
@@ -403,8 +412,9 @@ impl<P: Pools> Controller for ControllerService<P> {
         &self,
         _request: Request<proto::ControllerPublishVolumeRequest>,
     ) -> Result<Response<proto::ControllerPublishVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "ControllerPublishVolume: kura volumes are local; there is nothing to attach",
+        Err(unimplemented(
+            "ControllerPublishVolume",
+            "kura volumes are local; there is nothing to attach",
         ))
     }
 
@@ -412,28 +422,57 @@ impl<P: Pools> Controller for ControllerService<P> {
         &self,
         _request: Request<proto::ControllerUnpublishVolumeRequest>,
     ) -> Result<Response<proto::ControllerUnpublishVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "ControllerUnpublishVolume: kura volumes are local; there is nothing to detach",
+        Err(unimplemented(
+            "ControllerUnpublishVolume",
+            "kura volumes are local; there is nothing to detach",
         ))
     }
 
-    #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
+    #[instrument(err, skip_all, fields(volume.id = ?request.get_ref().volume_id))]
     async fn validate_volume_capabilities(
         &self,
         request: Request<proto::ValidateVolumeCapabilitiesRequest>,
     ) -> Result<Response<proto::ValidateVolumeCapabilitiesResponse>, Status> {
         let req = request.into_inner();
         let id = validate::volume_id(&req.volume_id, "volume_id")?;
+        for (map, field) in [
+            (&req.volume_context, "volume_context"),
+            (&req.parameters, "parameters"),
+            (&req.mutable_parameters, "mutable_parameters"),
+            (&req.secrets, "secrets"),
+        ] {
+            validate::map_size(map, field)?;
+        }
         let checked = validate::capabilities(&req.volume_capabilities, "volume_capabilities");
         if let Err(CapabilityError::Invalid(status)) = checked {
             return Err(status);
         }
-        let id = id.ok_or_else(|| not_found_volume(&req.volume_id))?;
-        self.pools.volume(id).await.map_err(from_agent)?;
+        let id = id.ok_or_else(|| no_volume("volume_id", &req.volume_id))?;
+        let (volume, _) = self.pools.volume(id).await.map_err(from_agent)?;
         let verdict = checked
             .map_err(|e| e.into_invalid("volume_capabilities").message().to_owned())
-            .and_then(|_| {
+            .and_then(|caps| {
+                let asked = access_kinds(&caps);
+                if volume.serves(&asked) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "volume_capabilities: volume {} was created for other access types than {}",
+                        volume.id,
+                        asked
+                            .iter()
+                            .map(|k| k.to_string())
+                            .collect::<Vec<_>>()
+                            .join(" and ")
+                    ))
+                }
+            })
+            .and_then(|()| {
                 validate::volume_parameters(&req.parameters).map_err(|s| s.message().to_owned())
+            })
+            .and_then(|_| {
+                validate::no_mutable_parameters(&req.mutable_parameters)
+                    .map_err(|s| s.message().to_owned())
             });
         let response = match verdict {
             Ok(_) => proto::ValidateVolumeCapabilitiesResponse {
@@ -487,6 +526,7 @@ impl<P: Pools> Controller for ControllerService<P> {
         request: Request<proto::GetCapacityRequest>,
     ) -> Result<Response<proto::GetCapacityResponse>, Status> {
         let req = request.into_inner();
+        validate::map_size(&req.parameters, "parameters")?;
         let provisioning = validate::volume_parameters(&req.parameters)?;
         let mut unusable = false;
         for (i, cap) in req.volume_capabilities.iter().enumerate() {
@@ -556,7 +596,7 @@ impl<P: Pools> Controller for ControllerService<P> {
         }))
     }
 
-    #[instrument(err, skip_all, fields(snapshot.name = %request.get_ref().name, volume.id = %request.get_ref().source_volume_id))]
+    #[instrument(err, skip_all, fields(snapshot.name = ?request.get_ref().name, volume.id = ?request.get_ref().source_volume_id))]
     async fn create_snapshot(
         &self,
         request: Request<proto::CreateSnapshotRequest>,
@@ -564,8 +604,10 @@ impl<P: Pools> Controller for ControllerService<P> {
         let req = request.into_inner();
         let source = validate::volume_id(&req.source_volume_id, "source_volume_id")?;
         let name = validate::name(&req.name, "name")?;
+        validate::map_size(&req.parameters, "parameters")?;
         validate::snapshot_parameters(&req.parameters)?;
-        let source = source.ok_or_else(|| not_found_volume(&req.source_volume_id))?;
+        validate::map_size(&req.secrets, "secrets")?;
+        let source = source.ok_or_else(|| no_volume("source_volume_id", &req.source_volume_id))?;
         let name_guard = self.lock_name("snapshot", name)?;
         name_guard.making(SnapshotId::derive(name, &source.node()).as_str());
         if let Some(existing) = self.find_snapshot(name).await?
@@ -586,13 +628,15 @@ impl<P: Pools> Controller for ControllerService<P> {
         }))
     }
 
-    #[instrument(err, skip_all, fields(snapshot.id = %request.get_ref().snapshot_id))]
+    #[instrument(err, skip_all, fields(snapshot.id = ?request.get_ref().snapshot_id))]
     async fn delete_snapshot(
         &self,
         request: Request<proto::DeleteSnapshotRequest>,
     ) -> Result<Response<proto::DeleteSnapshotResponse>, Status> {
         let req = request.into_inner();
-        if let Some(id) = validate::snapshot_id(&req.snapshot_id, "snapshot_id")? {
+        let id = validate::snapshot_id(&req.snapshot_id, "snapshot_id")?;
+        validate::map_size(&req.secrets, "secrets")?;
+        if let Some(id) = id {
             self.pools.delete_snapshot(id).await.map_err(from_agent)?;
         }
         Ok(Response::new(proto::DeleteSnapshotResponse {}))
@@ -605,6 +649,7 @@ impl<P: Pools> Controller for ControllerService<P> {
     ) -> Result<Response<proto::ListSnapshotsResponse>, Status> {
         let req = request.into_inner();
         let max = validate::max_entries(req.max_entries)?;
+        validate::map_size(&req.secrets, "secrets")?;
         let start = validate::starting_token(&req.starting_token, SnapshotId::parse)?;
         let empty = || Ok(Response::new(proto::ListSnapshotsResponse::default()));
         let mut snapshots = if req.snapshot_id.is_empty() {
@@ -635,7 +680,7 @@ impl<P: Pools> Controller for ControllerService<P> {
         }))
     }
 
-    #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
+    #[instrument(err, skip_all, fields(volume.id = ?request.get_ref().volume_id))]
     async fn controller_expand_volume(
         &self,
         request: Request<proto::ControllerExpandVolumeRequest>,
@@ -650,7 +695,9 @@ impl<P: Pools> Controller for ControllerService<P> {
         if range.required == 0 && range.limit == 0 {
             return Err(invalid("capacity_range", "asks for no size"));
         }
-        let id = id.ok_or_else(|| not_found_volume(&req.volume_id))?;
+        validate::optional_capability(req.volume_capability.as_ref(), "volume_capability")?;
+        validate::map_size(&req.secrets, "secrets")?;
+        let id = id.ok_or_else(|| no_volume("volume_id", &req.volume_id))?;
         let (volume, _) = self
             .pools
             .expand_volume(id, range)
@@ -663,14 +710,14 @@ impl<P: Pools> Controller for ControllerService<P> {
         }))
     }
 
-    #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
+    #[instrument(err, skip_all, fields(volume.id = ?request.get_ref().volume_id))]
     async fn controller_get_volume(
         &self,
         request: Request<proto::ControllerGetVolumeRequest>,
     ) -> Result<Response<proto::ControllerGetVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = validate::volume_id(&req.volume_id, "volume_id")?
-            .ok_or_else(|| not_found_volume(&req.volume_id))?;
+            .ok_or_else(|| no_volume("volume_id", &req.volume_id))?;
         let (volume, condition) = self.pools.volume(id).await.map_err(from_agent)?;
         Ok(Response::new(proto::ControllerGetVolumeResponse {
             volume: Some(self.volume_message(&volume)),
@@ -685,19 +732,23 @@ impl<P: Pools> Controller for ControllerService<P> {
         &self,
         _request: Request<proto::ControllerModifyVolumeRequest>,
     ) -> Result<Response<proto::ControllerModifyVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "ControllerModifyVolume: kura volumes have no mutable parameters",
+        Err(unimplemented(
+            "ControllerModifyVolume",
+            "kura volumes have no mutable parameters",
         ))
     }
 
-    #[instrument(err, skip_all, fields(snapshot.id = %request.get_ref().snapshot_id))]
+    #[instrument(err, skip_all, fields(snapshot.id = ?request.get_ref().snapshot_id))]
     async fn get_snapshot(
         &self,
         request: Request<proto::GetSnapshotRequest>,
     ) -> Result<Response<proto::GetSnapshotResponse>, Status> {
         let req = request.into_inner();
         let id = validate::snapshot_id(&req.snapshot_id, "snapshot_id")?.ok_or_else(|| {
-            Status::not_found(format!("snapshot {} does not exist", req.snapshot_id))
+            not_found(format_args!(
+                "snapshot_id: snapshot {}",
+                shown(&req.snapshot_id)
+            ))
         })?;
         let snapshot = self.pools.snapshot(id).await.map_err(from_agent)?;
         Ok(Response::new(proto::GetSnapshotResponse {

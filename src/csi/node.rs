@@ -1,6 +1,7 @@
 //! The Node service: exposing this node's volumes to pods.
 
-use std::path::{Path, PathBuf};
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
@@ -8,7 +9,7 @@ use tracing::instrument;
 
 use super::proto::node_server::Node;
 use super::proto::{self, node_service_capability};
-use super::status::{busy, from_pool, missing};
+use super::status::{busy, from_pool, no_volume, not_at_path};
 use super::{blocking, node_topology, validate};
 use crate::pool::attach::{Attacher, Capability};
 use crate::pool::locks::Locks;
@@ -31,39 +32,43 @@ impl NodeService {
         }
     }
 
+    /// A path the node will create or mount on: well formed, outside kura's own
+    /// directories.
+    fn path(&self, value: &str, field: &str) -> Result<PathBuf, Status> {
+        validate::node_path(value, field, self.attacher.reserved())
+    }
+
     /// Takes the volume's lock and runs `work` on the attacher off the async threads.
     async fn locked<T: Send + 'static>(
         &self,
         id: VolumeId,
         work: impl FnOnce(&Attacher, &VolumeId) -> pool::Result<T> + Send + 'static,
     ) -> Result<T, Status> {
-        let _guard = self
+        let guard = self
             .locks
             .try_acquire(id.as_str())
             .ok_or_else(|| busy(id.as_str()))?;
         let attacher = Arc::clone(&self.attacher);
-        blocking(move || work(&attacher, &id))
-            .await
-            .map_err(from_pool)
+        // The guard lives in the blocking work, not in this future: a call the kubelet
+        // cancels must not free the volume while its mount or mkfs still runs.
+        blocking(move || {
+            let _guard = guard;
+            work(&attacher, &id)
+        })
+        .await
+        .map_err(from_pool)
     }
 }
 
 /// A volume ID that must name an existing volume.
 fn existing_volume_id(value: &str) -> Result<VolumeId, Status> {
-    validate::volume_id(value, "volume_id")?
-        .ok_or_else(|| Status::not_found(format!("volume {value} does not exist")))
+    validate::volume_id(value, "volume_id")?.ok_or_else(|| no_volume("volume_id", value))
 }
 
-fn path(value: &str, field: &str) -> Result<PathBuf, Status> {
-    let value = validate::required(value, field)?;
-    let path = PathBuf::from(value);
-    if !path.is_absolute() {
-        return Err(super::status::invalid(
-            field,
-            format!("{value:?} is not an absolute path"),
-        ));
-    }
-    Ok(path)
+/// The maps every node request may carry: within CSI's size, never echoed.
+fn maps(maps: &[(&HashMap<String, String>, &str)]) -> Result<(), Status> {
+    maps.iter()
+        .try_for_each(|(map, field)| validate::map_size(map, field))
 }
 
 fn node_capability(cap: Option<&proto::VolumeCapability>) -> Result<Capability, Status> {
@@ -83,48 +88,57 @@ fn capability(kind: node_service_capability::rpc::Type) -> proto::NodeServiceCap
 
 #[tonic::async_trait]
 impl Node for NodeService {
-    #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
+    #[instrument(err, skip_all, fields(volume.id = ?request.get_ref().volume_id))]
     async fn node_stage_volume(
         &self,
         request: Request<proto::NodeStageVolumeRequest>,
     ) -> Result<Response<proto::NodeStageVolumeResponse>, Status> {
         let req = request.into_inner();
         validate::required(&req.volume_id, "volume_id")?;
-        let staging = path(&req.staging_target_path, "staging_target_path")?;
+        let staging = self.path(&req.staging_target_path, "staging_target_path")?;
         let capability = node_capability(req.volume_capability.as_ref())?;
+        maps(&[
+            (&req.secrets, "secrets"),
+            (&req.publish_context, "publish_context"),
+            (&req.volume_context, "volume_context"),
+        ])?;
         let id = existing_volume_id(&req.volume_id)?;
         self.locked(id, move |a, id| a.stage(id, &staging, &capability))
             .await?;
         Ok(Response::new(proto::NodeStageVolumeResponse {}))
     }
 
-    #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
+    #[instrument(err, skip_all, fields(volume.id = ?request.get_ref().volume_id))]
     async fn node_unstage_volume(
         &self,
         request: Request<proto::NodeUnstageVolumeRequest>,
     ) -> Result<Response<proto::NodeUnstageVolumeResponse>, Status> {
         let req = request.into_inner();
         validate::required(&req.volume_id, "volume_id")?;
-        let staging = path(&req.staging_target_path, "staging_target_path")?;
+        let staging = self.path(&req.staging_target_path, "staging_target_path")?;
         let id = existing_volume_id(&req.volume_id)?;
         self.locked(id, move |a, id| a.unstage(id, &staging))
             .await?;
         Ok(Response::new(proto::NodeUnstageVolumeResponse {}))
     }
 
-    #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
+    #[instrument(err, skip_all, fields(volume.id = ?request.get_ref().volume_id))]
     async fn node_publish_volume(
         &self,
         request: Request<proto::NodePublishVolumeRequest>,
     ) -> Result<Response<proto::NodePublishVolumeResponse>, Status> {
         let req = request.into_inner();
         validate::required(&req.volume_id, "volume_id")?;
-        let target = path(&req.target_path, "target_path")?;
+        let target = self.path(&req.target_path, "target_path")?;
         let capability = node_capability(req.volume_capability.as_ref())?;
-        if req.staging_target_path.is_empty() {
-            return Err(missing("staging_target_path"));
-        }
-        let staging = path(&req.staging_target_path, "staging_target_path")?;
+        maps(&[
+            (&req.secrets, "secrets"),
+            (&req.publish_context, "publish_context"),
+            (&req.volume_context, "volume_context"),
+        ])?;
+        let staging =
+            validate::publish_staging_path(&req.staging_target_path, self.attacher.reserved())?;
+        validate::publish_paths(&target, &staging)?;
         let id = existing_volume_id(&req.volume_id)?;
         let readonly = req.readonly;
         self.locked(id, move |a, id| {
@@ -134,30 +148,32 @@ impl Node for NodeService {
         Ok(Response::new(proto::NodePublishVolumeResponse {}))
     }
 
-    #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
+    #[instrument(err, skip_all, fields(volume.id = ?request.get_ref().volume_id))]
     async fn node_unpublish_volume(
         &self,
         request: Request<proto::NodeUnpublishVolumeRequest>,
     ) -> Result<Response<proto::NodeUnpublishVolumeResponse>, Status> {
         let req = request.into_inner();
         validate::required(&req.volume_id, "volume_id")?;
-        let target = path(&req.target_path, "target_path")?;
+        let target = self.path(&req.target_path, "target_path")?;
         let id = existing_volume_id(&req.volume_id)?;
         self.locked(id, move |a, id| a.unpublish(id, &target))
             .await?;
         Ok(Response::new(proto::NodeUnpublishVolumeResponse {}))
     }
 
-    #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
+    #[instrument(err, skip_all, fields(volume.id = ?request.get_ref().volume_id))]
     async fn node_get_volume_stats(
         &self,
         request: Request<proto::NodeGetVolumeStatsRequest>,
     ) -> Result<Response<proto::NodeGetVolumeStatsResponse>, Status> {
         let req = request.into_inner();
         validate::required(&req.volume_id, "volume_id")?;
-        validate::required(&req.volume_path, "volume_path")?;
+        let volume_path = validate::volume_path(&req.volume_path, "volume_path")?;
+        validate::optional_node_path(&req.staging_target_path, "staging_target_path", &[])?;
         let id = existing_volume_id(&req.volume_id)?;
-        let volume_path = PathBuf::from(&req.volume_path);
+        let volume_path =
+            volume_path.ok_or_else(|| not_at_path("volume_path", &req.volume_path, id.as_str()))?;
         let attacher = Arc::clone(&self.attacher);
         let stats = blocking(move || attacher.stats(&id, &volume_path))
             .await
@@ -194,19 +210,23 @@ impl Node for NodeService {
         }))
     }
 
-    #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
+    #[instrument(err, skip_all, fields(volume.id = ?request.get_ref().volume_id))]
     async fn node_expand_volume(
         &self,
         request: Request<proto::NodeExpandVolumeRequest>,
     ) -> Result<Response<proto::NodeExpandVolumeResponse>, Status> {
         let req = request.into_inner();
         validate::required(&req.volume_id, "volume_id")?;
-        validate::required(&req.volume_path, "volume_path")?;
-        validate::range(req.capacity_range.as_ref())?;
+        let volume_path = validate::volume_path(&req.volume_path, "volume_path")?;
+        validate::optional_node_path(&req.staging_target_path, "staging_target_path", &[])?;
+        let range = validate::range(req.capacity_range.as_ref())?;
+        validate::optional_capability(req.volume_capability.as_ref(), "volume_capability")?;
+        maps(&[(&req.secrets, "secrets")])?;
         let id = existing_volume_id(&req.volume_id)?;
-        let volume_path = PathBuf::from(&req.volume_path);
+        let volume_path =
+            volume_path.ok_or_else(|| not_at_path("volume_path", &req.volume_path, id.as_str()))?;
         let size = self
-            .locked(id, move |a, id| a.expand(id, Path::new(&volume_path)))
+            .locked(id, move |a, id| a.expand(id, &volume_path, range))
             .await?;
         Ok(Response::new(proto::NodeExpandVolumeResponse {
             capacity_bytes: size as i64,

@@ -121,6 +121,20 @@ pub fn chain(error: &dyn std::error::Error) -> String {
     message
 }
 
+/// A value from a request, for a message: quoted and escaped (control characters never
+/// reach a log or a terminal as they are), and cut short when long.
+pub fn shown(value: &str) -> String {
+    const SHOWN: usize = 128;
+    if value.len() <= SHOWN {
+        return format!("{value:?}");
+    }
+    let mut end = SHOWN;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}... ({} bytes)", &value[..end], value.len())
+}
+
 /// A request field that is missing or malformed.
 pub fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {reason}"))
@@ -133,6 +147,84 @@ pub fn missing(field: &str) -> Status {
 /// Another operation on the same object is still running.
 pub fn busy(key: &str) -> Status {
     Status::aborted(format!("an operation on {key} is already in progress"))
+}
+
+/// An object a request names that does not exist (or cannot: a malformed ID). `what`
+/// says which field or kind it is and quotes the CO's value.
+pub fn not_found(what: impl std::fmt::Display) -> Status {
+    Status::not_found(format!("{what} does not exist"))
+}
+
+/// A volume ID that names no volume.
+pub fn no_volume(field: &str, id: &str) -> Status {
+    not_found(format_args!("{field}: volume {}", shown(id)))
+}
+
+/// A path that is not where the volume is staged or published.
+pub fn not_at_path(field: &str, path: &str, volume: &str) -> Status {
+    Status::not_found(format!(
+        "{field}: volume {} is not staged or published at {}",
+        shown(volume),
+        shown(path)
+    ))
+}
+
+/// The request cannot be served in the state things are in (FAILED_PRECONDITION).
+pub fn precondition(field: &str, reason: impl std::fmt::Display) -> Status {
+    Status::failed_precondition(format!("{field}: {reason}"))
+}
+
+/// A `starting_token` kura did not hand out (the spec asks for ABORTED).
+pub fn bad_token(token: &str) -> Status {
+    Status::aborted(format!(
+        "starting_token: {} is not a token this driver issued",
+        shown(token)
+    ))
+}
+
+/// An RPC kura does not offer.
+pub fn unimplemented(rpc: &str, reason: &str) -> Status {
+    Status::unimplemented(format!("{rpc}: {reason}"))
+}
+
+/// The text tonic's decoder gives a request over the message limit (with the code
+/// OUT_OF_RANGE, where gRPC says RESOURCE_EXHAUSTED).
+pub const TONIC_TOO_LARGE: &str = "Error, decoded message length too large: ";
+
+/// Rewrites the statuses tonic makes before any handler runs, where they fall short of
+/// the contract: a request over the message limit (tonic: OUT_OF_RANGE) becomes
+/// RESOURCE_EXHAUSTED, as gRPC specifies; an RPC of a service kura does not serve
+/// (GroupController, SnapshotMetadata; tonic: UNIMPLEMENTED with no message) gets a
+/// message, as CSI asks of every error. Every other response passes unchanged. The
+/// server applies this to every call (a tower `map_response` layer).
+pub fn rewrite_transport_status<B>(
+    mut response: tonic::codegen::http::Response<B>,
+) -> tonic::codegen::http::Response<B> {
+    if let Some(status) = Status::from_header_map(response.headers())
+        && let Some(fixed) = oversized_request(&status).or_else(|| unserved(&status))
+    {
+        // A message of our own making always encodes; should it not, the original
+        // status stands.
+        let _ = fixed.add_header(response.headers_mut());
+    }
+    response
+}
+
+/// The status for an RPC kura does not serve, from tonic's message-less one.
+pub fn unserved(status: &Status) -> Option<Status> {
+    (status.code() == Code::Unimplemented && status.message().is_empty()).then(|| {
+        Status::unimplemented(
+            "kura does not serve this RPC: it offers the CSI Identity, Controller and Node services",
+        )
+    })
+}
+
+/// The status for a request over the message limit, from tonic's: RESOURCE_EXHAUSTED,
+/// as gRPC specifies. `None` for every other status, which passes unchanged.
+pub fn oversized_request(status: &Status) -> Option<Status> {
+    let detail = status.message().strip_prefix(TONIC_TOO_LARGE)?;
+    (status.code() == Code::OutOfRange)
+        .then(|| Status::resource_exhausted(format!("request message too large: {detail}")))
 }
 
 #[cfg(test)]
@@ -277,6 +369,33 @@ mod tests {
         let status = from_agent(lost);
         assert_eq!(status.code(), Code::Unavailable);
         assert!(status.message().contains("n1"), "{}", status.message());
+    }
+
+    #[test]
+    fn only_the_decoders_size_error_becomes_resource_exhausted() {
+        let tonic = Status::out_of_range(format!(
+            "{TONIC_TOO_LARGE}found 5000000 bytes, the limit is: 4194304 bytes"
+        ));
+        let fixed = oversized_request(&tonic).expect("rewritten");
+        assert_eq!(fixed.code(), Code::ResourceExhausted);
+        assert!(fixed.message().contains("5000000"), "{}", fixed.message());
+        assert!(unserved(&Status::unimplemented("")).is_some());
+        assert!(unserved(&Status::unimplemented("ControllerPublishVolume: no")).is_none());
+        for other in [
+            Status::out_of_range("capacity_range: required_bytes 5 exceeds limit_bytes 4"),
+            Status::internal(format!("{TONIC_TOO_LARGE}found 1 bytes")),
+            Status::ok(""),
+        ] {
+            assert!(oversized_request(&other).is_none(), "{other:?}");
+        }
+    }
+
+    #[test]
+    fn values_are_shown_escaped_and_short() {
+        assert_eq!(shown("a\nb"), "\"a\\nb\"");
+        assert_eq!(shown("\u{1b}[31m"), "\"\\u{1b}[31m\"");
+        let long = shown(&"é".repeat(1000));
+        assert!(long.len() < 200 && long.ends_with("(2000 bytes)"), "{long}");
     }
 
     #[test]

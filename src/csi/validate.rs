@@ -1,14 +1,16 @@
 //! Checking requests into typed arguments. Every error names the field and the reason.
+//! Pure functions: nothing here touches the OS, so a malformed value never reaches it.
 
 use std::collections::HashMap;
+use std::path::{Component, Path, PathBuf};
 
 use tonic::Status;
 
 use super::proto::{self, volume_capability};
-use super::status::{invalid, missing};
-use crate::pool::attach::{AccessMode, AccessType, Capability};
+use super::status::{bad_token, invalid, missing, precondition, shown};
+use crate::pool::attach::{AccessMode, AccessType, Capability, SYSTEM_TREES};
 use crate::pool::{Provisioning, SnapshotId, VolumeId, size};
-use crate::sys::mkfs;
+use crate::sys::{mkfs, mount};
 
 /// The StorageClass parameter that picks thin or thick provisioning.
 pub const PROVISIONING_KEY: &str = "kura.csi.dev/provisioning";
@@ -16,8 +18,16 @@ pub const PROVISIONING_KEY: &str = "kura.csi.dev/provisioning";
 const SIDECAR_PREFIX: &str = "csi.storage.k8s.io/";
 /// CSI's limit on string fields, in bytes.
 const MAX_STRING: usize = 128;
-/// CSI's limit on mount_flags, in bytes.
+/// CSI's limit on mount_flags, in bytes. They are counted as mount(8) hands them to
+/// the kernel: joined by commas and ended by a NUL, so each flag costs its length plus
+/// one (the kernel copies at most one 4 KiB page of options).
 const MAX_MOUNT_FLAGS: usize = 4096;
+/// CSI's limit on a map field (keys and values together), in bytes.
+const MAX_MAP: usize = 4096;
+/// The longest path the kernel takes (PATH_MAX counts the terminating NUL).
+pub const MAX_PATH: usize = 4095;
+/// The longest path component (NAME_MAX).
+pub const MAX_NAME: usize = 255;
 
 /// A required string field.
 pub fn required<'a>(value: &'a str, field: &str) -> Result<&'a str, Status> {
@@ -27,7 +37,8 @@ pub fn required<'a>(value: &'a str, field: &str) -> Result<&'a str, Status> {
     Ok(value)
 }
 
-/// A request name (volume or snapshot).
+/// A request name (volume or snapshot): at most 128 bytes, none of the control
+/// characters CSI bans in names.
 pub fn name<'a>(value: &'a str, field: &str) -> Result<&'a str, Status> {
     required(value, field)?;
     if value.len() > MAX_STRING {
@@ -36,7 +47,164 @@ pub fn name<'a>(value: &'a str, field: &str) -> Result<&'a str, Status> {
             format!("is {} bytes, more than {MAX_STRING}", value.len()),
         ));
     }
+    if let Some(c) = value.chars().find(|c| banned_in_names(*c)) {
+        return Err(invalid(
+            field,
+            format!(
+                "contains the control character U+{:04X}, which CSI does not allow in names",
+                c as u32
+            ),
+        ));
+    }
     Ok(value)
+}
+
+/// The characters CSI bans in names: the control characters other than tab, line feed
+/// and carriage return (U+0000–U+0008, U+000B, U+000C, U+000E–U+001F, U+007F–U+009F).
+fn banned_in_names(c: char) -> bool {
+    c.is_control() && !matches!(c, '\t' | '\n' | '\r')
+}
+
+/// A map field within CSI's 4 KiB (keys and values counted together). The message
+/// names the size only: maps such as secrets must not be echoed.
+pub fn map_size(map: &HashMap<String, String>, field: &str) -> Result<(), Status> {
+    let bytes: usize = map.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if bytes > MAX_MAP {
+        return Err(invalid(
+            field,
+            format!("holds {bytes} bytes of keys and values, more than {MAX_MAP}"),
+        ));
+    }
+    Ok(())
+}
+
+/// `mutable_parameters` of CreateVolume: kura offers none (MODIFY_VOLUME is not
+/// advertised), so any is an error naming the first key.
+pub fn no_mutable_parameters(parameters: &HashMap<String, String>) -> Result<(), Status> {
+    match parameters.keys().min() {
+        None => Ok(()),
+        Some(key) => Err(invalid(
+            "mutable_parameters",
+            format!(
+                "kura has no mutable parameters (MODIFY_VOLUME is not offered); got key {}",
+                shown(key)
+            ),
+        )),
+    }
+}
+
+/// Why a path given to the node cannot be right, or `None` when it can. `reserved` are
+/// kura's own directories (state and pool), which no CO path may point into.
+pub fn path_problem(value: &str, reserved: &[PathBuf]) -> Option<String> {
+    if value.len() > MAX_PATH {
+        return Some(format!(
+            "is {} bytes, more than the {MAX_PATH} a path may have",
+            value.len()
+        ));
+    }
+    if value.contains('\0') {
+        return Some(format!("{} contains a NUL byte", shown(value)));
+    }
+    if let Some(c) = value.chars().find(|c| c.is_control()) {
+        return Some(format!(
+            "{} contains the control character U+{:04X}",
+            shown(value),
+            c as u32
+        ));
+    }
+    let path = Path::new(value);
+    if !path.is_absolute() {
+        return Some(format!("{} is not an absolute path", shown(value)));
+    }
+    if let Some(long) = value.split('/').find(|c| c.len() > MAX_NAME) {
+        return Some(format!(
+            "{} has a component of {} bytes, more than the {MAX_NAME} a name may have",
+            shown(value),
+            long.len()
+        ));
+    }
+    if path.components().any(|c| c == Component::ParentDir) {
+        return Some(format!("{} has a \"..\" component", shown(value)));
+    }
+    if path.parent().is_none() {
+        return Some(format!("{} is the root directory", shown(value)));
+    }
+    if let Some(tree) = SYSTEM_TREES.iter().find(|t| path.starts_with(t)) {
+        return Some(format!(
+            "{} is under {tree}, where no volume may be staged or published",
+            shown(value)
+        ));
+    }
+    if let Some(own) = reserved
+        .iter()
+        .find(|r| path.starts_with(r) || r.starts_with(path))
+    {
+        return Some(format!(
+            "{} overlaps kura's own directory {}",
+            shown(value),
+            own.display()
+        ));
+    }
+    None
+}
+
+/// A required path of a node request that kura will create or mount on.
+pub fn node_path(value: &str, field: &str, reserved: &[PathBuf]) -> Result<PathBuf, Status> {
+    required(value, field)?;
+    match path_problem(value, reserved) {
+        Some(reason) => Err(invalid(field, reason)),
+        None => Ok(PathBuf::from(value)),
+    }
+}
+
+/// An optional path of a node request (empty: not given).
+pub fn optional_node_path(
+    value: &str,
+    field: &str,
+    reserved: &[PathBuf],
+) -> Result<Option<PathBuf>, Status> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    node_path(value, field, reserved).map(Some)
+}
+
+/// The `volume_path` of NodeGetVolumeStats and NodeExpandVolume: required; `None` when
+/// it cannot be a path (it then is not where the volume is, which is NOT_FOUND).
+pub fn volume_path(value: &str, field: &str) -> Result<Option<PathBuf>, Status> {
+    required(value, field)?;
+    Ok(path_problem(value, &[])
+        .is_none()
+        .then(|| PathBuf::from(value)))
+}
+
+/// The `staging_target_path` of NodePublishVolume. The node advertises
+/// STAGE_UNSTAGE_VOLUME, so one that is not set is FAILED_PRECONDITION (the spec's
+/// table), not a missing field.
+pub fn publish_staging_path(value: &str, reserved: &[PathBuf]) -> Result<PathBuf, Status> {
+    let field = "staging_target_path";
+    if value.is_empty() {
+        return Err(precondition(
+            field,
+            "is not set, but this node stages volumes (STAGE_UNSTAGE_VOLUME): NodeStageVolume comes first and its path is needed here",
+        ));
+    }
+    node_path(value, field, reserved)
+}
+
+/// A publish target and its staging path must be apart: neither inside the other.
+pub fn publish_paths(target: &Path, staging: &Path) -> Result<(), Status> {
+    if target.starts_with(staging) || staging.starts_with(target) {
+        return Err(invalid(
+            "target_path",
+            format!(
+                "{:?} overlaps staging_target_path {:?}; a volume is published elsewhere than where it is staged",
+                target.display().to_string(),
+                staging.display().to_string()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A volume ID field: required; `None` when it is not one of ours, which means the
@@ -73,9 +241,7 @@ impl CapabilityError {
     pub fn into_node_status(self, field: &str) -> Status {
         match self {
             CapabilityError::Invalid(status) => status,
-            CapabilityError::Unsupported(reason) => {
-                Status::failed_precondition(format!("{field}: {reason}"))
-            }
+            CapabilityError::Unsupported(reason) => precondition(field, reason),
         }
     }
 }
@@ -139,22 +305,31 @@ fn mount_access(
             )));
         }
     };
-    let flags_len: usize = mount.mount_flags.iter().map(String::len).sum();
+    let flags_field = format!("{field}.mount.mount_flags");
+    let flags_len = mount_flags_len(&mount.mount_flags);
     if flags_len > MAX_MOUNT_FLAGS {
         return Err(CapabilityError::Invalid(invalid(
-            &format!("{field}.mount.mount_flags"),
-            format!("are {flags_len} bytes, more than {MAX_MOUNT_FLAGS}"),
+            &flags_field,
+            format!(
+                "are {flags_len} bytes with their separators ({} flags), more than {MAX_MOUNT_FLAGS}",
+                mount.mount_flags.len()
+            ),
         )));
     }
-    if let Some(flag) = mount
-        .mount_flags
-        .iter()
-        .find(|f| f.is_empty() || f.contains(char::is_whitespace))
-    {
-        return Err(CapabilityError::Invalid(invalid(
-            &format!("{field}.mount.mount_flags"),
-            format!("{flag:?} is not a mount option"),
-        )));
+    for (i, flag) in mount.mount_flags.iter().enumerate() {
+        let reason = if flag.is_empty() {
+            Some("is empty".to_owned())
+        } else if flag.contains(|c: char| c.is_whitespace() || c.is_control()) {
+            Some("contains whitespace or a control character".to_owned())
+        } else {
+            mount::check_option(flag, fs_type.as_deref()).err()
+        };
+        if let Some(reason) = reason {
+            return Err(CapabilityError::Invalid(invalid(
+                &format!("{flags_field}[{i}]"),
+                reason,
+            )));
+        }
     }
     if !mount.volume_mount_group.is_empty() {
         return Err(CapabilityError::Unsupported(
@@ -165,6 +340,24 @@ fn mount_access(
         fs_type,
         flags: mount.mount_flags.clone(),
     })
+}
+
+/// Bytes the flags take as mount(8) passes them: joined by commas, ended by a NUL.
+fn mount_flags_len(flags: &[String]) -> usize {
+    flags.iter().map(|f| f.len() + 1).sum()
+}
+
+/// An optional capability (expansion requests): when given it must be one kura serves.
+pub fn optional_capability(
+    cap: Option<&proto::VolumeCapability>,
+    field: &str,
+) -> Result<Option<Capability>, Status> {
+    match cap {
+        None => Ok(None),
+        Some(cap) => capability(Some(cap), field)
+            .map(Some)
+            .map_err(|e| e.into_invalid(field)),
+    }
 }
 
 /// Every capability in a list, which must not be empty.
@@ -216,7 +409,7 @@ pub fn volume_parameters(parameters: &HashMap<String, String>) -> Result<Provisi
                 }
             }
             k if k.starts_with(SIDECAR_PREFIX) => {}
-            _ => return Err(invalid("parameters", format!("unknown key {key:?}"))),
+            _ => return Err(invalid("parameters", format!("unknown key {}", shown(key)))),
         }
     }
     Ok(provisioning)
@@ -225,7 +418,7 @@ pub fn volume_parameters(parameters: &HashMap<String, String>) -> Result<Provisi
 /// Snapshot parameters: only the sidecars' keys.
 pub fn snapshot_parameters(parameters: &HashMap<String, String>) -> Result<(), Status> {
     match parameters.keys().find(|k| !k.starts_with(SIDECAR_PREFIX)) {
-        Some(key) => Err(invalid("parameters", format!("unknown key {key:?}"))),
+        Some(key) => Err(invalid("parameters", format!("unknown key {}", shown(key)))),
         None => Ok(()),
     }
 }
@@ -239,11 +432,7 @@ pub fn starting_token<T>(
     if token.is_empty() {
         return Ok(None);
     }
-    parse(token).map(Some).ok_or_else(|| {
-        Status::aborted(format!(
-            "starting_token: {token:?} is not a token this driver issued"
-        ))
-    })
+    parse(token).map(Some).ok_or_else(|| bad_token(token))
 }
 
 pub fn max_entries(value: i32) -> Result<usize, Status> {
@@ -429,5 +618,230 @@ mod tests {
             Code::InvalidArgument
         );
         assert_eq!(volume_id("no-such", "volume_id").unwrap(), None);
+    }
+
+    #[test]
+    fn names_refuse_exactly_the_control_characters_csi_bans() {
+        let banned = [
+            '\u{0}', '\u{8}', '\u{b}', '\u{c}', '\u{e}', '\u{1f}', '\u{7f}', '\u{80}', '\u{9f}',
+        ];
+        for c in banned {
+            let err = name(&format!("pvc-{c}-x"), "name").unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{c:?}");
+            let hex = format!("U+{:04X}", c as u32);
+            assert!(err.message().contains(&hex), "{}", err.message());
+            assert!(err.message().starts_with("name: "), "{}", err.message());
+        }
+        for allowed in [
+            "tab\there",
+            "line\nfeed",
+            "cr\r",
+            "nbsp\u{a0}",
+            "ünïcødé",
+            "🦀",
+            "\u{202e}rtl",
+        ] {
+            assert_eq!(name(allowed, "name").unwrap(), allowed);
+        }
+        // 128 bytes is the limit, counted in bytes, not characters.
+        assert!(name(&"é".repeat(64), "name").is_ok());
+        assert!(name(&"é".repeat(65), "name").is_err());
+    }
+
+    #[test]
+    fn paths_that_cannot_be_right() {
+        let reserved = [PathBuf::from("/var/lib/kura")];
+        let long_name = format!("/mnt/{}", "n".repeat(256));
+        let long_path = format!("/{}", "a/".repeat(2048));
+        let bad = [
+            ("relative/path", "absolute"),
+            ("", "absolute"),
+            ("/mnt/nul\0byte", "NUL"),
+            ("/mnt/new\nline", "U+000A"),
+            ("/mnt/esc\u{1b}[31m", "U+001B"),
+            ("/mnt/../etc", "\"..\""),
+            ("/mnt/a/..", "\"..\""),
+            ("/", "root"),
+            ("/proc/self", "/proc"),
+            ("/proc", "/proc"),
+            ("/sys/fs/cgroup", "/sys"),
+            ("/dev/sda", "/dev"),
+            ("//dev/sda", "/dev"),
+            ("/dev/./sda", "/dev"),
+            ("/var/lib/kura/pool/volumes", "kura's own"),
+            ("/var/lib/kura", "kura's own"),
+            ("/var/lib", "kura's own"),
+            (long_name.as_str(), "255"),
+            (long_path.as_str(), "4095"),
+        ];
+        for (path, needle) in bad {
+            let reason = path_problem(path, &reserved).unwrap_or_else(|| panic!("{path:?} passed"));
+            assert!(reason.contains(needle), "{path:?}: {reason}");
+        }
+        let fine = [
+            "/var/lib/kubelet/pods/uid/volumes/kubernetes.io~csi/pv/mount",
+            "/var/lib/kura-other",
+            "/devices/x",
+            "/procfs",
+            "/mnt/with space/and:colon",
+            "/mnt/./dot",
+            "/mnt/trailing/",
+            "/mnt/ünïcødé",
+        ];
+        for path in fine {
+            assert_eq!(path_problem(path, &reserved), None, "{path:?}");
+        }
+        let at_limit = format!("/{}", "a".repeat(MAX_NAME));
+        assert_eq!(path_problem(&at_limit, &reserved), None);
+        assert_eq!(
+            node_path("", "target_path", &reserved)
+                .unwrap_err()
+                .message(),
+            "target_path: is required"
+        );
+        let err = node_path("/proc/1", "target_path", &reserved).unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().starts_with("target_path: "));
+        // A stats or expand path that cannot be a path names no place of the volume.
+        assert_eq!(volume_path("some/path", "volume_path").unwrap(), None);
+        assert_eq!(
+            volume_path("", "volume_path").unwrap_err().code(),
+            Code::InvalidArgument
+        );
+        assert!(volume_path("/mnt/x", "volume_path").unwrap().is_some());
+        assert_eq!(
+            publish_staging_path("", &reserved).unwrap_err().code(),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            publish_staging_path("rel", &reserved).unwrap_err().code(),
+            Code::InvalidArgument
+        );
+        for (target, staging, ok) in [
+            ("/t", "/s", true),
+            ("/s", "/s", false),
+            ("/s/sub", "/s", false),
+            ("/t", "/t/sub", false),
+            ("/st", "/s", true),
+        ] {
+            assert_eq!(
+                publish_paths(Path::new(target), Path::new(staging)).is_ok(),
+                ok,
+                "{target} {staging}"
+            );
+        }
+    }
+
+    #[test]
+    fn mount_flags_count_their_separators_and_follow_the_allow_list() {
+        let with_flags = |flags: Vec<String>, fs: &str| {
+            capability(
+                Some(&proto::VolumeCapability {
+                    access_type: Some(volume_capability::AccessType::Mount(
+                        volume_capability::MountVolume {
+                            fs_type: fs.into(),
+                            mount_flags: flags,
+                            volume_mount_group: String::new(),
+                        },
+                    )),
+                    access_mode: Some(volume_capability::AccessMode {
+                        mode: Mode::SingleNodeWriter as i32,
+                    }),
+                }),
+                "c",
+            )
+        };
+        // 1365 flags of 2 bytes take 4095 bytes with their commas and NUL; 2048 take
+        // 6144, though their characters alone are 4096.
+        assert!(with_flags(vec!["ro".into(); 1365], "").is_ok());
+        match with_flags(vec!["ro".into(); 2048], "") {
+            Err(CapabilityError::Invalid(status)) => {
+                assert!(status.message().contains("4096"), "{}", status.message())
+            }
+            other => panic!("{other:?}"),
+        }
+        let refused = [
+            (vec!["suid"], "", "c.mount.mount_flags[0]"),
+            (vec!["noatime", "dev"], "", "c.mount.mount_flags[1]"),
+            (vec!["noatime,suid"], "", "not a mount option"),
+            (vec!["x-mount.mkdir"], "", "mount point"),
+            (vec!["nouuid"], "ext4", "does not apply to ext4"),
+            (vec![""], "", "empty"),
+            (vec!["no atime"], "", "whitespace"),
+            (vec!["tab\tx"], "", "whitespace"),
+        ];
+        for (flags, fs, needle) in refused {
+            let flags: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
+            match with_flags(flags.clone(), fs) {
+                Err(CapabilityError::Invalid(status)) => {
+                    assert_eq!(status.code(), Code::InvalidArgument);
+                    assert!(
+                        status.message().contains(needle),
+                        "{flags:?}: {}",
+                        status.message()
+                    );
+                }
+                other => panic!("{flags:?}: {other:?}"),
+            }
+        }
+        assert!(with_flags(vec!["noatime".into(), "nouuid".into()], "xfs").is_ok());
+        assert!(with_flags(vec!["data=journal".into()], "").is_ok());
+    }
+
+    #[test]
+    fn maps_and_mutable_parameters() {
+        let map = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<HashMap<_, _>>()
+        };
+        assert!(no_mutable_parameters(&map(&[])).is_ok());
+        let err = no_mutable_parameters(&map(&[("iops", "100")])).unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(
+            err.message().starts_with("mutable_parameters: "),
+            "{}",
+            err.message()
+        );
+        assert!(err.message().contains("iops"), "{}", err.message());
+        let big = "v".repeat(4000);
+        assert!(map_size(&map(&[("k", &big)]), "secrets").is_ok());
+        let err = map_size(&map(&[("k", &big), ("l", &big)]), "secrets").unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(
+            !err.message().contains(&big[..16]),
+            "secrets are not echoed"
+        );
+        assert!(err.message().starts_with("secrets: "), "{}", err.message());
+    }
+
+    #[test]
+    fn expansion_capabilities_must_be_servable() {
+        assert!(
+            optional_capability(None, "volume_capability")
+                .unwrap()
+                .is_none()
+        );
+        let ok = cap(block(), Some(Mode::SingleNodeWriter));
+        assert!(
+            optional_capability(Some(&ok), "volume_capability")
+                .unwrap()
+                .is_some()
+        );
+        for bad in [
+            cap(block(), Some(Mode::MultiNodeMultiWriter)),
+            cap(mount("", &[]), Some(Mode::MultiNodeSingleWriter)),
+            cap(None, Some(Mode::SingleNodeWriter)),
+            cap(block(), None),
+        ] {
+            let err = optional_capability(Some(&bad), "volume_capability").unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{bad:?}");
+            assert!(
+                err.message().contains("volume_capability"),
+                "{}",
+                err.message()
+            );
+        }
     }
 }

@@ -9,8 +9,15 @@
 //! - Stage and publish repeated with the same arguments succeed and change nothing;
 //!   with other arguments they fail and change nothing.
 //! - A device that carries a filesystem is never formatted.
-//! - Unstage and unpublish of what is not there succeed.
+//! - Unstage and unpublish of what is not there succeed, and touch nothing: unpublish
+//!   unmounts and removes only a recorded publication of this volume (a mount of its
+//!   device), unstage acts only at the volume's recorded staging path.
+//! - Paths are left as found: kura creates only the last component of a path, never
+//!   its parents; it removes on unpublish or unstage only what it created, and a call
+//!   that fails removes what it created. It never mounts over a directory or file
+//!   that is not empty.
 //! - A stage that fails detaches the loop device it attached.
+//! - Volumes are mounted `nosuid,nodev`, with mount options from an allow-list only.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,8 +26,13 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::ids::VolumeId;
-use super::{Condition, Error, Pool, Result, read_meta, write_meta};
+use super::volume::AccessKind;
+use super::{Condition, Error, Pool, Result, read_meta, size, write_meta};
 use crate::sys;
+use crate::sys::mountinfo::MountEntry;
+
+/// Trees of the kernel's own that no volume is ever staged or published under.
+pub const SYSTEM_TREES: [&str; 3] = ["/proc", "/sys", "/dev"];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -69,6 +81,13 @@ impl AccessType {
             _ => false,
         }
     }
+
+    pub fn kind(&self) -> AccessKind {
+        match self {
+            AccessType::Block => AccessKind::Block,
+            AccessType::Mount { .. } => AccessKind::Mount,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,10 +96,25 @@ pub struct Capability {
     pub mode: AccessMode,
 }
 
+/// Records made before kura noted who made a target: kura always made it then.
+fn made_by_kura() -> bool {
+    true
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Publication {
     capability: Capability,
     readonly: bool,
+    /// Whether kura created the target (then unpublish removes it).
+    #[serde(default = "made_by_kura")]
+    created_target: bool,
+}
+
+impl Publication {
+    /// Whether two publications are the same request (who made the target aside).
+    fn same_request(&self, other: &Publication) -> bool {
+        self.capability == other.capability && self.readonly == other.readonly
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -88,6 +122,9 @@ struct Record {
     staging_path: PathBuf,
     capability: Capability,
     targets: BTreeMap<PathBuf, Publication>,
+    /// Whether kura created the staging directory (then unstage removes it).
+    #[serde(default)]
+    created_staging: bool,
 }
 
 /// Usage of a volume as a pod sees it.
@@ -147,7 +184,7 @@ fn plan_publish(
     wanted: &Publication,
 ) -> PublishPlan {
     if let Some(existing) = targets.get(target) {
-        return if existing == wanted {
+        return if existing.same_request(wanted) {
             PublishPlan::AlreadyDone
         } else {
             PublishPlan::Conflict(format!(
@@ -168,6 +205,75 @@ fn plan_publish(
     }
 }
 
+/// What unpublish does at a target.
+#[derive(Debug, PartialEq, Eq)]
+enum UnpublishPlan {
+    /// Not a publication of this volume: nothing to do, nothing touched.
+    LeaveAlone,
+    /// A recorded publication, mounted: unmount, then as [`UnpublishPlan::Forget`].
+    Unmount,
+    /// A recorded publication whose mount is gone (a crash, a reboot): remove what kura
+    /// made there if it is empty, and drop it from the record.
+    Forget,
+    /// Recorded, but what is mounted there is not this volume (FAILED_PRECONDITION).
+    Refuse(String),
+}
+
+/// `mounted`: what is mounted at the target, if anything: `Some(true)` when it is this
+/// volume (its filesystem or its device node).
+fn plan_unpublish(recorded: bool, mounted: Option<bool>, target: &Path) -> UnpublishPlan {
+    match (recorded, mounted) {
+        (false, _) => UnpublishPlan::LeaveAlone,
+        (true, Some(true)) => UnpublishPlan::Unmount,
+        (true, None) => UnpublishPlan::Forget,
+        (true, Some(false)) => UnpublishPlan::Refuse(format!(
+            "{} is mounted from something other than this volume; leaving it alone",
+            target.display()
+        )),
+    }
+}
+
+/// What is at a path the CO names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Found {
+    Missing,
+    Dir,
+    File,
+    Symlink,
+    /// A device node, socket or FIFO.
+    Other,
+}
+
+/// What a stage or publish needs at its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    /// A directory, which kura makes if it is missing.
+    Dir,
+    /// A regular file (a block publication), which kura makes if it is missing.
+    File,
+    /// A directory, or nothing (a block staging path, which kura never uses).
+    DirOrNothing,
+}
+
+/// Whether `found` serves as `want`: `Ok(true)` when kura must create it, `Err` (the
+/// reason, for FAILED_PRECONDITION) when it is the wrong kind of file.
+fn plan_place(found: Found, want: Want) -> std::result::Result<bool, &'static str> {
+    match (found, want) {
+        (Found::Symlink, _) => Err("is a symbolic link; kura mounts only on what it names"),
+        (Found::Missing, Want::Dir | Want::File) => Ok(true),
+        (Found::Missing, Want::DirOrNothing) => Ok(false),
+        (Found::Dir, Want::Dir | Want::DirOrNothing) => Ok(false),
+        (Found::File, Want::File) => Ok(false),
+        (Found::Dir, Want::File) => {
+            Err("is a directory, where a block volume needs a file to be published on")
+        }
+        (Found::File, Want::Dir | Want::DirOrNothing) => {
+            Err("is a file, where a directory is needed")
+        }
+        (Found::Other, _) => Err("is a device node, socket or FIFO"),
+    }
+}
+
 /// Logical sector size of every volume's loop device. Left to the kernel, it follows
 /// the image's direct I/O alignment, and XFS raises that to its block size (4 KiB) once
 /// a file shares extents: a volume formatted on 512-byte sectors would no longer mount
@@ -175,23 +281,65 @@ fn plan_publish(
 /// same for the volume's whole life.
 pub const VOLUME_SECTOR_SIZE: u32 = 4096;
 
+/// A volume's loop device and what recognises its mounts.
+struct Device {
+    path: PathBuf,
+    numbers: (u32, u32),
+    /// The filesystem holding the device node (a block publication binds the node).
+    node_holder: (u32, u32),
+}
+
+impl Device {
+    fn of(path: PathBuf) -> Result<Self> {
+        Ok(Device {
+            numbers: sys::blockdev::numbers(&path)?,
+            node_holder: sys::blockdev::holder_numbers(&path)?,
+            path,
+        })
+    }
+
+    /// Whether `mount` is of this device: its filesystem (the staging mount or a bind
+    /// of it) or its device node (a block publication).
+    fn backs(&self, mount: &MountEntry) -> bool {
+        mount.is_from(&self.path, self.numbers)
+            || ((mount.major, mount.minor) == self.node_holder
+                && mount.root.file_name().is_some()
+                && mount.root.file_name() == self.path.file_name())
+    }
+}
+
 /// The node side of a pool.
 #[derive(Debug)]
 pub struct Attacher {
     pool: Arc<Pool>,
     records: PathBuf,
     default_fs: String,
+    /// kura's own directories: no CO path may point into them.
+    reserved: Vec<PathBuf>,
 }
 
 impl Attacher {
     pub fn new(pool: Arc<Pool>, state_dir: &Path, default_fs: &str) -> Result<Self> {
         let records = state_dir.join("attachments");
         std::fs::create_dir_all(&records).map_err(|e| sys::Error::io("mkdir", &records, e))?;
+        let absolute = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
+        let mut reserved = vec![absolute(state_dir)];
+        let pool_root = absolute(&pool.root);
+        if !pool_root.starts_with(&reserved[0]) {
+            reserved.push(pool_root);
+        }
         Ok(Attacher {
             pool,
             records,
             default_fs: default_fs.to_owned(),
+            reserved,
         })
+    }
+
+    /// kura's own directories (state and pool), where no staging or target path may
+    /// lie, nor above them.
+    pub fn reserved(&self) -> &[PathBuf] {
+        &self.reserved
     }
 
     fn record_path(&self, id: &VolumeId) -> PathBuf {
@@ -207,6 +355,60 @@ impl Attacher {
         read_meta(&self.record_path(id))
     }
 
+    /// Looks at `path` before anything is made there: what is there must serve as
+    /// `want`, its parent must exist if kura is to create it, and where it really is
+    /// (symbolic links in its parents resolved) must not be a system tree or kura's.
+    /// Returns what it found; touches nothing.
+    fn inspect(&self, path: &Path, field: &'static str, want: Want) -> Result<Found> {
+        let found = found_at(path)?;
+        let create = plan_place(found, want).map_err(|reason| {
+            Error::Precondition(format!("{field}: {} {reason}", path.display()))
+        })?;
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+            return Err(Error::Invalid {
+                field,
+                reason: format!("{} has no parent directory", path.display()),
+            });
+        };
+        let parent = match std::fs::canonicalize(parent) {
+            Ok(real) => real,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !create => parent.to_owned(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::Precondition(format!(
+                    "{field}: the parent directory of {} does not exist (the CO makes it)",
+                    path.display()
+                )));
+            }
+            Err(e) => return Err(sys::Error::io("resolve", parent, e).into()),
+        };
+        if create && !parent.is_dir() {
+            return Err(Error::Precondition(format!(
+                "{field}: the parent of {} is not a directory",
+                path.display()
+            )));
+        }
+        let real = parent.join(name);
+        let forbidden = SYSTEM_TREES
+            .iter()
+            .map(Path::new)
+            .chain(self.reserved.iter().map(PathBuf::as_path))
+            .find(|tree| {
+                real.starts_with(tree) || (tree.starts_with(&real) && real != Path::new("/"))
+            });
+        if let Some(tree) = forbidden {
+            return Err(Error::Invalid {
+                field,
+                reason: format!(
+                    "{} is really {}, which overlaps {}",
+                    path.display(),
+                    real.display(),
+                    tree.display()
+                ),
+            });
+        }
+        Ok(found)
+    }
+
     /// Attaches the volume and, for mount access, formats (if blank) and mounts it at
     /// `staging`.
     pub fn stage(&self, id: &VolumeId, staging: &Path, capability: &Capability) -> Result<()> {
@@ -216,12 +418,8 @@ impl Attacher {
                 "volume {id} is being copied into a snapshot; it can be staged once the copy is done"
             )));
         }
-        let mut record = Record {
-            staging_path: staging.to_owned(),
-            capability: capability.clone(),
-            targets: BTreeMap::new(),
-        };
-        if let Some(existing) = self.record(id)? {
+        let existing = self.record(id)?;
+        if let Some(existing) = &existing {
             if existing.staging_path != staging {
                 return Err(Error::Incompatible(format!(
                     "volume {id} is already staged at {}",
@@ -234,7 +432,17 @@ impl Attacher {
                     staging.display()
                 )));
             }
-            record.targets = existing.targets;
+        }
+        let want = match capability.access {
+            AccessType::Block => Want::DirOrNothing,
+            AccessType::Mount { .. } => Want::Dir,
+        };
+        let found = self.inspect(staging, "staging_target_path", want)?;
+        if want == Want::Dir
+            && found == Found::Dir
+            && sys::mountinfo::find_mount(&sys::mountinfo::read()?, staging).is_none()
+        {
+            must_be_empty(staging, "staging_target_path")?;
         }
         let image = self.pool.image_path(&volume.id);
         let (device, attached_now) = match sys::loopdev::find_by_backing(&image)? {
@@ -245,19 +453,38 @@ impl Attacher {
             ),
         };
         self.pool.pause_at("staging");
-        let mounted = match &capability.access {
-            AccessType::Block => Ok(()),
-            AccessType::Mount { fs_type, flags } => {
-                self.mount_staging(id, &device, staging, fs_type.as_deref(), flags)
-            }
+        let staged = match &capability.access {
+            AccessType::Block => Ok(Staged::default()),
+            AccessType::Mount { fs_type, flags } => self.mount_staging(
+                id,
+                &device,
+                staging,
+                fs_type.as_deref(),
+                flags,
+                found == Found::Missing,
+            ),
         };
-        if let Err(e) = mounted.and_then(|()| write_meta(&self.record_path(id), &record)) {
-            if attached_now {
-                let _ = sys::loopdev::detach(&device);
-            }
-            return Err(e);
+        let record = Record {
+            staging_path: staging.to_owned(),
+            capability: capability.clone(),
+            created_staging: existing.as_ref().is_some_and(|r| r.created_staging)
+                || staged.as_ref().is_ok_and(|s| s.created_dir),
+            targets: existing.map(|r| r.targets).unwrap_or_default(),
+        };
+        let result = staged.and_then(|staged| {
+            write_meta(&self.record_path(id), &record).inspect_err(|_| {
+                if staged.mounted_now {
+                    let _ = sys::mount::unmount(staging);
+                }
+                if staged.created_dir {
+                    let _ = std::fs::remove_dir(staging);
+                }
+            })
+        });
+        if result.is_err() && attached_now {
+            let _ = sys::loopdev::detach(&device);
         }
-        Ok(())
+        result
     }
 
     fn mount_staging(
@@ -267,15 +494,16 @@ impl Attacher {
         staging: &Path,
         fs_type: Option<&str>,
         flags: &[String],
-    ) -> Result<()> {
+        create_dir: bool,
+    ) -> Result<Staged> {
         let (major, minor) = sys::blockdev::numbers(device)?;
         let table = sys::mountinfo::read()?;
         if let Some(mount) = sys::mountinfo::find_mount(&table, staging) {
             if mount.is_from(device, (major, minor)) {
-                return Ok(());
+                return Ok(Staged::default());
             }
             return Err(Error::Precondition(format!(
-                "{} is already mounted from {}",
+                "staging_target_path: {} is already mounted from {}",
                 staging.display(),
                 mount.source
             )));
@@ -287,65 +515,128 @@ impl Attacher {
             true => None,
             false => sys::blkid::probe(device)?,
         };
-        let (fs, formatted) = match plan_format(found.as_ref(), fs_type, &self.default_fs) {
-            FormatPlan::Format(fs) => {
-                let (size, minimum) = (sys::blockdev::size(device)?, sys::mkfs::minimum_size(&fs));
-                if size < minimum {
-                    return Err(Error::Precondition(format!(
-                        "volume of {size} bytes is too small for {fs}, which needs at least {minimum} bytes"
-                    )));
-                }
-                sys::fs::atomic_write(&formatting, fs.as_bytes())?;
-                sys::mkfs::format(device, &fs)?;
-                sys::fs::remove(&formatting)?;
-                (fs, true)
-            }
-            FormatPlan::Mount(fs) => {
-                grow_unmounted(&fs, device)?;
-                (fs, false)
-            }
+        let (fs, format) = match plan_format(found.as_ref(), fs_type, &self.default_fs) {
+            FormatPlan::Format(fs) => (fs, true),
+            FormatPlan::Mount(fs) => (fs, false),
             FormatPlan::Conflict(reason) => return Err(Error::Precondition(reason)),
         };
-        std::fs::create_dir_all(staging).map_err(|e| sys::Error::io("mkdir", staging, e))?;
+        // The flags were checked against the filesystem the request named; now that the
+        // filesystem is known, against it, before anything is written.
+        for (i, flag) in flags.iter().enumerate() {
+            if let Err(reason) = sys::mount::check_option(flag, Some(&fs)) {
+                return Err(Error::Invalid {
+                    field: "volume_capability.mount.mount_flags",
+                    reason: format!("flag {i} on the volume's {fs}: {reason}"),
+                });
+            }
+        }
+        if format {
+            let (size, minimum) = (sys::blockdev::size(device)?, sys::mkfs::minimum_size(&fs));
+            if size < minimum {
+                return Err(Error::Precondition(format!(
+                    "volume of {size} bytes is too small for {fs}, which needs at least {minimum} bytes"
+                )));
+            }
+            sys::fs::atomic_write(&formatting, fs.as_bytes())?;
+            sys::mkfs::format(device, &fs)?;
+            sys::fs::remove(&formatting)?;
+        } else {
+            grow_unmounted(&fs, device)?;
+        }
+        if create_dir {
+            std::fs::create_dir(staging).map_err(|e| sys::Error::io("mkdir", staging, e))?;
+        }
+        let undo_dir = || {
+            if create_dir {
+                let _ = std::fs::remove_dir(staging);
+            }
+        };
         if let Err(e) = sys::mount::mount_fs(device, staging, &fs, flags) {
             // A mount of a process that died a moment ago may land while this one runs.
             let table = sys::mountinfo::read()?;
             let landed = sys::mountinfo::find_mount(&table, staging)
                 .is_some_and(|m| m.is_from(device, (major, minor)));
             if !landed {
+                undo_dir();
                 return Err(e.into());
             }
         }
         // XFS and btrfs grow only while mounted; this is where a volume restored or
         // expanded while unstaged reaches its full size (ext was grown before mounting).
-        if !formatted
+        if !format
             && !fs.starts_with("ext")
             && let Err(e) = sys::mkfs::grow_online(&fs, device, staging)
         {
             let _ = sys::mount::unmount(staging);
+            undo_dir();
             return Err(e.into());
         }
-        Ok(())
+        Ok(Staged {
+            mounted_now: true,
+            created_dir: create_dir,
+        })
     }
 
-    /// Unmounts the staging path and detaches the loop device.
+    /// Unmounts the staging path and detaches the loop device. Only the volume's own
+    /// staging path is acted on; another path is not staged, which is done.
     pub fn unstage(&self, id: &VolumeId, staging: &Path) -> Result<()> {
         let record = self.record(id)?;
-        if record.is_none() {
+        match &record {
             // Not staged by us; the volume must at least exist.
-            self.pool.volume(id)?;
+            None => {
+                self.pool.volume(id)?;
+            }
+            Some(record) if record.staging_path != staging => return Ok(()),
+            Some(_) => {}
         }
         let table = sys::mountinfo::read()?;
         let image = self.pool.image_path(id);
         let device = match image.exists() {
-            true => sys::loopdev::find_by_backing(&image)?,
+            true => sys::loopdev::find_by_backing(&image)?
+                .map(|d| Device::of(d.path))
+                .transpose()?,
             false => None,
         };
-        if let (Some(device), Some(mount)) = (&device, sys::mountinfo::find_mount(&table, staging))
-        {
-            let (major, minor) = sys::blockdev::numbers(&device.path)?;
-            if mount.is_from(&device.path, (major, minor)) {
+        if let Some(device) = &device {
+            if let Some(record) = &record
+                && let Some(target) = record.targets.keys().find(|t| {
+                    sys::mountinfo::find_mount(&table, t).is_some_and(|m| device.backs(&m))
+                })
+            {
+                return Err(Error::Precondition(format!(
+                    "volume {id} is still published at {}; NodeUnpublishVolume comes first",
+                    target.display()
+                )));
+            }
+            if let Some(other) = table
+                .iter()
+                .find(|m| m.mount_point != staging && device.backs(m))
+            {
+                if record.is_none() {
+                    // Mounted elsewhere, and no record says where: not staged here.
+                    return Ok(());
+                }
+                return Err(Error::Precondition(format!(
+                    "volume {id} is still mounted at {}",
+                    other.mount_point.display()
+                )));
+            }
+            if sys::mountinfo::find_mount(&table, staging).is_some_and(|m| device.backs(&m)) {
                 sys::mount::unmount(staging)?;
+            }
+        }
+        if let Some(record) = &record {
+            // Publications whose mounts are gone (a crash, a reboot) leave only what
+            // kura made for them.
+            for (target, publication) in &record.targets {
+                if publication.created_target
+                    && sys::mountinfo::find_mount(&table, target).is_none()
+                {
+                    remove_if_empty(target)?;
+                }
+            }
+            if record.created_staging {
+                remove_if_empty(staging)?;
             }
         }
         if let Some(device) = device {
@@ -357,7 +648,8 @@ impl Attacher {
     }
 
     /// Bind-mounts the staged volume (a directory, or the device node for block
-    /// access) at `target`.
+    /// access) at `target`. The publication is recorded before it is made, so a crash
+    /// in between leaves a record that unpublish can clean up after.
     pub fn publish(
         &self,
         id: &VolumeId,
@@ -367,7 +659,7 @@ impl Attacher {
         readonly: bool,
     ) -> Result<()> {
         self.pool.volume(id)?;
-        let Some(mut record) = self.record(id)? else {
+        let Some(record) = self.record(id)? else {
             return Err(Error::Precondition(format!(
                 "volume {id} is not staged; NodeStageVolume comes first"
             )));
@@ -385,60 +677,121 @@ impl Attacher {
                 record.capability.access, capability.access
             )));
         }
-        let wanted = Publication {
+        let device = Device::of(self.device(id)?)?;
+        let table = sys::mountinfo::read()?;
+        let staging_mount = sys::mountinfo::find_mount(&table, staging).filter(|m| device.backs(m));
+        if matches!(capability.access, AccessType::Mount { .. }) && staging_mount.is_none() {
+            return Err(Error::Precondition(format!(
+                "staging_target_path: volume {id} is not mounted at {}; NodeStageVolume again",
+                staging.display()
+            )));
+        }
+        let mut wanted = Publication {
             capability: capability.clone(),
             readonly,
+            created_target: false,
         };
-        let table = sys::mountinfo::read()?;
-        let mounted = sys::mountinfo::find_mount(&table, target).is_some();
+        let at_target = sys::mountinfo::find_mount(&table, target);
         match plan_publish(&record.targets, target, &wanted) {
-            PublishPlan::AlreadyDone if mounted => return Ok(()),
+            PublishPlan::AlreadyDone if at_target.as_ref().is_some_and(|m| device.backs(m)) => {
+                return Ok(());
+            }
             PublishPlan::AlreadyDone | PublishPlan::Publish => {}
             PublishPlan::Conflict(reason) => return Err(Error::Incompatible(reason)),
             PublishPlan::Forbidden(reason) => return Err(Error::Precondition(reason)),
         }
-        let read_only = readonly || capability.mode.read_only();
-        // A publish that a crash cut short between its bind mount and its record left
-        // the bind in place: it is recorded, not mounted a second time on top.
-        let source = match &capability.access {
-            AccessType::Block => {
-                let device = self.device(id)?;
-                make_file(target)?;
-                device
-            }
-            AccessType::Mount { .. } => {
-                std::fs::create_dir_all(target).map_err(|e| sys::Error::io("mkdir", target, e))?;
-                staging.to_owned()
+        if let Some(mount) = at_target {
+            return Err(Error::Precondition(format!(
+                "target_path: {} is already a mount point (of {})",
+                target.display(),
+                mount.source
+            )));
+        }
+        let want = match capability.access {
+            AccessType::Block => Want::File,
+            AccessType::Mount { .. } => Want::Dir,
+        };
+        let create = match self.inspect(target, "target_path", want)? {
+            Found::Missing => true,
+            _ => {
+                must_be_empty(target, "target_path")?;
+                false
             }
         };
-        if !(mounted && sys::fs::same_object(target, &source)) {
-            sys::mount::bind(&source, target, read_only)?;
-        }
-        record.targets.insert(target.to_owned(), wanted);
-        if let Err(e) = write_meta(&self.record_path(id), &record) {
-            let _ = sys::mount::unmount(target);
+        wanted.created_target =
+            create || record.targets.get(target).is_some_and(|p| p.created_target);
+        let mut updated = record.clone();
+        updated.targets.insert(target.to_owned(), wanted);
+        write_meta(&self.record_path(id), &updated)?;
+        let flags = sys::mount::BindFlags {
+            read_only: readonly || capability.mode.read_only(),
+            no_dev: !matches!(capability.access, AccessType::Block),
+            no_exec: staging_mount.is_some_and(|m| m.options.iter().any(|o| o == "noexec")),
+        };
+        let made = match capability.access {
+            AccessType::Block => {
+                let made = if create { make_file(target) } else { Ok(()) };
+                made.and_then(|()| {
+                    sys::mount::bind(&device.path, target, flags).map_err(Error::from)
+                })
+            }
+            AccessType::Mount { .. } => {
+                let made = if create {
+                    std::fs::create_dir(target)
+                        .map_err(|e| Error::from(sys::Error::io("mkdir", target, e)))
+                } else {
+                    Ok(())
+                };
+                made.and_then(|()| sys::mount::bind(staging, target, flags).map_err(Error::from))
+            }
+        };
+        if let Err(e) = made {
+            if create {
+                let _ = remove_target(target);
+            }
+            let _ = write_meta(&self.record_path(id), &record);
             return Err(e);
         }
         Ok(())
     }
 
-    /// Unmounts and removes `target`.
+    /// Unmounts and (if kura made it) removes `target`, when it is a recorded
+    /// publication of this volume; any other path is left alone.
     pub fn unpublish(&self, id: &VolumeId, target: &Path) -> Result<()> {
-        let record = self.record(id)?;
-        if record.is_none() {
+        let Some(mut record) = self.record(id)? else {
+            // Nothing of this volume is published on this node.
             self.pool.volume(id)?;
-        }
+            return Ok(());
+        };
+        let recorded = record.targets.get(target).cloned();
+        let device = sys::loopdev::find_by_backing(&self.pool.image_path(id))?
+            .map(|d| Device::of(d.path))
+            .transpose()?;
+        let ours = |mount: &MountEntry| device.as_ref().is_some_and(|d| d.backs(mount));
         let table = sys::mountinfo::read()?;
-        if sys::mountinfo::find_mount(&table, target).is_some() {
-            sys::mount::unmount(target)?;
+        let mounted = sys::mountinfo::find_mount(&table, target).map(|m| ours(&m));
+        match plan_unpublish(recorded.is_some(), mounted, target) {
+            UnpublishPlan::LeaveAlone => return Ok(()),
+            UnpublishPlan::Refuse(reason) => {
+                return Err(Error::Precondition(format!("target_path: {reason}")));
+            }
+            UnpublishPlan::Unmount => {
+                // A retried publish racing a crash may have stacked a second bind.
+                loop {
+                    sys::mount::unmount(target)?;
+                    let table = sys::mountinfo::read()?;
+                    if !sys::mountinfo::find_mount(&table, target).is_some_and(|m| ours(&m)) {
+                        break;
+                    }
+                }
+            }
+            UnpublishPlan::Forget => {}
         }
-        remove_target(target)?;
-        if let Some(mut record) = record
-            && record.targets.remove(target).is_some()
-        {
-            write_meta(&self.record_path(id), &record)?;
+        if recorded.is_some_and(|p| p.created_target) {
+            remove_if_empty(target)?;
         }
-        Ok(())
+        record.targets.remove(target);
+        write_meta(&self.record_path(id), &record)
     }
 
     /// The loop device of an attached volume.
@@ -455,7 +808,10 @@ impl Attacher {
             id: format!("{} for volume {id}", path.display()),
         };
         let record = self.record(id)?.ok_or_else(not_found)?;
-        let known = record.staging_path == path || record.targets.contains_key(path);
+        // A block volume is nowhere at its staging path: kura puts nothing there.
+        let staged_here = record.staging_path == path
+            && matches!(record.capability.access, AccessType::Mount { .. });
+        let known = staged_here || record.targets.contains_key(path);
         if !known || !path.exists() {
             return Err(not_found());
         }
@@ -495,10 +851,12 @@ impl Attacher {
     }
 
     /// Makes the loop device and the filesystem at `path` take the volume's new size.
-    /// Returns the size the volume now shows.
-    pub fn expand(&self, id: &VolumeId, path: &Path) -> Result<u64> {
-        self.pool.volume(id)?;
+    /// Returns the size the volume now shows. A `range` the volume's size (as the
+    /// controller left it) does not meet is OUT_OF_RANGE, with nothing done.
+    pub fn expand(&self, id: &VolumeId, path: &Path, range: size::Range) -> Result<u64> {
+        let volume = self.pool.volume(id)?;
         let record = self.exposed_at(id, path)?;
+        check_node_range(range, volume.size_bytes).map_err(Error::OutOfRange)?;
         let device = self.device(id)?;
         sys::loopdev::refresh_capacity(&device)?;
         let size = sys::blockdev::size(&device)?;
@@ -527,6 +885,56 @@ impl Attacher {
     }
 }
 
+/// What [`Attacher::mount_staging`] did, for undoing it.
+#[derive(Debug, Default, Clone, Copy)]
+struct Staged {
+    mounted_now: bool,
+    created_dir: bool,
+}
+
+/// A node expansion's range against the volume's size: the node only makes the
+/// volume's filesystem take the size the controller gave it, so it cannot meet a
+/// larger `required_bytes`, nor a `limit_bytes` below that size.
+fn check_node_range(range: size::Range, size: u64) -> std::result::Result<(), String> {
+    let size::Range { required, limit } = range;
+    if limit > 0 && required > limit {
+        return Err(format!(
+            "capacity_range: required_bytes {required} exceeds limit_bytes {limit}"
+        ));
+    }
+    if required > size {
+        return Err(format!(
+            "capacity_range: required_bytes {required} is more than the volume's {size} bytes; ControllerExpandVolume grows the volume first"
+        ));
+    }
+    if limit > 0 && size > limit {
+        return Err(format!(
+            "capacity_range: limit_bytes {limit} is below the volume's {size} bytes; volumes cannot shrink"
+        ));
+    }
+    Ok(())
+}
+
+/// What is at `path`, without following a symbolic link there.
+fn found_at(path: &Path) -> Result<Found> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) => {
+            let kind = meta.file_type();
+            Ok(if kind.is_symlink() {
+                Found::Symlink
+            } else if kind.is_dir() {
+                Found::Dir
+            } else if kind.is_file() {
+                Found::File
+            } else {
+                Found::Other
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Found::Missing),
+        Err(e) => Err(sys::Error::io("stat", path, e).into()),
+    }
+}
+
 /// Grows an unmounted ext filesystem that is smaller than its device (a volume expanded
 /// while unstaged, or after the kernel refused an online grow).
 fn grow_unmounted(fs: &str, device: &Path) -> Result<()> {
@@ -539,12 +947,11 @@ fn grow_unmounted(fs: &str, device: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Creates the empty file a block volume is bind-mounted on.
+/// Creates the empty file a block volume is bind-mounted on; it must not exist yet.
 fn make_file(target: &Path) -> Result<()> {
     match std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(false)
+        .create_new(true)
         .open(target)
     {
         Ok(_) => Ok(()),
@@ -561,6 +968,41 @@ fn remove_target(target: &Path) -> Result<()> {
         Err(e) => Err(e),
     };
     result.map_err(|e| sys::Error::io("remove", target, e).into())
+}
+
+/// kura never mounts over something: a directory or file it mounts on must be empty
+/// (what is in it would be hidden, and a CO never hands out a full one).
+fn must_be_empty(path: &Path, field: &str) -> Result<()> {
+    if is_empty(path)? {
+        Ok(())
+    } else {
+        Err(Error::Precondition(format!(
+            "{field}: {} is not empty; kura does not mount over what is there",
+            path.display()
+        )))
+    }
+}
+
+/// Whether `path` is an empty directory or an empty regular file.
+fn is_empty(path: &Path) -> Result<bool> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => Ok(std::fs::read_dir(path)
+            .map_err(|e| sys::Error::io("read_dir", path, e))?
+            .next()
+            .is_none()),
+        Ok(meta) => Ok(meta.is_file() && meta.len() == 0),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(sys::Error::io("stat", path, e).into()),
+    }
+}
+
+/// Removes what kura made at `path` if it still is as kura made it: an empty directory
+/// or an empty file. Anything else (something was put there) stays.
+fn remove_if_empty(path: &Path) -> Result<()> {
+    if is_empty(path)? {
+        remove_target(path)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -633,6 +1075,7 @@ mod tests {
                 mode,
             },
             readonly,
+            created_target: true,
         }
     }
 
@@ -650,6 +1093,14 @@ mod tests {
             let p = publication(mode.clone(), false);
             let targets = BTreeMap::from([(t1.to_owned(), p.clone())]);
             assert_eq!(plan_publish(&targets, t1, &p), PublishPlan::AlreadyDone);
+            let by_the_co = Publication {
+                created_target: false,
+                ..p.clone()
+            };
+            assert_eq!(
+                plan_publish(&targets, t1, &by_the_co),
+                PublishPlan::AlreadyDone
+            );
             assert!(matches!(
                 plan_publish(&targets, t1, &publication(mode.clone(), true)),
                 PublishPlan::Conflict(_)
@@ -669,5 +1120,74 @@ mod tests {
             ),
             PublishPlan::Publish
         );
+    }
+
+    #[test]
+    fn unpublish_touches_only_recorded_publications_of_the_volume() {
+        let t = Path::new("/t");
+        assert_eq!(plan_unpublish(false, None, t), UnpublishPlan::LeaveAlone);
+        assert_eq!(
+            plan_unpublish(false, Some(true), t),
+            UnpublishPlan::LeaveAlone
+        );
+        assert_eq!(
+            plan_unpublish(false, Some(false), t),
+            UnpublishPlan::LeaveAlone
+        );
+        assert_eq!(plan_unpublish(true, Some(true), t), UnpublishPlan::Unmount);
+        assert_eq!(plan_unpublish(true, None, t), UnpublishPlan::Forget);
+        assert!(matches!(
+            plan_unpublish(true, Some(false), t),
+            UnpublishPlan::Refuse(_)
+        ));
+    }
+
+    #[test]
+    fn places_must_be_of_the_right_kind() {
+        use Found::*;
+        let cases = [
+            (Missing, Want::Dir, Ok(true)),
+            (Missing, Want::File, Ok(true)),
+            (Missing, Want::DirOrNothing, Ok(false)),
+            (Dir, Want::Dir, Ok(false)),
+            (Dir, Want::DirOrNothing, Ok(false)),
+            (File, Want::File, Ok(false)),
+        ];
+        for (found, want, expected) in cases {
+            assert_eq!(plan_place(found, want), expected, "{found:?} as {want:?}");
+        }
+        for (found, want) in [
+            (Dir, Want::File),
+            (File, Want::Dir),
+            (File, Want::DirOrNothing),
+            (Symlink, Want::Dir),
+            (Symlink, Want::File),
+            (Other, Want::Dir),
+            (Other, Want::File),
+        ] {
+            assert!(plan_place(found, want).is_err(), "{found:?} as {want:?}");
+        }
+    }
+
+    #[test]
+    fn node_expansion_cannot_go_beyond_the_volume() {
+        let r = |required, limit| size::Range { required, limit };
+        let mib = size::MIB;
+        assert!(check_node_range(r(0, 0), mib).is_ok());
+        assert!(check_node_range(r(mib, 0), mib).is_ok());
+        assert!(check_node_range(r(mib, 2 * mib), mib).is_ok());
+        assert!(check_node_range(r(mib + 1, 0), mib).is_err());
+        assert!(check_node_range(r(i64::MAX as u64, 0), mib).is_err());
+        assert!(check_node_range(r(0, mib - 1), mib).is_err());
+        assert!(check_node_range(r(2 * mib, mib), 4 * mib).is_err());
+    }
+
+    #[test]
+    fn records_from_before_still_read() {
+        let old = r#"{"staging_path":"/s","capability":{"access":"block","mode":"single_node_writer"},
+            "targets":{"/t":{"capability":{"access":"block","mode":"single_node_writer"},"readonly":false}}}"#;
+        let record: Record = serde_json::from_str(old).unwrap();
+        assert!(!record.created_staging);
+        assert!(record.targets[Path::new("/t")].created_target);
     }
 }

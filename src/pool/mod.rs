@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use crate::sys;
 pub use ids::{NodeToken, SnapshotId, VolumeId};
 pub use snapshot::Snapshot;
-pub use volume::{ContentSource, Provisioning, Volume, VolumeSpec};
+pub use volume::{AccessKind, ContentSource, Provisioning, Volume, VolumeSpec};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

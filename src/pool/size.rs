@@ -2,6 +2,11 @@
 
 pub const MIB: u64 = 1 << 20;
 
+/// The largest size any volume can have: the largest whole MiB a CSI reply's
+/// `capacity_bytes` (int64) can carry, which is also the largest file Linux allows
+/// (`MAX_LFS_FILESIZE`, 2^63 - 1). A pool may allow less (see `Pool::maximum`).
+pub const MAX_BYTES: u64 = i64::MAX as u64 / MIB * MIB;
+
 /// A capacity range; 0 means unset, as in CSI.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Range {

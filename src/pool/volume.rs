@@ -1,4 +1,14 @@
 //! Volumes: one image file each, plus metadata.
+//!
+//! # Sizes
+//!
+//! A volume is at most [`Pool::maximum`] bytes: what the pool's filesystem holds in all
+//! (times the overprovision ratio for thin volumes), and never more than
+//! [`size::MAX_BYTES`]. A request above that can never be served by this pool, full or
+//! empty: OUT_OF_RANGE. One within it that does not fit the free space now is
+//! NoSpace (RESOURCE_EXHAUSTED).
+
+use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +26,31 @@ pub enum Provisioning {
     Thin,
     /// Every block allocated up front.
     Thick,
+}
+
+/// How a volume is exposed: the access type of its capabilities, without the details
+/// (filesystem, flags) that are chosen at stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessKind {
+    Block,
+    Mount,
+}
+
+impl std::fmt::Display for AccessKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AccessKind::Block => "block",
+            AccessKind::Mount => "mount",
+        })
+    }
+}
+
+fn kinds(set: &BTreeSet<AccessKind>) -> String {
+    set.iter()
+        .map(|k| k.to_string())
+        .collect::<Vec<_>>()
+        .join(" and ")
 }
 
 /// What a new volume is filled from.
@@ -51,6 +86,8 @@ pub struct VolumeSpec {
     pub range: size::Range,
     pub provisioning: Provisioning,
     pub source: Option<ContentSource>,
+    /// The access types of the request's capabilities.
+    pub access: BTreeSet<AccessKind>,
 }
 
 /// A volume's metadata document.
@@ -62,6 +99,18 @@ pub struct Volume {
     pub provisioning: Provisioning,
     pub source: Option<ContentSource>,
     pub created: Timestamp,
+    /// The access types the volume was created for. Empty in metadata written before
+    /// kura recorded them: such a volume is taken to serve any.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub access: BTreeSet<AccessKind>,
+}
+
+impl Volume {
+    /// Whether the volume was created for (or, from before kura recorded it, may serve)
+    /// every access type in `wanted`.
+    pub fn serves(&self, wanted: &BTreeSet<AccessKind>) -> bool {
+        self.access.is_empty() || wanted.is_subset(&self.access)
+    }
 }
 
 impl Pool {
@@ -82,6 +131,7 @@ impl Pool {
         let size_bytes =
             size::for_new_volume(spec.range, self.options.default_volume_size, minimum)
                 .map_err(Error::OutOfRange)?;
+        self.check_maximum(size_bytes, spec.provisioning)?;
         let available = self.available(spec.provisioning)?;
         if size_bytes > available {
             return Err(Error::NoSpace {
@@ -116,6 +166,7 @@ impl Pool {
             provisioning: spec.provisioning,
             source: spec.source.clone(),
             created: Timestamp::now(),
+            access: spec.access.clone(),
         };
         if let Err(e) = write_meta(&meta_path, &volume) {
             let _ = sys::fs::remove(&image);
@@ -235,6 +286,7 @@ impl Pool {
             provisioning: Provisioning::Thin,
             source: None,
             created: Timestamp::now(),
+            access: BTreeSet::new(),
         };
         (volume, condition)
     }
@@ -268,6 +320,7 @@ impl Pool {
         else {
             return Ok((volume, false));
         };
+        self.check_maximum(new_size, volume.provisioning)?;
         let growth = new_size - volume.size_bytes;
         let available = self.available(volume.provisioning)?;
         if growth > available {
@@ -283,6 +336,33 @@ impl Pool {
         write_meta(&self.volume_meta_path(id), &volume)?;
         tracing::info!(volume.id = %id, volume.size = new_size, "volume expanded");
         Ok((volume, true))
+    }
+
+    /// The largest volume of `provisioning` this pool could ever hold: its filesystem's
+    /// whole size (times the overprovision ratio for thin volumes), within
+    /// [`size::MAX_BYTES`], in whole MiB.
+    pub fn maximum(&self, provisioning: Provisioning) -> Result<u64> {
+        let total = sys::fs::usage(&self.root)?.total_bytes;
+        let bytes = match provisioning {
+            Provisioning::Thick => total,
+            Provisioning::Thin => (total as f64 * self.options.overprovision_ratio) as u64,
+        };
+        Ok(bytes.min(size::MAX_BYTES) / size::MIB * size::MIB)
+    }
+
+    /// A size above [`Pool::maximum`] can never be served here: OUT_OF_RANGE.
+    fn check_maximum(&self, size_bytes: u64, provisioning: Provisioning) -> Result<()> {
+        let maximum = self.maximum(provisioning)?;
+        if size_bytes > maximum {
+            return Err(Error::OutOfRange(format!(
+                "capacity_range: {size_bytes} bytes is more than the {maximum} bytes any {} volume in this pool can have",
+                match provisioning {
+                    Provisioning::Thin => "thin",
+                    Provisioning::Thick => "thick",
+                }
+            )));
+        }
+        Ok(())
     }
 
     /// Copies `source` to the new file `target`: a reflink where the pool can, else a
@@ -322,14 +402,105 @@ fn check_compatible(existing: &Volume, spec: &VolumeSpec) -> Result<()> {
             spec.name
         )));
     }
+    if !existing.serves(&spec.access) {
+        return Err(Error::Incompatible(format!(
+            "volume {:?} already exists for {} access, not {}",
+            spec.name,
+            kinds(&existing.access),
+            kinds(&spec.access)
+        )));
+    }
     Ok(())
 }
 
-/// Turns an out-of-space failure into [`Error::NoSpace`].
+/// Turns an out-of-space failure into [`Error::NoSpace`], and a file the pool's
+/// filesystem cannot make that large (EFBIG) into [`Error::OutOfRange`].
 fn no_space_or(e: sys::Error, needed: u64, available: u64) -> Error {
     if e.is_no_space() {
         Error::NoSpace { needed, available }
+    } else if e.raw_os_error() == Some(libc::EFBIG) {
+        Error::OutOfRange(format!(
+            "capacity_range: the pool's filesystem cannot hold a file that large ({e})"
+        ))
     } else {
         Error::Sys(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn volume(access: &[AccessKind]) -> Volume {
+        Volume {
+            id: VolumeId::derive("n", &super::super::NodeToken::for_node("node")),
+            name: "n".into(),
+            size_bytes: size::MIB,
+            provisioning: Provisioning::Thin,
+            source: None,
+            created: Timestamp::now(),
+            access: access.iter().copied().collect(),
+        }
+    }
+
+    fn spec(access: &[AccessKind]) -> VolumeSpec {
+        VolumeSpec {
+            name: "n".into(),
+            range: size::Range::default(),
+            provisioning: Provisioning::Thin,
+            source: None,
+            access: access.iter().copied().collect(),
+        }
+    }
+
+    #[test]
+    fn access_type_is_part_of_compatibility() {
+        use AccessKind::*;
+        let cases = [
+            (&[Mount][..], &[Mount][..], true),
+            (&[Block], &[Block], true),
+            (&[Mount], &[Block], false),
+            (&[Block], &[Mount], false),
+            (&[Mount], &[Mount, Block], false),
+            (&[Mount, Block], &[Block], true),
+            // Metadata from before the access type was recorded serves any.
+            (&[], &[Block], true),
+        ];
+        for (created, asked, ok) in cases {
+            let got = check_compatible(&volume(created), &spec(asked));
+            assert_eq!(got.is_ok(), ok, "{created:?} asked {asked:?}: {got:?}");
+            if let Err(e) = got {
+                assert!(matches!(e, Error::Incompatible(_)), "{e:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn metadata_without_access_types_still_reads() {
+        let old = r#"{"id":"vol-0123456789abcdef0123456789abcdef-node","name":"n","size_bytes":1048576,"provisioning":"thin","source":null,"created":{"seconds":1,"nanos":0}}"#;
+        let volume: Volume = serde_json::from_str(old).unwrap();
+        assert!(volume.access.is_empty());
+        let new = serde_json::to_string(&Volume {
+            access: [AccessKind::Block].into(),
+            ..volume
+        })
+        .unwrap();
+        assert!(new.contains(r#""access":["block"]"#), "{new}");
+    }
+
+    #[test]
+    fn a_file_too_large_is_out_of_range() {
+        let efbig = sys::Error::io(
+            "truncate",
+            "/p",
+            std::io::Error::from_raw_os_error(libc::EFBIG),
+        );
+        assert!(matches!(no_space_or(efbig, 1, 0), Error::OutOfRange(_)));
+        let enospc = sys::Error::io(
+            "truncate",
+            "/p",
+            std::io::Error::from_raw_os_error(libc::ENOSPC),
+        );
+        assert!(matches!(no_space_or(enospc, 1, 0), Error::NoSpace { .. }));
     }
 }

@@ -24,6 +24,7 @@ use crate::csi::node::NodeService;
 use crate::csi::proto::controller_server::ControllerServer;
 use crate::csi::proto::identity_server::IdentityServer;
 use crate::csi::proto::node_server::NodeServer;
+use crate::csi::status;
 use crate::pool::attach::Attacher;
 use crate::pool::locks::Locks;
 use crate::pool::source::{self, Source};
@@ -126,6 +127,10 @@ fn pool_source(args: &Local) -> Result<Source, BoxError> {
     }
 }
 
+/// The largest request message kura decodes (gRPC's customary 4 MiB). A larger one is
+/// answered RESOURCE_EXHAUSTED, as gRPC specifies.
+pub const MAX_REQUEST_BYTES: usize = 4 << 20;
+
 /// Serves `driver` on `listener` until `shutdown` completes, then lets in-flight calls
 /// finish.
 pub async fn serve(
@@ -134,9 +139,16 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
-        .add_service(IdentityServer::new(driver.identity))
-        .add_service(ControllerServer::new(driver.controller))
-        .add_service(NodeServer::new(driver.node))
+        .layer(tower::util::MapResponseLayer::new(
+            status::rewrite_transport_status::<tonic::body::Body>,
+        ))
+        .add_service(
+            IdentityServer::new(driver.identity).max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            ControllerServer::new(driver.controller).max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(NodeServer::new(driver.node).max_decoding_message_size(MAX_REQUEST_BYTES))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
 }

@@ -34,3 +34,15 @@ pub fn numbers(device: &Path) -> Result<(u32, u32)> {
         nix::sys::stat::minor(rdev) as u32,
     ))
 }
+
+/// Major and minor number of the filesystem that holds `path` (for a device node, the
+/// `/dev` filesystem it lives on).
+pub fn holder_numbers(path: &Path) -> Result<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|e| Error::io("stat", path, e))?;
+    let dev = meta.dev();
+    Ok((
+        nix::sys::stat::major(dev) as u32,
+        nix::sys::stat::minor(dev) as u32,
+    ))
+}

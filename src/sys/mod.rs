@@ -1,7 +1,9 @@
 //! The only code that touches the operating system: loop devices, mounts, mkfs,
 //! reflinks, freezing, statfs and mountinfo. Every function is small and typed and
 //! reports what it touched when it fails. All of it blocks; callers in async code run
-//! it through `spawn_blocking`.
+//! it through `spawn_blocking`. Knowledge of the tools lives beside their wrappers, as
+//! pure functions: the filesystems mkfs makes, the mount options a volume may take
+//! ([`mount::check_option`]).
 
 pub mod blkid;
 pub mod blockdev;

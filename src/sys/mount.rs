@@ -1,4 +1,11 @@
-//! Mounting and unmounting.
+//! Mounting and unmounting, and which mount options a volume may be mounted with.
+//!
+//! # Guarantees
+//!
+//! - Every filesystem mounted through [`mount_fs`] is mounted `nosuid,nodev`, whatever
+//!   options the caller passes: a volume's contents never gain privileges on the node.
+//! - Every bind mount made through [`bind`] is `nosuid`, and `nodev` when asked (a raw
+//!   block publication is a device node, which `nodev` would make unusable).
 
 use std::path::Path;
 
@@ -7,7 +14,12 @@ use nix::mount::{MntFlags, MsFlags, umount2};
 
 use super::{Error, Result, cmd};
 
-/// Mounts the filesystem on `device` at `target` with the given mount options.
+/// Options appended after the caller's, so nothing the caller passes can undo them
+/// (mount(8) applies options left to right).
+const HARDENING: [&str; 2] = ["nosuid", "nodev"];
+
+/// Mounts the filesystem on `device` at `target` with the given mount options, plus
+/// `nosuid,nodev`.
 pub fn mount_fs(device: &Path, target: &Path, fs_type: &str, options: &[String]) -> Result<()> {
     let mut options = options.to_vec();
     // Snapshots and clones carry their source's filesystem UUID; XFS refuses to mount a
@@ -15,20 +27,32 @@ pub fn mount_fs(device: &Path, target: &Path, fs_type: &str, options: &[String])
     if fs_type == "xfs" && !options.iter().any(|o| o == "nouuid") {
         options.push("nouuid".to_owned());
     }
+    options.extend(HARDENING.iter().map(|o| o.to_string()));
     let device = device.to_string_lossy();
     let target = target.to_string_lossy();
-    let mut args = vec!["-t", fs_type];
     let joined = options.join(",");
-    if !joined.is_empty() {
-        args.extend(["-o", &joined]);
-    }
-    args.extend([device.as_ref(), target.as_ref()]);
+    let args = vec![
+        "-t",
+        fs_type,
+        "-o",
+        &joined,
+        device.as_ref(),
+        target.as_ref(),
+    ];
     cmd::run("mount", &args)?;
     Ok(())
 }
 
-/// Bind-mounts `source` (a directory or a device node) on `target`, read-only if asked.
-pub fn bind(source: &Path, target: &Path, read_only: bool) -> Result<()> {
+/// Per-mount flags of a bind mount. `nosuid` is always set.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BindFlags {
+    pub read_only: bool,
+    pub no_dev: bool,
+    pub no_exec: bool,
+}
+
+/// Bind-mounts `source` (a directory or a device node) on `target` with `flags`.
+pub fn bind(source: &Path, target: &Path, flags: BindFlags) -> Result<()> {
     nix::mount::mount(
         Some(source),
         target,
@@ -37,13 +61,16 @@ pub fn bind(source: &Path, target: &Path, read_only: bool) -> Result<()> {
         None::<&str>,
     )
     .map_err(|e| Error::errno("bind mount", target, e))?;
-    if read_only {
-        let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-        if let Err(e) = nix::mount::mount(None::<&str>, target, None::<&str>, flags, None::<&str>) {
-            // Do not leave a writable bind behind a failed read-only request.
-            let _ = umount2(target, MntFlags::empty());
-            return Err(Error::errno("remount read-only", target, e));
-        }
+    // A bind mount takes its per-mount flags only from a remount; one without them
+    // would also clear what the source mount had.
+    let mut remount = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID;
+    remount.set(MsFlags::MS_RDONLY, flags.read_only);
+    remount.set(MsFlags::MS_NODEV, flags.no_dev);
+    remount.set(MsFlags::MS_NOEXEC, flags.no_exec);
+    if let Err(e) = nix::mount::mount(None::<&str>, target, None::<&str>, remount, None::<&str>) {
+        // Do not leave a bind behind that lacks the flags asked for.
+        let _ = umount2(target, MntFlags::empty());
+        return Err(Error::errno("remount bind", target, e));
     }
     Ok(())
 }
@@ -53,5 +80,345 @@ pub fn unmount(target: &Path) -> Result<()> {
     match umount2(target, MntFlags::empty()) {
         Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => Ok(()),
         Err(e) => Err(Error::errno("unmount", target, e)),
+    }
+}
+
+/// What may follow `=` in a mount option.
+#[derive(Debug, Clone, Copy)]
+enum Value {
+    /// A bare flag: no `=`.
+    Flag,
+    /// A decimal number of up to 10 digits.
+    Number,
+    /// A number with an optional `k`, `m` or `g` suffix.
+    Size,
+    OneOf(&'static [&'static str]),
+    /// btrfs compression: an algorithm, optionally `:level`.
+    Compression,
+    /// Either bare or with one of these values.
+    FlagOr(&'static [&'static str]),
+}
+
+/// Generic (VFS) options: any filesystem takes them, also one kura did not make (a
+/// restored volume may carry ext3).
+const ANY: &[&str] = &[];
+const ALL: &[&str] = &["ext4", "xfs", "btrfs"];
+const EXT4: &[&str] = &["ext4"];
+const XFS: &[&str] = &["xfs"];
+const BTRFS: &[&str] = &["btrfs"];
+const EXT4_XFS: &[&str] = &["ext4", "xfs"];
+const EXT4_BTRFS: &[&str] = &["ext4", "btrfs"];
+
+/// The mount options a CO may ask for, and the filesystems that take each. Every one
+/// changes only how the volume's own filesystem behaves; none reaches beyond the mount.
+const ALLOWED: &[(&str, Value, &[&str])] = &[
+    // Generic (VFS) options.
+    ("ro", Value::Flag, ANY),
+    ("rw", Value::Flag, ANY),
+    ("noexec", Value::Flag, ANY),
+    ("exec", Value::Flag, ANY),
+    ("nosuid", Value::Flag, ANY),
+    ("nodev", Value::Flag, ANY),
+    ("noatime", Value::Flag, ANY),
+    ("atime", Value::Flag, ANY),
+    ("nodiratime", Value::Flag, ANY),
+    ("diratime", Value::Flag, ANY),
+    ("relatime", Value::Flag, ANY),
+    ("norelatime", Value::Flag, ANY),
+    ("strictatime", Value::Flag, ANY),
+    ("nostrictatime", Value::Flag, ANY),
+    ("lazytime", Value::Flag, ANY),
+    ("nolazytime", Value::Flag, ANY),
+    ("sync", Value::Flag, ANY),
+    ("async", Value::Flag, ANY),
+    ("dirsync", Value::Flag, ANY),
+    ("iversion", Value::Flag, ANY),
+    ("noiversion", Value::Flag, ANY),
+    ("discard", Value::FlagOr(&["sync", "async"]), ALL),
+    ("nodiscard", Value::Flag, ALL),
+    ("acl", Value::Flag, EXT4_BTRFS),
+    ("noacl", Value::Flag, EXT4_BTRFS),
+    ("barrier", Value::FlagOr(&["0", "1"]), EXT4_BTRFS),
+    ("nobarrier", Value::Flag, EXT4_BTRFS),
+    ("commit", Value::Number, EXT4_BTRFS),
+    ("usrquota", Value::Flag, EXT4_XFS),
+    ("grpquota", Value::Flag, EXT4_XFS),
+    ("prjquota", Value::Flag, EXT4_XFS),
+    ("noquota", Value::Flag, EXT4_XFS),
+    // ext4.
+    (
+        "data",
+        Value::OneOf(&["journal", "ordered", "writeback"]),
+        EXT4,
+    ),
+    ("errors", Value::OneOf(&["continue", "remount-ro"]), EXT4),
+    ("user_xattr", Value::Flag, EXT4),
+    ("journal_checksum", Value::Flag, EXT4),
+    ("nojournal_checksum", Value::Flag, EXT4),
+    ("journal_async_commit", Value::Flag, EXT4),
+    ("delalloc", Value::Flag, EXT4),
+    ("nodelalloc", Value::Flag, EXT4),
+    ("auto_da_alloc", Value::Flag, EXT4),
+    ("noauto_da_alloc", Value::Flag, EXT4),
+    ("dioread_nolock", Value::Flag, EXT4),
+    ("dioread_lock", Value::Flag, EXT4),
+    ("block_validity", Value::Flag, EXT4),
+    ("noblock_validity", Value::Flag, EXT4),
+    ("init_itable", Value::Flag, EXT4),
+    ("noinit_itable", Value::Flag, EXT4),
+    ("stripe", Value::Number, EXT4),
+    ("inode_readahead_blks", Value::Number, EXT4),
+    ("max_batch_time", Value::Number, EXT4),
+    ("min_batch_time", Value::Number, EXT4),
+    ("quota", Value::Flag, EXT4),
+    // XFS.
+    ("nouuid", Value::Flag, XFS),
+    ("inode32", Value::Flag, XFS),
+    ("inode64", Value::Flag, XFS),
+    ("largeio", Value::Flag, XFS),
+    ("nolargeio", Value::Flag, XFS),
+    ("allocsize", Value::Size, XFS),
+    ("logbufs", Value::Number, XFS),
+    ("logbsize", Value::Size, XFS),
+    ("noalign", Value::Flag, XFS),
+    ("swalloc", Value::Flag, XFS),
+    ("sunit", Value::Number, XFS),
+    ("swidth", Value::Number, XFS),
+    ("wsync", Value::Flag, XFS),
+    ("filestreams", Value::Flag, XFS),
+    ("ikeep", Value::Flag, XFS),
+    ("noikeep", Value::Flag, XFS),
+    ("uquota", Value::Flag, XFS),
+    ("uqnoenforce", Value::Flag, XFS),
+    ("gquota", Value::Flag, XFS),
+    ("gqnoenforce", Value::Flag, XFS),
+    ("pquota", Value::Flag, XFS),
+    ("pqnoenforce", Value::Flag, XFS),
+    ("qnoenforce", Value::Flag, XFS),
+    // btrfs.
+    ("compress", Value::Compression, BTRFS),
+    ("compress-force", Value::Compression, BTRFS),
+    ("autodefrag", Value::Flag, BTRFS),
+    ("noautodefrag", Value::Flag, BTRFS),
+    ("ssd", Value::Flag, BTRFS),
+    ("nossd", Value::Flag, BTRFS),
+    ("ssd_spread", Value::Flag, BTRFS),
+    ("nossd_spread", Value::Flag, BTRFS),
+    ("space_cache", Value::FlagOr(&["v1", "v2"]), BTRFS),
+    ("nospace_cache", Value::Flag, BTRFS),
+    ("datacow", Value::Flag, BTRFS),
+    ("nodatacow", Value::Flag, BTRFS),
+    ("datasum", Value::Flag, BTRFS),
+    ("nodatasum", Value::Flag, BTRFS),
+    ("flushoncommit", Value::Flag, BTRFS),
+    ("noflushoncommit", Value::Flag, BTRFS),
+    ("treelog", Value::Flag, BTRFS),
+    ("notreelog", Value::Flag, BTRFS),
+    ("max_inline", Value::Size, BTRFS),
+    ("thread_pool", Value::Number, BTRFS),
+];
+
+/// Options refused with a reason of their own (everything else not in [`ALLOWED`] is
+/// refused as unknown).
+const REFUSED: &[(&str, &str)] = &[
+    (
+        "suid",
+        "would let set-user-ID programs on the volume gain privileges on the node (volumes are always mounted nosuid)",
+    ),
+    (
+        "dev",
+        "would let device nodes on the volume open the node's devices (volumes are always mounted nodev)",
+    ),
+    ("defaults", "implies suid and dev"),
+    (
+        "remount",
+        "changes another mount instead of mounting the volume",
+    ),
+    (
+        "bind",
+        "changes another mount instead of mounting the volume",
+    ),
+    (
+        "rbind",
+        "changes another mount instead of mounting the volume",
+    ),
+    (
+        "move",
+        "changes another mount instead of mounting the volume",
+    ),
+    ("loop", "makes mount(8) set up its own loop device"),
+    ("offset", "makes mount(8) set up its own loop device"),
+    ("sizelimit", "makes mount(8) set up its own loop device"),
+    ("user", "is an fstab option for unprivileged users"),
+    ("users", "is an fstab option for unprivileged users"),
+    ("owner", "is an fstab option for unprivileged users"),
+    ("group", "is an fstab option for unprivileged users"),
+    (
+        "context",
+        "sets an SELinux label; kura does not offer SELinux mount labels",
+    ),
+    (
+        "fscontext",
+        "sets an SELinux label; kura does not offer SELinux mount labels",
+    ),
+    (
+        "defcontext",
+        "sets an SELinux label; kura does not offer SELinux mount labels",
+    ),
+    (
+        "rootcontext",
+        "sets an SELinux label; kura does not offer SELinux mount labels",
+    ),
+    ("device", "makes btrfs scan a device that is not the volume"),
+    ("subvol", "mounts a part of the volume kura did not make"),
+    ("subvolid", "mounts a part of the volume kura did not make"),
+];
+
+/// Checks one mount option against the allow-list for `fs_type` (`None`: the
+/// filesystem is not known yet, and any supported one will do). The reason never
+/// repeats the option's value, which may be sensitive.
+pub fn check_option(option: &str, fs_type: Option<&str>) -> std::result::Result<(), String> {
+    let (name, value) = match option.split_once('=') {
+        Some((name, value)) => (name, Some(value)),
+        None => (option, None),
+    };
+    if name.starts_with("x-") || name.starts_with("X-") {
+        return Err(format!(
+            "option {name:?} is a mount(8) userspace option, which acts on the mount point itself; not allowed"
+        ));
+    }
+    if let Some((_, reason)) = REFUSED.iter().find(|(refused, _)| *refused == name) {
+        return Err(format!("option {name:?} is not allowed: it {reason}"));
+    }
+    let Some((_, kind, filesystems)) = ALLOWED.iter().find(|(allowed, ..)| *allowed == name) else {
+        return Err(format!(
+            "{:?} is not a mount option kura allows (see the README's allow-list)",
+            printable(name)
+        ));
+    };
+    if let Some(fs) = fs_type
+        && !filesystems.is_empty()
+        && !filesystems.contains(&fs)
+    {
+        return Err(format!(
+            "option {name:?} does not apply to {fs} (only to {})",
+            filesystems.join(", ")
+        ));
+    }
+    if value_fits(*kind, value) {
+        Ok(())
+    } else {
+        Err(format!("option {name:?} {}", expectation(*kind)))
+    }
+}
+
+fn value_fits(kind: Value, value: Option<&str>) -> bool {
+    let number = |v: &str| !v.is_empty() && v.len() <= 10 && v.bytes().all(|b| b.is_ascii_digit());
+    match (kind, value) {
+        (Value::Flag, None) => true,
+        (Value::FlagOr(_), None) => true,
+        (Value::FlagOr(values) | Value::OneOf(values), Some(v)) => values.contains(&v),
+        (Value::Number, Some(v)) => number(v),
+        (Value::Size, Some(v)) => number(v.trim_end_matches(['k', 'K', 'm', 'M', 'g', 'G'])),
+        (Value::Compression, None) => true,
+        (Value::Compression, Some(v)) => {
+            let (algorithm, level) = match v.split_once(':') {
+                Some((a, l)) => (a, Some(l)),
+                None => (v, None),
+            };
+            ["zlib", "lzo", "zstd", "no"].contains(&algorithm)
+                && level.is_none_or(|l| l.len() <= 2 && number(l))
+        }
+        (Value::Flag, Some(_)) | (Value::Number | Value::Size | Value::OneOf(_), None) => false,
+    }
+}
+
+fn expectation(kind: Value) -> String {
+    match kind {
+        Value::Flag => "takes no value".to_owned(),
+        Value::Number => "takes a number of up to 10 digits".to_owned(),
+        Value::Size => "takes a size (digits, optionally k, m or g)".to_owned(),
+        Value::OneOf(values) => format!("takes one of: {}", values.join(", ")),
+        Value::FlagOr(values) => format!("takes no value or one of: {}", values.join(", ")),
+        Value::Compression => "takes zlib, lzo, zstd or no, optionally :level".to_owned(),
+    }
+}
+
+/// At most 32 characters of an option name, for messages.
+fn printable(name: &str) -> String {
+    name.chars().take(32).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allows_listed_options_for_their_filesystems() {
+        let ok = [
+            ("noatime", None),
+            ("noatime", Some("btrfs")),
+            ("ro", Some("xfs")),
+            ("exec", Some("ext4")),
+            ("data=journal", Some("ext4")),
+            ("errors=remount-ro", Some("ext4")),
+            ("commit=30", Some("btrfs")),
+            ("nouuid", Some("xfs")),
+            ("nouuid", None),
+            ("allocsize=64k", Some("xfs")),
+            ("compress=zstd:3", Some("btrfs")),
+            ("compress", Some("btrfs")),
+            ("discard", Some("xfs")),
+            ("discard=async", Some("btrfs")),
+            ("space_cache=v2", Some("btrfs")),
+            ("barrier=0", Some("ext4")),
+            ("ro", Some("ext3")),
+            ("noatime", Some("ext2")),
+        ];
+        for (option, fs) in ok {
+            assert_eq!(check_option(option, fs), Ok(()), "{option} on {fs:?}");
+        }
+    }
+
+    #[test]
+    fn refuses_everything_else_with_a_reason() {
+        let refused = [
+            ("suid", None, "nosuid"),
+            ("dev", Some("ext4"), "nodev"),
+            ("defaults", None, "suid"),
+            ("remount", None, "another mount"),
+            ("bind", None, "another mount"),
+            ("loop", None, "loop device"),
+            ("X-mount.mkdir", None, "mount point"),
+            ("x-mount.mode=0777", None, "mount point"),
+            ("context=system_u:object_r:x:s0", None, "SELinux"),
+            ("device=/dev/sda", Some("btrfs"), "device"),
+            ("subvol=/", Some("btrfs"), "kura did not make"),
+            ("errors=panic", Some("ext4"), "one of"),
+            ("nouuid", Some("ext4"), "does not apply to ext4"),
+            ("data=journal", Some("xfs"), "does not apply to xfs"),
+            ("discard", Some("ext3"), "does not apply to ext3"),
+            ("noatime=1", None, "no value"),
+            ("commit", Some("ext4"), "number"),
+            ("commit=-1", Some("ext4"), "number"),
+            ("commit=12345678901", Some("ext4"), "number"),
+            ("allocsize=1t", Some("xfs"), "size"),
+            ("compress=gzip", Some("btrfs"), "zlib"),
+            ("noatime,suid", None, "not a mount option"),
+            ("mode=0777", None, "not a mount option"),
+            ("uid=0", None, "not a mount option"),
+        ];
+        for (option, fs, needle) in refused {
+            let reason = check_option(option, fs).expect_err(option);
+            assert!(reason.contains(needle), "{option}: {reason}");
+        }
+    }
+
+    #[test]
+    fn reasons_never_repeat_values() {
+        for option in ["context=secret-label", "errors=secret", "mode=secret"] {
+            let reason = check_option(option, None).unwrap_err();
+            assert!(!reason.contains("secret"), "{option}: {reason}");
+        }
     }
 }
