@@ -87,8 +87,32 @@ impl Proc {
         }
     }
 
+    /// SIGSTOP, returning once every thread of the process has stopped: the signal
+    /// is delivered as each thread next runs, and a thread still running could answer
+    /// one more call.
     pub fn stop_signal(&self) {
         kill(self.pid(), Signal::SIGSTOP).expect("SIGSTOP");
+        let tasks = format!("/proc/{}/task", self.pid());
+        let all_stopped = || {
+            std::fs::read_dir(&tasks).unwrap().flatten().all(|task| {
+                let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+                // The state follows the parenthesised command name.
+                let state = stat
+                    .rsplit(')')
+                    .next()
+                    .and_then(|rest| rest.trim().chars().next());
+                matches!(state, Some('T') | Some('t'))
+            })
+        };
+        let started = std::time::Instant::now();
+        while !all_stopped() {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(30),
+                "{} did not stop",
+                self.name
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 
     pub fn continue_signal(&self) {
