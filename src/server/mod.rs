@@ -9,11 +9,12 @@ pub mod controller;
 pub mod node;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio::net::UnixListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::agent::LocalPools;
@@ -24,6 +25,7 @@ use crate::csi::node::NodeService;
 use crate::csi::proto::controller_server::ControllerServer;
 use crate::csi::proto::identity_server::IdentityServer;
 use crate::csi::proto::node_server::NodeServer;
+use crate::metrics::Metrics;
 use crate::pool::attach::Attacher;
 use crate::pool::locks::Locks;
 use crate::pool::source::{self, Source};
@@ -82,6 +84,15 @@ impl LocalPool {
     fn pools(&self, args: &Local) -> LocalPools {
         LocalPools::new(Arc::clone(&self.pool), &args.node_id, self.locks.clone())
     }
+
+    /// The CSI operations histogram and this pool's gauges.
+    fn metrics(&self, args: &Local) -> Metrics {
+        Metrics::new().with_pool(crate::metrics::pool::PoolCollector::new(
+            Arc::clone(&self.pool),
+            self.root.clone(),
+            &args.node_id,
+        ))
+    }
 }
 
 /// The services of an all-in-one driver, ready to serve.
@@ -89,6 +100,8 @@ pub struct AllInOneDriver {
     identity: IdentityService,
     controller: ControllerService<LocalPools>,
     node: NodeService,
+    driver_name: String,
+    metrics: Arc<Metrics>,
 }
 
 impl AllInOneDriver {
@@ -109,7 +122,14 @@ impl AllInOneDriver {
             ),
             controller: ControllerService::new(local.pools(args)),
             node: local.node_service(args),
+            driver_name: args.driver_name.clone(),
+            metrics: local.metrics(args).into_shared(),
         })
+    }
+
+    /// What this driver counts; [`serve`] records its calls there.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
     }
 }
 
@@ -134,6 +154,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
+        .layer(driver.metrics.csi_layer(&driver.driver_name))
         .add_service(IdentityServer::new(driver.identity))
         .add_service(ControllerServer::new(driver.controller))
         .add_service(NodeServer::new(driver.node))
@@ -146,7 +167,9 @@ pub async fn run(command: Command) -> Result<(), BoxError> {
     match command {
         Command::AllInOne(args) => {
             let socket = socket_path(&args.endpoint)?;
+            let listen = args.metrics_listen;
             let driver = tokio::task::spawn_blocking(move || AllInOneDriver::open(&args)).await??;
+            let _metrics = MetricsServer::start(listen, driver.metrics()).await?;
             let listener = bind(&socket)?;
             tracing::info!(endpoint = %socket.display(), "serving CSI");
             let result = serve(listener, driver, shutdown_signal()).await;
@@ -165,6 +188,46 @@ pub async fn run(command: Command) -> Result<(), BoxError> {
             );
             Ok(())
         }
+    }
+}
+
+/// The `/metrics` listener of a role, while it lives (dropping it stops it).
+pub struct MetricsServer {
+    task: tokio::task::JoinHandle<()>,
+    address: SocketAddr,
+}
+
+impl MetricsServer {
+    /// Listens on `listen`, if given, and serves `metrics` there.
+    pub async fn start(
+        listen: Option<SocketAddr>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Option<MetricsServer>, BoxError> {
+        let Some(listen) = listen else {
+            return Ok(None);
+        };
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("metrics: cannot listen on {listen}: {e}"))?;
+        let address = listener.local_addr()?;
+        tracing::info!(%address, "serving /metrics");
+        let task = tokio::spawn(crate::metrics::http::serve(
+            listener,
+            metrics,
+            std::future::pending(),
+        ));
+        Ok(Some(MetricsServer { task, address }))
+    }
+
+    /// Where it listens (the port chosen when `listen` named port 0).
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

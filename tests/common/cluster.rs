@@ -330,6 +330,11 @@ impl Cluster {
     /// Starts a controller with the identity in `tls` over the static agent list,
     /// without waiting for it to find anything; it is the caller's to keep (and drop).
     pub async fn start_controller(&self, tls: &Path) -> ControllerProc {
+        self.start_controller_with(tls, &[]).await
+    }
+
+    /// [`Cluster::start_controller`] with more flags after the harness's own.
+    pub async fn start_controller_with(&self, tls: &Path, extra: &[String]) -> ControllerProc {
         let name = format!("controller-{}", free_port(Ipv4Addr::LOCALHOST));
         let socket = self.dir.join(format!("{name}.sock"));
         let mut args: Vec<String> = vec![
@@ -342,6 +347,7 @@ impl Cluster {
         for node in &self.nodes {
             args.extend(["--agent".into(), node.agent.to_string()]);
         }
+        args.extend(extra.iter().cloned());
         let mut controller = ControllerProc {
             socket,
             proc: Proc::new(&name, &self.dir, args),
