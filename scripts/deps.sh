@@ -25,3 +25,28 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "kura attaches loop devices and mounts filesystems: run as root" >&2
   exit 1
 fi
+
+# The manifest and script linters of deploy/validate.sh (deploy/requirements.txt,
+# pinned) in a venv of the repo's own, reinstalled only when that list changes. Adds
+# the venv's bin/ to PATH.
+kura_tools() {
+  local venv="${KURA_TOOLS_VENV:-$PWD/target/tools}"
+  local requirements="$PWD/deploy/requirements.txt"
+  local stamp="$venv/.requirements"
+  if ! cmp -s "$requirements" "$stamp" 2>/dev/null; then
+    echo "installing the validation tools into $venv"
+    if ! python3 -m venv --clear "$venv" >/dev/null 2>&1; then
+      export DEBIAN_FRONTEND=noninteractive
+      apt-get update -qq
+      apt-get install -y -qq python3 python3-venv >/dev/null
+      python3 -m venv --clear "$venv"
+    fi
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
+    cp "$requirements" "$stamp"
+  fi
+  export PATH="$venv/bin:$PATH"
+  if ! command -v kubectl >/dev/null 2>&1; then
+    echo "deploy/validate.sh renders with kubectl kustomize: kubectl is not installed" >&2
+    return 1
+  fi
+}

@@ -77,6 +77,10 @@ pub struct Local {
     /// Size of a volume whose request names no capacity (e.g. 1Gi).
     #[arg(long, env = "KURA_DEFAULT_VOLUME_SIZE", default_value = "1Gi", value_parser = parse_size)]
     pub default_volume_size: u64,
+    /// `ADDR:PORT` to serve Prometheus metrics on, at `/metrics` (e.g. `0.0.0.0:9820`);
+    /// no metrics listener when unset.
+    #[arg(long, env = "KURA_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -113,6 +117,10 @@ pub struct ControllerArgs {
     /// Driver name reported to the CO.
     #[arg(long, env = "KURA_DRIVER_NAME", default_value = "kura.csi.dev", value_parser = parse_driver_name)]
     pub driver_name: String,
+    /// `ADDR:PORT` to serve Prometheus metrics on, at `/metrics` (e.g. `0.0.0.0:9820`);
+    /// no metrics listener when unset.
+    #[arg(long, env = "KURA_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -317,6 +325,16 @@ mod tests {
             panic!("controller");
         };
         assert_eq!(args.agent.len(), 2);
+        assert!(
+            controller(&[
+                "--agent",
+                "127.0.0.2:9810",
+                "--metrics-listen",
+                "0.0.0.0:9820"
+            ])
+            .is_ok()
+        );
+        assert!(controller(&["--agent", "127.0.0.2:9810", "--metrics-listen", ":9820"]).is_err());
         assert!(Cli::try_parse_from(["kura", "certs", "--out", "/x"]).is_ok());
     }
 }

@@ -11,6 +11,8 @@
 //!   or over the agent API (`proto/agent.proto`, mutual TLS), both ends.
 //! - [`pool`]: the node-local pool: volumes, snapshots, metadata, capacity, recovery,
 //!   and exposing volumes on the node ([`pool::attach`]).
+//! - [`metrics`]: Prometheus metrics: a tower layer timing every gRPC call, the pool's
+//!   gauges read at scrape time, and the `/metrics` listener (`--metrics-listen`).
 //! - [`sys`]: the only code that touches the OS: loop devices, mounts, mkfs, reflink,
 //!   freeze, statfs, mountinfo.
 //!
@@ -19,6 +21,7 @@
 pub mod agent;
 pub mod cli;
 pub mod csi;
+pub mod metrics;
 pub mod pool;
 pub mod server;
 pub mod sys;

@@ -866,7 +866,8 @@ async fn a_clone_through_the_agent_holds_its_source_against_the_node_service() {
     cluster.add_controller().await;
     let controller = cluster.controller();
     let owner = &cluster.nodes[0];
-    let size = GIB;
+    // Several of the copy's chunks, so a copy held after its first is half done.
+    let size = 256 * MIB;
     let source = create(controller, with_topology("pvc-source", size, None))
         .await
         .unwrap()
@@ -907,23 +908,14 @@ async fn a_clone_through_the_agent_holds_its_source_against_the_node_service() {
         .dir
         .join("pool-dir/volumes")
         .join(format!("{clone_id}.img.partial"));
+    // Held mid-copy at a pause point for as long as the checks below take.
+    let copying = owner.proc.pause.arm("copying");
     let first = tokio::spawn({
         let mut client = controller.controller().await;
         let request = create_request("pvc-clone", size, &[], Some(volume_source(&source)));
         async move { client.create_volume(request).await }
     });
-    let started = Instant::now();
-    while !std::fs::metadata(&partial).is_ok_and(|m| m.len() > 0) {
-        assert!(
-            !first.is_finished(),
-            "the clone ended before its copy was seen"
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "no copy in 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    copying.held(|| first.is_finished()).await;
     // ... so the node's own service (another caller in that process) and the
     // controller's other calls on the source are refused while it runs.
     let stage = node
@@ -946,10 +938,11 @@ async fn a_clone_through_the_agent_holds_its_source_against_the_node_service() {
     let delete = delete_volume(controller, &source).await.unwrap_err();
     assert_eq!(delete.code(), Code::Aborted, "{delete:?}");
     assert!(
-        !first.is_finished() && partial.exists(),
-        "the clone finished before the other calls were answered, so they prove nothing"
+        copying.is_held() && !first.is_finished() && partial.exists(),
+        "the clone was no longer in flight when the other calls were answered"
     );
 
+    copying.release();
     let clone = first.await.unwrap().expect("the clone completes");
     assert_eq!(
         clone.into_inner().volume.unwrap().volume_id,

@@ -3,18 +3,17 @@
 //! as it has found the agents again.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
 
-use super::{BoxError, bind, socket_path};
+use super::{BoxError, CsiServices, MetricsServer, bind, serve_csi, socket_path};
 use crate::agent::cluster::{self, Cluster};
 use crate::agent::tls;
 use crate::cli::ControllerArgs;
 use crate::csi::controller::ControllerService;
 use crate::csi::identity::{IdentityService, Readiness};
-use crate::csi::proto::controller_server::ControllerServer;
-use crate::csi::proto::identity_server::IdentityServer;
+use crate::metrics::Metrics;
 
 /// Starts finding the agents the flags name.
 pub fn start_cluster(args: &ControllerArgs) -> Result<Cluster, BoxError> {
@@ -27,19 +26,21 @@ pub fn start_cluster(args: &ControllerArgs) -> Result<Cluster, BoxError> {
     }))
 }
 
-/// Serves Identity and Controller over `cluster` on `listener` until `shutdown`.
+/// Serves Identity and Controller over `cluster` on `listener` until `shutdown`,
+/// recording every call in `metrics`.
 pub async fn serve(
     listener: UnixListener,
     cluster: Cluster,
     driver_name: &str,
+    metrics: &Metrics,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    let identity = IdentityService::new(driver_name, Readiness::Agents(cluster.clone()));
-    tonic::transport::Server::builder()
-        .add_service(IdentityServer::new(identity))
-        .add_service(ControllerServer::new(ControllerService::new(cluster)))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-        .await
+    let services = CsiServices {
+        identity: IdentityService::new(driver_name, Readiness::Agents(cluster.clone())),
+        controller: Some(ControllerService::new(cluster)),
+        node: None,
+    };
+    serve_csi(listener, services, metrics, driver_name, shutdown).await
 }
 
 /// `kura controller` until `shutdown`.
@@ -49,9 +50,11 @@ pub async fn run(
 ) -> Result<(), BoxError> {
     let socket = socket_path(&args.endpoint)?;
     let cluster = start_cluster(&args)?;
+    let metrics = Metrics::new().into_shared();
+    let _metrics = MetricsServer::start(args.metrics_listen, Arc::clone(&metrics)).await?;
     let listener = bind(&socket)?;
     tracing::info!(endpoint = %socket.display(), "serving CSI (controller)");
-    let result = serve(listener, cluster, &args.driver_name, shutdown).await;
+    let result = serve(listener, cluster, &args.driver_name, &metrics, shutdown).await;
     let _ = std::fs::remove_file(&socket);
     tracing::info!("stopped");
     Ok(result?)

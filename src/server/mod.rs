@@ -9,14 +9,15 @@ pub mod controller;
 pub mod node;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio::net::UnixListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::UnixListenerStream;
 
-use crate::agent::LocalPools;
+use crate::agent::{LocalPools, Pools};
 use crate::cli::{AllInOne, Command, Local};
 use crate::csi::controller::ControllerService;
 use crate::csi::identity::{IdentityService, Readiness};
@@ -25,6 +26,7 @@ use crate::csi::proto::controller_server::ControllerServer;
 use crate::csi::proto::identity_server::IdentityServer;
 use crate::csi::proto::node_server::NodeServer;
 use crate::csi::status;
+use crate::metrics::Metrics;
 use crate::pool::attach::Attacher;
 use crate::pool::locks::Locks;
 use crate::pool::source::{self, Source};
@@ -83,6 +85,15 @@ impl LocalPool {
     fn pools(&self, args: &Local) -> LocalPools {
         LocalPools::new(Arc::clone(&self.pool), &args.node_id, self.locks.clone())
     }
+
+    /// The CSI operations histogram and this pool's gauges.
+    fn metrics(&self, args: &Local) -> Metrics {
+        Metrics::new().with_pool(crate::metrics::pool::PoolCollector::new(
+            Arc::clone(&self.pool),
+            self.root.clone(),
+            &args.node_id,
+        ))
+    }
 }
 
 /// The services of an all-in-one driver, ready to serve.
@@ -90,6 +101,8 @@ pub struct AllInOneDriver {
     identity: IdentityService,
     controller: ControllerService<LocalPools>,
     node: NodeService,
+    driver_name: String,
+    metrics: Arc<Metrics>,
 }
 
 impl AllInOneDriver {
@@ -110,7 +123,14 @@ impl AllInOneDriver {
             ),
             controller: ControllerService::new(local.pools(args)),
             node: local.node_service(args),
+            driver_name: args.driver_name.clone(),
+            metrics: local.metrics(args).into_shared(),
         })
+    }
+
+    /// What this driver counts; [`serve`] records its calls there.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
     }
 }
 
@@ -138,17 +158,57 @@ pub async fn serve(
     driver: AllInOneDriver,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
+    let services = CsiServices {
+        identity: driver.identity,
+        controller: Some(driver.controller),
+        node: Some(driver.node),
+    };
+    serve_csi(
+        listener,
+        services,
+        &driver.metrics,
+        &driver.driver_name,
+        shutdown,
+    )
+    .await
+}
+
+/// The CSI services one role serves on its socket.
+pub(crate) struct CsiServices<P: Pools> {
+    pub identity: IdentityService,
+    pub controller: Option<ControllerService<P>>,
+    pub node: Option<NodeService>,
+}
+
+/// Serves a role's CSI services on its socket until `shutdown`, as every role does:
+/// requests up to [`MAX_REQUEST_BYTES`] (a larger one is RESOURCE_EXHAUSTED), and every
+/// call counted in `metrics` with the code the client sees.
+pub(crate) async fn serve_csi<P: Pools>(
+    listener: UnixListener,
+    services: CsiServices<P>,
+    metrics: &Metrics,
+    driver_name: &str,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let CsiServices {
+        identity,
+        controller,
+        node,
+    } = services;
     tonic::transport::Server::builder()
+        // Outermost, so an operation is counted with the code the client sees.
+        .layer(metrics.csi_layer(driver_name))
         .layer(tower::util::MapResponseLayer::new(
             status::rewrite_transport_status::<tonic::body::Body>,
         ))
-        .add_service(
-            IdentityServer::new(driver.identity).max_decoding_message_size(MAX_REQUEST_BYTES),
+        .add_service(IdentityServer::new(identity).max_decoding_message_size(MAX_REQUEST_BYTES))
+        .add_optional_service(
+            controller
+                .map(|c| ControllerServer::new(c).max_decoding_message_size(MAX_REQUEST_BYTES)),
         )
-        .add_service(
-            ControllerServer::new(driver.controller).max_decoding_message_size(MAX_REQUEST_BYTES),
+        .add_optional_service(
+            node.map(|n| NodeServer::new(n).max_decoding_message_size(MAX_REQUEST_BYTES)),
         )
-        .add_service(NodeServer::new(driver.node).max_decoding_message_size(MAX_REQUEST_BYTES))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
 }
@@ -158,7 +218,9 @@ pub async fn run(command: Command) -> Result<(), BoxError> {
     match command {
         Command::AllInOne(args) => {
             let socket = socket_path(&args.endpoint)?;
+            let listen = args.metrics_listen;
             let driver = tokio::task::spawn_blocking(move || AllInOneDriver::open(&args)).await??;
+            let _metrics = MetricsServer::start(listen, driver.metrics()).await?;
             let listener = bind(&socket)?;
             tracing::info!(endpoint = %socket.display(), "serving CSI");
             let result = serve(listener, driver, shutdown_signal()).await;
@@ -177,6 +239,46 @@ pub async fn run(command: Command) -> Result<(), BoxError> {
             );
             Ok(())
         }
+    }
+}
+
+/// The `/metrics` listener of a role, while it lives (dropping it stops it).
+pub struct MetricsServer {
+    task: tokio::task::JoinHandle<()>,
+    address: SocketAddr,
+}
+
+impl MetricsServer {
+    /// Listens on `listen`, if given, and serves `metrics` there.
+    pub async fn start(
+        listen: Option<SocketAddr>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Option<MetricsServer>, BoxError> {
+        let Some(listen) = listen else {
+            return Ok(None);
+        };
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("metrics: cannot listen on {listen}: {e}"))?;
+        let address = listener.local_addr()?;
+        tracing::info!(%address, "serving /metrics");
+        let task = tokio::spawn(crate::metrics::http::serve(
+            listener,
+            metrics,
+            std::future::pending(),
+        ));
+        Ok(Some(MetricsServer { task, address }))
+    }
+
+    /// Where it listens (the port chosen when `listen` named port 0).
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

@@ -16,17 +16,15 @@ use std::sync::Arc;
 
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
-use tokio_stream::wrappers::UnixListenerStream;
 
-use super::{BoxError, LocalPool, bind, socket_path};
+use super::{BoxError, CsiServices, LocalPool, MetricsServer, bind, serve_csi, socket_path};
 use crate::agent::proto::agent_server::AgentServer;
 use crate::agent::server::AgentService;
 use crate::agent::{cluster, tls};
 use crate::cli::NodeArgs;
 use crate::csi::identity::{IdentityService, Readiness};
 use crate::csi::node::NodeService;
-use crate::csi::proto::identity_server::IdentityServer;
-use crate::csi::proto::node_server::NodeServer;
+use crate::metrics::Metrics;
 use crate::sys::fs::LockFile;
 
 /// The services of a node, ready to serve.
@@ -36,6 +34,8 @@ pub struct NodeDriver {
     agent: AgentService,
     tls: tls::Files,
     stopping: watch::Sender<bool>,
+    driver_name: String,
+    metrics: Arc<Metrics>,
     _locks: Vec<LockFile>,
 }
 
@@ -74,8 +74,15 @@ impl NodeDriver {
             agent: AgentService::new(local.pools(local_args), stopped),
             tls,
             stopping,
+            driver_name: local_args.driver_name.clone(),
+            metrics: local.metrics(local_args).with_agent().into_shared(),
             _locks: locks,
         })
+    }
+
+    /// What this node counts; [`serve`] records its CSI and agent calls there.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
     }
 }
 
@@ -93,6 +100,8 @@ pub async fn serve(
         agent: agent_service,
         tls,
         stopping,
+        driver_name,
+        metrics,
         _locks,
     } = driver;
     let mut stopped = stopping.subscribe();
@@ -101,16 +110,19 @@ pub async fn serve(
         let _ = stopping.send(true);
     });
     let mut agent_stopped = stopped.clone();
-    let csi_server = tonic::transport::Server::builder()
-        .add_service(IdentityServer::new(identity))
-        .add_service(NodeServer::new(node))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(csi), async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        });
+    let services = CsiServices::<cluster::Cluster> {
+        identity,
+        controller: None,
+        node: Some(node),
+    };
+    let csi_server = serve_csi(csi, services, &metrics, &driver_name, async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    });
     let agent_server = tonic::transport::Server::builder()
         .tls_config(tls.server())?
         .http2_keepalive_interval(Some(cluster::KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(cluster::KEEPALIVE_TIMEOUT))
+        .layer(metrics.agent_layer())
         .add_service(AgentServer::new(agent_service))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(agent).with_nodelay(Some(true)),
@@ -131,7 +143,9 @@ pub async fn run(
 ) -> Result<(), BoxError> {
     let socket = socket_path(&args.local.endpoint)?;
     let listen = args.agent_listen;
+    let metrics_listen = args.local.metrics_listen;
     let driver = tokio::task::spawn_blocking(move || NodeDriver::open(&args)).await??;
+    let _metrics = MetricsServer::start(metrics_listen, driver.metrics()).await?;
     let agent = TcpListener::bind(listen)
         .await
         .map_err(|e| format!("agent: cannot listen on {listen}: {e}"))?;

@@ -21,7 +21,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tonic::transport::Channel;
 
-use crate::common::{cleanup, test_dir};
+use crate::common::{PausePoints, cleanup, test_dir};
 
 /// How long a process may take to come up.
 pub const START_DEADLINE: Duration = Duration::from_secs(60);
@@ -33,6 +33,8 @@ pub struct Proc {
     dir: PathBuf,
     child: Option<Child>,
     runs: usize,
+    /// The process's test pause points (`KURA_TEST_PAUSE_DIR` points here).
+    pub pause: PausePoints,
 }
 
 impl Proc {
@@ -43,6 +45,7 @@ impl Proc {
             dir: dir.to_owned(),
             child: None,
             runs: 0,
+            pause: PausePoints::new(&dir.join(format!("{name}-pause"))),
         }
     }
 
@@ -57,6 +60,7 @@ impl Proc {
         let child = Command::new(env!("CARGO_BIN_EXE_kura"))
             .args(&self.args)
             .env("RUST_LOG", "info,kura=debug")
+            .env(kura::sys::pause::ENV, self.pause.dir())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -354,6 +358,11 @@ impl Cluster {
     /// Starts a controller with the identity in `tls` over the static agent list,
     /// without waiting for it to find anything; it is the caller's to keep (and drop).
     pub async fn start_controller(&self, tls: &Path) -> ControllerProc {
+        self.start_controller_with(tls, &[]).await
+    }
+
+    /// [`Cluster::start_controller`] with more flags after the harness's own.
+    pub async fn start_controller_with(&self, tls: &Path, extra: &[String]) -> ControllerProc {
         let name = format!("controller-{}", free_port(Ipv4Addr::LOCALHOST));
         let socket = self.dir.join(format!("{name}.sock"));
         let mut args: Vec<String> = vec![
@@ -366,6 +375,7 @@ impl Cluster {
         for node in &self.nodes {
             args.extend(["--agent".into(), node.agent.to_string()]);
         }
+        args.extend(extra.iter().cloned());
         let mut controller = ControllerProc {
             socket,
             proc: Proc::new(&name, &self.dir, args),

@@ -32,9 +32,15 @@ impl Kura {
     /// `pool`: `Image` is XFS with reflinks; `Dir` is /tmp's own filesystem (ext4
     /// here), without reflinks, so clones and restores are real data copies.
     pub fn new(pool: PoolKind) -> Kura {
+        Self::with_args(pool, &[])
+    }
+
+    /// Like [`Kura::new`], with more flags after the harness's own.
+    pub fn with_args(pool: PoolKind, extra: &[&str]) -> Kura {
         let dir = test_dir();
         let socket = dir.join("csi.sock");
-        let args = all_in_one_args(&dir, &socket, &pool);
+        let mut args = all_in_one_args(&dir, &socket, &pool);
+        args.extend(extra.iter().map(|s| s.to_string()));
         let pause = PausePoints::new(&dir.join("pause"));
         Kura {
             dir,

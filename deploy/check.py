@@ -1,0 +1,732 @@
+#!/usr/bin/env python3
+"""Checks kura's rendered Kubernetes manifests without a cluster.
+
+    check.py --crds DIR --kura BIN [--cargo-toml FILE] RENDERING.yaml...
+
+Each RENDERING is a multi-document YAML file (a `kubectl kustomize` output, or a file
+of examples). Every object is checked:
+
+- strictly (unknown fields are errors) against the schemas of the oldest Kubernetes
+  version kura supports and the newest kubernetes-validate knows;
+- a kind without a built-in schema must be one of the snapshot CRDs in DIR and is
+  checked against that CRD's schema, made strict the same way (and its CEL rules that
+  apply on create); any other kind fails;
+- enum values the schemas leave open (mountPropagation, hostPath types, ...);
+- kura's invariants (deploy/KUBERNETES.md facts): one driver name everywhere, images
+  pinned (no `:latest`, sidecars at vX.Y.Z, kura at the crate's version), privileged
+  only in the node plugin, Bidirectional on the kubelet and pool mounts, a liveness
+  probe on every kura container wired to a livenessprobe sidecar, the provisioner's
+  required flags, flags of `kura node` and `kura controller` accepted by the binary,
+  the headless Service the controller resolves, the TLS Secrets mounted at --tls-dir,
+  scrape annotations matching --metrics-listen, and no RBAC for the node.
+
+Prints every problem found and exits 1 if there is any.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import kubernetes_validate.utils as kv_utils
+import yaml
+
+# The oldest Kubernetes minor kura supports (README, "Install"): the CSIDriver and the
+# sidecars' needs are all GA there.
+OLDEST = "1.30.0"
+DRIVER = "kura.csi.dev"
+KURA_IMAGE = "kura"
+SIDECAR_REGISTRY = "registry.k8s.io/sig-storage/"
+PROVISIONER_FLAGS = [
+    "--strict-topology",
+    "--enable-capacity",
+    "--capacity-ownerref-level=2",
+    "--extra-create-metadata",
+    "--leader-election",
+    "--timeout=60s",
+]
+NODE_TLS_SECRET = "kura-node-tls"
+CONTROLLER_TLS_SECRET = "kura-controller-tls"
+
+ENUMS = {
+    "mountPropagation": {"None", "HostToContainer", "Bidirectional"},
+    "imagePullPolicy": {"Always", "IfNotPresent", "Never"},
+    "hostPath.type": {
+        "", "DirectoryOrCreate", "Directory", "FileOrCreate", "File", "Socket",
+        "CharDevice", "BlockDevice",
+    },
+    "protocol": {"TCP", "UDP", "SCTP"},
+    "volumeBindingMode": {"Immediate", "WaitForFirstConsumer"},
+    "reclaimPolicy": {"Delete", "Retain"},
+    "fsGroupPolicy": {"None", "ReadWriteOnceWithFSType", "File"},
+    "volumeLifecycleModes": {"Persistent", "Ephemeral"},
+    "accessModes": {"ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"},
+    "volumeMode": {"Filesystem", "Block"},
+    "restartPolicy": {"Always", "OnFailure", "Never"},
+}
+
+# Kinds that carry a pod template, and where.
+POD_SPEC_PATHS = {
+    "Pod": ("spec",),
+    "Deployment": ("spec", "template", "spec"),
+    "DaemonSet": ("spec", "template", "spec"),
+    "StatefulSet": ("spec", "template", "spec"),
+}
+
+
+class Problems:
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, where: str, message: str) -> None:
+        self.items.append(f"{where}: {message}")
+
+
+def name_of(obj: dict) -> str:
+    meta = obj.get("metadata") or {}
+    ns = meta.get("namespace")
+    return f"{obj.get('kind')}/{(ns + '/') if ns else ''}{meta.get('name')}"
+
+
+def dig(obj, *path, default=None):
+    for key in path:
+        if not isinstance(obj, dict) or key not in obj:
+            return default
+        obj = obj[key]
+    return obj
+
+
+# --- schemas ------------------------------------------------------------------------
+
+def cache_schemas() -> None:
+    """kubernetes-validate reads and parses its schema files on every call: cache them."""
+    kv_utils.schema_contents = functools.lru_cache(maxsize=None)(kv_utils.schema_contents)
+
+
+def builtin_schema(obj: dict, version: str, problems: Problems, where: str) -> bool:
+    """Validates against the built-in schema; False when there is none for the kind."""
+    try:
+        kubernetes_validate.validate(obj, version, strict=True)
+    except kubernetes_validate.SchemaNotFoundError:
+        return False
+    except kubernetes_validate.ValidationError as e:
+        path = ".".join(str(p) for p in e.path) or "(top)"
+        problems.add(where, f"Kubernetes {version}: {path}: {e.message}")
+    return True
+
+
+def strict(schema):
+    """The schema with unknown fields forbidden wherever it lists the known ones, as the
+    API server's strict field validation (kubectl's default) rejects them."""
+    schema = copy.deepcopy(schema)
+
+    def walk(node):
+        if isinstance(node, dict):
+            if (
+                "properties" in node
+                and "additionalProperties" not in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")
+            ):
+                node["additionalProperties"] = False
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(schema)
+    return schema
+
+
+def load_crds(directory: Path) -> dict:
+    """(group, kind) -> {version: (schema, served)} for every CRD in the directory."""
+    crds = {}
+    for path in sorted(directory.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc or doc.get("kind") != "CustomResourceDefinition":
+                continue
+            spec = doc["spec"]
+            versions = {
+                v["name"]: (v["schema"]["openAPIV3Schema"], v.get("served", False))
+                for v in spec["versions"]
+            }
+            crds[(spec["group"], spec["names"]["kind"])] = {
+                "versions": versions,
+                "scope": spec["scope"],
+            }
+    return crds
+
+
+class Cel:
+    """The few CEL rules the snapshot CRDs apply on create: `has(self.f)`, `!`, `&&`,
+    `||`, parentheses and `size(self) > N`. Rules that compare with `oldSelf` apply only
+    to updates and are skipped; anything else is reported as not understood, so no rule
+    passes unchecked."""
+
+    TOKEN = re.compile(r"\s*(has\(self\.\w+\)|size\(self\)\s*>\s*\d+|&&|\|\||!|\(|\))")
+
+    def __init__(self, rule: str, value) -> None:
+        self.tokens = []
+        pos = 0
+        rule = rule.strip()
+        while pos < len(rule):
+            m = self.TOKEN.match(rule, pos)
+            if not m:
+                raise ValueError(f"CEL rule not understood by the checker: {rule}")
+            self.tokens.append(m.group(1))
+            pos = m.end()
+        self.value = value
+
+    def evaluate(self) -> bool:
+        result = self.expr()
+        if self.tokens:
+            raise ValueError("trailing tokens in CEL rule")
+        return result
+
+    def expr(self) -> bool:
+        left = self.term()
+        while self.tokens and self.tokens[0] == "||":
+            self.tokens.pop(0)
+            right = self.term()
+            left = left or right
+        return left
+
+    def term(self) -> bool:
+        left = self.factor()
+        while self.tokens and self.tokens[0] == "&&":
+            self.tokens.pop(0)
+            right = self.factor()
+            left = left and right
+        return left
+
+    def factor(self) -> bool:
+        token = self.tokens.pop(0)
+        if token == "!":
+            return not self.factor()
+        if token == "(":
+            inner = self.expr()
+            if not self.tokens or self.tokens.pop(0) != ")":
+                raise ValueError("unbalanced parentheses in CEL rule")
+            return inner
+        m = re.fullmatch(r"has\(self\.(\w+)\)", token)
+        if m:
+            return isinstance(self.value, dict) and m.group(1) in self.value
+        m = re.fullmatch(r"size\(self\)\s*>\s*(\d+)", token)
+        if m:
+            return len(self.value) > int(m.group(1))
+        raise ValueError(f"unexpected CEL token {token!r}")
+
+
+def cel_rules(schema, value, path, problems: Problems, where: str) -> None:
+    if not isinstance(schema, dict):
+        return
+    for rule in schema.get("x-kubernetes-validations", []):
+        if "oldSelf" in rule["rule"]:
+            continue
+        try:
+            if not Cel(rule["rule"], value).evaluate():
+                problems.add(where, f"{path or '(top)'}: {rule.get('message', rule['rule'])}")
+        except ValueError as e:
+            problems.add(where, f"{path or '(top)'}: {e}")
+    if isinstance(value, dict):
+        for key, sub in (schema.get("properties") or {}).items():
+            if key in value:
+                cel_rules(sub, value[key], f"{path}.{key}" if path else key, problems, where)
+    elif isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            cel_rules(schema["items"], item, f"{path}[{i}]", problems, where)
+
+
+OBJECT_META_FIELDS = {"name", "namespace", "labels", "annotations", "generateName", "finalizers"}
+
+
+def crd_schema(obj: dict, crds: dict, problems: Problems, where: str) -> bool:
+    """Validates a custom resource against its CRD; False when no CRD names the kind."""
+    api_version = obj.get("apiVersion", "")
+    group, _, version = api_version.rpartition("/")
+    crd = crds.get((group, obj.get("kind")))
+    if crd is None:
+        return False
+    if version not in crd["versions"] or not crd["versions"][version][1]:
+        problems.add(where, f"{api_version} is not a served version of {obj['kind']}")
+        return True
+    schema = crd["versions"][version][0]
+    validator = jsonschema.Draft7Validator(strict(schema))
+    for error in sorted(validator.iter_errors(obj), key=lambda e: list(e.path)):
+        path = ".".join(str(p) for p in error.path) or "(top)"
+        problems.add(where, f"CRD schema: {path}: {error.message}")
+    cel_rules(schema, obj, "", problems, where)
+    meta = obj.get("metadata") or {}
+    for key in meta:
+        if key not in OBJECT_META_FIELDS:
+            problems.add(where, f"metadata.{key} is not an ObjectMeta field kura uses")
+    for key in ("labels", "annotations"):
+        for k, v in (meta.get(key) or {}).items():
+            if not isinstance(v, str):
+                problems.add(where, f"metadata.{key}.{k} must be a string")
+    if crd["scope"] == "Cluster" and "namespace" in meta:
+        problems.add(where, f"{obj['kind']} is cluster-scoped but has a namespace")
+    if not meta.get("name"):
+        problems.add(where, "metadata.name is missing")
+    return True
+
+
+# --- enums --------------------------------------------------------------------------
+
+def enums(value, problems: Problems, where: str, path: str = "") -> None:
+    """Enum fields anywhere in the object (the built-in schemas leave them open)."""
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            here = f"{path}.{key}" if path else key
+            allowed = ENUMS.get(key)
+            if key == "type" and path.endswith("hostPath"):
+                allowed = ENUMS["hostPath.type"]
+            if allowed is not None:
+                values = sub if isinstance(sub, list) else [sub]
+                for v in values:
+                    if isinstance(v, str) and v not in allowed:
+                        problems.add(where, f"{here}: {v!r} is not one of {sorted(allowed)}")
+            enums(sub, problems, where, here)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            enums(item, problems, where, f"{path}[{i}]")
+
+
+# --- invariants ---------------------------------------------------------------------
+
+def pod_spec(obj: dict):
+    path = POD_SPEC_PATHS.get(obj.get("kind"))
+    return dig(obj, *path) if path else None
+
+
+def containers(spec: dict):
+    return list(spec.get("initContainers") or []) + list(spec.get("containers") or [])
+
+
+def image_name(image: str) -> tuple[str, str | None]:
+    """(repository, tag) of an image reference; the tag is None when there is none."""
+    if "@" in image:
+        image = image.split("@", 1)[0]
+    last = image.rsplit("/", 1)[-1]
+    if ":" in last:
+        repo, tag = image.rsplit(":", 1)
+        return repo, tag
+    return image, None
+
+
+def is_kura(container: dict) -> bool:
+    return image_name(container.get("image", ""))[0] == KURA_IMAGE
+
+
+def flag_values(args: list[str], flag: str) -> list[str]:
+    """Values of `--flag=value` or `--flag value` in args."""
+    values = []
+    for i, arg in enumerate(args):
+        if arg.startswith(flag + "="):
+            values.append(arg.split("=", 1)[1])
+        elif arg == flag and i + 1 < len(args):
+            values.append(args[i + 1])
+    return values
+
+
+def port_of(address: str) -> int | None:
+    m = re.search(r":(\d+)$", address)
+    return int(m.group(1)) if m else None
+
+
+def check_images(spec: dict, version: str, problems: Problems, where: str) -> None:
+    for c in containers(spec):
+        image = c.get("image", "")
+        repo, tag = image_name(image)
+        here = f"{where} container {c.get('name')}"
+        if tag is None:
+            problems.add(here, f"image {image!r} has no tag (pin a version)")
+        elif tag == "latest":
+            problems.add(here, f"image {image!r} uses :latest (pin a version)")
+        if repo == KURA_IMAGE:
+            if tag not in (None, "latest") and tag != version:
+                problems.add(here, f"kura image tag {tag!r} is not the crate's version {version!r}")
+        elif repo.startswith(SIDECAR_REGISTRY):
+            if tag is not None and not re.fullmatch(r"v\d+\.\d+\.\d+", tag):
+                problems.add(here, f"sidecar image {image!r} is not pinned to vX.Y.Z")
+
+
+def check_security(obj: dict, spec: dict, problems: Problems, where: str) -> None:
+    node_plugin = obj.get("kind") == "DaemonSet" and dig(obj, "metadata", "name") == "kura-node"
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(key):
+            problems.add(where, f"{key}: true (kura needs none of them)")
+    for c in containers(spec):
+        here = f"{where} container {c.get('name')}"
+        sc = c.get("securityContext") or {}
+        privileged = bool(sc.get("privileged"))
+        if privileged and not (node_plugin and is_kura(c)):
+            problems.add(here, "privileged: only the node plugin's kura container may be")
+        if not privileged and sc.get("allowPrivilegeEscalation") is not False:
+            problems.add(here, "allowPrivilegeEscalation must be false")
+        if sc.get("readOnlyRootFilesystem") is not True and obj.get("kind") != "Pod":
+            problems.add(here, "readOnlyRootFilesystem must be true")
+        for mount in c.get("volumeMounts") or []:
+            if mount.get("mountPropagation") == "Bidirectional" and not privileged:
+                problems.add(here, f"Bidirectional mount {mount.get('mountPath')} needs privileged")
+
+
+@functools.lru_cache(maxsize=None)
+def kura_help(kura: str, role: str) -> str:
+    return subprocess.run(
+        [kura, role, "--help"], check=True, capture_output=True, text=True
+    ).stdout
+
+
+def check_kura_flags(kura: str, role: str, args: list[str], problems: Problems, where: str) -> None:
+    """Every flag is one `kura ROLE --help` lists, and the binary parses the values."""
+    known = set(re.findall(r"(--[a-z][a-z0-9-]*)", kura_help(kura, role)))
+    if not args or args[0] != role:
+        problems.add(where, f"kura's first argument must be the role {role!r}, not {args[:1]}")
+        return
+    for arg in args[1:]:
+        if arg.startswith("--"):
+            flag = arg.split("=", 1)[0]
+            if flag not in known:
+                problems.add(where, f"kura {role} has no flag {flag}")
+    # clap parses (and checks the values of) every argument before it acts on --help.
+    result = subprocess.run([kura, *args, "--help"], capture_output=True, text=True)
+    if result.returncode != 0:
+        first = (result.stderr.strip().splitlines() or ["(no message)"])[0]
+        problems.add(where, f"kura refuses the arguments: {first}")
+
+
+def check_liveness(spec: dict, problems: Problems, where: str) -> None:
+    """Each kura container has a livenessProbe on a port the livenessprobe sidecar
+    serves, and that sidecar watches kura's socket."""
+    probe_ports = {}
+    for c in containers(spec):
+        if image_name(c.get("image", ""))[0] == SIDECAR_REGISTRY + "livenessprobe":
+            args = c.get("args") or []
+            for endpoint in flag_values(args, "--http-endpoint"):
+                probe_ports[port_of(endpoint)] = flag_values(args, "--csi-address")
+    for c in containers(spec):
+        if not is_kura(c):
+            continue
+        here = f"{where} container {c.get('name')}"
+        probe = c.get("livenessProbe")
+        if not probe:
+            problems.add(here, "kura container without a livenessProbe")
+            continue
+        port = dig(probe, "httpGet", "port")
+        if isinstance(port, str):
+            named = {p.get("name"): p.get("containerPort") for p in c.get("ports") or []}
+            port = named.get(port)
+        if port not in probe_ports:
+            problems.add(here, f"livenessProbe port {port} is not a livenessprobe sidecar's --http-endpoint")
+            continue
+        endpoint = flag_values(c.get("args") or [], "--endpoint")
+        socket = [e.removeprefix("unix://") for e in endpoint]
+        if probe_ports[port] != socket:
+            problems.add(here, f"the livenessprobe watches {probe_ports[port]}, kura serves {socket}")
+
+
+def check_tls(spec: dict, kura: dict, secret: str, problems: Problems, where: str) -> None:
+    tls_dirs = flag_values(kura.get("args") or [], "--tls-dir")
+    volumes = {v.get("name"): v for v in spec.get("volumes") or []}
+    mounted = [
+        m for m in kura.get("volumeMounts") or []
+        if dig(volumes.get(m.get("name"), {}), "secret", "secretName") == secret
+    ]
+    if not mounted:
+        problems.add(where, f"kura does not mount the Secret {secret}")
+    elif [m.get("mountPath") for m in mounted] != tls_dirs:
+        problems.add(where, f"Secret {secret} is mounted at {[m.get('mountPath') for m in mounted]}, --tls-dir is {tls_dirs}")
+
+
+def check_metrics(obj: dict, kura: dict, problems: Problems, where: str) -> None:
+    listen = flag_values(kura.get("args") or [], "--metrics-listen")
+    annotations = dig(obj, "spec", "template", "metadata", "annotations", default={}) or {}
+    named = {p.get("name"): p.get("containerPort") for p in kura.get("ports") or []}
+    if not listen:
+        problems.add(where, "kura has no --metrics-listen")
+        return
+    port = port_of(listen[0])
+    if named.get("metrics") != port:
+        problems.add(where, f"port 'metrics' is {named.get('metrics')}, --metrics-listen {listen[0]}")
+    if annotations.get("prometheus.io/scrape") != "true" or annotations.get("prometheus.io/port") != str(port):
+        problems.add(where, f"scrape annotations do not name port {port}")
+    if annotations.get("prometheus.io/path") != "/metrics":
+        problems.add(where, "prometheus.io/path is not /metrics")
+
+
+def check_node(obj: dict, objects: list, kura_bin: str, problems: Problems):
+    """Checks the node DaemonSet; returns its agent ports and pod labels."""
+    where = name_of(obj)
+    spec = pod_spec(obj)
+    kuras = [c for c in spec.get("containers") or [] if is_kura(c)]
+    if len(kuras) != 1:
+        problems.add(where, f"expected one kura container, found {len(kuras)}")
+        return
+    kura = kuras[0]
+    args = kura.get("args") or []
+    check_kura_flags(kura_bin, "node", args, problems, f"{where} container kura")
+    if flag_values(args, "--driver-name") != [DRIVER]:
+        problems.add(where, f"kura node --driver-name is {flag_values(args, '--driver-name')}, not {DRIVER}")
+    volumes = {v.get("name"): v for v in spec.get("volumes") or []}
+    mounts = {m.get("mountPath"): m for m in kura.get("volumeMounts") or []}
+    kubelet_dirs = [
+        m for m in kura.get("volumeMounts") or []
+        if dig(volumes.get(m.get("name"), {}), "hostPath", "path") == m.get("mountPath")
+        and m.get("mountPath", "").rstrip("/").endswith("/kubelet")
+    ]
+    if len(kubelet_dirs) != 1:
+        problems.add(where, "kura must mount the kubelet directory at its own host path")
+    kubelet = kubelet_dirs[0]["mountPath"] if kubelet_dirs else "/var/lib/kubelet"
+    for m in kubelet_dirs:
+        if m.get("mountPropagation") != "Bidirectional":
+            problems.add(where, f"the kubelet directory {m.get('mountPath')} needs mountPropagation: Bidirectional")
+    state = (flag_values(args, "--state-dir") or ["/var/lib/kura"])[0]
+    pool = mounts.get(state)
+    if pool is None or dig(volumes.get(pool.get("name"), {}), "hostPath") is None:
+        problems.add(where, f"the state directory {state} must be a hostPath mount")
+    elif pool.get("mountPropagation") != "Bidirectional":
+        problems.add(where, f"the pool mount {state} needs mountPropagation: Bidirectional")
+    if dig(volumes.get((mounts.get("/dev") or {}).get("name"), {}), "hostPath", "path") != "/dev":
+        problems.add(where, "kura must mount the host's /dev at /dev")
+    socket_dir = f"{kubelet}/plugins/{DRIVER}"
+    endpoint = (flag_values(args, "--endpoint") or [""])[0].removeprefix("unix://")
+    csi_mount = mounts.get(os.path.dirname(endpoint))
+    if csi_mount is None or dig(volumes.get(csi_mount.get("name"), {}), "hostPath", "path") != socket_dir:
+        problems.add(where, f"kura's socket directory must be the host's {socket_dir}")
+    registrars = [
+        c for c in spec.get("containers") or []
+        if image_name(c.get("image", ""))[0] == SIDECAR_REGISTRY + "csi-node-driver-registrar"
+    ]
+    if len(registrars) != 1:
+        problems.add(where, "expected one node-driver-registrar")
+    for r in registrars:
+        paths = flag_values(r.get("args") or [], "--kubelet-registration-path")
+        if paths != [f"{socket_dir}/csi.sock"]:
+            problems.add(where, f"registrar --kubelet-registration-path is {paths}, not {socket_dir}/csi.sock")
+        if not r.get("livenessProbe"):
+            problems.add(where, "the registrar has no livenessProbe")
+    check_tls(spec, kura, NODE_TLS_SECRET, problems, where)
+    check_metrics(obj, kura, problems, where)
+    if spec.get("priorityClassName") != "system-node-critical":
+        problems.add(where, "priorityClassName must be system-node-critical")
+    if not any(t.get("operator") == "Exists" and not t.get("key") for t in spec.get("tolerations") or []):
+        problems.add(where, "the node plugin must tolerate every taint (operator: Exists)")
+    update = dig(obj, "spec", "updateStrategy", default={})
+    rolling = update.get("rollingUpdate") or {}
+    if update.get("type") != "RollingUpdate" or rolling.get("maxUnavailable") != 1 or rolling.get("maxSurge") != 0:
+        problems.add(where, "updateStrategy must be RollingUpdate with maxUnavailable 1, maxSurge 0")
+    if spec.get("automountServiceAccountToken") is not False:
+        problems.add(where, "the node pod must not mount a service account token")
+    sa = spec.get("serviceAccountName")
+    for o in objects:
+        if o.get("kind") in ("RoleBinding", "ClusterRoleBinding"):
+            for s in o.get("subjects") or []:
+                if s.get("kind") == "ServiceAccount" and s.get("name") == sa:
+                    problems.add(name_of(o), f"binds the node's ServiceAccount {sa}: the node needs no API access")
+        if o.get("kind") == "ServiceAccount" and dig(o, "metadata", "name") == sa:
+            if o.get("automountServiceAccountToken") is not False:
+                problems.add(name_of(o), "automountServiceAccountToken must be false")
+    agent_ports = [port_of(a) for a in flag_values(args, "--agent-listen")]
+    return agent_ports, dig(obj, "spec", "template", "metadata", "labels", default={})
+
+
+def check_controller(obj: dict, objects: list, node_info, kura_bin: str, problems: Problems) -> None:
+    where = name_of(obj)
+    spec = pod_spec(obj)
+    kuras = [c for c in spec.get("containers") or [] if is_kura(c)]
+    if len(kuras) != 1:
+        problems.add(where, f"expected one kura container, found {len(kuras)}")
+        return
+    kura = kuras[0]
+    args = kura.get("args") or []
+    check_kura_flags(kura_bin, "controller", args, problems, f"{where} container kura")
+    if flag_values(args, "--driver-name") != [DRIVER]:
+        problems.add(where, f"kura controller --driver-name is {flag_values(args, '--driver-name')}, not {DRIVER}")
+    if dig(obj, "spec", "replicas") != 2:
+        problems.add(where, "the controller runs 2 replicas")
+    if dig(spec, "securityContext", "runAsNonRoot") is not True:
+        problems.add(where, "the controller pod must run as non-root")
+    by_repo = {image_name(c.get("image", ""))[0]: c for c in spec.get("containers") or []}
+    provisioner = by_repo.get(SIDECAR_REGISTRY + "csi-provisioner")
+    if provisioner is None:
+        problems.add(where, "no csi-provisioner")
+    else:
+        for flag in PROVISIONER_FLAGS:
+            if flag not in (provisioner.get("args") or []):
+                problems.add(where, f"csi-provisioner lacks {flag}")
+    for sidecar in ("csi-snapshotter", "csi-resizer"):
+        c = by_repo.get(SIDECAR_REGISTRY + sidecar)
+        if c is None:
+            problems.add(where, f"no {sidecar}")
+        elif "--leader-election" not in (c.get("args") or []):
+            problems.add(where, f"{sidecar} lacks --leader-election")
+    check_tls(spec, kura, CONTROLLER_TLS_SECRET, problems, where)
+    check_metrics(obj, kura, problems, where)
+    # --agents NAME:PORT must be the headless Service that selects the node pods.
+    agents = flag_values(args, "--agents")
+    if len(agents) != 1:
+        problems.add(where, "kura controller needs one --agents NAME:PORT")
+        return
+    host, _, port = agents[0].rpartition(":")
+    parts = host.split(".")
+    namespace = dig(obj, "metadata", "namespace")
+    services = [
+        o for o in objects
+        if o.get("kind") == "Service" and dig(o, "metadata", "name") == parts[0]
+        and dig(o, "metadata", "namespace") == (parts[1] if len(parts) > 1 else namespace)
+    ]
+    if len(parts) > 2 and parts[2] != "svc":
+        problems.add(where, f"--agents {agents[0]}: expected NAME.NAMESPACE.svc:PORT")
+    if not services:
+        problems.add(where, f"--agents {agents[0]} names no Service in the rendering")
+        return
+    service = services[0]
+    if dig(service, "spec", "clusterIP") != "None":
+        problems.add(name_of(service), "the agents' Service must be headless (clusterIP: None)")
+    if node_info is None:
+        problems.add(where, "no node DaemonSet to find agents in")
+        return
+    agent_ports, labels = node_info
+    selector = dig(service, "spec", "selector", default={}) or {}
+    if not selector or any(labels.get(k) != v for k, v in selector.items()):
+        problems.add(name_of(service), "its selector does not select the node pods")
+    service_ports = [p.get("port") for p in dig(service, "spec", "ports", default=[])]
+    if int(port) not in service_ports or int(port) not in agent_ports:
+        problems.add(where, f"--agents port {port}: Service ports {service_ports}, node --agent-listen ports {agent_ports}")
+
+
+def check_driver_names(objects: list, problems: Problems) -> None:
+    for o in objects:
+        kind = o.get("kind")
+        where = name_of(o)
+        if kind == "CSIDriver" and dig(o, "metadata", "name") != DRIVER:
+            problems.add(where, f"CSIDriver name is not {DRIVER}")
+        if kind == "StorageClass" and o.get("provisioner") != DRIVER:
+            problems.add(where, f"provisioner {o.get('provisioner')!r} is not {DRIVER}")
+        if kind in ("VolumeSnapshotClass", "VolumeGroupSnapshotClass") and o.get("driver") != DRIVER:
+            problems.add(where, f"driver {o.get('driver')!r} is not {DRIVER}")
+
+
+def check_install(objects: list, kura_bin: str, problems: Problems) -> None:
+    """Cross-object invariants of a whole install (a rendering with the CSIDriver)."""
+    by_kind = {}
+    for o in objects:
+        by_kind.setdefault(o.get("kind"), []).append(o)
+    nodes = [o for o in by_kind.get("DaemonSet", []) if dig(o, "metadata", "name") == "kura-node"]
+    controllers = [o for o in by_kind.get("Deployment", []) if dig(o, "metadata", "name") == "kura-controller"]
+    if len(nodes) != 1 or len(controllers) != 1:
+        problems.add("install", "expected the DaemonSet kura-node and the Deployment kura-controller")
+    node_info = check_node(nodes[0], objects, kura_bin, problems) if nodes else None
+    for c in controllers:
+        check_controller(c, objects, node_info, kura_bin, problems)
+    if by_kind.get("Secret"):
+        problems.add("install", "the rendering holds Secrets: TLS keys are made at install time, never committed")
+    driver = (by_kind.get("CSIDriver") or [{}])[0]
+    if dig(driver, "spec", "attachRequired") is not False:
+        problems.add(name_of(driver), "attachRequired must be false (nothing to attach)")
+    for ns in by_kind.get("Namespace", []):
+        if dig(ns, "metadata", "labels", "pod-security.kubernetes.io/enforce") != "privileged":
+            problems.add(name_of(ns), "pod-security.kubernetes.io/enforce must be privileged")
+    default = [s for s in by_kind.get("StorageClass", []) if dig(s, "metadata", "name") == "kura"]
+    if not default:
+        problems.add("install", "no StorageClass kura")
+    for s in default:
+        if s.get("volumeBindingMode") != "WaitForFirstConsumer" or s.get("allowVolumeExpansion") is not True:
+            problems.add(name_of(s), "must be WaitForFirstConsumer with allowVolumeExpansion")
+
+
+# --- main ---------------------------------------------------------------------------
+
+def crate_version(cargo_toml: Path) -> str:
+    m = re.search(r'^version\s*=\s*"([^"]+)"', cargo_toml.read_text(), re.M)
+    if not m:
+        raise SystemExit(f"{cargo_toml}: no version")
+    return m.group(1)
+
+
+def versions_checked() -> list[str]:
+    """The oldest Kubernetes kura supports and the newest kubernetes-validate knows."""
+    return [OLDEST, kv_utils.latest_version()]
+
+
+# The API groups of the snapshot CRDs: without the CRD directory their objects are
+# checked by kura's invariants only (see main).
+SNAPSHOT_GROUPS = {"snapshot.storage.k8s.io", "groupsnapshot.storage.k8s.io"}
+
+
+def check_rendering(path: Path, crds: dict, versions: list, kura_bin: str, version: str) -> list[str]:
+    problems = Problems()
+    try:
+        objects = [o for o in yaml.safe_load_all(path.read_text()) if o]
+    except yaml.YAMLError as e:
+        return [f"{path}: not YAML: {e}"]
+    if not objects:
+        problems.add(str(path), "no objects")
+    for obj in objects:
+        where = f"{path.name}: {name_of(obj)}"
+        if not isinstance(obj, dict) or "kind" not in obj or "apiVersion" not in obj:
+            problems.add(where, "not a Kubernetes object")
+            continue
+        has_builtin = [builtin_schema(obj, v, problems, where) for v in versions]
+        if not all(has_builtin):
+            unchecked = not crds and obj["apiVersion"].rpartition("/")[0] in SNAPSHOT_GROUPS
+            if not unchecked and not crd_schema(obj, crds, problems, where):
+                problems.add(where, f"no schema for {obj['apiVersion']} {obj['kind']} (and no CRD in the CRD directory)")
+        enums(obj, problems, where)
+        spec = pod_spec(obj)
+        if spec is not None:
+            check_images(spec, version, problems, where)
+            check_security(obj, spec, problems, where)
+            check_liveness(spec, problems, where)
+    check_driver_names(objects, problems)
+    if any(o.get("kind") == "CSIDriver" for o in objects):
+        check_install(objects, kura_bin, problems)
+    return [f"{path.name}: {p}" if not p.startswith(path.name) else p for p in problems.items]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--crds", type=Path, help="directory of snapshot CRDs (without it, snapshot classes are not schema-checked)")
+    parser.add_argument("--kura", required=True, help="the kura binary (for --help and flag parsing)")
+    parser.add_argument("--cargo-toml", type=Path, default=Path(__file__).resolve().parent.parent / "Cargo.toml")
+    parser.add_argument("renderings", nargs="+", type=Path)
+    args = parser.parse_args()
+    crds = {}
+    if args.crds is None:
+        print("check.py: WARNING: no CRD directory given: snapshot classes are checked by "
+              "kura's invariants only, not against the snapshot CRD schemas", file=sys.stderr)
+    elif not args.crds.is_dir():
+        print(f"check.py: the CRD directory {args.crds} does not exist", file=sys.stderr)
+        return 2
+    else:
+        crds = load_crds(args.crds)
+        if not crds:
+            print(f"check.py: no CustomResourceDefinitions in {args.crds}", file=sys.stderr)
+            return 2
+    cache_schemas()
+    versions = versions_checked()
+    version = crate_version(args.cargo_toml)
+    failures = []
+    for path in args.renderings:
+        failures.extend(check_rendering(path, crds, versions, args.kura, version))
+    for f in failures:
+        print(f"FAIL {f}")
+    names = ", ".join(p.name for p in args.renderings)
+    if failures:
+        print(f"check.py: {len(failures)} problem(s) in {names}")
+        return 1
+    print(f"check.py: {names}: valid for Kubernetes {' and '.join(versions)}, invariants hold")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+//! A tower layer on a tonic server that times every call once, from its arrival to the
+//! end of its answer, and records it with its gRPC status code.
+//!
+//! # Guarantees
+//!
+//! - Each call is recorded exactly once: when the status arrives (in the response
+//!   headers of an error answer, or in the trailers after the message), or, if the
+//!   answer never completes because the client went away, as `Canceled` when it is
+//!   dropped.
+//! - Only the services' own paths are recorded (`/csi.v1.` on a CSI server,
+//!   `/kura.agent.v1.` on the agent), so a stray path cannot add series.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use hyper::body::{Body, Frame, SizeHint};
+use tonic::Code;
+
+use super::{AGENT_STATUS_METHOD, AgentLabels, CsiLabels, Histograms};
+
+/// Where a finished call is recorded.
+pub trait Record: Clone + Send + Sync + Unpin + 'static {
+    /// Whether calls of this method are recorded.
+    fn wants(&self, method: &str) -> bool;
+    fn record(&self, method: &str, code: Code, seconds: f64);
+}
+
+/// `csi_plugin_operations_seconds`.
+#[derive(Clone)]
+pub struct CsiOperations {
+    pub(super) histograms: Histograms<CsiLabels>,
+    pub(super) driver_name: String,
+}
+
+impl Record for CsiOperations {
+    fn wants(&self, method: &str) -> bool {
+        method.starts_with("/csi.v1.")
+    }
+
+    fn record(&self, method: &str, code: Code, seconds: f64) {
+        self.histograms
+            .get_or_create(&CsiLabels {
+                driver_name: self.driver_name.clone(),
+                method_name: method.to_owned(),
+                grpc_status_code: code_name(code).to_owned(),
+            })
+            .observe(seconds);
+    }
+}
+
+/// `kura_agent_operations_seconds`.
+#[derive(Clone)]
+pub struct AgentOperations {
+    pub(super) histograms: Histograms<AgentLabels>,
+}
+
+impl Record for AgentOperations {
+    fn wants(&self, method: &str) -> bool {
+        method.starts_with("/kura.agent.v1.") && method != AGENT_STATUS_METHOD
+    }
+
+    fn record(&self, method: &str, code: Code, seconds: f64) {
+        self.histograms
+            .get_or_create(&AgentLabels {
+                method_name: method.to_owned(),
+                grpc_status_code: code_name(code).to_owned(),
+            })
+            .observe(seconds);
+    }
+}
+
+/// grpc-go's name of a code (`codes.Code.String()`), which csi-lib-utils puts in its
+/// `grpc_status_code` label.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "Canceled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
+    }
+}
+
+/// The code in a `grpc-status` header or trailer, if there is one.
+fn status_in(headers: &hyper::HeaderMap) -> Option<Code> {
+    headers
+        .get("grpc-status")
+        .map(|value| Code::from_bytes(value.as_bytes()))
+}
+
+/// One call being timed; records itself when dropped.
+struct Observation<R: Record> {
+    record: R,
+    method: String,
+    started: Instant,
+    /// The call's code once known; a call dropped before it is `Cancelled`.
+    code: Option<Code>,
+}
+
+impl<R: Record> Observation<R> {
+    fn finish(mut self, code: Code) {
+        self.code = Some(code);
+    }
+}
+
+impl<R: Record> Drop for Observation<R> {
+    fn drop(&mut self) {
+        let code = self.code.unwrap_or(Code::Cancelled);
+        self.record
+            .record(&self.method, code, self.started.elapsed().as_secs_f64());
+    }
+}
+
+#[derive(Clone)]
+pub struct Layer<R> {
+    record: R,
+}
+
+impl<R> Layer<R> {
+    pub fn new(record: R) -> Self {
+        Layer { record }
+    }
+
+    /// Where it records.
+    pub fn record(&self) -> &R {
+        &self.record
+    }
+}
+
+impl<S, R: Clone> tower::Layer<S> for Layer<R> {
+    type Service = Timed<S, R>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Timed {
+            inner,
+            record: self.record.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Timed<S, R> {
+    inner: S,
+    record: R,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, R, ReqBody, ResBody> tower::Service<hyper::Request<ReqBody>> for Timed<S, R>
+where
+    S: tower::Service<hyper::Request<ReqBody>, Response = hyper::Response<ResBody>>,
+    S::Future: Send + 'static,
+    R: Record,
+{
+    type Response = hyper::Response<TimedBody<ResBody, R>>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: hyper::Request<ReqBody>) -> Self::Future {
+        let method = request.uri().path();
+        let observation = self.record.wants(method).then(|| Observation {
+            record: self.record.clone(),
+            method: method.to_owned(),
+            started: Instant::now(),
+            code: None,
+        });
+        let answer = self.inner.call(request);
+        Box::pin(async move {
+            let response = match answer.await {
+                Ok(response) => response,
+                Err(e) => {
+                    if let Some(observation) = observation {
+                        observation.finish(Code::Unknown);
+                    }
+                    return Err(e);
+                }
+            };
+            let observation = match (observation, status_in(response.headers())) {
+                // An error answer carries its status in the headers (trailers-only).
+                (Some(observation), Some(code)) => {
+                    observation.finish(code);
+                    None
+                }
+                (observation, _) => observation,
+            };
+            Ok(response.map(|inner| TimedBody { inner, observation }))
+        })
+    }
+}
+
+/// A response body that records its call when the trailers (with the status) pass,
+/// when it ends without them (`Unknown`), or when it is dropped before (`Canceled`).
+pub struct TimedBody<B, R: Record> {
+    inner: B,
+    observation: Option<Observation<R>>,
+}
+
+impl<B, R> Body for TimedBody<B, R>
+where
+    B: Body + Unpin,
+    R: Record,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let code = match &polled {
+            Poll::Ready(Some(Ok(frame))) => frame
+                .trailers_ref()
+                .map(|trailers| status_in(trailers).unwrap_or(Code::Unknown)),
+            Poll::Ready(Some(Err(_))) | Poll::Ready(None) => Some(Code::Unknown),
+            Poll::Pending => None,
+        };
+        if let Some(code) = code
+            && let Some(observation) = this.observation.take()
+        {
+            observation.finish(code);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code_names_are_grpc_gos() {
+        // Every code, by number, as grpc-go's codes.Code.String() spells it.
+        let go = [
+            "OK",
+            "Canceled",
+            "Unknown",
+            "InvalidArgument",
+            "DeadlineExceeded",
+            "NotFound",
+            "AlreadyExists",
+            "PermissionDenied",
+            "ResourceExhausted",
+            "FailedPrecondition",
+            "Aborted",
+            "OutOfRange",
+            "Unimplemented",
+            "Internal",
+            "Unavailable",
+            "DataLoss",
+            "Unauthenticated",
+        ];
+        for (number, name) in go.iter().enumerate() {
+            assert_eq!(code_name(Code::from_i32(number as i32)), *name);
+        }
+    }
+
+    #[test]
+    fn status_comes_from_the_grpc_status_header() {
+        let mut headers = hyper::HeaderMap::new();
+        assert_eq!(status_in(&headers), None);
+        headers.insert("grpc-status", "5".parse().unwrap());
+        assert_eq!(status_in(&headers), Some(Code::NotFound));
+    }
+}

@@ -1,0 +1,151 @@
+//! The pool's gauges, read at every scrape: nothing is cached, so a scrape shows the
+//! pool as it is.
+
+use std::collections::HashSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::gauge::ConstGauge;
+
+use crate::pool::Pool;
+use crate::sys;
+
+/// What a scrape reports of one pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolFacts {
+    pub size_bytes: u64,
+    pub available_bytes: u64,
+    pub healthy_volumes: u64,
+    pub abnormal_volumes: u64,
+    pub snapshots: u64,
+    /// Loop devices bound to one of the pool's volume images (same device and inode).
+    pub attached: u64,
+}
+
+impl PoolFacts {
+    /// Reads the pool. Blocks.
+    pub fn read(pool: &Pool, root: &std::path::Path) -> Result<PoolFacts, crate::pool::Error> {
+        let usage = sys::fs::usage(root)?;
+        let volumes = pool.list_volumes()?;
+        let abnormal = volumes.iter().filter(|(_, c)| c.abnormal).count() as u64;
+        let images: HashSet<(u64, u64)> = volumes
+            .iter()
+            .filter_map(|(v, _)| std::fs::metadata(pool.image_path(&v.id)).ok())
+            .map(|meta| (meta.dev(), meta.ino()))
+            .collect();
+        let attached = sys::loopdev::list_bound()?
+            .iter()
+            .filter(|d| images.contains(&(d.backing_dev, d.backing_ino)))
+            .count() as u64;
+        Ok(PoolFacts {
+            size_bytes: usage.total_bytes,
+            available_bytes: usage.available_bytes,
+            healthy_volumes: volumes.len() as u64 - abnormal,
+            abnormal_volumes: abnormal,
+            snapshots: pool.list_snapshots()?.len() as u64,
+            attached,
+        })
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabel {
+    node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VolumeLabels {
+    node: String,
+    condition: &'static str,
+}
+
+/// Collects [`PoolFacts`] at every scrape.
+#[derive(Debug)]
+pub struct PoolCollector {
+    pool: Arc<Pool>,
+    root: PathBuf,
+    node: String,
+}
+
+impl PoolCollector {
+    pub fn new(pool: Arc<Pool>, root: PathBuf, node: &str) -> Self {
+        PoolCollector {
+            pool,
+            root,
+            node: node.to_owned(),
+        }
+    }
+}
+
+fn gauge<S: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: &[(S, u64)],
+) -> Result<(), std::fmt::Error> {
+    let first = ConstGauge::new(0i64);
+    let mut metric = encoder.encode_descriptor(name, help, None, first.metric_type())?;
+    for (labels, value) in series {
+        let value = i64::try_from(*value).unwrap_or(i64::MAX);
+        ConstGauge::new(value).encode(metric.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for PoolCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let facts = match PoolFacts::read(&self.pool, &self.root) {
+            Ok(facts) => facts,
+            Err(e) => {
+                // A scrape still serves the other metrics; the pool's own health shows
+                // in Probe (and so in the liveness probe).
+                tracing::warn!(error = %crate::csi::status::chain(&e), "metrics: cannot read the pool");
+                return Ok(());
+            }
+        };
+        let node = || NodeLabel {
+            node: self.node.clone(),
+        };
+        gauge(
+            &mut encoder,
+            "kura_pool_size_bytes",
+            "Size of the pool's filesystem",
+            &[(node(), facts.size_bytes)],
+        )?;
+        gauge(
+            &mut encoder,
+            "kura_pool_available_bytes",
+            "Bytes available in the pool's filesystem",
+            &[(node(), facts.available_bytes)],
+        )?;
+        let volumes = |condition| VolumeLabels {
+            node: self.node.clone(),
+            condition,
+        };
+        gauge(
+            &mut encoder,
+            "kura_volumes",
+            "Volumes in the pool, by condition (abnormal: image missing, short or unreadable, or metadata unreadable)",
+            &[
+                (volumes("healthy"), facts.healthy_volumes),
+                (volumes("abnormal"), facts.abnormal_volumes),
+            ],
+        )?;
+        gauge(
+            &mut encoder,
+            "kura_snapshots",
+            "Snapshots in the pool",
+            &[(node(), facts.snapshots)],
+        )?;
+        gauge(
+            &mut encoder,
+            "kura_attached_loop_devices",
+            "Loop devices attached to the pool's volumes",
+            &[(node(), facts.attached)],
+        )?;
+        Ok(())
+    }
+}

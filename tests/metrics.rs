@@ -1,0 +1,408 @@
+//! `/metrics` scraped over HTTP from real kura processes after real calls: the
+//! all-in-one driver (CSI histogram and pool gauges), and a `kura node` plus a
+//! `kura controller` (the agent histogram on the node, the CSI histogram on each).
+
+#[path = "common/cluster.rs"]
+mod cluster;
+mod common;
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use cluster::{Cluster, free_port};
+use common::process::Kura;
+use common::{GIB, MIB, PoolKind, create_request, mount_cap, publish_request, stage_request};
+use kura::csi::proto;
+use kura::csi::proto::controller_client::ControllerClient;
+use kura::csi::proto::node_client::NodeClient;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+
+const DRIVER: &str = "kura.csi.dev";
+/// csi-lib-utils' buckets as Prometheus prints them, and the overflow bucket.
+const BUCKETS: [&str; 14] = [
+    "0.1", "0.25", "0.5", "1", "2.5", "5", "10", "15", "25", "50", "120", "300", "600", "+Inf",
+];
+
+/// An HTTP answer: status code, headers (lower-case names) and body.
+struct Answer {
+    status: u16,
+    headers: HashMap<String, String>,
+    body: String,
+}
+
+/// One HTTP/1.1 request over a fresh connection, read to its end.
+async fn http_get(address: SocketAddr, path: &str, accept: Option<&str>) -> Answer {
+    let mut stream = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect(address),
+    )
+    .await
+    .expect("connect in time")
+    .expect("connect to /metrics");
+    let accept = accept
+        .map(|a| format!("Accept: {a}\r\n"))
+        .unwrap_or_default();
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: {address}\r\n{accept}Connection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
+        .await
+        .expect("answer in time")
+        .unwrap();
+    let text = String::from_utf8(raw).expect("UTF-8 answer");
+    let (head, body) = text.split_once("\r\n\r\n").expect("headers end");
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Answer {
+        status,
+        headers,
+        body: body.to_owned(),
+    }
+}
+
+/// Every series of a scrape, `name{labels}` -> value.
+struct Scrape {
+    series: HashMap<String, f64>,
+    text: String,
+}
+
+impl Scrape {
+    async fn of(address: SocketAddr) -> Scrape {
+        let answer = http_get(address, "/metrics", None).await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        assert_eq!(
+            answer.headers["content-type"],
+            "text/plain; version=0.0.4; charset=utf-8"
+        );
+        let series = answer
+            .body
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(|l| {
+                let (series, value) = l.rsplit_once(' ').expect("series and value");
+                (series.to_owned(), value.parse().expect("a number"))
+            })
+            .collect();
+        Scrape {
+            series,
+            text: answer.body,
+        }
+    }
+
+    fn value(&self, series: &str) -> Option<f64> {
+        self.series.get(series).copied()
+    }
+
+    /// The value of a series that must be there.
+    fn get(&self, series: &str) -> f64 {
+        self.value(series)
+            .unwrap_or_else(|| panic!("no series {series} in\n{}", self.text))
+    }
+
+    /// How many `csi_plugin_operations_seconds` observations have this method and code.
+    fn csi_count(&self, method: &str, code: &str) -> f64 {
+        self.value(&format!(
+            "csi_plugin_operations_seconds_count{{driver_name=\"{DRIVER}\",method_name=\"{method}\",grpc_status_code=\"{code}\"}}"
+        ))
+        .unwrap_or(0.0)
+    }
+
+    fn agent_count(&self, method: &str, code: &str) -> f64 {
+        self.value(&format!(
+            "kura_agent_operations_seconds_count{{method_name=\"{method}\",grpc_status_code=\"{code}\"}}"
+        ))
+        .unwrap_or(0.0)
+    }
+
+    fn has_metric(&self, name: &str) -> bool {
+        self.series.keys().any(|s| s.starts_with(name))
+    }
+}
+
+fn metrics_address() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, free_port(Ipv4Addr::LOCALHOST)))
+}
+
+#[tokio::test]
+async fn all_in_one_counts_calls_and_reads_its_pool() {
+    let address = metrics_address();
+    let mut kura = Kura::with_args(PoolKind::Image, &["--metrics-listen", &address.to_string()]);
+    let channel = kura.start().await;
+    let mut controller = ControllerClient::new(channel.clone());
+    let mut node = NodeClient::new(channel);
+
+    // Two identical creates (both OK), a malformed one, and a lookup of nothing.
+    let request = create_request("metrics-volume", 64 * MIB, &[], None);
+    let volume = controller
+        .create_volume(request.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    controller.create_volume(request).await.unwrap();
+    let unnamed = controller
+        .create_volume(create_request("", 64 * MIB, &[], None))
+        .await
+        .unwrap_err();
+    assert_eq!(unnamed.code(), Code::InvalidArgument);
+    let missing = controller
+        .controller_get_volume(proto::ControllerGetVolumeRequest {
+            volume_id: "vol-never-made".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+
+    // Attach it (one loop device) and snapshot it.
+    let cap = mount_cap("ext4");
+    let staging = kura.path("stage");
+    let target = kura.path("target");
+    std::fs::create_dir_all(&staging).unwrap();
+    node.node_stage_volume(stage_request(&volume.volume_id, &staging, &cap))
+        .await
+        .unwrap();
+    node.node_publish_volume(publish_request(
+        &volume.volume_id,
+        &staging,
+        &target,
+        &cap,
+        false,
+    ))
+    .await
+    .unwrap();
+    let snapshot = controller
+        .create_snapshot(proto::CreateSnapshotRequest {
+            source_volume_id: volume.volume_id.clone(),
+            name: "metrics-snapshot".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+
+    let scrape = Scrape::of(address).await;
+    let create = "/csi.v1.Controller/CreateVolume";
+    assert_eq!(scrape.csi_count(create, "OK"), 2.0);
+    assert_eq!(scrape.csi_count(create, "InvalidArgument"), 1.0);
+    assert_eq!(
+        scrape.csi_count("/csi.v1.Controller/ControllerGetVolume", "NotFound"),
+        1.0
+    );
+    assert_eq!(scrape.csi_count("/csi.v1.Node/NodeStageVolume", "OK"), 1.0);
+    assert_eq!(
+        scrape.csi_count("/csi.v1.Node/NodePublishVolume", "OK"),
+        1.0
+    );
+    assert_eq!(
+        scrape.csi_count("/csi.v1.Controller/CreateSnapshot", "OK"),
+        1.0
+    );
+    // The harness's readiness probes, at least one.
+    assert!(scrape.csi_count("/csi.v1.Identity/Probe", "OK") >= 1.0);
+    // Every bucket of csi-lib-utils, cumulative, ending in the count.
+    let labels =
+        format!("driver_name=\"{DRIVER}\",method_name=\"{create}\",grpc_status_code=\"OK\"");
+    let mut previous = 0.0;
+    for le in BUCKETS {
+        let value = scrape.get(&format!(
+            "csi_plugin_operations_seconds_bucket{{{labels},le=\"{le}\"}}"
+        ));
+        assert!(value >= previous, "buckets are cumulative");
+        previous = value;
+    }
+    assert_eq!(previous, 2.0);
+    assert!(scrape.get(&format!("csi_plugin_operations_seconds_sum{{{labels}}}")) > 0.0);
+    let buckets = scrape
+        .series
+        .keys()
+        .filter(|s| s.starts_with("csi_plugin_operations_seconds_bucket") && s.contains(&labels))
+        .count();
+    assert_eq!(buckets, BUCKETS.len(), "exactly csi-lib-utils' buckets");
+
+    // The pool as it is: a 16 GiB image with one volume, attached, and one snapshot.
+    let size = scrape.get("kura_pool_size_bytes{node=\"test-node\"}");
+    let available = scrape.get("kura_pool_available_bytes{node=\"test-node\"}");
+    assert!(
+        size > 15.0 * GIB as f64 && size <= 16.0 * GIB as f64,
+        "{size}"
+    );
+    assert!(available > 0.0 && available < size, "{available} of {size}");
+    assert_eq!(
+        scrape.get("kura_volumes{node=\"test-node\",condition=\"healthy\"}"),
+        1.0
+    );
+    assert_eq!(
+        scrape.get("kura_volumes{node=\"test-node\",condition=\"abnormal\"}"),
+        0.0
+    );
+    assert_eq!(scrape.get("kura_snapshots{node=\"test-node\"}"), 1.0);
+    assert_eq!(
+        scrape.get("kura_attached_loop_devices{node=\"test-node\"}"),
+        1.0
+    );
+    assert!(!scrape.has_metric("kura_agent_operations_seconds"));
+
+    // The gauges are read at each scrape: detached and deleted, they say so.
+    node.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        target_path: target.display().to_string(),
+    })
+    .await
+    .unwrap();
+    node.node_unstage_volume(proto::NodeUnstageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        staging_target_path: staging.display().to_string(),
+    })
+    .await
+    .unwrap();
+    controller
+        .delete_snapshot(proto::DeleteSnapshotRequest {
+            snapshot_id: snapshot.snapshot_id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    controller
+        .delete_volume(proto::DeleteVolumeRequest {
+            volume_id: volume.volume_id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let scrape = Scrape::of(address).await;
+    assert_eq!(
+        scrape.get("kura_attached_loop_devices{node=\"test-node\"}"),
+        0.0
+    );
+    assert_eq!(scrape.get("kura_snapshots{node=\"test-node\"}"), 0.0);
+    assert_eq!(
+        scrape.get("kura_volumes{node=\"test-node\",condition=\"healthy\"}"),
+        0.0
+    );
+    assert_eq!(
+        scrape.csi_count("/csi.v1.Controller/DeleteVolume", "OK"),
+        1.0
+    );
+
+    // OpenMetrics for a scraper that asks for it (Prometheus does); nothing but
+    // /metrics is served.
+    let open = http_get(
+        address,
+        "/metrics",
+        Some("application/openmetrics-text;version=1.0.0"),
+    )
+    .await;
+    assert_eq!(open.status, 200);
+    assert!(open.headers["content-type"].starts_with("application/openmetrics-text"));
+    assert!(open.body.ends_with("# EOF\n"), "{}", open.body);
+    assert_eq!(http_get(address, "/", None).await.status, 404);
+    assert_eq!(kura.terminate().await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn node_counts_agent_calls_and_controller_counts_csi_calls() {
+    let mut cluster = Cluster::new(&["2Gi"]);
+    let node_metrics = metrics_address();
+    cluster.nodes[0]
+        .proc
+        .args
+        .extend(["--metrics-listen".into(), node_metrics.to_string()]);
+    cluster.nodes[0].start().await;
+    let controller_metrics = metrics_address();
+    let controller = cluster
+        .start_controller_with(
+            &cluster.certs.join("controller"),
+            &["--metrics-listen".into(), controller_metrics.to_string()],
+        )
+        .await;
+    controller.wait_for_nodes(&["node-a"]).await;
+
+    let mut client = controller.controller().await;
+    let volume = client
+        .create_volume(create_request("split-metrics", 64 * MIB, &[], None))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    // A well-formed ID on node-a that names nothing: the agent answers NOT_FOUND.
+    let never =
+        kura::pool::VolumeId::derive("never-made", &kura::pool::NodeToken::for_node("node-a"));
+    let missing = client
+        .controller_get_volume(proto::ControllerGetVolumeRequest {
+            volume_id: never.to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+
+    let on_controller = Scrape::of(controller_metrics).await;
+    assert_eq!(
+        on_controller.csi_count("/csi.v1.Controller/CreateVolume", "OK"),
+        1.0
+    );
+    assert_eq!(
+        on_controller.csi_count("/csi.v1.Controller/ControllerGetVolume", "NotFound"),
+        1.0
+    );
+    assert!(on_controller.csi_count("/csi.v1.Controller/GetCapacity", "OK") >= 1.0);
+    assert!(
+        !on_controller.has_metric("kura_pool_"),
+        "the controller has no pool"
+    );
+    assert!(!on_controller.has_metric("kura_agent_operations_seconds"));
+
+    let on_node = Scrape::of(node_metrics).await;
+    assert_eq!(
+        on_node.agent_count("/kura.agent.v1.Agent/CreateVolume", "OK"),
+        1.0
+    );
+    assert!(on_node.agent_count("/kura.agent.v1.Agent/FindVolume", "OK") >= 1.0);
+    assert_eq!(
+        on_node.agent_count("/kura.agent.v1.Agent/GetVolume", "NotFound"),
+        1.0
+    );
+    assert!(on_node.agent_count("/kura.agent.v1.Agent/Info", "OK") >= 1.0);
+    assert!(
+        !on_node.text.contains(kura::metrics::AGENT_STATUS_METHOD),
+        "the status stream is not a call"
+    );
+    // The node's own CSI socket: the harness probed it.
+    assert!(on_node.csi_count("/csi.v1.Identity/Probe", "OK") >= 1.0);
+    assert_eq!(
+        on_node.get("kura_volumes{node=\"node-a\",condition=\"healthy\"}"),
+        1.0
+    );
+    assert!(on_node.get("kura_pool_size_bytes{node=\"node-a\"}") > GIB as f64);
+
+    client
+        .delete_volume(proto::DeleteVolumeRequest {
+            volume_id: volume.volume_id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let on_node = Scrape::of(node_metrics).await;
+    assert_eq!(
+        on_node.agent_count("/kura.agent.v1.Agent/DeleteVolume", "OK"),
+        1.0
+    );
+    drop(controller);
+}
