@@ -12,7 +12,7 @@
 //! - [`pool`]: the node-local pool: volumes, snapshots, metadata, capacity, recovery,
 //!   and exposing volumes on the node ([`pool::attach`]).
 //! - [`sys`]: the only code that touches the OS: loop devices, mounts, mkfs, reflink,
-//!   freeze, statfs, mountinfo.
+//!   freeze, statfs, mountinfo, fscrypt keys and policies.
 //!
 //! Dependencies point one way: `csi -> pool/agent -> sys`.
 

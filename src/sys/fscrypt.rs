@@ -274,9 +274,15 @@ pub enum Removal {
 
 /// Opens a directory for an ioctl, not following a symbolic link.
 fn open_dir(path: &Path) -> Result<File> {
+    open(path, libc::O_DIRECTORY)
+}
+
+/// Opens a file or directory for an ioctl, not following a symbolic link, and never
+/// blocking (on a FIFO).
+fn open(path: &Path, flags: libc::c_int) -> Result<File> {
     std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .custom_flags(flags | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(path)
         .map_err(|e| Error::io("open", path, e))
 }
@@ -370,9 +376,11 @@ pub fn set_policy(dir: &Path, id: &KeyId) -> Result<()> {
     Ok(())
 }
 
-/// The encryption policy of `dir`, or `None` when it has none. Needs no key.
-pub fn get_policy(dir: &Path) -> Result<Option<Policy>> {
-    let file = open_dir(dir)?;
+/// The encryption policy of the directory (or unlocked file) `path`, or `None` when
+/// it has none. A directory's needs no key.
+pub fn get_policy(path: &Path) -> Result<Option<Policy>> {
+    let dir = path;
+    let file = open(path, 0)?;
     let mut arg = GetPolicyExArg {
         policy_size: size_of::<PolicyV2>() as u64,
         policy: PolicyV2 {
