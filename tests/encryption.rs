@@ -5,10 +5,15 @@
 //! encryption and the key, bad inputs change nothing, a kill mid-stage or while staged
 //! is repaired by the retry, and the key never reaches a log or a file of kura's.
 //!
+//! The split roles carry the encryption from the controller to the node's pool, so a
+//! volume made through `kura controller` is as encrypted as one of all-in-one.
+//!
 //! The in-process tests share this process's tracing: every event of every test, down
 //! to TRACE (tonic, h2, hyper included), is captured into one buffer, which each test
 //! searches for its keys in hex, base64, raw bytes and Rust's `Debug` of the bytes.
 
+#[path = "common/cluster.rs"]
+mod cluster;
 mod common;
 
 use std::collections::HashMap;
@@ -648,6 +653,29 @@ async fn bad_inputs_are_refused_and_change_nothing() {
         );
     }
 
+    // The same name without encryption asks for another volume.
+    let err = c
+        .create_volume(create_request("pvc-bad-enc", SIZE, &[], None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    // An encrypted volume does not confirm a filesystem other than ext4.
+    for (cap, confirmed) in [(mount_cap("ext4"), true), (mount_cap("xfs"), false)] {
+        let answer = c
+            .validate_volume_capabilities(proto::ValidateVolumeCapabilitiesRequest {
+                volume_id: encrypted.clone(),
+                volume_capabilities: vec![cap],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.confirmed.is_some(), confirmed, "{answer:?}");
+        if !confirmed {
+            assert!(answer.message.contains("encrypted"), "{}", answer.message);
+        }
+    }
+
     let secrets = |value: &str| HashMap::from([("key".to_owned(), value.to_owned())]);
     let short = TestKey::new(31);
     let long = TestKey::new(65);
@@ -831,4 +859,60 @@ async fn kills_mid_stage_and_while_staged_are_repaired() {
     for (path, bytes) in files_under(&kura.dir.join("state")) {
         key.assert_absent(&bytes, &path.display().to_string());
     }
+}
+
+/// Through `kura controller` and an agent: the encryption reaches the node's pool
+/// (the volume needs its key to stage, and stages encrypted), a restore through the
+/// controller keeps it, and a plain restore of it is refused there too. The logs of
+/// every process are free of the key.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_split_roles_carry_the_encryption_to_the_node() {
+    let cluster = cluster::Cluster::start(&["2Gi"]).await;
+    let mut c = cluster.controller().controller().await;
+    let node = cluster.node("node-a");
+    let mut n = node.node().await;
+    let key = TestKey::new(40);
+    let id = create(&mut c, encrypted_request("pvc-split", None)).await;
+    let (staging, target) = (node.path("stage"), node.path("target"));
+    let err = n
+        .node_stage_volume(stage_with(&id, &staging, &mount_cap(""), HashMap::new()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    stage(&mut n, &id, &staging, &key).await;
+    assert_eq!(key_status(&staging), KeyStatus::Present);
+    publish(&mut n, &id, &staging, &target).await;
+    write_marker(&target);
+    let snapshot = c
+        .create_snapshot(snapshot_request("snap-split", &id))
+        .await
+        .expect("CreateSnapshot")
+        .into_inner()
+        .snapshot
+        .unwrap()
+        .snapshot_id;
+    let plain = c
+        .create_volume(create_request(
+            "pvc-split-plain",
+            SIZE,
+            &[],
+            Some(snapshot_source(&snapshot)),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(plain.code(), Code::InvalidArgument, "{plain:?}");
+    let restored = create(
+        &mut c,
+        encrypted_request("pvc-split-restored", Some(snapshot_source(&snapshot))),
+    )
+    .await;
+    let (s, t) = (node.path("stage-restored"), node.path("target-restored"));
+    stage(&mut n, &restored, &s, &key).await;
+    publish(&mut n, &restored, &s, &t).await;
+    assert_marker(&t);
+    for (volume, s, t) in [(&restored, &s, &t), (&id, &staging, &target)] {
+        unpublish(&mut n, volume, t).await;
+        unstage(&mut n, volume, s).await;
+    }
+    key.assert_absent(cluster.logs().as_bytes(), "the logs of the split roles");
 }
