@@ -637,7 +637,6 @@ impl Attacher {
     /// volume's is taken out again, and the volume is FAILED_PRECONDITION.
     fn unlock(&self, id: &VolumeId, staging: &Path, key: &Key) -> Result<KeyId> {
         let added = sys::fscrypt::add_key(staging, key)?;
-        self.pool.pause_at("fscrypt-key-added");
         let data = staging.join(DATA_DIR);
         let checked = match found_at(&data)? {
             Found::Missing => std::fs::create_dir(&data)
