@@ -14,7 +14,7 @@
 //! - [`metrics`]: Prometheus metrics: a tower layer timing every gRPC call, the pool's
 //!   gauges read at scrape time, and the `/metrics` listener (`--metrics-listen`).
 //! - [`sys`]: the only code that touches the OS: loop devices, mounts, mkfs, reflink,
-//!   freeze, statfs, mountinfo.
+//!   freeze, statfs, mountinfo, fscrypt keys and policies.
 //!
 //! Dependencies point one way: `csi -> pool/agent -> sys`.
 

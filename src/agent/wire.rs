@@ -5,8 +5,8 @@ use std::collections::BTreeSet;
 
 use super::proto;
 use crate::pool::{
-    self, AccessKind, Condition, ContentSource, Provisioning, Snapshot, SnapshotId, Timestamp,
-    Volume, VolumeId, size,
+    self, AccessKind, Condition, ContentSource, Encryption, Provisioning, Snapshot, SnapshotId,
+    Timestamp, Volume, VolumeId, size,
 };
 
 /// A message from the other side that kura could not have sent.
@@ -47,6 +47,24 @@ pub fn provisioning(value: i32) -> Result<Provisioning, Malformed> {
         Ok(proto::Provisioning::Unspecified) | Err(_) => Err(malformed(
             "provisioning",
             format!("{value} is not thin or thick"),
+        )),
+    }
+}
+
+pub fn encryption_message(e: Encryption) -> i32 {
+    match e {
+        Encryption::Plain => proto::Encryption::None as i32,
+        Encryption::Fscrypt => proto::Encryption::Fscrypt as i32,
+    }
+}
+
+pub fn encryption(value: i32) -> Result<Encryption, Malformed> {
+    match proto::Encryption::try_from(value) {
+        Ok(proto::Encryption::None) => Ok(Encryption::Plain),
+        Ok(proto::Encryption::Fscrypt) => Ok(Encryption::Fscrypt),
+        Err(_) => Err(malformed(
+            "encryption",
+            format!("{value} is not an encryption kura knows"),
         )),
     }
 }
@@ -123,6 +141,7 @@ pub fn volume_message(v: &Volume) -> proto::Volume {
         source: v.source.as_ref().map(source_message),
         created: Some(timestamp_message(v.created)),
         access: access_message(&v.access),
+        encryption: encryption_message(v.encryption),
     }
 }
 
@@ -136,6 +155,7 @@ pub fn volume(m: Option<&proto::Volume>) -> Result<Volume, Malformed> {
         source: source(m.source.as_ref())?,
         created: timestamp(m.created.as_ref()),
         access: access(&m.access)?,
+        encryption: encryption(m.encryption)?,
     })
 }
 
@@ -175,6 +195,7 @@ pub fn snapshot_message(s: &Snapshot) -> proto::Snapshot {
         size_bytes: s.size_bytes,
         created: Some(timestamp_message(s.created)),
         ready: s.ready,
+        encryption: encryption_message(s.encryption),
     }
 }
 
@@ -187,6 +208,7 @@ pub fn snapshot(m: Option<&proto::Snapshot>) -> Result<Snapshot, Malformed> {
         size_bytes: m.size_bytes,
         created: timestamp(m.created.as_ref()),
         ready: m.ready,
+        encryption: encryption(m.encryption)?,
     })
 }
 
@@ -198,6 +220,7 @@ pub fn create_request(spec: &pool::VolumeSpec) -> proto::CreateVolumeRequest {
         provisioning: provisioning_message(spec.provisioning) as i32,
         source: spec.source.as_ref().map(source_message),
         access: access_message(&spec.access),
+        encryption: encryption_message(spec.encryption),
     }
 }
 
@@ -214,6 +237,7 @@ pub fn spec(m: &proto::CreateVolumeRequest) -> Result<pool::VolumeSpec, Malforme
         provisioning: provisioning(m.provisioning)?,
         source: source(m.source.as_ref())?,
         access: access(&m.access)?,
+        encryption: encryption(m.encryption)?,
     })
 }
 
@@ -237,6 +261,7 @@ mod tests {
                 nanos: 9,
             },
             access: [AccessKind::Block, AccessKind::Mount].into(),
+            encryption: Encryption::Fscrypt,
         };
         assert_eq!(
             super::volume(Some(&volume_message(&volume))).unwrap(),
@@ -249,6 +274,7 @@ mod tests {
             size_bytes: 5,
             created: volume.created,
             ready: false,
+            encryption: Encryption::Fscrypt,
         };
         assert_eq!(
             super::snapshot(Some(&snapshot_message(&snapshot))).unwrap(),
@@ -263,6 +289,7 @@ mod tests {
             provisioning: Provisioning::Thin,
             source: Some(ContentSource::Volume(volume.id.clone())),
             access: [AccessKind::Mount].into(),
+            encryption: Encryption::Fscrypt,
         };
         let back = self::spec(&create_request(&spec)).unwrap();
         assert_eq!(
@@ -271,14 +298,16 @@ mod tests {
                 back.range,
                 back.provisioning,
                 back.source,
-                back.access
+                back.access,
+                back.encryption
             ),
             (
                 spec.name,
                 spec.range,
                 spec.provisioning,
                 spec.source,
-                spec.access
+                spec.access,
+                spec.encryption
             )
         );
     }
@@ -296,7 +325,12 @@ mod tests {
                 nanos: 0,
             },
             access: BTreeSet::new(),
+            encryption: Encryption::Plain,
         });
+        assert_eq!(m.encryption, proto::Encryption::None as i32);
+        m.encryption = 9;
+        assert!(volume(Some(&m)).is_err());
+        m.encryption = 0;
         m.id = "vol-../../etc".into();
         assert!(volume(Some(&m)).is_err());
         assert!(volume(None).is_err());

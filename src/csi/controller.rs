@@ -360,6 +360,7 @@ impl<P: Pools> Controller for ControllerService<P> {
         let range = validate::range(req.capacity_range.as_ref())?;
         validate::map_size(&req.parameters, "parameters")?;
         let provisioning = validate::volume_parameters(&req.parameters)?;
+        let encryption = validate::encryption(&req.parameters, &capabilities)?;
         validate::no_mutable_parameters(&req.mutable_parameters)?;
         validate::map_size(&req.secrets, "secrets")?;
         let source = content_source(req.volume_content_source.as_ref())?;
@@ -382,6 +383,7 @@ impl<P: Pools> Controller for ControllerService<P> {
             provisioning,
             source,
             access: access_kinds(&capabilities),
+            encryption,
         };
         let volume = self
             .pools
@@ -452,6 +454,9 @@ impl<P: Pools> Controller for ControllerService<P> {
         let verdict = checked
             .map_err(|e| e.into_invalid("volume_capabilities").message().to_owned())
             .and_then(|caps| {
+                let encrypted = format!("volume {} is encrypted", volume.id);
+                validate::encryption_fits(volume.encryption, &caps, &encrypted)
+                    .map_err(|s| s.message().to_owned())?;
                 let asked = access_kinds(&caps);
                 if volume.serves(&asked) {
                     Ok(())

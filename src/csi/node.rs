@@ -12,6 +12,7 @@ use super::proto::{self, node_service_capability};
 use super::status::{busy, from_pool, no_volume, not_at_path};
 use super::{blocking, node_topology, validate};
 use crate::pool::attach::{Attacher, Capability};
+use crate::pool::encryption::take_secret;
 use crate::pool::locks::Locks;
 use crate::pool::{self, VolumeId};
 
@@ -93,17 +94,21 @@ impl Node for NodeService {
         &self,
         request: Request<proto::NodeStageVolumeRequest>,
     ) -> Result<Response<proto::NodeStageVolumeResponse>, Status> {
-        let req = request.into_inner();
+        let mut req = request.into_inner();
+        // The key leaves the request at once, and the rest of the Secret is wiped, so
+        // no copy of it outlives this call (nor reaches an error or a log).
+        let secrets_fit = validate::map_size(&req.secrets, "secrets");
+        let secret = take_secret(&mut req.secrets);
         validate::required(&req.volume_id, "volume_id")?;
         let staging = self.path(&req.staging_target_path, "staging_target_path")?;
         let capability = node_capability(req.volume_capability.as_ref())?;
+        secrets_fit?;
         maps(&[
-            (&req.secrets, "secrets"),
             (&req.publish_context, "publish_context"),
             (&req.volume_context, "volume_context"),
         ])?;
         let id = existing_volume_id(&req.volume_id)?;
-        self.locked(id, move |a, id| a.stage(id, &staging, &capability))
+        self.locked(id, move |a, id| a.stage(id, &staging, &capability, secret))
             .await?;
         Ok(Response::new(proto::NodeStageVolumeResponse {}))
     }

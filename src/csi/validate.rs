@@ -9,11 +9,13 @@ use tonic::Status;
 use super::proto::{self, volume_capability};
 use super::status::{bad_token, invalid, missing, precondition, shown};
 use crate::pool::attach::{AccessMode, AccessType, Capability, SYSTEM_TREES};
-use crate::pool::{Provisioning, SnapshotId, VolumeId, size};
+use crate::pool::{Encryption, Provisioning, SnapshotId, VolumeId, size};
 use crate::sys::{mkfs, mount};
 
 /// The StorageClass parameter that picks thin or thick provisioning.
 pub const PROVISIONING_KEY: &str = "kura.csi.dev/provisioning";
+/// The StorageClass parameter that makes volumes encrypted (`fscrypt`).
+pub const ENCRYPTION_KEY: &str = "kura.csi.dev/encryption";
 /// Keys the Kubernetes sidecars add to parameters; accepted and ignored.
 const SIDECAR_PREFIX: &str = "csi.storage.k8s.io/";
 /// CSI's limit on string fields, in bytes.
@@ -408,11 +410,84 @@ pub fn volume_parameters(parameters: &HashMap<String, String>) -> Result<Provisi
                     }
                 }
             }
+            ENCRYPTION_KEY => {
+                encryption_value(value)?;
+            }
             k if k.starts_with(SIDECAR_PREFIX) => {}
             _ => return Err(invalid("parameters", format!("unknown key {}", shown(key)))),
         }
     }
     Ok(provisioning)
+}
+
+fn encryption_value(value: &str) -> Result<Encryption, Status> {
+    match value {
+        "fscrypt" => Ok(Encryption::Fscrypt),
+        other => Err(invalid(
+            &format!("parameters[{ENCRYPTION_KEY}]"),
+            format!(
+                "{} is not an encryption kura offers (the one value is \"fscrypt\")",
+                shown(other)
+            ),
+        )),
+    }
+}
+
+/// The encryption the parameters ask for, checked against the capabilities the
+/// volume is created for ([`encryption_fits`]).
+pub fn encryption(
+    parameters: &HashMap<String, String>,
+    capabilities: &[Capability],
+) -> Result<Encryption, Status> {
+    let Some(value) = parameters.get(ENCRYPTION_KEY) else {
+        return Ok(Encryption::Plain);
+    };
+    let encryption = encryption_value(value)?;
+    encryption_fits(
+        encryption,
+        capabilities,
+        &format!("parameters[{ENCRYPTION_KEY}]"),
+    )?;
+    Ok(encryption)
+}
+
+/// Whether a volume of `encryption` can serve `capabilities`: fscrypt encrypts files of
+/// an ext4 filesystem, so every capability must be mount access with `fs_type` ext4
+/// or empty (an encrypted volume is ext4 whatever `--default-fs-type` says). `field`
+/// names what asked for the encryption.
+pub fn encryption_fits(
+    encryption: Encryption,
+    capabilities: &[Capability],
+    field: &str,
+) -> Result<(), Status> {
+    if encryption.is_plain() {
+        return Ok(());
+    }
+    for (i, capability) in capabilities.iter().enumerate() {
+        match &capability.access {
+            AccessType::Block => {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "fscrypt encrypts the files of a filesystem, but volume_capabilities[{i}] asks for block access, which it cannot protect"
+                    ),
+                ));
+            }
+            AccessType::Mount {
+                fs_type: Some(fs), ..
+            } if fs != "ext4" => {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "fscrypt volumes are ext4, but volume_capabilities[{i}] asks for fs_type {}",
+                        shown(fs)
+                    ),
+                ));
+            }
+            AccessType::Mount { .. } => {}
+        }
+    }
+    Ok(())
 }
 
 /// Snapshot parameters: only the sidecars' keys.
@@ -591,6 +666,62 @@ mod tests {
         let err = volume_parameters(&p(&[(PROVISIONING_KEY, "fat")])).unwrap_err();
         assert!(err.message().contains("fat"), "{}", err.message());
         assert!(snapshot_parameters(&p(&[("x", "y")])).is_err());
+        assert!(volume_parameters(&p(&[(ENCRYPTION_KEY, "fscrypt")])).is_ok());
+        let err = volume_parameters(&p(&[(ENCRYPTION_KEY, "luks")])).unwrap_err();
+        assert!(
+            err.message()
+                .starts_with("parameters[kura.csi.dev/encryption]: "),
+            "{}",
+            err.message()
+        );
+    }
+
+    #[test]
+    fn encryption_wants_ext4_mount_capabilities() {
+        let params = HashMap::from([(ENCRYPTION_KEY.to_owned(), "fscrypt".to_owned())]);
+        let with = |access: AccessType| Capability {
+            access,
+            mode: AccessMode::SingleNodeWriter,
+        };
+        let mount = |fs: Option<&str>| {
+            with(AccessType::Mount {
+                fs_type: fs.map(str::to_owned),
+                flags: vec![],
+            })
+        };
+        assert_eq!(
+            encryption(&HashMap::new(), &[with(AccessType::Block)]).unwrap(),
+            Encryption::Plain
+        );
+        assert_eq!(
+            encryption(&params, &[mount(None), mount(Some("ext4"))]).unwrap(),
+            Encryption::Fscrypt
+        );
+        for (caps, needle) in [
+            (vec![with(AccessType::Block)], "block access"),
+            (
+                vec![mount(None), mount(Some("xfs"))],
+                "volume_capabilities[1]",
+            ),
+            (vec![mount(Some("btrfs"))], "btrfs"),
+        ] {
+            let err = encryption(&params, &caps).unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument);
+            assert!(err.message().contains(needle), "{}", err.message());
+            assert!(
+                err.message()
+                    .starts_with("parameters[kura.csi.dev/encryption]: "),
+                "{}",
+                err.message()
+            );
+        }
+        let bad = HashMap::from([(ENCRYPTION_KEY.to_owned(), "yes".to_owned())]);
+        assert!(
+            encryption(&bad, &[mount(None)])
+                .unwrap_err()
+                .message()
+                .contains("yes")
+        );
     }
 
     #[test]

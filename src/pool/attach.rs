@@ -18,6 +18,12 @@
 //!   that is not empty.
 //! - A stage that fails detaches the loop device it attached.
 //! - Volumes are mounted `nosuid,nodev`, with mount options from an allow-list only.
+//! - An encrypted volume (fscrypt) is staged only with its key: its key is in the
+//!   filesystem's keyring exactly while it is staged (stage adds it, unstage removes it
+//!   before unmounting, reading which key from the directory's policy, so an unstage
+//!   after a crash removes it too), and only its encrypted directory is published. A
+//!   stage with another key changes nothing it did not make, and leaves nothing
+//!   mounted when the volume was not staged before.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,10 +31,12 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::encryption::{DATA_DIR, Encryption, SECRET_FIELD, Secret};
 use super::ids::VolumeId;
-use super::volume::AccessKind;
+use super::volume::{AccessKind, Volume};
 use super::{Condition, Error, Pool, Result, read_meta, size, write_meta};
 use crate::sys;
+use crate::sys::fscrypt::{Key, KeyId, KeyStatus, Policy, Removal};
 use crate::sys::mountinfo::MountEntry;
 
 /// Trees of the kernel's own that no volume is ever staged or published under.
@@ -410,14 +418,23 @@ impl Attacher {
     }
 
     /// Attaches the volume and, for mount access, formats (if blank) and mounts it at
-    /// `staging`.
-    pub fn stage(&self, id: &VolumeId, staging: &Path, capability: &Capability) -> Result<()> {
+    /// `staging`. An encrypted volume needs `secret` (the node-stage Secret's key
+    /// entry): its key is added to the filesystem and its encrypted directory made or
+    /// checked. A plain volume ignores a secret.
+    pub fn stage(
+        &self,
+        id: &VolumeId,
+        staging: &Path,
+        capability: &Capability,
+        secret: Option<Secret>,
+    ) -> Result<()> {
         let volume = self.pool.volume(id)?;
         if self.pool.copying_from(id) {
             return Err(Error::Busy(format!(
                 "volume {id} is being copied into a snapshot; it can be staged once the copy is done"
             )));
         }
+        let key = stage_key(&volume, capability, secret)?;
         let existing = self.record(id)?;
         if let Some(existing) = &existing {
             if existing.staging_path != staging {
@@ -453,27 +470,61 @@ impl Attacher {
             ),
         };
         self.pool.pause_at("staging");
+        let encrypted = key.is_some();
         let staged = match &capability.access {
             AccessType::Block => Ok(Staged::default()),
             AccessType::Mount { fs_type, flags } => self.mount_staging(
                 id,
                 &device,
                 staging,
-                fs_type.as_deref(),
-                flags,
+                Filesystem {
+                    // An encrypted volume is ext4, whatever the default filesystem is.
+                    fs_type: if encrypted {
+                        Some("ext4")
+                    } else {
+                        fs_type.as_deref()
+                    },
+                    flags,
+                    encrypt: encrypted,
+                },
                 found == Found::Missing,
             ),
         };
+        let fresh = existing.is_none();
+        let staged = match (staged, &key) {
+            (Ok(staged), Some(key)) => match self.unlock(id, staging, key) {
+                Ok(key_id) => Ok((staged, Some(key_id))),
+                Err(e) => {
+                    // A volume that was not staged before is left unstaged: also a
+                    // mount a crashed stage left here.
+                    if staged.mounted_now || fresh {
+                        let _ = sys::mount::unmount(staging);
+                    }
+                    if staged.created_dir {
+                        let _ = std::fs::remove_dir(staging);
+                    }
+                    if attached_now || fresh {
+                        let _ = sys::loopdev::detach(&device);
+                    }
+                    return Err(e);
+                }
+            },
+            (staged, _) => staged.map(|staged| (staged, None)),
+        };
+        drop(key);
         let record = Record {
             staging_path: staging.to_owned(),
             capability: capability.clone(),
             created_staging: existing.as_ref().is_some_and(|r| r.created_staging)
-                || staged.as_ref().is_ok_and(|s| s.created_dir),
+                || staged.as_ref().is_ok_and(|(s, _)| s.created_dir),
             targets: existing.map(|r| r.targets).unwrap_or_default(),
         };
-        let result = staged.and_then(|staged| {
+        let result = staged.and_then(|(staged, key_id)| {
             write_meta(&self.record_path(id), &record).inspect_err(|_| {
                 if staged.mounted_now {
+                    if let Some(key_id) = key_id {
+                        let _ = sys::fscrypt::remove_key(staging, &key_id);
+                    }
                     let _ = sys::mount::unmount(staging);
                 }
                 if staged.created_dir {
@@ -492,8 +543,11 @@ impl Attacher {
         id: &VolumeId,
         device: &Path,
         staging: &Path,
-        fs_type: Option<&str>,
-        flags: &[String],
+        Filesystem {
+            fs_type,
+            flags,
+            encrypt,
+        }: Filesystem<'_>,
         create_dir: bool,
     ) -> Result<Staged> {
         let (major, minor) = sys::blockdev::numbers(device)?;
@@ -538,7 +592,7 @@ impl Attacher {
                 )));
             }
             sys::fs::atomic_write(&formatting, fs.as_bytes())?;
-            sys::mkfs::format(device, &fs)?;
+            sys::mkfs::format_with(device, &fs, encrypt)?;
             sys::fs::remove(&formatting)?;
         } else {
             grow_unmounted(&fs, device)?;
@@ -575,6 +629,73 @@ impl Attacher {
             mounted_now: true,
             created_dir: create_dir,
         })
+    }
+
+    /// Adds `key` to the keyring of the filesystem mounted at `staging` and makes sure
+    /// the volume's encrypted directory is under a policy naming it: made (and the
+    /// policy set) on the first stage, checked on later ones. A key that is not the
+    /// volume's is taken out again, and the volume is FAILED_PRECONDITION.
+    fn unlock(&self, id: &VolumeId, staging: &Path, key: &Key) -> Result<KeyId> {
+        let added = sys::fscrypt::add_key(staging, key)?;
+        let data = staging.join(DATA_DIR);
+        let checked = match found_at(&data)? {
+            Found::Missing => std::fs::create_dir(&data)
+                .map_err(|e| Error::from(sys::Error::io("mkdir", &data, e)))
+                .and_then(|()| {
+                    self.pool.pause_at("fscrypt-dir-made");
+                    sys::fscrypt::set_policy(&data, &added).map_err(Error::from)
+                }),
+            Found::Dir => match sys::fscrypt::get_policy(&data)? {
+                Some(policy) if policy == Policy::kura(added) => Ok(()),
+                Some(Policy::V2 { key, .. }) if key != added => Err(Error::Precondition(format!(
+                    "volume {id} is encrypted with another key than the one in its node-stage Secret ({SECRET_FIELD}); it is not staged"
+                ))),
+                Some(_) => Err(Error::Precondition(format!(
+                    "volume {id}: {} has an encryption policy kura does not set",
+                    data.display()
+                ))),
+                // A stage that died between making the directory and setting its
+                // policy left it empty.
+                None if is_empty(&data)? => {
+                    sys::fscrypt::set_policy(&data, &added).map_err(Error::from)
+                }
+                None => Err(Error::Precondition(format!(
+                    "volume {id}: {} is not encrypted but holds files; kura does not expose it as an encrypted volume",
+                    data.display()
+                ))),
+            },
+            _ => Err(Error::Precondition(format!(
+                "volume {id}: {} is not a directory",
+                data.display()
+            ))),
+        };
+        if let Err(e) = checked {
+            let _ = sys::fscrypt::remove_key(staging, &added);
+            return Err(e);
+        }
+        Ok(added)
+    }
+
+    /// Removes the key of the encrypted directory under `staging` from its
+    /// filesystem's keyring. Which key is read from the directory's policy, which
+    /// needs no key: so this works after a crash, when nothing else remembers it.
+    fn lock(&self, id: &VolumeId, staging: &Path) -> Result<()> {
+        let data = staging.join(DATA_DIR);
+        if found_at(&data)? != Found::Dir {
+            return Ok(());
+        }
+        let Some(Policy::V2 { key, .. }) = sys::fscrypt::get_policy(&data)? else {
+            return Ok(());
+        };
+        match sys::fscrypt::remove_key(staging, &key)? {
+            Removal::Removed | Removal::Absent | Removal::OtherUsers => {}
+            Removal::FilesBusy => tracing::warn!(
+                volume.id = %id,
+                "files of the encrypted volume are still open; the kernel drops its key once they are closed"
+            ),
+        }
+        self.pool.pause_at("fscrypt-key-removed");
+        Ok(())
     }
 
     /// Unmounts the staging path and detaches the loop device. Only the volume's own
@@ -622,6 +743,14 @@ impl Attacher {
                 )));
             }
             if sys::mountinfo::find_mount(&table, staging).is_some_and(|m| device.backs(&m)) {
+                // A volume whose metadata cannot be read may be encrypted.
+                if self
+                    .pool
+                    .volume(id)
+                    .map_or(true, |v| !v.encryption.is_plain())
+                {
+                    self.lock(id, staging)?;
+                }
                 sys::mount::unmount(staging)?;
             }
         }
@@ -658,7 +787,7 @@ impl Attacher {
         capability: &Capability,
         readonly: bool,
     ) -> Result<()> {
-        self.pool.volume(id)?;
+        let volume = self.pool.volume(id)?;
         let Some(record) = self.record(id)? else {
             return Err(Error::Precondition(format!(
                 "volume {id} is not staged; NodeStageVolume comes first"
@@ -686,6 +815,12 @@ impl Attacher {
                 staging.display()
             )));
         }
+        // What a mount publication binds: the filesystem's root, or for an encrypted
+        // volume its encrypted directory, unlocked.
+        let source = match volume.encryption {
+            Encryption::Plain => staging.to_owned(),
+            Encryption::Fscrypt => self.unlocked_dir(&volume, staging)?,
+        };
         let mut wanted = Publication {
             capability: capability.clone(),
             readonly,
@@ -742,7 +877,7 @@ impl Attacher {
                 } else {
                     Ok(())
                 };
-                made.and_then(|()| sys::mount::bind(staging, target, flags).map_err(Error::from))
+                made.and_then(|()| sys::mount::bind(&source, target, flags).map_err(Error::from))
             }
         };
         if let Err(e) = made {
@@ -753,6 +888,27 @@ impl Attacher {
             return Err(e);
         }
         Ok(())
+    }
+
+    /// The encrypted directory of a staged encrypted volume, once its key is known to
+    /// be in the filesystem's keyring (a pod never gets a locked directory).
+    fn unlocked_dir(&self, volume: &Volume, staging: &Path) -> Result<PathBuf> {
+        let id = &volume.id;
+        let data = staging.join(DATA_DIR);
+        let Some(Policy::V2 { key, .. }) = sys::fscrypt::get_policy(&data)? else {
+            return Err(Error::Precondition(format!(
+                "volume {id} is encrypted but {} is not an encrypted directory; NodeStageVolume again",
+                data.display()
+            )));
+        };
+        match sys::fscrypt::key_status(staging, &key)? {
+            KeyStatus::Present => Ok(data),
+            KeyStatus::Absent | KeyStatus::IncompletelyRemoved => {
+                Err(Error::Precondition(format!(
+                    "volume {id} is staged but locked: its key is no longer in the filesystem's keyring; NodeStageVolume again with its Secret"
+                )))
+            }
+        }
     }
 
     /// Unmounts and (if kura made it) removes `target`, when it is a recorded
@@ -883,6 +1039,65 @@ impl Attacher {
         }
         Ok(size)
     }
+}
+
+/// The key a stage of `volume` uses: `None` for a plain volume (a secret given anyway
+/// is not used), the Secret's key for an encrypted one, which must be staged as an
+/// ext4 mount. Checked before anything is touched.
+fn stage_key(
+    volume: &Volume,
+    capability: &Capability,
+    secret: Option<Secret>,
+) -> Result<Option<Key>> {
+    let id = &volume.id;
+    match volume.encryption {
+        Encryption::Plain => {
+            if secret.is_some() {
+                tracing::debug!(
+                    volume.id = %id,
+                    "the volume is not encrypted; the node-stage Secret's key entry is not used"
+                );
+            }
+            Ok(None)
+        }
+        Encryption::Fscrypt => {
+            match &capability.access {
+                AccessType::Block => {
+                    return Err(Error::Precondition(format!(
+                        "volume {id} is encrypted (fscrypt on ext4) and cannot be staged for block access"
+                    )));
+                }
+                AccessType::Mount {
+                    fs_type: Some(fs), ..
+                } if fs != "ext4" => {
+                    return Err(Error::Precondition(format!(
+                        "volume {id} is encrypted (fscrypt on ext4) and cannot be staged as {fs}"
+                    )));
+                }
+                AccessType::Mount { .. } => {}
+            }
+            let field = SECRET_FIELD;
+            let secret = secret.ok_or_else(|| Error::Invalid {
+                field,
+                reason: format!(
+                    "is required: volume {id} is encrypted, and its key comes from the node-stage Secret (csi.storage.k8s.io/node-stage-secret-name in the StorageClass)"
+                ),
+            })?;
+            let key = secret.key().map_err(|e| Error::Invalid {
+                field,
+                reason: e.to_string(),
+            })?;
+            Ok(Some(key))
+        }
+    }
+}
+
+/// The filesystem a mount stage wants: its type (`None`: what the device holds, or
+/// the default), its mount flags, and whether a new one is made encryptable.
+struct Filesystem<'a> {
+    fs_type: Option<&'a str>,
+    flags: &'a [String],
+    encrypt: bool,
 }
 
 /// What [`Attacher::mount_staging`] did, for undoing it.

@@ -21,6 +21,7 @@
 //! - Repeating a create with compatible arguments returns the existing object.
 
 pub mod attach;
+pub mod encryption;
 pub mod ids;
 pub mod locks;
 mod recovery;
@@ -35,6 +36,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::sys;
+pub use encryption::Encryption;
 pub use ids::{NodeToken, SnapshotId, VolumeId};
 pub use snapshot::Snapshot;
 pub use volume::{AccessKind, ContentSource, Provisioning, Volume, VolumeSpec};

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::encryption::Encryption;
 use super::ids::{SnapshotId, VolumeId};
 use super::{Error, Pool, Result, Timestamp, list_meta, partial_path, read_meta, write_meta};
 use crate::sys;
@@ -28,6 +29,10 @@ pub struct Snapshot {
     pub created: Timestamp,
     /// False while a background copy is still filling the image.
     pub ready: bool,
+    /// The source volume's encryption, which every restore keeps; records written
+    /// before kura encrypted volumes read as plain.
+    #[serde(default, skip_serializing_if = "Encryption::is_plain")]
+    pub encryption: Encryption,
 }
 
 /// Snapshots whose background copy is running in this process, with the volume each
@@ -58,6 +63,7 @@ impl Pool {
             size_bytes: volume.size_bytes,
             created: Timestamp::now(),
             ready: self.reflink,
+            encryption: volume.encryption,
         };
         let source_image = self.image_path(source);
         if !self.reflink {

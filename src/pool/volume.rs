@@ -12,6 +12,7 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
+use super::encryption::Encryption;
 use super::ids::{SnapshotId, VolumeId};
 use super::{
     Condition, Error, Pool, Result, Timestamp, id_of_meta, list_meta, partial_path, read_meta,
@@ -88,6 +89,9 @@ pub struct VolumeSpec {
     pub source: Option<ContentSource>,
     /// The access types of the request's capabilities.
     pub access: BTreeSet<AccessKind>,
+    /// Whether the volume is to be encrypted (`kura.csi.dev/encryption`). A clone or
+    /// restore must ask for what its source has.
+    pub encryption: Encryption,
 }
 
 /// A volume's metadata document.
@@ -103,6 +107,10 @@ pub struct Volume {
     /// kura recorded them: such a volume is taken to serve any.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub access: BTreeSet<AccessKind>,
+    /// How the volume's files are encrypted; metadata written before kura encrypted
+    /// volumes reads as plain.
+    #[serde(default, skip_serializing_if = "Encryption::is_plain")]
+    pub encryption: Encryption,
 }
 
 impl Volume {
@@ -127,7 +135,10 @@ impl Pool {
             None => None,
             Some(source) => Some(self.resolve_source(source)?),
         };
-        let minimum = source.as_ref().map_or(0, |(_, bytes)| *bytes);
+        if let Some((_, _, encryption)) = &source {
+            check_source_encryption(*encryption, spec)?;
+        }
+        let minimum = source.as_ref().map_or(0, |(_, bytes, _)| *bytes);
         let size_bytes =
             size::for_new_volume(spec.range, self.options.default_volume_size, minimum)
                 .map_err(Error::OutOfRange)?;
@@ -145,7 +156,7 @@ impl Pool {
         let thick = spec.provisioning == Provisioning::Thick;
         let built = match &source {
             None => sys::fs::create_image(&partial, size_bytes, thick),
-            Some((source_image, _)) => {
+            Some((source_image, _, _)) => {
                 // A source volume in use is made consistent for the copy, as for a
                 // snapshot; a snapshot image is never attached, so this is a no-op.
                 let _quiesced = self.quiesce(source_image)?;
@@ -167,6 +178,7 @@ impl Pool {
             source: spec.source.clone(),
             created: Timestamp::now(),
             access: spec.access.clone(),
+            encryption: spec.encryption,
         };
         if let Err(e) = write_meta(&meta_path, &volume) {
             let _ = sys::fs::remove(&image);
@@ -176,14 +188,17 @@ impl Pool {
         Ok(volume)
     }
 
-    /// The image and size a content source provides.
-    fn resolve_source(&self, source: &ContentSource) -> Result<(std::path::PathBuf, u64)> {
+    /// The image, size and encryption a content source provides.
+    fn resolve_source(
+        &self,
+        source: &ContentSource,
+    ) -> Result<(std::path::PathBuf, u64, Encryption)> {
         match source {
             ContentSource::Volume(id) => {
                 let volume = self.volume(id)?;
                 let image = self.image_path(id);
                 self.check_copyable(id, &image)?;
-                Ok((image, volume.size_bytes))
+                Ok((image, volume.size_bytes, volume.encryption))
             }
             ContentSource::Snapshot(id) => {
                 let snapshot = self.snapshot(id)?;
@@ -192,7 +207,11 @@ impl Pool {
                         "snapshot {id} is not ready to use yet"
                     )));
                 }
-                Ok((self.snapshot_image_path(id), snapshot.size_bytes))
+                Ok((
+                    self.snapshot_image_path(id),
+                    snapshot.size_bytes,
+                    snapshot.encryption,
+                ))
             }
         }
     }
@@ -287,6 +306,7 @@ impl Pool {
             source: None,
             created: Timestamp::now(),
             access: BTreeSet::new(),
+            encryption: Encryption::Plain,
         };
         (volume, condition)
     }
@@ -402,6 +422,12 @@ fn check_compatible(existing: &Volume, spec: &VolumeSpec) -> Result<()> {
             spec.name
         )));
     }
+    if existing.encryption != spec.encryption {
+        return Err(Error::Incompatible(format!(
+            "volume {:?} already exists {}",
+            spec.name, existing.encryption
+        )));
+    }
     if !existing.serves(&spec.access) {
         return Err(Error::Incompatible(format!(
             "volume {:?} already exists for {} access, not {}",
@@ -411,6 +437,34 @@ fn check_compatible(existing: &Volume, spec: &VolumeSpec) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// A clone or restore holds its source's bytes, so it is encrypted exactly when its
+/// source is, with the same key: a request asking otherwise is refused rather than
+/// carried over, so a StorageClass without encryption (and so without the node-stage
+/// Secret) never receives an encrypted copy it could not stage, and a plain copy is
+/// never taken for an encrypted one.
+fn check_source_encryption(source: Encryption, spec: &VolumeSpec) -> Result<()> {
+    if source == spec.encryption {
+        return Ok(());
+    }
+    let reason = match source {
+        Encryption::Fscrypt => format!(
+            "the content source {} is encrypted, so its copy must be too: give \
+             kura.csi.dev/encryption: fscrypt and the same node-stage Secret",
+            spec.source.as_ref().map_or("", |s| s.id())
+        ),
+        Encryption::Plain => format!(
+            "the content source {} is not encrypted, and kura cannot encrypt data in \
+             place: restore it without kura.csi.dev/encryption, or copy the files into a \
+             new encrypted volume",
+            spec.source.as_ref().map_or("", |s| s.id())
+        ),
+    };
+    Err(Error::Invalid {
+        field: "parameters",
+        reason,
+    })
 }
 
 /// Turns an out-of-space failure into [`Error::NoSpace`], and a file the pool's
@@ -440,6 +494,7 @@ mod tests {
             source: None,
             created: Timestamp::now(),
             access: access.iter().copied().collect(),
+            encryption: Encryption::Plain,
         }
     }
 
@@ -450,6 +505,7 @@ mod tests {
             provisioning: Provisioning::Thin,
             source: None,
             access: access.iter().copied().collect(),
+            encryption: Encryption::Plain,
         }
     }
 
@@ -480,12 +536,58 @@ mod tests {
         let old = r#"{"id":"vol-0123456789abcdef0123456789abcdef-node","name":"n","size_bytes":1048576,"provisioning":"thin","source":null,"created":{"seconds":1,"nanos":0}}"#;
         let volume: Volume = serde_json::from_str(old).unwrap();
         assert!(volume.access.is_empty());
+        assert_eq!(volume.encryption, Encryption::Plain);
         let new = serde_json::to_string(&Volume {
             access: [AccessKind::Block].into(),
             ..volume
         })
         .unwrap();
         assert!(new.contains(r#""access":["block"]"#), "{new}");
+        assert!(!new.contains("encryption"), "{new}");
+        let encrypted = serde_json::to_string(&Volume {
+            encryption: Encryption::Fscrypt,
+            ..serde_json::from_str(&new).unwrap()
+        })
+        .unwrap();
+        assert!(
+            encrypted.contains(r#""encryption":"fscrypt""#),
+            "{encrypted}"
+        );
+    }
+
+    #[test]
+    fn encryption_is_part_of_compatibility_and_copies_keep_it() {
+        let plain = volume(&[AccessKind::Mount]);
+        let mut asked = spec(&[AccessKind::Mount]);
+        asked.encryption = Encryption::Fscrypt;
+        assert!(matches!(
+            check_compatible(&plain, &asked),
+            Err(Error::Incompatible(_))
+        ));
+        asked.source = Some(ContentSource::Volume(plain.id.clone()));
+        for (source, wanted, ok) in [
+            (Encryption::Fscrypt, Encryption::Fscrypt, true),
+            (Encryption::Plain, Encryption::Plain, true),
+            (Encryption::Fscrypt, Encryption::Plain, false),
+            (Encryption::Plain, Encryption::Fscrypt, false),
+        ] {
+            asked.encryption = wanted;
+            let got = check_source_encryption(source, &asked);
+            assert_eq!(got.is_ok(), ok, "{source:?} into {wanted:?}");
+            if let Err(e) = got {
+                assert!(
+                    matches!(
+                        &e,
+                        Error::Invalid {
+                            field: "parameters",
+                            ..
+                        }
+                    ),
+                    "{e:?}"
+                );
+                assert!(e.to_string().contains(plain.id.as_str()), "{e}");
+            }
+        }
     }
 
     #[test]

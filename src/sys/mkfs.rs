@@ -19,20 +19,35 @@ pub fn minimum_size(fs_type: &str) -> u64 {
 /// Formats `device` with `fs_type`, over whatever it holds: callers check first that
 /// the device is blank (or holds only an interrupted format of kura's).
 pub fn format(device: &Path, fs_type: &str) -> Result<()> {
+    format_with(device, fs_type, false)
+}
+
+/// Formats `device` as [`format`] does; with `encrypt`, an ext4 that takes fscrypt
+/// policies (`-O encrypt`). Only ext4 is made encryptable.
+pub fn format_with(device: &Path, fs_type: &str, encrypt: bool) -> Result<()> {
+    if encrypt && fs_type != "ext4" {
+        return Err(Error::Parse {
+            what: "filesystem type",
+            detail: format!("{fs_type} cannot be made with encryption; only ext4 is"),
+        });
+    }
     let device = device.to_string_lossy();
     match fs_type {
         // Lazy init keeps mkfs instant on large sparse volumes; the kernel zeroes the
         // inode tables in the background.
-        "ext4" => cmd::run(
-            "mkfs.ext4",
-            &[
+        "ext4" => {
+            let mut args = vec![
                 "-q",
                 "-F",
                 "-E",
                 "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
-                &device,
-            ],
-        ),
+            ];
+            if encrypt {
+                args.extend(["-O", "encrypt"]);
+            }
+            args.push(&device);
+            cmd::run("mkfs.ext4", &args)
+        }
         // -f: a format interrupted by a crash may have left a signature behind.
         "xfs" => cmd::run("mkfs.xfs", &["-q", "-f", "-K", &device]),
         "btrfs" => cmd::run("mkfs.btrfs", &["-q", "-f", "-K", &device]),

@@ -1,5 +1,5 @@
 //! The only code that touches the operating system: loop devices, mounts, mkfs,
-//! reflinks, freezing, statfs and mountinfo. Every function is small and typed and
+//! reflinks, freezing, statfs, mountinfo and filesystem encryption keys. Every function is small and typed and
 //! reports what it touched when it fails. All of it blocks; callers in async code run
 //! it through `spawn_blocking`. Knowledge of the tools lives beside their wrappers, as
 //! pure functions: the filesystems mkfs makes, the mount options a volume may take
@@ -10,6 +10,7 @@ pub mod blockdev;
 pub mod cmd;
 pub mod copy;
 pub mod fs;
+pub mod fscrypt;
 pub mod loopdev;
 pub mod mkfs;
 pub mod mount;
