@@ -833,7 +833,7 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
         );
     }
     t.add(
-        "mutable_parameters without MODIFY_VOLUME",
+        "an unknown mutable parameter",
         Call::CreateVolume(create_with("pvc-mutable", |r| {
             r.mutable_parameters = map(&[("iops", "100")])
         })),
@@ -1121,8 +1121,8 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
         "parameters",
     );
 
-    // ControllerPublish, ControllerUnpublish, ModifyVolume, GroupController and
-    // SnapshotMetadata: not offered.
+    // ControllerPublish, ControllerUnpublish, GroupController and SnapshotMetadata:
+    // not offered; ModifyVolume refuses an unknown key.
     t.add(
         "ControllerPublishVolume",
         Call::ControllerPublish(proto::ControllerPublishVolumeRequest {
@@ -1156,8 +1156,8 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
             mutable_parameters: map(&[("iops", "1")]),
             ..Default::default()
         }),
-        Unimplemented,
-        "ControllerModifyVolume",
+        InvalidArgument,
+        "iops",
     );
     t.add(
         "GroupControllerGetCapabilities",

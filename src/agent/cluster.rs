@@ -499,6 +499,23 @@ impl Pools for Cluster {
         Ok((wire::volume(answer.volume.as_ref())?, answer.changed))
     }
 
+    async fn modify_volume(
+        &self,
+        id: VolumeId,
+        provisioning: Provisioning,
+    ) -> Result<(Volume, bool)> {
+        let request = proto::ModifyVolumeRequest {
+            volume_id: id.to_string(),
+            provisioning: wire::provisioning_message(provisioning) as i32,
+        };
+        let answer = self
+            .call(&id.node(), WRITE_TIMEOUT, |mut c| async move {
+                c.modify_volume(request).await
+            })
+            .await?;
+        Ok((wire::volume(answer.volume.as_ref())?, answer.changed))
+    }
+
     /// From the agent's latest status: 0 for a node that is down or unknown.
     async fn available(&self, node: &Node, provisioning: Provisioning) -> Result<u64> {
         let state = self.inner.lock();

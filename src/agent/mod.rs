@@ -111,6 +111,12 @@ pub trait Pools: Send + Sync + 'static {
         id: VolumeId,
         range: size::Range,
     ) -> impl Future<Output = Result<(Volume, bool)>> + Send;
+    /// Gives a volume the provisioning asked for; returns it and whether it changed.
+    fn modify_volume(
+        &self,
+        id: VolumeId,
+        provisioning: Provisioning,
+    ) -> impl Future<Output = Result<(Volume, bool)>> + Send;
     /// Bytes a new volume may take on `node` now.
     fn available(
         &self,
@@ -247,6 +253,16 @@ impl Pools for LocalPools {
     async fn expand_volume(&self, id: VolumeId, range: size::Range) -> Result<(Volume, bool)> {
         let guard = self.lock(id.as_str())?;
         self.blocking(vec![guard], move |p| p.expand_volume(&id, range))
+            .await
+    }
+
+    async fn modify_volume(
+        &self,
+        id: VolumeId,
+        provisioning: Provisioning,
+    ) -> Result<(Volume, bool)> {
+        let guard = self.lock(id.as_str())?;
+        self.blocking(vec![guard], move |p| p.modify_volume(&id, provisioning))
             .await
     }
 

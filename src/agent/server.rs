@@ -329,4 +329,24 @@ impl Agent for AgentService {
             available_bytes: available,
         }))
     }
+
+    #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
+    async fn modify_volume(
+        &self,
+        request: Request<proto::ModifyVolumeRequest>,
+    ) -> Result<Response<proto::ModifyVolumeResponse>, Status> {
+        control(&request)?;
+        let req = request.into_inner();
+        let id = wire::volume_id(&req.volume_id, "volume_id").map_err(from_malformed)?;
+        let provisioning = wire::provisioning(req.provisioning).map_err(from_malformed)?;
+        let (volume, changed) = self
+            .pools
+            .modify_volume(id, provisioning)
+            .await
+            .map_err(from_agent)?;
+        Ok(Response::new(proto::ModifyVolumeResponse {
+            volume: Some(wire::volume_message(&volume)),
+            changed,
+        }))
+    }
 }

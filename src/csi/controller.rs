@@ -361,7 +361,10 @@ impl<P: Pools> Controller for ControllerService<P> {
         validate::map_size(&req.parameters, "parameters")?;
         let provisioning = validate::volume_parameters(&req.parameters)?;
         let encryption = validate::encryption(&req.parameters, &capabilities)?;
-        validate::no_mutable_parameters(&req.mutable_parameters)?;
+        validate::map_size(&req.mutable_parameters, "mutable_parameters")?;
+        // Mutable parameters (a VolumeAttributesClass) beat the StorageClass's.
+        let provisioning =
+            validate::mutable_parameters(&req.mutable_parameters)?.unwrap_or(provisioning);
         validate::map_size(&req.secrets, "secrets")?;
         let source = content_source(req.volume_content_source.as_ref())?;
         let name_guard = self.lock_name("volume", name)?;
@@ -476,7 +479,7 @@ impl<P: Pools> Controller for ControllerService<P> {
                 validate::volume_parameters(&req.parameters).map_err(|s| s.message().to_owned())
             })
             .and_then(|_| {
-                validate::no_mutable_parameters(&req.mutable_parameters)
+                validate::mutable_parameters(&req.mutable_parameters)
                     .map_err(|s| s.message().to_owned())
             });
         let response = match verdict {
@@ -592,6 +595,7 @@ impl<P: Pools> Controller for ControllerService<P> {
             // does not know. No Kubernetes sidecar calls it yet.
             Type::CloneVolume,
             Type::ExpandVolume,
+            Type::ModifyVolume,
         ]
         .into_iter()
         .map(capability)
@@ -733,14 +737,23 @@ impl<P: Pools> Controller for ControllerService<P> {
         }))
     }
 
+    #[instrument(err, skip_all, fields(volume.id = ?request.get_ref().volume_id))]
     async fn controller_modify_volume(
         &self,
-        _request: Request<proto::ControllerModifyVolumeRequest>,
+        request: Request<proto::ControllerModifyVolumeRequest>,
     ) -> Result<Response<proto::ControllerModifyVolumeResponse>, Status> {
-        Err(unimplemented(
-            "ControllerModifyVolume",
-            "kura volumes have no mutable parameters",
-        ))
+        let req = request.into_inner();
+        let id = validate::volume_id(&req.volume_id, "volume_id")?;
+        validate::map_size(&req.secrets, "secrets")?;
+        validate::map_size(&req.mutable_parameters, "mutable_parameters")?;
+        let provisioning = validate::mutable_parameters(&req.mutable_parameters)?
+            .ok_or_else(|| missing("mutable_parameters"))?;
+        let id = id.ok_or_else(|| no_volume("volume_id", &req.volume_id))?;
+        self.pools
+            .modify_volume(id, provisioning)
+            .await
+            .map_err(from_agent)?;
+        Ok(Response::new(proto::ControllerModifyVolumeResponse {}))
     }
 
     #[instrument(err, skip_all, fields(snapshot.id = ?request.get_ref().snapshot_id))]

@@ -80,17 +80,43 @@ pub fn map_size(map: &HashMap<String, String>, field: &str) -> Result<(), Status
     Ok(())
 }
 
-/// `mutable_parameters` of CreateVolume: kura offers none (MODIFY_VOLUME is not
-/// advertised), so any is an error naming the first key.
-pub fn no_mutable_parameters(parameters: &HashMap<String, String>) -> Result<(), Status> {
-    match parameters.keys().min() {
-        None => Ok(()),
-        Some(key) => Err(invalid(
-            "mutable_parameters",
-            format!(
-                "kura has no mutable parameters (MODIFY_VOLUME is not offered); got key {}",
-                shown(key)
-            ),
+/// `mutable_parameters` (CreateVolume, ControllerModifyVolume, a VolumeAttributesClass):
+/// only `kura.csi.dev/provisioning` (`thin` or `thick`) may change after creation.
+/// Checked as strictly as StorageClass parameters: any other key, or an unknown value,
+/// is an error naming it, and nothing is applied. The provisioning asked for, if any.
+pub fn mutable_parameters(
+    parameters: &HashMap<String, String>,
+) -> Result<Option<Provisioning>, Status> {
+    let mut keys: Vec<&String> = parameters.keys().collect();
+    keys.sort();
+    let mut provisioning = None;
+    for key in keys {
+        let value = &parameters[key];
+        match key.as_str() {
+            PROVISIONING_KEY => {
+                provisioning = Some(provisioning_value(value, "mutable_parameters")?)
+            }
+            _ => {
+                return Err(invalid(
+                    "mutable_parameters",
+                    format!(
+                        "unknown key {}: the one mutable parameter is {PROVISIONING_KEY}",
+                        shown(key)
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(provisioning)
+}
+
+fn provisioning_value(value: &str, field: &str) -> Result<Provisioning, Status> {
+    match value {
+        "thin" => Ok(Provisioning::Thin),
+        "thick" => Ok(Provisioning::Thick),
+        other => Err(invalid(
+            &format!("{field}[{PROVISIONING_KEY}]"),
+            format!("{} is neither \"thin\" nor \"thick\"", shown(other)),
         )),
     }
 }
@@ -398,18 +424,7 @@ pub fn volume_parameters(parameters: &HashMap<String, String>) -> Result<Provisi
     let mut provisioning = Provisioning::Thin;
     for (key, value) in parameters {
         match key.as_str() {
-            PROVISIONING_KEY => {
-                provisioning = match value.as_str() {
-                    "thin" => Provisioning::Thin,
-                    "thick" => Provisioning::Thick,
-                    other => {
-                        return Err(invalid(
-                            &format!("parameters[{key}]"),
-                            format!("{other:?} is neither \"thin\" nor \"thick\""),
-                        ));
-                    }
-                }
-            }
+            PROVISIONING_KEY => provisioning = provisioning_value(value, "parameters")?,
             ENCRYPTION_KEY => {
                 encryption_value(value)?;
             }
@@ -927,8 +942,16 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect::<HashMap<_, _>>()
         };
-        assert!(no_mutable_parameters(&map(&[])).is_ok());
-        let err = no_mutable_parameters(&map(&[("iops", "100")])).unwrap_err();
+        assert_eq!(mutable_parameters(&map(&[])).unwrap(), None);
+        assert_eq!(
+            mutable_parameters(&map(&[(PROVISIONING_KEY, "thick")])).unwrap(),
+            Some(Provisioning::Thick)
+        );
+        let err = mutable_parameters(&map(&[(PROVISIONING_KEY, "fat")])).unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains("fat"), "{}", err.message());
+        let err =
+            mutable_parameters(&map(&[(PROVISIONING_KEY, "thick"), ("iops", "100")])).unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument);
         assert!(
             err.message().starts_with("mutable_parameters: "),

@@ -24,6 +24,7 @@ pub mod attach;
 pub mod encryption;
 pub mod ids;
 pub mod locks;
+mod modify;
 mod recovery;
 pub mod size;
 mod snapshot;

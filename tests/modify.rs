@@ -1,0 +1,275 @@
+//! ControllerModifyVolume and CreateVolume's `mutable_parameters`: thin -> thick
+//! allocates the image (st_blocks), thick -> thin records thin and punches nothing,
+//! repeats change nothing, and every refusal (unknown key, bad value, a pool too small)
+//! leaves the volume as it was. Also over the split roles.
+
+#[path = "common/cluster.rs"]
+mod cluster;
+mod common;
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use common::*;
+use kura::csi::proto;
+use kura::csi::proto::controller_client::ControllerClient;
+use tonic::Code;
+use tonic::transport::Channel;
+
+const PROVISIONING: &str = "kura.csi.dev/provisioning";
+
+fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn modify(id: &str, pairs: &[(&str, &str)]) -> proto::ControllerModifyVolumeRequest {
+    proto::ControllerModifyVolumeRequest {
+        volume_id: id.into(),
+        mutable_parameters: params(pairs),
+        ..Default::default()
+    }
+}
+
+/// Bytes allocated to a file, from st_blocks.
+fn allocated(path: &Path) -> u64 {
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// What a volume is on disk: its image's allocation and its metadata document.
+fn state(image: &Path) -> (u64, String) {
+    let meta = image.with_extension("json");
+    (allocated(image), std::fs::read_to_string(meta).unwrap())
+}
+
+fn image(root: &Path, id: &str) -> PathBuf {
+    root.join(format!("volumes/{id}.img"))
+}
+
+fn expect_code(result: Result<tonic::Response<impl std::fmt::Debug>, tonic::Status>, code: Code) {
+    match result {
+        Ok(r) => panic!("expected {code:?}, got {:?}", r.get_ref()),
+        Err(s) => {
+            assert_eq!(s.code(), code, "{}", s.message());
+            assert!(!s.message().is_empty());
+        }
+    }
+}
+
+/// Thin -> thick -> thin on one volume, with the refusals in between; `root` is the
+/// pool the volume lands in.
+async fn modify_round_trip(controller: &mut ControllerClient<Channel>, root: &Path) {
+    let size = 6 * GIB;
+    let volume = controller
+        .create_volume(create_request("pvc-modify", size, &[], None))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let id = volume.volume_id;
+    let image = image(root, &id);
+    let thin = state(&image);
+    assert!(thin.0 < 64 * MIB as u64, "a new thin volume is sparse");
+    assert!(thin.1.contains(r#""provisioning": "thin""#), "{}", thin.1);
+
+    // Refusals: nothing applied, whatever else the request asks for.
+    for (pairs, needle) in [
+        (&[("iops", "100")][..], "iops"),
+        (
+            &[(PROVISIONING, "thick"), ("XXX_FakeKey", "v")],
+            "XXX_FakeKey",
+        ),
+        (&[(PROVISIONING, "fat")], "fat"),
+        (&[], "mutable_parameters"),
+    ] {
+        let status = controller
+            .controller_modify_volume(modify(&id, pairs))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+        assert!(status.message().contains(needle), "{}", status.message());
+        assert_eq!(state(&image), thin, "{pairs:?} changed nothing");
+    }
+    expect_code(
+        controller
+            .controller_modify_volume(modify("", &[(PROVISIONING, "thick")]))
+            .await,
+        Code::InvalidArgument,
+    );
+    for unknown in ["non-existing-volume-id", &id.replace("vol-", "vol-f")] {
+        expect_code(
+            controller
+                .controller_modify_volume(modify(unknown, &[(PROVISIONING, "thick")]))
+                .await,
+            Code::NotFound,
+        );
+    }
+
+    // A pool too small for the blocks the volume still lacks: RESOURCE_EXHAUSTED, and
+    // the image and its record are as they were.
+    let filler = controller
+        .create_volume(create_request(
+            "pvc-filler",
+            12 * GIB,
+            &[(PROVISIONING, "thick")],
+            None,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    expect_code(
+        controller
+            .controller_modify_volume(modify(&id, &[(PROVISIONING, "thick")]))
+            .await,
+        Code::ResourceExhausted,
+    );
+    assert_eq!(state(&image), thin, "a refused thickening changed nothing");
+    controller
+        .delete_volume(proto::DeleteVolumeRequest {
+            volume_id: filler.volume_id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    // The pool's filesystem frees a deleted file's blocks in the background: wait
+    // until the filler's space is back.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while controller
+        .controller_modify_volume(modify(&id, &[(PROVISIONING, "thick")]))
+        .await
+        .is_err_and(|s| s.code() == Code::ResourceExhausted)
+    {
+        assert!(std::time::Instant::now() < deadline, "space never came back");
+        assert_eq!(state(&image), thin, "a refused thickening changed nothing");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+
+    // Thin -> thick allocated the whole image; again changes nothing.
+    for _ in 0..2 {
+        controller
+            .controller_modify_volume(modify(&id, &[(PROVISIONING, "thick")]))
+            .await
+            .unwrap();
+        let thick = state(&image);
+        assert!(thick.0 >= size as u64, "thick: {} bytes allocated", thick.0);
+        assert!(
+            thick.1.contains(r#""provisioning": "thick""#),
+            "{}",
+            thick.1
+        );
+    }
+    let thick = state(&image);
+
+    // Thick -> thin records thin and keeps the blocks.
+    for _ in 0..2 {
+        controller
+            .controller_modify_volume(modify(&id, &[(PROVISIONING, "thin")]))
+            .await
+            .unwrap();
+        let now = state(&image);
+        assert_eq!(now.0, thick.0, "thick -> thin punches nothing");
+        assert!(now.1.contains(r#""provisioning": "thin""#), "{}", now.1);
+    }
+    controller
+        .delete_volume(proto::DeleteVolumeRequest {
+            volume_id: id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn thin_becomes_thick_and_refusals_change_nothing() {
+    let driver = Driver::start().await;
+    let mut controller = driver.controller();
+    let caps = controller
+        .controller_get_capabilities(proto::ControllerGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let modify_cap = proto::controller_service_capability::rpc::Type::ModifyVolume as i32;
+    assert!(
+        caps.capabilities.iter().any(|c| matches!(
+            &c.r#type,
+            Some(proto::controller_service_capability::Type::Rpc(r)) if r.r#type == modify_cap
+        )),
+        "MODIFY_VOLUME is advertised"
+    );
+    modify_round_trip(&mut controller, &driver.pool_root()).await;
+}
+
+#[tokio::test]
+async fn create_honours_mutable_parameters() {
+    let driver = Driver::start().await;
+    let mut controller = driver.controller();
+    let root = driver.pool_root();
+
+    // Mutable parameters beat the StorageClass's.
+    let mut request = create_request("pvc-vac", 256 * MIB, &[(PROVISIONING, "thin")], None);
+    request.mutable_parameters = params(&[(PROVISIONING, "thick")]);
+    for _ in 0..2 {
+        let volume = controller
+            .create_volume(request.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        assert!(allocated(&image(&root, &volume.volume_id)) >= 256 * MIB as u64);
+    }
+
+    // An unknown key or value: INVALID_ARGUMENT, nothing created.
+    for pairs in [&[("XXX_FakeKey", "v")][..], &[(PROVISIONING, "fat")]] {
+        let mut request = create_request("pvc-vac-bad", 256 * MIB, &[], None);
+        request.mutable_parameters = params(pairs);
+        expect_code(
+            controller.create_volume(request).await,
+            Code::InvalidArgument,
+        );
+        let files: Vec<_> = std::fs::read_dir(root.join("volumes"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(files.len(), 2, "only pvc-vac's files: {files:?}");
+    }
+
+    // ValidateVolumeCapabilities confirms kura's mutable parameters, not others.
+    let volume_id =
+        kura::pool::VolumeId::derive("pvc-vac", &kura::pool::NodeToken::for_node(NODE_ID));
+    let validate = |pairs: &[(&str, &str)]| proto::ValidateVolumeCapabilitiesRequest {
+        volume_id: volume_id.to_string(),
+        volume_capabilities: vec![mount_cap("")],
+        mutable_parameters: params(pairs),
+        ..Default::default()
+    };
+    let ok = controller
+        .validate_volume_capabilities(validate(&[(PROVISIONING, "thin")]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ok.confirmed.is_some(), "{}", ok.message);
+    let refused = controller
+        .validate_volume_capabilities(validate(&[("iops", "1")]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(refused.confirmed.is_none());
+    assert!(refused.message.contains("iops"), "{}", refused.message);
+}
+
+#[tokio::test]
+async fn split_roles_modify_through_the_agent() {
+    let cluster = cluster::Cluster::start(&["16Gi"]).await;
+    let mut controller = cluster.controller().controller().await;
+    let root = cluster.node("node-a").dir.join("state/pool");
+    modify_round_trip(&mut controller, &root).await;
+}
