@@ -146,7 +146,10 @@ async fn modify_round_trip(controller: &mut ControllerClient<Channel>, root: &Pa
         .await
         .is_err_and(|s| s.code() == Code::ResourceExhausted)
     {
-        assert!(std::time::Instant::now() < deadline, "space never came back");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "space never came back"
+        );
         assert_eq!(state(&image), thin, "a refused thickening changed nothing");
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }

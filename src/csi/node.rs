@@ -9,10 +9,11 @@ use tracing::instrument;
 
 use super::proto::node_server::Node;
 use super::proto::{self, node_service_capability};
-use super::status::{busy, from_pool, no_volume, not_at_path};
+use super::status::{busy, from_pool, invalid, no_volume, not_at_path};
 use super::{blocking, node_topology, validate};
-use crate::pool::attach::{Attacher, Capability};
+use crate::pool::attach::{AccessType, Attacher, Capability};
 use crate::pool::encryption::take_secret;
+use crate::pool::ephemeral::InlineSpec;
 use crate::pool::locks::Locks;
 use crate::pool::{self, VolumeId};
 
@@ -58,6 +59,82 @@ impl NodeService {
         })
         .await
         .map_err(from_pool)
+    }
+}
+
+impl NodeService {
+    /// NodePublishVolume of an inline volume: the kubelet's volume ID is a name
+    /// (checked as one), the attributes say what to make; a refused request makes
+    /// nothing.
+    async fn publish_inline(
+        &self,
+        req: proto::NodePublishVolumeRequest,
+        target: PathBuf,
+        mut capability: Capability,
+    ) -> Result<Response<proto::NodePublishVolumeResponse>, Status> {
+        let name = validate::name(&req.volume_id, "volume_id")?.to_owned();
+        if VolumeId::parse(&name).is_some() {
+            return Err(invalid(
+                "volume_id",
+                "names a kura volume, which cannot be published as an inline volume",
+            ));
+        }
+        let inline = validate::inline_attributes(&req.volume_context, &capability)?;
+        if let (AccessType::Mount { fs_type, .. }, Some(fs)) =
+            (&mut capability.access, &inline.fs_type)
+        {
+            *fs_type = Some(fs.clone());
+        }
+        let spec = InlineSpec {
+            name,
+            size: inline.size,
+            provisioning: inline.provisioning,
+        };
+        let id = self.attacher.inline_id(&spec.name);
+        let readonly = req.readonly;
+        self.locked(id, move |a, _| {
+            a.publish_inline(&spec, &target, &capability, readonly)
+                .map(|_| ())
+        })
+        .await?;
+        Ok(Response::new(proto::NodePublishVolumeResponse {}))
+    }
+
+    /// The volume an ID names: a kura volume ID, or the kubelet's name of an inline
+    /// volume kura made; anything else names nothing.
+    async fn volume_or_inline(&self, value: &str) -> Result<VolumeId, Status> {
+        if let Some(id) = validate::volume_id(value, "volume_id")? {
+            return Ok(id);
+        }
+        let name = value.to_owned();
+        let attacher = Arc::clone(&self.attacher);
+        blocking(move || attacher.inline_volume(&name))
+            .await
+            .map_err(from_pool)?
+            .ok_or_else(|| no_volume("volume_id", value))
+    }
+
+    /// NodeUnpublishVolume with an ID that is not kura's: the inline volume of that
+    /// name is taken down and deleted; with no such volume the ID names nothing
+    /// (NOT_FOUND, as for any unknown ID). The record goes last, so a retry after a
+    /// crash mid-way still finds it and finishes.
+    async fn unpublish_inline(
+        &self,
+        name: &str,
+        target: PathBuf,
+    ) -> Result<Response<proto::NodeUnpublishVolumeResponse>, Status> {
+        // An ID that cannot be a name names nothing.
+        let owned = validate::name(name, "volume_id")
+            .map_err(|_| no_volume("volume_id", name))?
+            .to_owned();
+        let id = self.attacher.inline_id(&owned);
+        let found = self
+            .locked(id, move |a, _| a.unpublish_inline(&owned, &target))
+            .await?;
+        if !found {
+            return Err(no_volume("volume_id", name));
+        }
+        Ok(Response::new(proto::NodeUnpublishVolumeResponse {}))
     }
 }
 
@@ -141,6 +218,9 @@ impl Node for NodeService {
             (&req.publish_context, "publish_context"),
             (&req.volume_context, "volume_context"),
         ])?;
+        if validate::is_ephemeral(&req.volume_context) {
+            return self.publish_inline(req, target, capability).await;
+        }
         let staging =
             validate::publish_staging_path(&req.staging_target_path, self.attacher.reserved())?;
         validate::publish_paths(&target, &staging)?;
@@ -161,7 +241,11 @@ impl Node for NodeService {
         let req = request.into_inner();
         validate::required(&req.volume_id, "volume_id")?;
         let target = self.path(&req.target_path, "target_path")?;
-        let id = existing_volume_id(&req.volume_id)?;
+        let id = match validate::volume_id(&req.volume_id, "volume_id")? {
+            Some(id) => id,
+            // Not a kura ID: perhaps the kubelet's name for an inline volume.
+            None => return self.unpublish_inline(&req.volume_id, target).await,
+        };
         self.locked(id, move |a, id| a.unpublish(id, &target))
             .await?;
         Ok(Response::new(proto::NodeUnpublishVolumeResponse {}))
@@ -176,7 +260,7 @@ impl Node for NodeService {
         validate::required(&req.volume_id, "volume_id")?;
         let volume_path = validate::volume_path(&req.volume_path, "volume_path")?;
         validate::optional_node_path(&req.staging_target_path, "staging_target_path", &[])?;
-        let id = existing_volume_id(&req.volume_id)?;
+        let id = self.volume_or_inline(&req.volume_id).await?;
         let volume_path =
             volume_path.ok_or_else(|| not_at_path("volume_path", &req.volume_path, id.as_str()))?;
         let attacher = Arc::clone(&self.attacher);

@@ -121,6 +121,99 @@ fn provisioning_value(value: &str, field: &str) -> Result<Provisioning, Status> 
     }
 }
 
+/// The volume_context key the kubelet sets to "true" on an inline (CSI ephemeral)
+/// volume's NodePublishVolume.
+pub const EPHEMERAL_KEY: &str = "csi.storage.k8s.io/ephemeral";
+
+/// Whether a NodePublishVolume is for an inline volume.
+pub fn is_ephemeral(context: &HashMap<String, String>) -> bool {
+    context.get(EPHEMERAL_KEY).is_some_and(|v| v == "true")
+}
+
+/// An inline volume's attributes (the pod's `volumeAttributes`, in `volume_context`):
+/// `size` (bytes or a Kubernetes quantity such as `1Gi`), `fsType` (ext4, xfs,
+/// btrfs; it must agree with the capability's `fs_type` when both are given) and
+/// `kura.csi.dev/provisioning`. The kubelet's own `csi.storage.k8s.io/*` keys are
+/// accepted and ignored; any other key is an error naming it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inline {
+    /// 0: the pool's default volume size.
+    pub size: u64,
+    pub provisioning: Provisioning,
+    pub fs_type: Option<String>,
+}
+
+pub fn inline_attributes(
+    context: &HashMap<String, String>,
+    capability: &Capability,
+) -> Result<Inline, Status> {
+    let mut keys: Vec<&String> = context.keys().collect();
+    keys.sort();
+    let mut inline = Inline {
+        size: 0,
+        provisioning: Provisioning::Thin,
+        fs_type: None,
+    };
+    for key in keys {
+        let value = context[key].as_str();
+        let field = format!("volume_context[{key}]");
+        match key.as_str() {
+            "size" => {
+                inline.size = crate::cli::parse_size(value).map_err(|e| invalid(&field, e))?
+            }
+            "fsType" => {
+                if !mkfs::SUPPORTED.contains(&value) {
+                    return Err(invalid(
+                        &field,
+                        format!(
+                            "{} is not a filesystem kura formats (one of {})",
+                            shown(value),
+                            mkfs::SUPPORTED.join(", ")
+                        ),
+                    ));
+                }
+                inline.fs_type = Some(value.to_owned());
+            }
+            PROVISIONING_KEY => inline.provisioning = provisioning_value(value, "volume_context")?,
+            k if k.starts_with(SIDECAR_PREFIX) => {}
+            _ => {
+                return Err(invalid(
+                    "volume_context",
+                    format!(
+                        "unknown inline volume attribute {} (kura takes size, fsType and {PROVISIONING_KEY})",
+                        shown(key)
+                    ),
+                ));
+            }
+        }
+    }
+    match (&capability.access, &inline.fs_type) {
+        (
+            AccessType::Mount {
+                fs_type: Some(cap), ..
+            },
+            Some(attr),
+        ) if cap != attr => {
+            return Err(invalid(
+                "volume_context[fsType]",
+                format!(
+                    "{} differs from volume_capability.mount.fs_type {}",
+                    shown(attr),
+                    shown(cap)
+                ),
+            ));
+        }
+        (AccessType::Block, Some(_)) => {
+            return Err(invalid(
+                "volume_context[fsType]",
+                "is given for a block volume, which has no filesystem",
+            ));
+        }
+        _ => {}
+    }
+    Ok(inline)
+}
+
 /// Why a path given to the node cannot be right, or `None` when it can. `reserved` are
 /// kura's own directories (state and pool), which no CO path may point into.
 pub fn path_problem(value: &str, reserved: &[PathBuf]) -> Option<String> {

@@ -319,8 +319,10 @@ impl Device {
 /// The node side of a pool.
 #[derive(Debug)]
 pub struct Attacher {
-    pool: Arc<Pool>,
+    pub(super) pool: Arc<Pool>,
     records: PathBuf,
+    /// Inline volumes' records and staging directories ([`super::ephemeral`]).
+    pub(super) ephemeral: PathBuf,
     default_fs: String,
     /// kura's own directories: no CO path may point into them.
     reserved: Vec<PathBuf>,
@@ -339,6 +341,7 @@ impl Attacher {
         Ok(Attacher {
             pool,
             records,
+            ephemeral: reserved[0].join("ephemeral"),
             default_fs: default_fs.to_owned(),
             reserved,
         })
@@ -361,6 +364,13 @@ impl Attacher {
 
     fn record(&self, id: &VolumeId) -> Result<Option<Record>> {
         read_meta(&self.record_path(id))
+    }
+
+    /// Whether `target` is a recorded publication of the volume.
+    pub(super) fn published_at(&self, id: &VolumeId, target: &Path) -> Result<bool> {
+        Ok(self
+            .record(id)?
+            .is_some_and(|r| r.targets.contains_key(target)))
     }
 
     /// Looks at `path` before anything is made there: what is there must serve as
@@ -402,7 +412,9 @@ impl Attacher {
             .chain(self.reserved.iter().map(PathBuf::as_path))
             .find(|tree| {
                 real.starts_with(tree) || (tree.starts_with(&real) && real != Path::new("/"))
-            });
+            })
+            // The one path of kura's own it stages on: an inline volume's.
+            .filter(|_| !self.is_inline_staging(&real));
         if let Some(tree) = forbidden {
             return Err(Error::Invalid {
                 field,

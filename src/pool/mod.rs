@@ -22,6 +22,7 @@
 
 pub mod attach;
 pub mod encryption;
+pub mod ephemeral;
 pub mod ids;
 pub mod locks;
 mod modify;

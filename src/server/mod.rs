@@ -65,6 +65,8 @@ impl LocalPool {
             &args.state_dir,
             &args.default_fs_type,
         )?);
+        // Inline volumes whose pod's mount is gone (a crash mid-publish) go now.
+        attacher.recover_inline()?;
         Ok(LocalPool {
             pool,
             attacher,
