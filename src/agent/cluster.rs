@@ -38,8 +38,10 @@ use tonic::{Response, Status};
 use super::proto::agent_client::AgentClient;
 use super::{Error, Node, Pools, Result, proto, wire};
 use crate::csi::status::agent_error;
+use crate::pool::group::GroupSnapshot;
 use crate::pool::{
-    Condition, NodeToken, Provisioning, Snapshot, SnapshotId, Volume, VolumeId, VolumeSpec, size,
+    Condition, GroupSnapshotId, NodeToken, Provisioning, Snapshot, SnapshotId, Timestamp, Volume,
+    VolumeId, VolumeSpec, size,
 };
 
 /// How often the targets are resolved again and new addresses watched.
@@ -592,5 +594,93 @@ impl Pools for Cluster {
                     .collect()
             })
             .await)
+    }
+
+    async fn freeze_group(&self, node: &Node, hold: String, volumes: Vec<VolumeId>) -> Result<()> {
+        let request = proto::FreezeGroupRequest {
+            hold,
+            volume_ids: volumes.iter().map(|v| v.to_string()).collect(),
+        };
+        self.call(&node.token, WRITE_TIMEOUT, |mut c| async move {
+            c.freeze_group(request).await
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn cut_group_members(
+        &self,
+        node: &Node,
+        hold: String,
+        group: GroupSnapshotId,
+        volumes: Vec<VolumeId>,
+        created: Timestamp,
+    ) -> Result<Vec<Snapshot>> {
+        let request = proto::CutGroupMembersRequest {
+            hold,
+            group_snapshot_id: group.to_string(),
+            volume_ids: volumes.iter().map(|v| v.to_string()).collect(),
+            created: Some(wire::timestamp_message(created)),
+        };
+        let answer = self
+            .call(&node.token, WRITE_TIMEOUT, |mut c| async move {
+                c.cut_group_members(request).await
+            })
+            .await?;
+        Ok(answer
+            .snapshots
+            .iter()
+            .map(|s| wire::snapshot(Some(s)))
+            .collect::<std::result::Result<_, _>>()?)
+    }
+
+    async fn thaw_group(&self, node: &Node, hold: String) -> Result<()> {
+        self.call(&node.token, WRITE_TIMEOUT, |mut c| async move {
+            c.thaw_group(proto::ThawGroupRequest { hold }).await
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn put_group(&self, group: GroupSnapshot) -> Result<()> {
+        let request = proto::PutGroupRequest {
+            group: Some(wire::group_message(&group)),
+        };
+        self.call(&group.id.node(), WRITE_TIMEOUT, |mut c| async move {
+            c.put_group(request).await
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn group(&self, id: GroupSnapshotId) -> Result<GroupSnapshot> {
+        let group_snapshot_id = id.to_string();
+        let answer = self
+            .call(&id.node(), READ_TIMEOUT, |mut c| async move {
+                c.get_group(proto::GetGroupRequest { group_snapshot_id })
+                    .await
+            })
+            .await?;
+        Ok(wire::group(answer.group.as_ref())?)
+    }
+
+    async fn delete_group(&self, id: GroupSnapshotId) -> Result<()> {
+        let group_snapshot_id = id.to_string();
+        self.call(&id.node(), WRITE_TIMEOUT, |mut c| async move {
+            c.delete_group(proto::DeleteGroupRequest { group_snapshot_id })
+                .await
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn remove_member(&self, id: SnapshotId) -> Result<()> {
+        let snapshot_id = id.to_string();
+        self.call(&id.node(), WRITE_TIMEOUT, |mut c| async move {
+            c.remove_member(proto::RemoveMemberRequest { snapshot_id })
+                .await
+        })
+        .await?;
+        Ok(())
     }
 }

@@ -26,10 +26,11 @@ pub mod proto {
 use std::future::Future;
 use std::sync::Arc;
 
+use crate::pool::group::{GroupFreeze, GroupSnapshot};
 use crate::pool::locks::{Guard, Locks};
 use crate::pool::{
-    self, Condition, NodeToken, Pool, Provisioning, Snapshot, SnapshotId, Volume, VolumeId,
-    VolumeSpec, size,
+    self, Condition, GroupSnapshotId, NodeToken, Pool, Provisioning, Snapshot, SnapshotId,
+    Timestamp, Volume, VolumeId, VolumeSpec, size,
 };
 
 /// A node that has a pool.
@@ -138,14 +139,59 @@ pub trait Pools: Send + Sync + 'static {
     fn snapshot(&self, id: SnapshotId) -> impl Future<Output = Result<Snapshot>> + Send;
     /// Every snapshot on every live node.
     fn list_snapshots(&self) -> impl Future<Output = Result<Vec<Snapshot>>> + Send;
+
+    // Group snapshots (see `pool::group`): the controller runs each step on every
+    // node that holds a member.
+
+    /// Quiesces `volumes` (all on `node`) and holds them so, with their locks, under
+    /// the name `hold` until [`Pools::thaw_group`] or the freeze deadline.
+    fn freeze_group(
+        &self,
+        node: &Node,
+        hold: String,
+        volumes: Vec<VolumeId>,
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// Cuts the member snapshots of `volumes` while `hold` is in force.
+    fn cut_group_members(
+        &self,
+        node: &Node,
+        hold: String,
+        group: GroupSnapshotId,
+        volumes: Vec<VolumeId>,
+        created: Timestamp,
+    ) -> impl Future<Output = Result<Vec<Snapshot>>> + Send;
+    /// Ends `hold` (thaws); one that is over already is ended.
+    fn thaw_group(&self, node: &Node, hold: String) -> impl Future<Output = Result<()>> + Send;
+    /// Commits a group's record on its home node.
+    fn put_group(&self, group: GroupSnapshot) -> impl Future<Output = Result<()>> + Send;
+    fn group(&self, id: GroupSnapshotId) -> impl Future<Output = Result<GroupSnapshot>> + Send;
+    fn delete_group(&self, id: GroupSnapshotId) -> impl Future<Output = Result<()>> + Send;
+    /// Removes a member snapshot of a group.
+    fn remove_member(&self, id: SnapshotId) -> impl Future<Output = Result<()>> + Send;
 }
 
+/// How long a group's freeze may be held before it is ended regardless: the freeze
+/// deadline of a single snapshot.
+pub const GROUP_HOLD_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A group freeze in force on this node: the frozen filesystems and the volumes'
+/// locks, with the attempt it belongs to.
+struct Hold {
+    serial: u64,
+    _freeze: GroupFreeze,
+    _guards: Vec<Guard>,
+}
+
+type Holds = Arc<std::sync::Mutex<std::collections::HashMap<String, Hold>>>;
+
 /// The pool of this process's own node, with the node's per-volume locks.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LocalPools {
     pool: Arc<Pool>,
     node: Node,
     locks: Locks,
+    holds: Holds,
+    serial: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl LocalPools {
@@ -155,7 +201,13 @@ impl LocalPools {
             id: node_id.to_owned(),
             token: pool.node().clone(),
         };
-        LocalPools { pool, node, locks }
+        LocalPools {
+            pool,
+            node,
+            locks,
+            holds: Holds::default(),
+            serial: Default::default(),
+        }
     }
 
     pub fn pool(&self) -> &Arc<Pool> {
@@ -164,6 +216,16 @@ impl LocalPools {
 
     pub fn this_node(&self) -> &Node {
         &self.node
+    }
+
+    /// In-process, only this node's pool exists.
+    fn check_node(&self, node: &Node) -> Result<()> {
+        if node.token != self.node.token {
+            return Err(Error::UnknownNode {
+                token: node.token.as_str().to_owned(),
+            });
+        }
+        Ok(())
     }
 
     fn lock(&self, key: &str) -> Result<Guard> {
@@ -301,4 +363,94 @@ impl Pools for LocalPools {
     async fn list_snapshots(&self) -> Result<Vec<Snapshot>> {
         self.blocking(vec![], |p| p.list_snapshots()).await
     }
+
+    async fn freeze_group(&self, node: &Node, hold: String, volumes: Vec<VolumeId>) -> Result<()> {
+        self.check_node(node)?;
+        let guards = volumes
+            .iter()
+            .map(|v| self.lock(v.as_str()))
+            .collect::<Result<Vec<_>>>()?;
+        let freeze = self
+            .blocking(vec![], move |p| p.freeze_volumes(&volumes))
+            .await?;
+        let serial = self
+            .serial
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let held = Hold {
+            serial,
+            _freeze: freeze,
+            _guards: guards,
+        };
+        let replaced = lock_holds(&self.holds).insert(hold.clone(), held);
+        // Ended off the async threads: a thaw is a system call.
+        if let Some(old) = replaced {
+            drop(tokio::task::spawn_blocking(move || drop(old)));
+        }
+        // The deadline: a controller that never comes back to thaw cannot keep the
+        // volumes frozen and locked.
+        let holds = Arc::clone(&self.holds);
+        tokio::spawn(async move {
+            tokio::time::sleep(GROUP_HOLD_DEADLINE).await;
+            let mut held = lock_holds(&holds);
+            if held.get(&hold).is_some_and(|h| h.serial == serial) {
+                tracing::error!(hold = %hold, "group freeze deadline passed; thawing");
+                let ended = held.remove(&hold);
+                drop(held);
+                drop(tokio::task::spawn_blocking(move || drop(ended)));
+            }
+        });
+        Ok(())
+    }
+
+    async fn cut_group_members(
+        &self,
+        node: &Node,
+        hold: String,
+        group: GroupSnapshotId,
+        volumes: Vec<VolumeId>,
+        created: Timestamp,
+    ) -> Result<Vec<Snapshot>> {
+        self.check_node(node)?;
+        if !lock_holds(&self.holds).contains_key(&hold) {
+            return Err(Error::Pool(pool::Error::Busy(format!(
+                "the freeze of group snapshot {group} ended before its members were cut; retry"
+            ))));
+        }
+        self.blocking(vec![], move |p| p.cut_members(&group, &volumes, created))
+            .await
+    }
+
+    async fn thaw_group(&self, node: &Node, hold: String) -> Result<()> {
+        self.check_node(node)?;
+        let ended = lock_holds(&self.holds).remove(&hold);
+        self.blocking(vec![], move |_| {
+            drop(ended);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn put_group(&self, group: GroupSnapshot) -> Result<()> {
+        self.blocking(vec![], move |p| p.put_group(&group)).await
+    }
+
+    async fn group(&self, id: GroupSnapshotId) -> Result<GroupSnapshot> {
+        self.blocking(vec![], move |p| p.group(&id)).await
+    }
+
+    async fn delete_group(&self, id: GroupSnapshotId) -> Result<()> {
+        let guard = self.lock(id.as_str())?;
+        self.blocking(vec![guard], move |p| p.delete_group(&id))
+            .await
+    }
+
+    async fn remove_member(&self, id: SnapshotId) -> Result<()> {
+        let guard = self.lock(id.as_str())?;
+        self.blocking(vec![guard], move |p| p.remove_member(&id))
+            .await
+    }
+}
+
+fn lock_holds(holds: &Holds) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Hold>> {
+    holds.lock().unwrap_or_else(|e| e.into_inner())
 }

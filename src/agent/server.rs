@@ -349,4 +349,105 @@ impl Agent for AgentService {
             changed,
         }))
     }
+
+    #[instrument(err, skip_all, fields(hold = %request.get_ref().hold))]
+    async fn freeze_group(
+        &self,
+        request: Request<proto::FreezeGroupRequest>,
+    ) -> Result<Response<proto::FreezeGroupResponse>, Status> {
+        control(&request)?;
+        let req = request.into_inner();
+        let volumes = wire::volume_ids(&req.volume_ids, "volume_ids").map_err(from_malformed)?;
+        let node = self.pools.this_node().clone();
+        self.pools
+            .freeze_group(&node, req.hold, volumes)
+            .await
+            .map_err(from_agent)?;
+        Ok(Response::new(proto::FreezeGroupResponse {}))
+    }
+
+    #[instrument(err, skip_all, fields(group_snapshot.id = %request.get_ref().group_snapshot_id))]
+    async fn cut_group_members(
+        &self,
+        request: Request<proto::CutGroupMembersRequest>,
+    ) -> Result<Response<proto::CutGroupMembersResponse>, Status> {
+        control(&request)?;
+        let req = request.into_inner();
+        let group =
+            wire::group_id(&req.group_snapshot_id, "group_snapshot_id").map_err(from_malformed)?;
+        let volumes = wire::volume_ids(&req.volume_ids, "volume_ids").map_err(from_malformed)?;
+        let created = wire::timestamp(req.created.as_ref());
+        let node = self.pools.this_node().clone();
+        let snapshots = self
+            .pools
+            .cut_group_members(&node, req.hold, group, volumes, created)
+            .await
+            .map_err(from_agent)?;
+        Ok(Response::new(proto::CutGroupMembersResponse {
+            snapshots: snapshots.iter().map(wire::snapshot_message).collect(),
+        }))
+    }
+
+    #[instrument(err, skip_all, fields(hold = %request.get_ref().hold))]
+    async fn thaw_group(
+        &self,
+        request: Request<proto::ThawGroupRequest>,
+    ) -> Result<Response<proto::ThawGroupResponse>, Status> {
+        control(&request)?;
+        let node = self.pools.this_node().clone();
+        self.pools
+            .thaw_group(&node, request.into_inner().hold)
+            .await
+            .map_err(from_agent)?;
+        Ok(Response::new(proto::ThawGroupResponse {}))
+    }
+
+    #[instrument(err, skip_all)]
+    async fn put_group(
+        &self,
+        request: Request<proto::PutGroupRequest>,
+    ) -> Result<Response<proto::PutGroupResponse>, Status> {
+        control(&request)?;
+        let group = wire::group(request.get_ref().group.as_ref()).map_err(from_malformed)?;
+        self.pools.put_group(group).await.map_err(from_agent)?;
+        Ok(Response::new(proto::PutGroupResponse {}))
+    }
+
+    #[instrument(err, skip_all, fields(group_snapshot.id = %request.get_ref().group_snapshot_id))]
+    async fn get_group(
+        &self,
+        request: Request<proto::GetGroupRequest>,
+    ) -> Result<Response<proto::GetGroupResponse>, Status> {
+        control(&request)?;
+        let id = wire::group_id(&request.get_ref().group_snapshot_id, "group_snapshot_id")
+            .map_err(from_malformed)?;
+        let group = self.pools.group(id).await.map_err(from_agent)?;
+        Ok(Response::new(proto::GetGroupResponse {
+            group: Some(wire::group_message(&group)),
+        }))
+    }
+
+    #[instrument(err, skip_all, fields(group_snapshot.id = %request.get_ref().group_snapshot_id))]
+    async fn delete_group(
+        &self,
+        request: Request<proto::DeleteGroupRequest>,
+    ) -> Result<Response<proto::DeleteGroupResponse>, Status> {
+        control(&request)?;
+        let id = wire::group_id(&request.get_ref().group_snapshot_id, "group_snapshot_id")
+            .map_err(from_malformed)?;
+        self.pools.delete_group(id).await.map_err(from_agent)?;
+        Ok(Response::new(proto::DeleteGroupResponse {}))
+    }
+
+    #[instrument(err, skip_all, fields(snapshot.id = %request.get_ref().snapshot_id))]
+    async fn remove_member(
+        &self,
+        request: Request<proto::RemoveMemberRequest>,
+    ) -> Result<Response<proto::RemoveMemberResponse>, Status> {
+        control(&request)?;
+        let id = wire::snapshot_id(&request.get_ref().snapshot_id, "snapshot_id")
+            .map_err(from_malformed)?;
+        self.pools.remove_member(id).await.map_err(from_agent)?;
+        Ok(Response::new(proto::RemoveMemberResponse {}))
+    }
 }

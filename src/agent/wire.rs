@@ -4,9 +4,10 @@
 use std::collections::BTreeSet;
 
 use super::proto;
+use crate::pool::group::GroupSnapshot;
 use crate::pool::{
-    self, AccessKind, Condition, ContentSource, Encryption, Provisioning, Snapshot, SnapshotId,
-    Timestamp, Volume, VolumeId, size,
+    self, AccessKind, Condition, ContentSource, Encryption, GroupSnapshotId, Provisioning,
+    Snapshot, SnapshotId, Timestamp, Volume, VolumeId, size,
 };
 
 /// A message from the other side that kura could not have sent.
@@ -112,14 +113,14 @@ pub fn source(message: Option<&proto::ContentSource>) -> Result<Option<ContentSo
     }
 }
 
-fn timestamp_message(t: Timestamp) -> proto::Timestamp {
+pub fn timestamp_message(t: Timestamp) -> proto::Timestamp {
     proto::Timestamp {
         seconds: t.seconds,
         nanos: t.nanos,
     }
 }
 
-fn timestamp(t: Option<&proto::Timestamp>) -> Timestamp {
+pub fn timestamp(t: Option<&proto::Timestamp>) -> Timestamp {
     t.map_or(
         Timestamp {
             seconds: 0,
@@ -196,6 +197,7 @@ pub fn snapshot_message(s: &Snapshot) -> proto::Snapshot {
         created: Some(timestamp_message(s.created)),
         ready: s.ready,
         encryption: encryption_message(s.encryption),
+        group_snapshot_id: s.group.as_ref().map(|g| g.to_string()).unwrap_or_default(),
     }
 }
 
@@ -209,6 +211,44 @@ pub fn snapshot(m: Option<&proto::Snapshot>) -> Result<Snapshot, Malformed> {
         created: timestamp(m.created.as_ref()),
         ready: m.ready,
         encryption: encryption(m.encryption)?,
+        group: match m.group_snapshot_id.as_str() {
+            "" => None,
+            id => Some(group_id(id, "snapshot.group_snapshot_id")?),
+        },
+    })
+}
+
+pub fn group_id(text: &str, field: &'static str) -> Result<GroupSnapshotId, Malformed> {
+    GroupSnapshotId::parse(text)
+        .ok_or_else(|| malformed(field, format!("{text:?} is not a group snapshot ID")))
+}
+
+pub fn volume_ids(texts: &[String], field: &'static str) -> Result<Vec<VolumeId>, Malformed> {
+    texts.iter().map(|t| volume_id(t, field)).collect()
+}
+
+pub fn group_message(g: &GroupSnapshot) -> proto::GroupSnapshot {
+    proto::GroupSnapshot {
+        id: g.id.to_string(),
+        name: g.name.clone(),
+        source_volume_ids: g.sources.iter().map(|v| v.to_string()).collect(),
+        member_snapshot_ids: g.members.iter().map(|s| s.to_string()).collect(),
+        created: Some(timestamp_message(g.created)),
+    }
+}
+
+pub fn group(m: Option<&proto::GroupSnapshot>) -> Result<GroupSnapshot, Malformed> {
+    let m = m.ok_or_else(|| malformed("group", "missing"))?;
+    Ok(GroupSnapshot {
+        id: group_id(&m.id, "group.id")?,
+        name: m.name.clone(),
+        sources: volume_ids(&m.source_volume_ids, "group.source_volume_ids")?,
+        members: m
+            .member_snapshot_ids
+            .iter()
+            .map(|s| snapshot_id(s, "group.member_snapshot_ids"))
+            .collect::<Result<_, _>>()?,
+        created: timestamp(m.created.as_ref()),
     })
 }
 

@@ -30,7 +30,7 @@ use crate::pool::{
 ///   if there is none, make one: a retried or doubled request never makes two.
 /// - The per-object locks are taken by [`Pools`] in the process that owns the pool.
 pub struct ControllerService<P> {
-    pools: P,
+    pub(super) pools: P,
     names: Names,
 }
 
@@ -42,7 +42,7 @@ struct Names {
 }
 
 /// Releases its name when dropped.
-struct NameGuard {
+pub(super) struct NameGuard {
     held: Arc<Mutex<HashMap<String, Option<String>>>>,
     key: String,
 }
@@ -210,7 +210,7 @@ impl<P: Pools> ControllerService<P> {
     }
 
     /// Takes the lock on a request's name.
-    fn lock_name(&self, kind: &str, name: &str) -> Result<NameGuard, Status> {
+    pub(super) fn lock_name(&self, kind: &str, name: &str) -> Result<NameGuard, Status> {
         self.names.try_acquire(format!("{kind} name {name:?}"))
     }
 
@@ -301,7 +301,7 @@ fn condition_message(condition: Condition) -> proto::VolumeCondition {
     }
 }
 
-fn snapshot_message(snapshot: &Snapshot) -> proto::Snapshot {
+pub(super) fn snapshot_message(snapshot: &Snapshot) -> proto::Snapshot {
     proto::Snapshot {
         size_bytes: snapshot.size_bytes as i64,
         snapshot_id: snapshot.id.to_string(),
@@ -311,7 +311,11 @@ fn snapshot_message(snapshot: &Snapshot) -> proto::Snapshot {
             nanos: snapshot.created.nanos,
         }),
         ready_to_use: snapshot.ready,
-        group_snapshot_id: String::new(),
+        group_snapshot_id: snapshot
+            .group
+            .as_ref()
+            .map(|g| g.to_string())
+            .unwrap_or_default(),
     }
 }
 
@@ -646,6 +650,7 @@ impl<P: Pools> Controller for ControllerService<P> {
         let id = validate::snapshot_id(&req.snapshot_id, "snapshot_id")?;
         validate::map_size(&req.secrets, "secrets")?;
         if let Some(id) = id {
+            self.check_not_grouped(&id).await?;
             self.pools.delete_snapshot(id).await.map_err(from_agent)?;
         }
         Ok(Response::new(proto::DeleteSnapshotResponse {}))

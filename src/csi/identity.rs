@@ -70,6 +70,7 @@ impl Identity for IdentityService {
         Ok(Response::new(proto::GetPluginCapabilitiesResponse {
             capabilities: vec![
                 service(Type::ControllerService),
+                service(Type::GroupControllerService),
                 service(Type::VolumeAccessibilityConstraints),
                 expansion,
             ],

@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod controller;
+pub mod group_controller;
 pub mod identity;
 pub mod node;
 pub mod status;

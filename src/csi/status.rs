@@ -194,7 +194,8 @@ pub const TONIC_TOO_LARGE: &str = "Error, decoded message length too large: ";
 /// Rewrites the statuses tonic makes before any handler runs, where they fall short of
 /// the contract: a request over the message limit (tonic: OUT_OF_RANGE) becomes
 /// RESOURCE_EXHAUSTED, as gRPC specifies; an RPC of a service kura does not serve
-/// (GroupController, SnapshotMetadata; tonic: UNIMPLEMENTED with no message) gets a
+/// (SnapshotMetadata, or GroupController on a node's socket; tonic: UNIMPLEMENTED
+/// with no message) gets a
 /// message, as CSI asks of every error. Every other response passes unchanged. The
 /// server applies this to every call (a tower `map_response` layer).
 pub fn rewrite_transport_status<B>(
@@ -214,7 +215,7 @@ pub fn rewrite_transport_status<B>(
 pub fn unserved(status: &Status) -> Option<Status> {
     (status.code() == Code::Unimplemented && status.message().is_empty()).then(|| {
         Status::unimplemented(
-            "kura does not serve this RPC: it offers the CSI Identity, Controller and Node services",
+            "kura does not serve this RPC here: it offers the CSI Identity, Controller, GroupController (with the Controller) and Node services",
         )
     })
 }

@@ -1,6 +1,7 @@
 //! Volume and snapshot IDs.
 //!
-//! An ID is `vol-<uuid>-<node>` or `snap-<uuid>-<node>`: the UUID is v5 of the CO's
+//! An ID is `vol-<uuid>-<node>`, `snap-<uuid>-<node>` or `grp-<uuid>-<node>` (a group
+//! snapshot, named by the node that keeps its record): the UUID is v5 of the CO's
 //! request name under a fixed namespace, so a retried create lands on the same ID, and
 //! the node part routes every later request without a database. A node ID that is a
 //! short DNS-style name travels as itself; any other travels as `_` plus a digest, so
@@ -115,6 +116,7 @@ macro_rules! id_type {
 
 id_type!(VolumeId, "vol-", "volume");
 id_type!(SnapshotId, "snap-", "snapshot");
+id_type!(GroupSnapshotId, "grp-", "group-snapshot");
 
 #[cfg(test)]
 mod tests {

@@ -9,6 +9,7 @@
 //! <root>/volumes/<volume-id>.json    its metadata; the volume exists iff this exists
 //! <root>/snapshots/<snap-id>.img     a reflink (or copy) of a volume image
 //! <root>/snapshots/<snap-id>.json    its metadata
+//! <root>/groups/<group-id>.json       a group snapshot's record (on its home node)
 //! <name>.partial                     an image being built; never a live object
 //! ```
 //!
@@ -23,6 +24,7 @@
 pub mod attach;
 pub mod encryption;
 pub mod ephemeral;
+pub mod group;
 pub mod ids;
 pub mod locks;
 mod modify;
@@ -39,7 +41,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::sys;
 pub use encryption::Encryption;
-pub use ids::{NodeToken, SnapshotId, VolumeId};
+pub use ids::{GroupSnapshotId, NodeToken, SnapshotId, VolumeId};
 pub use snapshot::Snapshot;
 pub use volume::{AccessKind, ContentSource, Provisioning, Volume, VolumeSpec};
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::encryption::Encryption;
-use super::ids::{SnapshotId, VolumeId};
+use super::ids::{GroupSnapshotId, SnapshotId, VolumeId};
 use super::{Error, Pool, Result, Timestamp, list_meta, partial_path, read_meta, write_meta};
 use crate::sys;
 
@@ -33,6 +33,9 @@ pub struct Snapshot {
     /// before kura encrypted volumes read as plain.
     #[serde(default, skip_serializing_if = "Encryption::is_plain")]
     pub encryption: Encryption,
+    /// The group snapshot this one was cut for, if any ([`super::group`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupSnapshotId>,
 }
 
 /// Snapshots whose background copy is running in this process, with the volume each
@@ -64,6 +67,7 @@ impl Pool {
             created: Timestamp::now(),
             ready: self.reflink,
             encryption: volume.encryption,
+            group: None,
         };
         let source_image = self.image_path(source);
         if !self.reflink {

@@ -23,6 +23,7 @@ use crate::csi::controller::ControllerService;
 use crate::csi::identity::{IdentityService, Readiness};
 use crate::csi::node::NodeService;
 use crate::csi::proto::controller_server::ControllerServer;
+use crate::csi::proto::group_controller_server::GroupControllerServer;
 use crate::csi::proto::identity_server::IdentityServer;
 use crate::csi::proto::node_server::NodeServer;
 use crate::csi::status;
@@ -197,6 +198,7 @@ pub(crate) async fn serve_csi<P: Pools>(
         controller,
         node,
     } = services;
+    let controller = controller.map(Arc::new);
     tonic::transport::Server::builder()
         // Outermost, so an operation is counted with the code the client sees.
         .layer(metrics.csi_layer(driver_name))
@@ -204,10 +206,13 @@ pub(crate) async fn serve_csi<P: Pools>(
             status::rewrite_transport_status::<tonic::body::Body>,
         ))
         .add_service(IdentityServer::new(identity).max_decoding_message_size(MAX_REQUEST_BYTES))
-        .add_optional_service(
-            controller
-                .map(|c| ControllerServer::new(c).max_decoding_message_size(MAX_REQUEST_BYTES)),
-        )
+        // The controller serves the GroupController service too (one name lock set).
+        .add_optional_service(controller.as_ref().map(|c| {
+            ControllerServer::from_arc(Arc::clone(c)).max_decoding_message_size(MAX_REQUEST_BYTES)
+        }))
+        .add_optional_service(controller.map(|c| {
+            GroupControllerServer::from_arc(c).max_decoding_message_size(MAX_REQUEST_BYTES)
+        }))
         .add_optional_service(
             node.map(|n| NodeServer::new(n).max_decoding_message_size(MAX_REQUEST_BYTES)),
         )
