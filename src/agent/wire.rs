@@ -315,11 +315,28 @@ mod tests {
             created: volume.created,
             ready: false,
             encryption: Encryption::Fscrypt,
+            group: None,
         };
         assert_eq!(
             super::snapshot(Some(&snapshot_message(&snapshot))).unwrap(),
             snapshot
         );
+        let member = Snapshot {
+            group: Some(GroupSnapshotId::derive("g", &volume.id.node())),
+            ..snapshot.clone()
+        };
+        assert_eq!(
+            super::snapshot(Some(&snapshot_message(&member))).unwrap(),
+            member
+        );
+        let group = GroupSnapshot {
+            id: GroupSnapshotId::derive("g", &volume.id.node()),
+            name: "g".into(),
+            sources: vec![volume.id.clone()],
+            members: vec![member.id.clone()],
+            created: volume.created,
+        };
+        assert_eq!(super::group(Some(&group_message(&group))).unwrap(), group);
         let spec = pool::VolumeSpec {
             name: "c".into(),
             range: size::Range {
