@@ -75,7 +75,6 @@ enum Call {
     GetVolume(proto::ControllerGetVolumeRequest),
     Modify(proto::ControllerModifyVolumeRequest),
     GetSnapshot(proto::GetSnapshotRequest),
-    GroupCapabilities,
     CreateGroupSnapshot(proto::CreateVolumeGroupSnapshotRequest),
     DeleteGroupSnapshot(proto::DeleteVolumeGroupSnapshotRequest),
     MetadataAllocated(proto::GetMetadataAllocatedRequest),
@@ -121,10 +120,6 @@ impl Call {
             Call::GetVolume(r) => c.controller_get_volume(r).await.map(ok),
             Call::Modify(r) => c.controller_modify_volume(r).await.map(ok),
             Call::GetSnapshot(r) => c.get_snapshot(r).await.map(ok),
-            Call::GroupCapabilities => g
-                .group_controller_get_capabilities(proto::GroupControllerGetCapabilitiesRequest {})
-                .await
-                .map(ok),
             Call::CreateGroupSnapshot(r) => g.create_volume_group_snapshot(r).await.map(ok),
             Call::DeleteGroupSnapshot(r) => g.delete_volume_group_snapshot(r).await.map(ok),
             Call::MetadataAllocated(r) => SnapshotMetadataClient::new(d.channel.clone())
@@ -1121,8 +1116,8 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
         "parameters",
     );
 
-    // ControllerPublish, ControllerUnpublish, GroupController and SnapshotMetadata:
-    // not offered; ModifyVolume refuses an unknown key.
+    // ControllerPublish, ControllerUnpublish and SnapshotMetadata: not offered;
+    // ModifyVolume refuses an unknown key.
     t.add(
         "ControllerPublishVolume",
         Call::ControllerPublish(proto::ControllerPublishVolumeRequest {
@@ -1159,27 +1154,30 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
         InvalidArgument,
         "iops",
     );
+    // GroupController: what a create or delete misses.
     t.add(
-        "GroupControllerGetCapabilities",
-        Call::GroupCapabilities,
-        Unimplemented,
-        "",
-    );
-    t.add(
-        "CreateVolumeGroupSnapshot",
+        "CreateVolumeGroupSnapshot without a name",
         Call::CreateGroupSnapshot(proto::CreateVolumeGroupSnapshotRequest {
-            name: "group".into(),
             source_volume_ids: vec![mount_vol.clone()],
             ..Default::default()
         }),
-        Unimplemented,
-        "",
+        InvalidArgument,
+        "name",
     );
     t.add(
-        "DeleteVolumeGroupSnapshot",
+        "CreateVolumeGroupSnapshot without sources",
+        Call::CreateGroupSnapshot(proto::CreateVolumeGroupSnapshotRequest {
+            name: "group".into(),
+            ..Default::default()
+        }),
+        InvalidArgument,
+        "source_volume_ids",
+    );
+    t.add(
+        "DeleteVolumeGroupSnapshot without an ID",
         Call::DeleteGroupSnapshot(Default::default()),
-        Unimplemented,
-        "",
+        InvalidArgument,
+        "group_snapshot_id",
     );
     t.add(
         "GetMetadataAllocated",

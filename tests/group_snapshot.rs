@@ -1,0 +1,533 @@
+//! Volume group snapshots: one point in time across volumes, taken while a writer
+//! runs. The writer writes numbered records to two volumes in turn (record n to
+//! volume n % 2, each fsynced before the next is written); both members of a group
+//! snapshot taken mid-stream are restored, and together they must hold exactly the
+//! records 0..k for some k: no record of one volume newer than a record missing from
+//! the other. Raw block members are flushed, not frozen, so for them each member is
+//! checked alone (its records in order, up to the cut). Also: retries, the spec's
+//! error cases, members refused by DeleteSnapshot, and members on two nodes of the
+//! split roles.
+
+#[path = "common/cluster.rs"]
+mod cluster;
+mod common;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::*;
+use kura::csi::proto;
+use kura::csi::proto::controller_client::ControllerClient;
+use kura::csi::proto::group_controller_client::GroupControllerClient;
+use kura::csi::proto::node_client::NodeClient;
+use tonic::Code;
+use tonic::transport::Channel;
+
+const MAGIC: u64 = 0x6b75_7261_6772_7031;
+/// A block volume's record fills one 4 KiB block.
+const BLOCK: usize = 4096;
+
+/// Where the writer writes a volume's records.
+#[derive(Clone)]
+enum Log {
+    /// Appended to this file of a mounted filesystem.
+    File(PathBuf),
+    /// One block each, in order, on this device.
+    Device(PathBuf),
+}
+
+fn record(seq: u64, len: usize) -> Vec<u8> {
+    let mut bytes = vec![0u8; len];
+    bytes[..8].copy_from_slice(&seq.to_le_bytes());
+    bytes[8..16].copy_from_slice(&MAGIC.to_le_bytes());
+    bytes
+}
+
+/// The records a log holds, in order.
+fn read_log(log: &Log) -> Vec<u64> {
+    let (bytes, len) = match log {
+        Log::File(path) => (std::fs::read(path).unwrap_or_default(), 16),
+        Log::Device(path) => (std::fs::read(path).unwrap(), BLOCK),
+    };
+    bytes
+        .chunks(len)
+        .take_while(|c| c.len() == len && c[8..16] == MAGIC.to_le_bytes())
+        .map(|c| u64::from_le_bytes(c[..8].try_into().unwrap()))
+        .collect()
+}
+
+/// Writes records 0, 1, 2, ... to `logs[n % 2]`, each durable before the next, until
+/// `stop`; counts them in `written`.
+fn writer(logs: [Log; 2], stop: Arc<AtomicBool>, written: Arc<AtomicU64>) {
+    let mut files: Vec<std::fs::File> = logs
+        .iter()
+        .map(|log| match log {
+            Log::File(path) => std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .unwrap(),
+            Log::Device(path) => std::fs::OpenOptions::new().write(true).open(path).unwrap(),
+        })
+        .collect();
+    let mut seq = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        let i = (seq % 2) as usize;
+        let file = &mut files[i];
+        match &logs[i] {
+            Log::File(_) => file.write_all(&record(seq, 16)).unwrap(),
+            Log::Device(_) => {
+                use std::os::unix::fs::FileExt;
+                file.write_all_at(&record(seq, BLOCK), (seq / 2) * BLOCK as u64)
+                    .unwrap()
+            }
+        }
+        file.sync_data().unwrap();
+        seq += 1;
+        written.store(seq, Ordering::SeqCst);
+    }
+}
+
+fn group_request(name: &str, sources: &[&str]) -> proto::CreateVolumeGroupSnapshotRequest {
+    proto::CreateVolumeGroupSnapshotRequest {
+        name: name.into(),
+        source_volume_ids: sources.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+fn expect_code<T: std::fmt::Debug>(result: Result<tonic::Response<T>, tonic::Status>, code: Code) {
+    match result {
+        Ok(r) => panic!("expected {code:?}, got {:?}", r.get_ref()),
+        Err(s) => {
+            assert_eq!(s.code(), code, "{}", s.message());
+            assert!(!s.message().is_empty());
+        }
+    }
+}
+
+/// One node's CSI clients and where its paths go.
+struct Side {
+    controller: ControllerClient<Channel>,
+    node: NodeClient<Channel>,
+    dir: PathBuf,
+}
+
+/// Creates a volume on `topology`'s node (any, if none), stages and publishes it;
+/// returns its ID and its log.
+async fn make_volume(
+    side: &mut Side,
+    name: &str,
+    cap: &proto::VolumeCapability,
+    topology: Option<proto::TopologyRequirement>,
+) -> (String, Log, PathBuf) {
+    let mut request = create_request(name, 64 * MIB, &[], None);
+    request.volume_capabilities = vec![cap.clone()];
+    request.accessibility_requirements = topology;
+    let id = side
+        .controller
+        .create_volume(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let (log, staging) = publish(side, &id, cap, name).await;
+    (id, log, staging)
+}
+
+async fn publish(
+    side: &mut Side,
+    id: &str,
+    cap: &proto::VolumeCapability,
+    tag: &str,
+) -> (Log, PathBuf) {
+    let staging = side.dir.join(format!("stage-{tag}"));
+    std::fs::create_dir_all(&staging).unwrap();
+    let target = side.dir.join(format!("target-{tag}"));
+    side.node
+        .node_stage_volume(stage_request(id, &staging, cap))
+        .await
+        .unwrap();
+    side.node
+        .node_publish_volume(publish_request(id, &staging, &target, cap, false))
+        .await
+        .unwrap();
+    let log = match cap.access_type {
+        Some(proto::volume_capability::AccessType::Block(_)) => Log::Device(target),
+        _ => Log::File(target.join("log")),
+    };
+    (log, staging)
+}
+
+/// Restores a member snapshot into a new volume on `side` and reads its log.
+async fn restore(
+    side: &mut Side,
+    snapshot: &proto::Snapshot,
+    cap: &proto::VolumeCapability,
+    tag: &str,
+) -> Vec<u64> {
+    let mut request = create_request(
+        tag,
+        64 * MIB,
+        &[],
+        Some(snapshot_source(&snapshot.snapshot_id)),
+    );
+    request.volume_capabilities = vec![cap.clone()];
+    let id = side
+        .controller
+        .create_volume(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let (log, _) = publish(side, &id, cap, tag).await;
+    read_log(&log)
+}
+
+/// The writer runs; a group snapshot is taken mid-stream; both members restored hold
+/// a prefix of the records between them. Returns the group.
+async fn consistent_group(
+    sides: &mut [Side; 2],
+    group: &mut GroupControllerClient<Channel>,
+    cap: &proto::VolumeCapability,
+    topologies: [Option<proto::TopologyRequirement>; 2],
+) -> proto::VolumeGroupSnapshot {
+    let frozen = matches!(
+        cap.access_type,
+        Some(proto::volume_capability::AccessType::Mount(_))
+    );
+    let [a_side, b_side] = sides;
+    let (a, a_log, a_staging) = make_volume(a_side, "pvc-a", cap, topologies[0].clone()).await;
+    let (b, b_log, b_staging) = make_volume(b_side, "pvc-b", cap, topologies[1].clone()).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(AtomicU64::new(0));
+    let thread = std::thread::spawn({
+        let (stop, written) = (Arc::clone(&stop), Arc::clone(&written));
+        move || writer([a_log, b_log], stop, written)
+    });
+    while written.load(Ordering::SeqCst) < 40 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let request = group_request("group-1", &[&a, &b]);
+    let cut = group.create_volume_group_snapshot(request.clone()).await;
+    let at_cut = written.load(Ordering::SeqCst);
+    while written.load(Ordering::SeqCst) < at_cut + 40 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    thread.join().unwrap();
+    let total = written.load(Ordering::SeqCst);
+    let cut = cut.unwrap().into_inner().group_snapshot.unwrap();
+    for staging in [&a_staging, &b_staging] {
+        if matches!(
+            cap.access_type,
+            Some(proto::volume_capability::AccessType::Mount(_))
+        ) {
+            assert!(!is_frozen(staging), "every member is thawed");
+        }
+    }
+
+    // A retry returns the same group.
+    let again = group
+        .create_volume_group_snapshot(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    assert_eq!(again, cut, "CreateVolumeGroupSnapshot is idempotent");
+    assert_eq!(cut.snapshots.len(), 2);
+    assert!(cut.ready_to_use);
+    for s in &cut.snapshots {
+        assert_eq!(s.group_snapshot_id, cut.group_snapshot_id);
+        assert_eq!(s.creation_time, cut.creation_time, "one point in time");
+        assert!(s.ready_to_use);
+    }
+    let member_of = |id: &str| {
+        cut.snapshots
+            .iter()
+            .find(|s| s.source_volume_id == id)
+            .unwrap()
+            .clone()
+    };
+    let a_records = restore(a_side, &member_of(&a), cap, "restore-a").await;
+    let b_records = restore(b_side, &member_of(&b), cap, "restore-b").await;
+
+    // Each member holds its own volume's records in order, without a hole.
+    let a_count = a_records.len() as u64;
+    let b_count = b_records.len() as u64;
+    assert_eq!(a_records, (0..a_count).map(|i| 2 * i).collect::<Vec<_>>());
+    assert_eq!(
+        b_records,
+        (0..b_count).map(|i| 2 * i + 1).collect::<Vec<_>>()
+    );
+    assert!(
+        a_count + b_count >= 40,
+        "records written before the cut are in"
+    );
+    if !frozen {
+        // A raw block member is flushed, not frozen: nothing holds a raw writer
+        // still, so each member is cut at its own instant (see README).
+        return cut;
+    }
+    let mut all: Vec<u64> = a_records.iter().chain(&b_records).copied().collect();
+    all.sort();
+    let k = all.len() as u64;
+    assert_eq!(
+        all,
+        (0..k).collect::<Vec<_>>(),
+        "the members together hold a prefix of the records (a: {a_records:?}, b: {b_records:?})"
+    );
+    assert!(k >= 40, "records written before the cut are in: {k}");
+    assert!(
+        k < total,
+        "records written after the cut are not: {k} of {total}"
+    );
+    cut
+}
+
+/// The spec's error cases and the delete rules, on a group that exists.
+async fn errors_and_delete(
+    controller: &mut ControllerClient<Channel>,
+    group: &mut GroupControllerClient<Channel>,
+    cut: &proto::VolumeGroupSnapshot,
+) {
+    let sources: Vec<String> = cut
+        .snapshots
+        .iter()
+        .map(|s| s.source_volume_id.clone())
+        .collect();
+    let a = sources[0].as_str();
+    let b = sources[1].as_str();
+    let unknown = a.replace(&a[4..12], "00000000");
+    expect_code(
+        group
+            .create_volume_group_snapshot(group_request("", &[a]))
+            .await,
+        Code::InvalidArgument,
+    );
+    expect_code(
+        group
+            .create_volume_group_snapshot(group_request("g", &[]))
+            .await,
+        Code::InvalidArgument,
+    );
+    expect_code(
+        group
+            .create_volume_group_snapshot(group_request("g", &[a, a]))
+            .await,
+        Code::InvalidArgument,
+    );
+    expect_code(
+        group
+            .create_volume_group_snapshot(group_request("g", &[a, &unknown]))
+            .await,
+        Code::NotFound,
+    );
+    expect_code(
+        group
+            .create_volume_group_snapshot(group_request("g", &[a, "not-a-kura-id"]))
+            .await,
+        Code::NotFound,
+    );
+    let mut bad_param = group_request("g", &[a]);
+    bad_param.parameters.insert("color".into(), "blue".into());
+    expect_code(
+        group.create_volume_group_snapshot(bad_param).await,
+        Code::InvalidArgument,
+    );
+    // The same name with other sources.
+    expect_code(
+        group
+            .create_volume_group_snapshot(group_request("group-1", &[a]))
+            .await,
+        Code::AlreadyExists,
+    );
+
+    let members: Vec<String> = cut
+        .snapshots
+        .iter()
+        .map(|s| s.snapshot_id.clone())
+        .collect();
+    let get = |ids: &[String]| proto::GetVolumeGroupSnapshotRequest {
+        group_snapshot_id: cut.group_snapshot_id.clone(),
+        snapshot_ids: ids.to_vec(),
+        ..Default::default()
+    };
+    let got = group
+        .get_volume_group_snapshot(get(&members))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.group_snapshot.as_ref(), Some(cut));
+    group.get_volume_group_snapshot(get(&[])).await.unwrap();
+    expect_code(
+        group.get_volume_group_snapshot(get(&members[..1])).await,
+        Code::InvalidArgument,
+    );
+    expect_code(
+        group
+            .get_volume_group_snapshot(proto::GetVolumeGroupSnapshotRequest::default())
+            .await,
+        Code::InvalidArgument,
+    );
+
+    // Members are listed with their group, and cannot be deleted alone.
+    let listed = controller
+        .list_snapshots(proto::ListSnapshotsRequest {
+            snapshot_id: members[0].clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        listed.entries[0]
+            .snapshot
+            .as_ref()
+            .unwrap()
+            .group_snapshot_id,
+        cut.group_snapshot_id
+    );
+    expect_code(
+        controller
+            .delete_snapshot(proto::DeleteSnapshotRequest {
+                snapshot_id: members[0].clone(),
+                ..Default::default()
+            })
+            .await,
+        Code::FailedPrecondition,
+    );
+
+    // Delete: a wrong member list changes nothing; then the whole group goes, twice.
+    let delete = |ids: &[String]| proto::DeleteVolumeGroupSnapshotRequest {
+        group_snapshot_id: cut.group_snapshot_id.clone(),
+        snapshot_ids: ids.to_vec(),
+        ..Default::default()
+    };
+    expect_code(
+        group
+            .delete_volume_group_snapshot(delete(&members[1..]))
+            .await,
+        Code::InvalidArgument,
+    );
+    group
+        .get_volume_group_snapshot(get(&members))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        group
+            .delete_volume_group_snapshot(delete(&members))
+            .await
+            .unwrap();
+    }
+    expect_code(
+        group.get_volume_group_snapshot(get(&[])).await,
+        Code::NotFound,
+    );
+    for member in &members {
+        let left = controller
+            .list_snapshots(proto::ListSnapshotsRequest {
+                snapshot_id: member.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(left.entries.is_empty(), "member {member} is gone");
+    }
+    // The name is free again: a new cut of both volumes.
+    let fresh = group
+        .create_volume_group_snapshot(group_request("group-1", &[b, a]))
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    assert_eq!(fresh.group_snapshot_id, cut.group_snapshot_id);
+}
+
+fn local_side(driver: &Driver) -> Side {
+    Side {
+        controller: driver.controller(),
+        node: driver.node(),
+        dir: driver.dir.clone(),
+    }
+}
+
+async fn all_in_one(cap: proto::VolumeCapability) {
+    let driver = Driver::start().await;
+    let mut sides = [local_side(&driver), local_side(&driver)];
+    let mut group = GroupControllerClient::new(driver.channel.clone());
+    let caps = group
+        .group_controller_get_capabilities(proto::GroupControllerGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(caps.capabilities.len(), 1);
+    let cut = consistent_group(&mut sides, &mut group, &cap, [None, None]).await;
+    errors_and_delete(&mut driver.controller(), &mut group, &cut).await;
+}
+
+#[tokio::test]
+async fn filesystem_members_hold_one_point_in_time() {
+    all_in_one(mount_cap("ext4")).await;
+}
+
+/// Block members are flushed, not frozen: each holds its volume's records up to the
+/// cut, in order, and the API behaves as for filesystems.
+#[tokio::test]
+async fn block_members_hold_their_records_in_order() {
+    all_in_one(block_cap()).await;
+}
+
+#[tokio::test]
+async fn split_members_on_two_nodes() {
+    let cluster = cluster::Cluster::start(&["2Gi", "2Gi"]).await;
+    let controller = cluster.controller().controller().await;
+    let channel = kura::csi::client::connect(&cluster.controller().socket)
+        .await
+        .unwrap();
+    let mut group = GroupControllerClient::new(channel);
+    let side = |id: &str| {
+        let node = cluster.node(id);
+        (node.dir.clone(), node.socket.clone())
+    };
+    let mut sides = Vec::new();
+    for id in ["node-a", "node-b"] {
+        let (dir, socket) = side(id);
+        sides.push(Side {
+            controller: controller.clone(),
+            node: NodeClient::new(kura::csi::client::connect(&socket).await.unwrap()),
+            dir,
+        });
+    }
+    let mut sides: [Side; 2] = sides.try_into().ok().unwrap();
+    let cut = consistent_group(
+        &mut sides,
+        &mut group,
+        &mount_cap("ext4"),
+        [
+            Some(cluster::topology(&["node-a"], &["node-a"])),
+            Some(cluster::topology(&["node-b"], &["node-b"])),
+        ],
+    )
+    .await;
+    let nodes: Vec<&str> = cut
+        .snapshots
+        .iter()
+        .map(|s| s.snapshot_id.rsplit('-').next().unwrap())
+        .collect();
+    assert!(
+        nodes.contains(&"a") && nodes.contains(&"b"),
+        "members on both nodes: {nodes:?}"
+    );
+    errors_and_delete(&mut controller.clone(), &mut group, &cut).await;
+}
