@@ -531,3 +531,50 @@ async fn split_members_on_two_nodes() {
     );
     errors_and_delete(&mut controller.clone(), &mut group, &cut).await;
 }
+
+/// A crash while every member is frozen (held at the `group-frozen` pause point) leaves
+/// nothing frozen once kura starts again, and no group; the retry cuts it.
+#[tokio::test]
+async fn a_crash_while_frozen_thaws_at_restart() {
+    let mut kura = common::process::Kura::new(PoolKind::Image);
+    let channel = kura.start().await;
+    let mut side = Side {
+        controller: ControllerClient::new(channel.clone()),
+        node: NodeClient::new(channel.clone()),
+        dir: kura.dir.clone(),
+    };
+    let cap = mount_cap("ext4");
+    let (a, _, a_staging) = make_volume(&mut side, "pvc-a", &cap, None).await;
+    let (b, _, b_staging) = make_volume(&mut side, "pvc-b", &cap, None).await;
+    let _thaw = [ThawOnDrop(a_staging.clone()), ThawOnDrop(b_staging.clone())];
+    let frozen = kura.pause.arm("group-frozen");
+    let call = tokio::spawn({
+        let mut group = GroupControllerClient::new(channel);
+        let request = group_request("group-crash", &[&a, &b]);
+        async move { group.create_volume_group_snapshot(request).await }
+    });
+    frozen.held(|| call.is_finished()).await;
+    assert!(
+        is_frozen(&a_staging) && is_frozen(&b_staging),
+        "both members are frozen together"
+    );
+    kura.kill();
+    drop(frozen);
+    let _ = call.await;
+
+    let channel = kura.start().await;
+    assert!(
+        !is_frozen(&a_staging) && !is_frozen(&b_staging),
+        "start-up thawed both"
+    );
+    let mut group = GroupControllerClient::new(channel);
+    let cut = group
+        .create_volume_group_snapshot(group_request("group-crash", &[&a, &b]))
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    assert_eq!(cut.snapshots.len(), 2);
+    assert!(!is_frozen(&a_staging) && !is_frozen(&b_staging));
+}
