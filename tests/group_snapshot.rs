@@ -578,3 +578,74 @@ async fn a_crash_while_frozen_thaws_at_restart() {
     assert_eq!(cut.snapshots.len(), 2);
     assert!(!is_frozen(&a_staging) && !is_frozen(&b_staging));
 }
+
+/// A member that cannot be frozen (node-b's volume is busy: a snapshot of it is held
+/// mid-way) fails the group with ABORTED, and every node is thawed and left without
+/// members; once the volume is free the same request cuts the group.
+#[tokio::test]
+async fn a_failing_member_thaws_every_node() {
+    let cluster = cluster::Cluster::start(&["2Gi", "2Gi"]).await;
+    let mut controller = cluster.controller().controller().await;
+    let channel = kura::csi::client::connect(&cluster.controller().socket)
+        .await
+        .unwrap();
+    let mut group = GroupControllerClient::new(channel);
+    let cap = mount_cap("ext4");
+    let mut made = Vec::new();
+    for id in ["node-a", "node-b"] {
+        let node = cluster.node(id);
+        let mut side = Side {
+            controller: controller.clone(),
+            node: NodeClient::new(kura::csi::client::connect(&node.socket).await.unwrap()),
+            dir: node.dir.clone(),
+        };
+        let topology = Some(cluster::topology(&[id], &[id]));
+        made.push(make_volume(&mut side, &format!("pvc-{id}"), &cap, topology).await);
+    }
+    let (a, _, a_staging) = made[0].clone();
+    let (b, _, b_staging) = made[1].clone();
+    let _thaw = [ThawOnDrop(a_staging.clone()), ThawOnDrop(b_staging.clone())];
+
+    let held = cluster.node("node-b").proc.pause.arm("quiesced");
+    let snapshot = tokio::spawn({
+        let mut controller = controller.clone();
+        let request = proto::CreateSnapshotRequest {
+            name: "snap-b".into(),
+            source_volume_id: b.clone(),
+            ..Default::default()
+        };
+        async move { controller.create_snapshot(request).await }
+    });
+    held.held(|| snapshot.is_finished()).await;
+    expect_code(
+        group
+            .create_volume_group_snapshot(group_request("group-busy", &[&a, &b]))
+            .await,
+        Code::Aborted,
+    );
+    assert!(
+        !is_frozen(&a_staging),
+        "node-a is thawed after node-b failed"
+    );
+    let members = controller
+        .list_snapshots(proto::ListSnapshotsRequest {
+            source_volume_id: a.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(members.entries.is_empty(), "no member is left: {members:?}");
+    drop(held);
+    snapshot.await.unwrap().unwrap();
+    assert!(!is_frozen(&b_staging));
+    let cut = group
+        .create_volume_group_snapshot(group_request("group-busy", &[&a, &b]))
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    assert_eq!(cut.snapshots.len(), 2);
+    assert!(!is_frozen(&a_staging) && !is_frozen(&b_staging));
+}
