@@ -649,3 +649,46 @@ async fn a_failing_member_thaws_every_node() {
     assert_eq!(cut.snapshots.len(), 2);
     assert!(!is_frozen(&a_staging) && !is_frozen(&b_staging));
 }
+
+/// A controller that never ends its freeze (held after the cut, before the thaw)
+/// cannot keep the members frozen or locked: past the deadline the node thaws them and
+/// frees their locks by itself.
+#[tokio::test]
+async fn a_freeze_nobody_ends_is_ended_by_the_deadline() {
+    let driver = Driver::start().await;
+    let mut side = local_side(&driver);
+    let cap = mount_cap("ext4");
+    let (a, _, a_staging) = make_volume(&mut side, "pvc-a", &cap, None).await;
+    let (b, _, b_staging) = make_volume(&mut side, "pvc-b", &cap, None).await;
+    let _thaw = [ThawOnDrop(a_staging.clone()), ThawOnDrop(b_staging.clone())];
+    let cut = driver.pause.arm("group-cut");
+    let call = tokio::spawn({
+        let mut group = GroupControllerClient::new(driver.channel.clone());
+        let request = group_request("group-late", &[&a, &b]);
+        async move { group.create_volume_group_snapshot(request).await }
+    });
+    cut.held(|| call.is_finished()).await;
+    assert!(is_frozen(&a_staging) && is_frozen(&b_staging));
+    let snapshot = |name: &str| proto::CreateSnapshotRequest {
+        name: name.into(),
+        source_volume_id: a.clone(),
+        ..Default::default()
+    };
+    expect_code(
+        side.controller
+            .create_snapshot(snapshot("snap-early"))
+            .await,
+        Code::Aborted,
+    );
+    tokio::time::sleep(kura::agent::GROUP_HOLD_DEADLINE + Duration::from_secs(2)).await;
+    assert!(
+        !is_frozen(&a_staging) && !is_frozen(&b_staging),
+        "the deadline thawed both"
+    );
+    side.controller
+        .create_snapshot(snapshot("snap-late"))
+        .await
+        .expect("the deadline freed the locks");
+    drop(cut);
+    call.await.unwrap().unwrap();
+}

@@ -117,6 +117,8 @@ impl Pool {
                 }
             }
         }
+        // Cut, not thawed yet: where a test holds a controller that never thaws.
+        self.pause_at("group-cut");
         Ok(made)
     }
 
