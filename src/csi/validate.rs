@@ -1028,6 +1028,67 @@ mod tests {
     }
 
     #[test]
+    fn inline_attributes_are_checked_like_parameters() {
+        let context = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<HashMap<_, _>>()
+        };
+        let mount = |fs: Option<&str>| Capability {
+            access: AccessType::Mount {
+                fs_type: fs.map(str::to_owned),
+                flags: vec![],
+            },
+            mode: AccessMode::SingleNodeWriter,
+        };
+        let ok = inline_attributes(
+            &context(&[
+                ("size", "1Gi"),
+                ("fsType", "xfs"),
+                (PROVISIONING_KEY, "thick"),
+                (EPHEMERAL_KEY, "true"),
+                ("csi.storage.k8s.io/pod.name", "p"),
+            ]),
+            &mount(Some("xfs")),
+        )
+        .unwrap();
+        assert_eq!(
+            ok,
+            Inline {
+                size: 1 << 30,
+                provisioning: Provisioning::Thick,
+                fs_type: Some("xfs".into()),
+            }
+        );
+        assert_eq!(
+            inline_attributes(&context(&[]), &mount(None)).unwrap().size,
+            0
+        );
+        let block = Capability {
+            access: AccessType::Block,
+            mode: AccessMode::SingleNodeWriter,
+        };
+        for (pairs, cap, needle) in [
+            (&[("color", "blue")][..], mount(None), "color"),
+            (&[("size", "big")], mount(None), "size"),
+            (&[("size", "0")], mount(None), "size"),
+            (&[("fsType", "vfat")], mount(None), "vfat"),
+            (&[("fsType", "ext4")], mount(Some("xfs")), "fsType"),
+            (&[("fsType", "ext4")], block, "fsType"),
+            (&[(PROVISIONING_KEY, "fat")], mount(None), "fat"),
+            (&[(ENCRYPTION_KEY, "fscrypt")], mount(None), "encryption"),
+        ] {
+            let err = inline_attributes(&context(pairs), &cap).unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{pairs:?}");
+            assert!(err.message().contains(needle), "{}", err.message());
+        }
+        assert!(is_ephemeral(&context(&[(EPHEMERAL_KEY, "true")])));
+        assert!(!is_ephemeral(&context(&[(EPHEMERAL_KEY, "false")])));
+        assert!(!is_ephemeral(&context(&[])));
+    }
+
+    #[test]
     fn maps_and_mutable_parameters() {
         let map = |pairs: &[(&str, &str)]| {
             pairs

@@ -184,6 +184,15 @@ impl Attacher {
         if !self.ephemeral.exists() {
             return Ok(());
         }
+        for entry in std::fs::read_dir(&self.ephemeral)
+            .map_err(|e| sys::Error::io("read_dir", &self.ephemeral, e))?
+            .flatten()
+        {
+            // A record being written when the process died.
+            if entry.path().extension().is_some_and(|x| x == "tmp") {
+                sys::fs::remove(&entry.path())?;
+            }
+        }
         let table = sys::mountinfo::read()?;
         for (path, record) in list_meta::<InlineRecord>(&self.ephemeral)? {
             let Some(id) = super::id_of_meta(&path, VolumeId::parse) else {

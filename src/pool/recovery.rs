@@ -9,7 +9,8 @@ use super::{Pool, Result};
 use crate::sys;
 
 impl Pool {
-    /// - `*.partial` images and `*.tmp` metadata are unfinished writes: removed.
+    /// - `*.partial` images and `*.tmp` metadata (group records' too) are unfinished
+    ///   writes: removed.
     /// - An image without metadata is a create that never committed, or a delete that
     ///   removed the metadata and stopped: removed.
     /// - A snapshot whose background copy never finished: removed (its CO retries).
@@ -26,6 +27,15 @@ impl Pool {
                 let orphan_image = name.ends_with(".img") && !path.with_extension("json").exists();
                 if name.ends_with(".partial") || name.ends_with(".tmp") || orphan_image {
                     tracing::warn!(path = %path.display(), "removing leftover of an interrupted operation");
+                    sys::fs::remove(&path)?;
+                }
+            }
+        }
+        // A group record being written when the process died.
+        let groups = self.root.join("groups");
+        if groups.is_dir() {
+            for path in entries(&groups)? {
+                if path.extension().is_some_and(|x| x == "tmp") {
                     sys::fs::remove(&path)?;
                 }
             }
