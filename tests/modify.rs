@@ -276,3 +276,40 @@ async fn split_roles_modify_through_the_agent() {
     let root = cluster.node("node-a").dir.join("state/pool");
     modify_round_trip(&mut controller, &root).await;
 }
+
+/// A volume in use is thickened under its running filesystem: what was written before
+/// and after reads back from the image.
+#[tokio::test]
+async fn a_published_volume_is_thickened_in_place() {
+    let driver = Driver::start().await;
+    let mut controller = driver.controller();
+    let volume = driver.create_volume("pvc-live", 256 * MIB, &[]).await;
+    let cap = mount_cap("ext4");
+    let (staging, target) = driver
+        .stage_and_publish(&volume.volume_id, &cap, "live")
+        .await;
+    let data = pattern(5, 4 << 20);
+    write_file(&target.join("before"), &data);
+    let image = image(&driver.pool_root(), &volume.volume_id);
+    assert!(allocated(&image) < 256 * MIB as u64);
+    controller
+        .controller_modify_volume(modify(&volume.volume_id, &[(PROVISIONING, "thick")]))
+        .await
+        .unwrap();
+    assert!(allocated(&image) >= 256 * MIB as u64);
+    assert_eq!(std::fs::read(target.join("before")).unwrap(), data);
+    write_file(&target.join("after"), &data);
+    driver
+        .unpublish_and_unstage(&volume.volume_id, &staging, &target)
+        .await;
+    // Read back from the image, not the page cache: staged again.
+    let (staging, target) = driver
+        .stage_and_publish(&volume.volume_id, &cap, "again")
+        .await;
+    for name in ["before", "after"] {
+        assert_eq!(std::fs::read(target.join(name)).unwrap(), data, "{name}");
+    }
+    driver
+        .unpublish_and_unstage(&volume.volume_id, &staging, &target)
+        .await;
+}
