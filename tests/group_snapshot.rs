@@ -196,16 +196,12 @@ async fn restore(
 async fn consistent_group(
     sides: &mut [Side; 2],
     group: &mut GroupControllerClient<Channel>,
-    cap: &proto::VolumeCapability,
+    caps: [&proto::VolumeCapability; 2],
     topologies: [Option<proto::TopologyRequirement>; 2],
 ) -> proto::VolumeGroupSnapshot {
-    let frozen = matches!(
-        cap.access_type,
-        Some(proto::volume_capability::AccessType::Mount(_))
-    );
     let [a_side, b_side] = sides;
-    let (a, a_log, a_staging) = make_volume(a_side, "pvc-a", cap, topologies[0].clone()).await;
-    let (b, b_log, b_staging) = make_volume(b_side, "pvc-b", cap, topologies[1].clone()).await;
+    let (a, a_log, a_staging) = make_volume(a_side, "pvc-a", caps[0], topologies[0].clone()).await;
+    let (b, b_log, b_staging) = make_volume(b_side, "pvc-b", caps[1], topologies[1].clone()).await;
     let stop = Arc::new(AtomicBool::new(false));
     let written = Arc::new(AtomicU64::new(0));
     let thread = std::thread::spawn({
@@ -225,11 +221,8 @@ async fn consistent_group(
     thread.join().unwrap();
     let total = written.load(Ordering::SeqCst);
     let cut = cut.unwrap().into_inner().group_snapshot.unwrap();
-    for staging in [&a_staging, &b_staging] {
-        if matches!(
-            cap.access_type,
-            Some(proto::volume_capability::AccessType::Mount(_))
-        ) {
+    for (staging, cap) in [(&a_staging, caps[0]), (&b_staging, caps[1])] {
+        if is_mount(cap) {
             assert!(!is_frozen(staging), "every member is thawed");
         }
     }
@@ -257,8 +250,8 @@ async fn consistent_group(
             .unwrap()
             .clone()
     };
-    let a_records = restore(a_side, &member_of(&a), cap, "restore-a").await;
-    let b_records = restore(b_side, &member_of(&b), cap, "restore-b").await;
+    let a_records = restore(a_side, &member_of(&a), caps[0], "restore-a").await;
+    let b_records = restore(b_side, &member_of(&b), caps[1], "restore-b").await;
 
     // Each member holds its own volume's records in order, without a hole.
     let a_count = a_records.len() as u64;
@@ -272,11 +265,6 @@ async fn consistent_group(
         a_count + b_count >= 40,
         "records written before the cut are in"
     );
-    if !frozen {
-        // A raw block member is flushed, not frozen: nothing holds a raw writer
-        // still, so each member is cut at its own instant (see README).
-        return cut;
-    }
     let mut all: Vec<u64> = a_records.iter().chain(&b_records).copied().collect();
     all.sort();
     let k = all.len() as u64;
@@ -403,7 +391,7 @@ async fn errors_and_delete(
                 ..Default::default()
             })
             .await,
-        Code::FailedPrecondition,
+        Code::InvalidArgument,
     );
 
     // Delete: a wrong member list changes nothing; then the whole group goes, twice.
@@ -462,7 +450,14 @@ fn local_side(driver: &Driver) -> Side {
     }
 }
 
-async fn all_in_one(cap: proto::VolumeCapability) {
+fn is_mount(cap: &proto::VolumeCapability) -> bool {
+    matches!(
+        cap.access_type,
+        Some(proto::volume_capability::AccessType::Mount(_))
+    )
+}
+
+async fn all_in_one(members: [proto::VolumeCapability; 2]) {
     let driver = Driver::start().await;
     let mut sides = [local_side(&driver), local_side(&driver)];
     let mut group = GroupControllerClient::new(driver.channel.clone());
@@ -472,20 +467,85 @@ async fn all_in_one(cap: proto::VolumeCapability) {
         .unwrap()
         .into_inner();
     assert_eq!(caps.capabilities.len(), 1);
-    let cut = consistent_group(&mut sides, &mut group, &cap, [None, None]).await;
+    let cut = consistent_group(
+        &mut sides,
+        &mut group,
+        [&members[0], &members[1]],
+        [None, None],
+    )
+    .await;
     errors_and_delete(&mut driver.controller(), &mut group, &cut).await;
 }
 
 #[tokio::test]
 async fn filesystem_members_hold_one_point_in_time() {
-    all_in_one(mount_cap("ext4")).await;
+    all_in_one([mount_cap("ext4"), mount_cap("ext4")]).await;
 }
 
-/// Block members are flushed, not frozen: each holds its volume's records up to the
-/// cut, in order, and the API behaves as for filesystems.
+/// A raw block member in use is flushed, not frozen (a loop device cannot be held
+/// still), and is cut while the filesystem member stays frozen: together they still
+/// hold one point in time.
 #[tokio::test]
-async fn block_members_hold_their_records_in_order() {
-    all_in_one(block_cap()).await;
+async fn a_block_member_beside_a_frozen_one_holds_one_point_in_time() {
+    all_in_one([block_cap(), mount_cap("ext4")]).await;
+}
+
+/// Two raw block volumes in use cannot be cut at one instant: the spec asks for a
+/// failure then. FAILED_PRECONDITION and no member left; once one of
+/// them is unstaged the same request succeeds.
+#[tokio::test]
+async fn two_block_members_in_use_are_refused() {
+    let driver = Driver::start().await;
+    let mut side = local_side(&driver);
+    let mut group = GroupControllerClient::new(driver.channel.clone());
+    let cap = block_cap();
+    let (a, _, a_staging) = make_volume(&mut side, "pvc-a", &cap, None).await;
+    let (b, _, _) = make_volume(&mut side, "pvc-b", &cap, None).await;
+    let request = group_request("group-1", &[&a, &b]);
+    let refused = group
+        .create_volume_group_snapshot(request.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains("source_volume_ids") && refused.message().contains(&a),
+        "the message names the field and the volumes: {}",
+        refused.message()
+    );
+    let snapshots = side
+        .controller
+        .list_snapshots(proto::ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        snapshots.entries.is_empty(),
+        "no member left: {snapshots:?}"
+    );
+
+    let target = side.dir.join("target-pvc-a");
+    side.node
+        .node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
+            volume_id: a.clone(),
+            target_path: target.display().to_string(),
+        })
+        .await
+        .unwrap();
+    side.node
+        .node_unstage_volume(proto::NodeUnstageVolumeRequest {
+            volume_id: a.clone(),
+            staging_target_path: a_staging.display().to_string(),
+        })
+        .await
+        .unwrap();
+    let cut = group
+        .create_volume_group_snapshot(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    assert_eq!(cut.snapshots.len(), 2);
 }
 
 #[tokio::test]
@@ -513,7 +573,7 @@ async fn split_members_on_two_nodes() {
     let cut = consistent_group(
         &mut sides,
         &mut group,
-        &mount_cap("ext4"),
+        [&mount_cap("ext4"), &block_cap()],
         [
             Some(cluster::topology(&["node-a"], &["node-a"])),
             Some(cluster::topology(&["node-b"], &["node-b"])),

@@ -596,16 +596,22 @@ impl Pools for Cluster {
             .await)
     }
 
-    async fn freeze_group(&self, node: &Node, hold: String, volumes: Vec<VolumeId>) -> Result<()> {
+    async fn freeze_group(
+        &self,
+        node: &Node,
+        hold: String,
+        volumes: Vec<VolumeId>,
+    ) -> Result<Vec<VolumeId>> {
         let request = proto::FreezeGroupRequest {
             hold,
             volume_ids: volumes.iter().map(|v| v.to_string()).collect(),
         };
-        self.call(&node.token, WRITE_TIMEOUT, |mut c| async move {
-            c.freeze_group(request).await
-        })
-        .await?;
-        Ok(())
+        let answer = self
+            .call(&node.token, WRITE_TIMEOUT, |mut c| async move {
+                c.freeze_group(request).await
+            })
+            .await?;
+        wire::volume_ids(&answer.flushed_volume_ids, "flushed_volume_ids").map_err(Error::from)
     }
 
     async fn cut_group_members(

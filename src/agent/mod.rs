@@ -144,13 +144,14 @@ pub trait Pools: Send + Sync + 'static {
     // node that holds a member.
 
     /// Quiesces `volumes` (all on `node`) and holds them so, with their locks, under
-    /// the name `hold` until [`Pools::thaw_group`] or the freeze deadline.
+    /// the name `hold` until [`Pools::thaw_group`] or the freeze deadline. Answers the
+    /// raw block volumes in use among them: flushed, not held still.
     fn freeze_group(
         &self,
         node: &Node,
         hold: String,
         volumes: Vec<VolumeId>,
-    ) -> impl Future<Output = Result<()>> + Send;
+    ) -> impl Future<Output = Result<Vec<VolumeId>>> + Send;
     /// Cuts the member snapshots of `volumes` while `hold` is in force.
     fn cut_group_members(
         &self,
@@ -364,7 +365,12 @@ impl Pools for LocalPools {
         self.blocking(vec![], |p| p.list_snapshots()).await
     }
 
-    async fn freeze_group(&self, node: &Node, hold: String, volumes: Vec<VolumeId>) -> Result<()> {
+    async fn freeze_group(
+        &self,
+        node: &Node,
+        hold: String,
+        volumes: Vec<VolumeId>,
+    ) -> Result<Vec<VolumeId>> {
         self.check_node(node)?;
         let guards = volumes
             .iter()
@@ -373,6 +379,7 @@ impl Pools for LocalPools {
         let freeze = self
             .blocking(vec![], move |p| p.freeze_volumes(&volumes))
             .await?;
+        let flushed = freeze.flushed.clone();
         let serial = self
             .serial
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -399,7 +406,7 @@ impl Pools for LocalPools {
                 drop(tokio::task::spawn_blocking(move || drop(ended)));
             }
         });
-        Ok(())
+        Ok(flushed)
     }
 
     async fn cut_group_members(

@@ -359,11 +359,14 @@ impl Agent for AgentService {
         let req = request.into_inner();
         let volumes = wire::volume_ids(&req.volume_ids, "volume_ids").map_err(from_malformed)?;
         let node = self.pools.this_node().clone();
-        self.pools
+        let flushed = self
+            .pools
             .freeze_group(&node, req.hold, volumes)
             .await
             .map_err(from_agent)?;
-        Ok(Response::new(proto::FreezeGroupResponse {}))
+        Ok(Response::new(proto::FreezeGroupResponse {
+            flushed_volume_ids: flushed.iter().map(|v| v.to_string()).collect(),
+        }))
     }
 
     #[instrument(err, skip_all, fields(group_snapshot.id = %request.get_ref().group_snapshot_id))]

@@ -11,7 +11,11 @@
 //!   group that exists; the same name with other sources is ALREADY_EXISTS.
 //! - A group exists once its record is on its home node; deleting it removes its
 //!   members first, then the record, so a repeated delete finishes an interrupted one.
-//!   Its members cannot be deleted one by one (DeleteSnapshot: FAILED_PRECONDITION).
+//!   Its members cannot be deleted one by one (DeleteSnapshot: INVALID_ARGUMENT, the
+//!   spec's "snapshot is part of a group").
+//! - The spec asks for write-order consistency or a failure: a group with more than
+//!   one raw block volume in use is refused (FAILED_PRECONDITION), because kura can
+//!   flush a loop device but not hold its writers still (see `pool::group`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -72,7 +76,7 @@ impl<P: Pools> ControllerService<P> {
             return Ok(());
         };
         match self.pools.group(group.clone()).await {
-            Ok(_) => Err(precondition(
+            Ok(_) => Err(invalid(
                 "snapshot_id",
                 format!(
                     "snapshot {id} is a member of group snapshot {group}; delete the group \
@@ -99,9 +103,9 @@ impl<P: Pools> ControllerService<P> {
             .await;
         let mut result = frozen
             .into_iter()
-            .collect::<Result<Vec<()>, _>>()
+            .collect::<Result<Vec<Vec<VolumeId>>, _>>()
             .map_err(from_agent)
-            .map(|_| ());
+            .and_then(|flushed| one_moment(flushed.concat()));
         let created = Timestamp::now();
         let mut cut = Vec::new();
         if result.is_ok() {
@@ -153,6 +157,25 @@ impl<P: Pools> ControllerService<P> {
             }
         }
     }
+}
+
+/// Whether the members, as frozen, give one point in time: every frozen member is
+/// still from the freeze until after the cut, so at most one member may keep taking
+/// writes (a raw block volume in use) and be cut at its own instant.
+fn one_moment(flushed: Vec<VolumeId>) -> Result<(), Status> {
+    if flushed.len() <= 1 {
+        return Ok(());
+    }
+    let names: Vec<String> = flushed.iter().map(ToString::to_string).collect();
+    Err(precondition(
+        "source_volume_ids",
+        format!(
+            "raw block volumes {} are in use: kura cannot hold a block device's writers \
+             still, so two or more of them in one group would not be cut at one point in \
+             time; unstage all but one, or snapshot them in separate groups",
+            names.join(", ")
+        ),
+    ))
 }
 
 fn group_message(

@@ -5,7 +5,10 @@
 //!
 //! 1. [`Pool::freeze_volumes`]: every member volume of this pool is quiesced (its
 //!    filesystem frozen, or a block volume flushed) and stays so while the returned
-//!    [`GroupFreeze`] lives, at most the freeze deadline (a watchdog thaws).
+//!    [`GroupFreeze`] lives, at most the freeze deadline (a watchdog thaws). A raw
+//!    block volume in use cannot be held still (a loop device has no suspend), so the
+//!    controller refuses a group with more than one: one such member reflinked while
+//!    all others are frozen still gives one point in time, two do not.
 //! 2. [`Pool::cut_members`]: while all are frozen, each is reflinked into a member
 //!    snapshot carrying the group's ID.
 //! 3. The freeze is dropped (thawed) on every node, whatever happened; then the
@@ -26,7 +29,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::ids::{GroupSnapshotId, SnapshotId, VolumeId};
-use super::snapshot::{Frozen, Snapshot};
+use super::snapshot::{Quiesced, Snapshot};
 use super::{Error, Pool, Result, Timestamp, partial_path, read_meta, write_meta};
 use crate::sys;
 
@@ -44,12 +47,19 @@ pub struct GroupSnapshot {
 
 /// The member volumes of one pool, quiesced together until this is dropped.
 pub struct GroupFreeze {
-    _frozen: Vec<Frozen>,
+    _quiesced: Vec<Quiesced>,
+    /// Raw block volumes in use, flushed but not held still (see [`Quiesced::Flushed`]).
+    pub flushed: Vec<VolumeId>,
 }
 
 impl std::fmt::Debug for GroupFreeze {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "GroupFreeze({} filesystems)", self._frozen.len())
+        write!(
+            f,
+            "GroupFreeze({} volumes, flushed {:?})",
+            self._quiesced.len(),
+            self.flushed
+        )
     }
 }
 
@@ -85,14 +95,20 @@ impl Pool {
         for id in volumes {
             self.volume(id)?;
         }
-        let mut frozen = Vec::new();
+        let mut quiesced = Vec::new();
+        let mut flushed = Vec::new();
         for id in volumes {
-            if let Some(f) = self.quiesce(&self.image_path(id))? {
-                frozen.push(f);
+            let q = self.quiesce(&self.image_path(id))?;
+            if matches!(q, Quiesced::Flushed) {
+                flushed.push(id.clone());
             }
+            quiesced.push(q);
         }
         self.pause_at("group-frozen");
-        Ok(GroupFreeze { _frozen: frozen })
+        Ok(GroupFreeze {
+            _quiesced: quiesced,
+            flushed,
+        })
     }
 
     /// Reflinks each volume into its member snapshot of `group`, all with the time

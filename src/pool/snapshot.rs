@@ -234,25 +234,39 @@ impl Pool {
     /// filesystem mounted from its loop device is frozen (and thawed on drop, or by a
     /// watchdog after [`FREEZE_DEADLINE`]); a loop device without a filesystem mounted
     /// is flushed. An image that is not attached is consistent already.
-    pub(super) fn quiesce(&self, image: &Path) -> Result<Option<Frozen>> {
+    pub(super) fn quiesce(&self, image: &Path) -> Result<Quiesced> {
         let Some(device) = sys::loopdev::find_by_backing(image)? else {
-            return Ok(None);
+            return Ok(Quiesced::Idle);
         };
         let (major, minor) = sys::blockdev::numbers(&device.path)?;
         let table = sys::mountinfo::read()?;
         let mounted = table
             .iter()
             .find(|m| m.is_from(&device.path, (major, minor)) && m.root == Path::new("/"));
-        let frozen = match mounted {
-            Some(mount) => Some(Frozen::new(mount.mount_point.clone())?),
+        let quiesced = match mounted {
+            Some(mount) => Quiesced::Frozen {
+                _thawed_on_drop: Frozen::new(mount.mount_point.clone())?,
+            },
             None => {
                 sys::blockdev::flush(&device.path)?;
-                None
+                Quiesced::Flushed
             }
         };
         self.pause_at("quiesced");
-        Ok(frozen)
+        Ok(quiesced)
     }
+}
+
+/// How [`Pool::quiesce`] made an image consistent; held for as long as that must last.
+pub(super) enum Quiesced {
+    /// Not attached: nothing writes to it.
+    Idle,
+    /// Its filesystem is frozen until this is dropped.
+    Frozen { _thawed_on_drop: Frozen },
+    /// A raw block device in use, flushed: writes that come after the flush are not
+    /// held back, because a loop device cannot be suspended. One such image is
+    /// consistent at the instant it is reflinked, not across a longer window.
+    Flushed,
 }
 
 /// A frozen filesystem, thawed on drop or when the deadline passes.
