@@ -139,8 +139,11 @@ pub trait Pools: Send + Sync + 'static {
     /// Makes the volume `spec` names on `node` by copying its content source from the
     /// source's node, or reports how far the copy is. Repeating it follows the same
     /// copy; it never starts a second one.
-    fn copy_volume(&self, node: &Node, spec: VolumeSpec)
-    -> impl Future<Output = Result<Copy>> + Send;
+    fn copy_volume(
+        &self,
+        node: &Node,
+        spec: VolumeSpec,
+    ) -> impl Future<Output = Result<Copy>> + Send;
     /// The copy making a volume of this name on `node`, if one runs or may resume
     /// there.
     fn find_copy(
@@ -155,7 +158,10 @@ pub trait Pools: Send + Sync + 'static {
 pub enum Copy {
     Done(Volume),
     /// Data bytes written on the destination so far, and the source image's size.
-    Running { done: u64, total: u64 },
+    Running {
+        done: u64,
+        total: u64,
+    },
 }
 
 /// The pool of this process's own node, with the node's per-volume locks.

@@ -267,9 +267,7 @@ impl Transfers {
         let name = spec.name.clone();
         let job = {
             let mut jobs = self.jobs();
-            let finished = jobs
-                .get(&name)
-                .and_then(|job| job.outcome.borrow().clone());
+            let finished = jobs.get(&name).and_then(|job| job.outcome.borrow().clone());
             match finished {
                 Some(Outcome::Done(volume)) => {
                     jobs.remove(&name);
@@ -338,10 +336,12 @@ impl Transfers {
             .blocking(vec![], move |p| p.import_progress(&name))
             .await
             .map_err(from_agent)?;
-        Ok(found.map(|(bytes_done, bytes_total)| proto::TransferProgress {
-            bytes_done,
-            bytes_total,
-        }))
+        Ok(
+            found.map(|(bytes_done, bytes_total)| proto::TransferProgress {
+                bytes_done,
+                bytes_total,
+            }),
+        )
     }
 
     fn start(
@@ -373,9 +373,15 @@ impl Transfers {
             let name = spec.name.clone();
             let outcome = run.run(spec, source, export, address).await;
             match &outcome {
-                Outcome::Done(v) => tracing::info!(volume.name = %name, volume.id = %v.id, "transfer done"),
-                Outcome::Failed(s) => tracing::warn!(volume.name = %name, code = ?s.code(), error = s.message(), "transfer failed; nothing kept"),
-                Outcome::Interrupted(r) => tracing::warn!(volume.name = %name, reason = r, "transfer interrupted; resumable"),
+                Outcome::Done(v) => {
+                    tracing::info!(volume.name = %name, volume.id = %v.id, "transfer done")
+                }
+                Outcome::Failed(s) => {
+                    tracing::warn!(volume.name = %name, code = ?s.code(), error = s.message(), "transfer failed; nothing kept")
+                }
+                Outcome::Interrupted(r) => {
+                    tracing::warn!(volume.name = %name, reason = r, "transfer interrupted; resumable")
+                }
             }
             gauges.done.remove(&labels);
             gauges.total.remove(&labels);
@@ -494,10 +500,10 @@ impl Run {
     /// arrives or the stream breaks. Gives `import` back either way.
     async fn stream(
         &self,
-        import: pool::transfer::Import,
+        import: Box<pool::transfer::Import>,
         export: &proto::Export,
         address: &str,
-    ) -> (pool::transfer::Import, Result<Vec<u8>, Broken>) {
+    ) -> (Box<pool::transfer::Import>, Result<Vec<u8>, Broken>) {
         let offset = import.offset();
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Chunk>(WRITE_AHEAD);
         let done = Arc::clone(&self.done);

@@ -67,7 +67,10 @@ pub struct Denied(pub String);
 /// The ID of the export serving `key`: `exp-` and 32 hex digits.
 pub fn export_id(key: &str) -> String {
     const NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6b75_7261_2d65_7870_8d1e_4f2a_9b3c_0a02);
-    format!("exp-{}", uuid::Uuid::new_v5(&NAMESPACE, key.as_bytes()).simple())
+    format!(
+        "exp-{}",
+        uuid::Uuid::new_v5(&NAMESPACE, key.as_bytes()).simple()
+    )
 }
 
 /// Whether `id` is an export ID (so it may become part of a path).
@@ -90,7 +93,11 @@ fn secret() -> String {
 
 /// Compares without stopping at the first difference, so timing tells nothing.
 fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 impl Pool {

@@ -175,7 +175,7 @@ impl Reader {
             .metadata()
             .map_err(|e| sys::Error::io("stat", path, e))?
             .len();
-        if offset % CHUNK != 0 || offset > size {
+        if !offset.is_multiple_of(CHUNK) || offset > size {
             return Err(Error::Invalid {
                 field: "offset",
                 reason: format!("{offset} is not a chunk boundary within {size} bytes"),
@@ -319,7 +319,7 @@ pub enum Begin {
     /// The volume exists already (the transfer finished earlier).
     Exists(Volume),
     /// A transfer to run, perhaps resumed.
-    Import(Import),
+    Import(Box<Import>),
 }
 
 /// A volume being filled from chunks.
@@ -351,9 +351,12 @@ impl Pool {
             return Ok(Begin::Exists(existing));
         }
         super::volume::check_source_encryption(source.encryption, spec)?;
-        let volume_size =
-            size::for_new_volume(spec.range, self.options.default_volume_size, source.size_bytes)
-                .map_err(Error::OutOfRange)?;
+        let volume_size = size::for_new_volume(
+            spec.range,
+            self.options.default_volume_size,
+            source.size_bytes,
+        )
+        .map_err(Error::OutOfRange)?;
         self.check_maximum(volume_size, spec.provisioning)?;
         let image = self.image_path(&id);
         let partial = partial_path(&image);
@@ -370,7 +373,7 @@ impl Pool {
             write_meta(&checkpoint_path, &state)?;
             tracing::info!(volume.id = %id, offset = state.offset, bytes.done = state.bytes_done, "transfer resumed from its checkpoint");
             let checkpointed_at = state.offset;
-            return Ok(Begin::Import(Import {
+            return Ok(Begin::Import(Box::new(Import {
                 id,
                 spec: spec.clone(),
                 volume_size,
@@ -381,7 +384,7 @@ impl Pool {
                 chain,
                 checkpointed_at,
                 pause,
-            }));
+            })));
         }
         // Anything else left for this volume reads another moment: start over.
         sys::fs::remove(&partial)?;
@@ -417,7 +420,7 @@ impl Pool {
             return Err(e);
         }
         tracing::info!(volume.id = %id, size = source.size_bytes, "transfer started");
-        Ok(Begin::Import(Import {
+        Ok(Begin::Import(Box::new(Import {
             id,
             spec: spec.clone(),
             volume_size,
@@ -428,7 +431,7 @@ impl Pool {
             chain,
             checkpointed_at: 0,
             pause,
-        }))
+        })))
     }
 
     /// Start-up: a transfer's `.partial` and checkpoint stay while its grant is valid
@@ -469,8 +472,10 @@ impl Pool {
     /// volume of this name, if any.
     pub fn import_progress(&self, name: &str) -> Result<Option<(u64, u64)>> {
         let id = VolumeId::derive(name, &self.node);
-        Ok(read_meta::<Checkpoint>(&self.transfer_checkpoint_path(&id))?
-            .map(|s| (s.bytes_done, s.size_bytes)))
+        Ok(
+            read_meta::<Checkpoint>(&self.transfer_checkpoint_path(&id))?
+                .map(|s| (s.bytes_done, s.size_bytes)),
+        )
     }
 
     /// Removes what a transfer for the volume of this name left: its `.partial`
@@ -484,7 +489,7 @@ impl Pool {
 
     /// Commits an import whose chain matched the source's: the image is synced,
     /// grown to the volume's size, renamed into place, and the metadata written.
-    pub fn commit_import(&self, import: Import) -> Result<Volume> {
+    pub fn commit_import(&self, import: Box<Import>) -> Result<Volume> {
         let Import {
             id,
             spec,
@@ -493,7 +498,7 @@ impl Pool {
             partial,
             checkpoint_path,
             ..
-        } = import;
+        } = *import;
         file.sync_all()
             .map_err(|e| sys::Error::io("fsync", &partial, e))?;
         drop(file);
