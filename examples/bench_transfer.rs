@@ -14,9 +14,10 @@
 //! - **transfer**: CreateExport on the source agent, Transfer calls on the destination
 //!   agent until the volume is there (the controller's path, pin and commit included),
 //!   and the CPU time both node processes used meanwhile;
-//! - **cp**: `cp --sparse=always` of the source image into the destination's pool
-//!   filesystem, plus an fsync of the copy (the transfer's commit syncs too), and cp's
-//!   CPU time.
+//! - **cp**: `cp --sparse=always` of the source image (of a fresh reflink of it, as
+//!   the transfer reads a fresh reflink: neither finds the data in the page cache)
+//!   into the destination's pool filesystem, plus an fsync of the copy (the
+//!   transfer's commit syncs too), and cp's CPU time.
 //!
 //! Rates are MB/s (10^6 bytes) of data moved (the image's non-hole bytes). Each copy
 //! is deleted before the next round. Prints a markdown table of medians and the
@@ -79,7 +80,12 @@ fn cpu_of(pid: u32) -> f64 {
         .split_whitespace()
         .collect();
     // After the command: state is field 3, utime 14 and stime 15 (1-based).
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     (ticks(11) + ticks(12)) / hz
@@ -186,22 +192,36 @@ async fn transfer(
     Ok(Sample { seconds, cpu })
 }
 
+/// `cp --sparse=always` of a fresh reflink of `source`: like the transfer's export,
+/// a new inode whose pages are not cached yet, so both read the same data from the
+/// same place.
 fn cp(source: &Path, target: &Path) -> Result<Sample> {
+    let pinned = source.with_extension("bench-pin");
+    run(std::process::Command::new("cp")
+        .arg("--reflink=always")
+        .arg(source)
+        .arg(&pinned))?;
     let cpu0 = children_cpu();
     let started = Instant::now();
-    let status = std::process::Command::new("cp")
+    run(std::process::Command::new("cp")
         .arg("--sparse=always")
-        .arg(source)
-        .arg(target)
-        .status()?;
-    if !status.success() {
-        return Err(format!("cp failed: {status}").into());
-    }
+        .arg(&pinned)
+        .arg(target))?;
     std::fs::File::open(target)?.sync_all()?;
     let seconds = started.elapsed().as_secs_f64();
     let cpu = children_cpu() - cpu0;
     std::fs::remove_file(target)?;
+    std::fs::remove_file(&pinned)?;
     Ok(Sample { seconds, cpu })
+}
+
+fn run(command: &mut std::process::Command) -> Result<()> {
+    let status = command.status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{command:?} failed: {status}").into())
+    }
 }
 
 #[tokio::main]
@@ -244,7 +264,11 @@ async fn main() -> Result<()> {
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
         for run in 0..args.runs {
             let name = format!("bench-copy-{gib}-{run}");
-            let order = if run % 2 == 0 { [true, false] } else { [false, true] };
+            let order = if run % 2 == 0 {
+                [true, false]
+            } else {
+                [false, true]
+            };
             for is_transfer in order {
                 if is_transfer {
                     ours.push(

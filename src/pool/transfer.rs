@@ -327,7 +327,9 @@ pub struct Import {
     id: VolumeId,
     spec: VolumeSpec,
     volume_size: u64,
-    file: File,
+    /// The `.partial`, written with O_DIRECT: the data goes to the disk once, without
+    /// a copy into the page cache that the commit would have to write back anyway.
+    file: Direct,
     partial: PathBuf,
     checkpoint_path: PathBuf,
     state: Checkpoint,
@@ -367,7 +369,7 @@ impl Pool {
             && state.pin == source.pin
             && state.size_bytes == source.size_bytes
             && let Some(chain) = Chain::from_hex(&state.chain)
-            && let Ok(file) = OpenOptions::new().write(true).open(&partial)
+            && let Ok(file) = Direct::open(&partial)
         {
             state.expires = source.expires;
             write_meta(&checkpoint_path, &state)?;
@@ -397,14 +399,17 @@ impl Pool {
         if needed > available {
             return Err(Error::NoSpace { needed, available });
         }
-        let file = OpenOptions::new()
+        let created = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(&partial)
             .map_err(|e| sys::Error::io("create", &partial, e))?;
-        file.set_len(source.size_bytes)
+        created
+            .set_len(source.size_bytes)
             .map_err(|e| sys::Error::io("truncate", &partial, e))?;
+        drop(created);
+        let file = Direct::open(&partial)?;
         let chain = Chain::start(source.size_bytes);
         let state = Checkpoint {
             export_id: source.export_id.clone(),
@@ -499,7 +504,8 @@ impl Pool {
             checkpoint_path,
             ..
         } = *import;
-        file.sync_all()
+        file.buffered
+            .sync_all()
             .map_err(|e| sys::Error::io("fsync", &partial, e))?;
         drop(file);
         let image = self.image_path(&id);
@@ -569,8 +575,8 @@ impl Import {
         for &(offset, len) in &chunk.extents {
             let bytes = &chunk.data[at..at + len as usize];
             self.file
-                .write_all_at(bytes, offset)
-                .map_err(|e| sys::Error::io("write", &self.partial, e))?;
+                .write_at(bytes, offset)
+                .map_err(|e| self.full_or(sys::Error::io("write", &self.partial, e)))?;
             at += len as usize;
         }
         self.chain.add(chunk);
@@ -582,11 +588,18 @@ impl Import {
         Ok(())
     }
 
+    /// A full pool is [`Error::NoSpace`] (the scheduler may pick another node).
+    fn full_or(&self, e: sys::Error) -> Error {
+        let left = self.state.size_bytes - self.state.offset;
+        super::volume::no_space_or(e, left, 0)
+    }
+
     /// Makes what was written durable, then records it.
     fn checkpoint(&mut self) -> Result<()> {
         self.file
+            .buffered
             .sync_data()
-            .map_err(|e| sys::Error::io("fdatasync", &self.partial, e))?;
+            .map_err(|e| self.full_or(sys::Error::io("fdatasync", &self.partial, e)))?;
         self.state.chain = self.chain.hex();
         write_meta(&self.checkpoint_path, &self.state)?;
         self.checkpointed_at = self.state.offset;
@@ -608,6 +621,49 @@ impl Import {
                 "the image's digest {} does not match the source's",
                 self.chain.hex()
             )));
+        }
+        Ok(())
+    }
+}
+
+/// A file written with O_DIRECT where the range allows it, through a reused aligned
+/// buffer, and through the page cache where it does not (a range not aligned to
+/// [`BLOCK`], which SEEK_DATA on a filesystem of smaller blocks could give).
+struct Direct {
+    direct: File,
+    buffered: File,
+    /// [`CHUNK`] + [`BLOCK`] bytes; the aligned part of it is the I/O buffer.
+    buf: Vec<u8>,
+}
+
+impl Direct {
+    fn open(path: &Path) -> Result<Direct> {
+        let open = |flags| {
+            OpenOptions::new()
+                .write(true)
+                .custom_flags(flags)
+                .open(path)
+                .map_err(|e| sys::Error::io("open", path, e))
+        };
+        Ok(Direct {
+            // A filesystem without O_DIRECT is written through the page cache.
+            direct: open(libc::O_DIRECT).or_else(|_| open(0))?,
+            buffered: open(0)?,
+            buf: vec![0u8; CHUNK as usize + BLOCK],
+        })
+    }
+
+    fn write_at(&mut self, bytes: &[u8], offset: u64) -> std::io::Result<()> {
+        let block = BLOCK as u64;
+        if !offset.is_multiple_of(block) || !(bytes.len() as u64).is_multiple_of(block) {
+            return self.buffered.write_all_at(bytes, offset);
+        }
+        let skip = self.buf.as_ptr().align_offset(BLOCK);
+        for (i, piece) in bytes.chunks(CHUNK as usize).enumerate() {
+            let aligned = &mut self.buf[skip..skip + piece.len()];
+            aligned.copy_from_slice(piece);
+            self.direct
+                .write_all_at(aligned, offset + (i as u64) * CHUNK)?;
         }
         Ok(())
     }
