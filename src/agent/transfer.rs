@@ -40,14 +40,14 @@ use crate::pool::transfer::{Begin, Chunk, Source};
 use crate::pool::{self, VolumeId};
 
 /// Chunks read ahead of the stream on the source.
-pub const READ_AHEAD: usize = 8;
+pub const READ_AHEAD: usize = 4;
 /// Chunks received ahead of the writer on the destination.
-pub const WRITE_AHEAD: usize = 8;
+pub const WRITE_AHEAD: usize = 4;
 /// HTTP/2 flow-control windows of transfer connections (both ends): the default 64
 /// KiB would throttle one stream to a few round trips per chunk.
-pub const WINDOW: u32 = 16 << 20;
+pub const WINDOW: u32 = 32 << 20;
 /// Largest message a transfer stream carries (a chunk plus its framing).
-pub const MAX_MESSAGE: usize = 16 << 20;
+pub const MAX_MESSAGE: usize = 32 << 20;
 /// How long a `Transfer` call waits for the transfer to finish before it reports
 /// progress instead.
 pub const ANSWER_WITHIN: Duration = Duration::from_secs(5);

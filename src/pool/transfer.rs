@@ -50,7 +50,7 @@ use super::{Error, Pool, Result, Timestamp, partial_path, read_meta, size, write
 use crate::sys;
 
 /// Bytes of image per chunk.
-pub const CHUNK: u64 = 4 << 20;
+pub const CHUNK: u64 = 16 << 20;
 /// Granularity of zero detection: a block of zeros inside data is not sent.
 pub const BLOCK: usize = 4096;
 /// The destination checkpoints after this many bytes of image.
