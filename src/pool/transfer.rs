@@ -714,7 +714,11 @@ mod tests {
         // filesystem says data ends (the 100 bytes, or their whole block).
         assert_eq!(first.extents[0], (8192, 4096));
         assert_eq!(first.extents[1].0, 16384);
-        assert!([100, 4096].contains(&first.extents[1].1), "{:?}", first.extents);
+        assert!(
+            [100, 4096].contains(&first.extents[1].1),
+            "{:?}",
+            first.extents
+        );
         assert_eq!(first.extents.len(), 2);
         assert_eq!(&first.data[..4096], &[1u8; 4096][..]);
         assert_eq!(&first.data[4096..4196], &[2u8; 100][..]);
