@@ -4,8 +4,8 @@
 //! # Chunks
 //!
 //! An image is read in fixed cells of [`CHUNK`] bytes (the last may be shorter). A
-//! cell's data ranges are found with SEEK_DATA/SEEK_HOLE, read with `pread`, and cut
-//! further at [`BLOCK`] granularity into runs of non-zero blocks: a [`Chunk`] carries
+//! cell's data ranges are found with SEEK_DATA/SEEK_HOLE, read with O_DIRECT
+//! `pread`, and cut further at [`BLOCK`] granularity into runs of non-zero blocks: a [`Chunk`] carries
 //! those runs ([`Chunk::extents`]) and their bytes; everything else in the cell, holes
 //! and zero blocks alike, travels as the cell's range only and is never written on the
 //! destination, so its file is at least as sparse as the source's. Every chunk carries
