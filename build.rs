@@ -10,6 +10,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // Chunk data is passed on without copying it into a Vec.
+        .bytes(".kura.agent.v1.ExportChunk.data")
         .compile_fds(descriptors)?;
     Ok(())
 }

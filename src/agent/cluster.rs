@@ -36,7 +36,7 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Response, Status};
 
 use super::proto::agent_client::AgentClient;
-use super::{Error, Node, Pools, Result, proto, wire};
+use super::{Copy, Error, Node, Pools, Result, proto, wire};
 use crate::csi::status::agent_error;
 use crate::pool::group::GroupSnapshot;
 use crate::pool::{
@@ -181,6 +181,19 @@ impl Cluster {
                 Ok(Ok(response)) => Ok(response.into_inner()),
             },
         }
+    }
+
+    /// The address the agent of `token` was found at.
+    fn address(&self, token: &NodeToken) -> Result<SocketAddr> {
+        let state = self.inner.lock();
+        state
+            .agents
+            .get(token)
+            .map(|a| a.address)
+            .ok_or_else(|| Error::Unreachable {
+                node: token.as_str().to_owned(),
+                reason: "no agent for this node has been found".to_owned(),
+            })
     }
 
     /// Nodes whose agent is live, healthy or not.
@@ -688,5 +701,87 @@ impl Pools for Cluster {
         })
         .await?;
         Ok(())
+    }
+
+    /// Asks the source's agent for the export (pinning it the first time, extending
+    /// its grant after), then the destination's agent to run or report the transfer.
+    /// The export is released once the volume is done or the transfer failed.
+    async fn copy_volume(&self, node: &Node, spec: VolumeSpec) -> Result<Copy> {
+        let source = spec.source.clone().ok_or_else(|| wire::Malformed {
+            field: "volume_content_source",
+            reason: "a copy needs a content source".to_owned(),
+        })?;
+        let source_node = source.node();
+        let request = proto::CreateExportRequest {
+            key: super::transfer::key(&spec.name, node),
+            source: Some(wire::source_message(&source)),
+            destination_node: node.id.clone(),
+        };
+        let export = self
+            .call(&source_node, WRITE_TIMEOUT, |mut c| async move {
+                c.create_export(request).await
+            })
+            .await?;
+        let export_id = export.export_id.clone();
+        let request = proto::TransferRequest {
+            volume: Some(wire::create_request(&spec)),
+            export: Some(export),
+            source_address: self.address(&source_node)?.to_string(),
+        };
+        let answer = self
+            .call(&node.token, WRITE_TIMEOUT, |mut c| async move {
+                c.transfer(request).await
+            })
+            .await;
+        let release = || async {
+            let export_id = export_id.clone();
+            let released = self
+                .call(&source_node, WRITE_TIMEOUT, |mut c| async move {
+                    c.delete_export(proto::DeleteExportRequest { export_id })
+                        .await
+                })
+                .await;
+            // An export left behind expires and is swept on the source.
+            if let Err(e) = released {
+                tracing::warn!(error = %crate::csi::status::chain(&e), "releasing an export");
+            }
+        };
+        use proto::transfer_response::State;
+        match answer {
+            Ok(proto::TransferResponse {
+                state: Some(State::Volume(volume)),
+            }) => {
+                release().await;
+                Ok(Copy::Done(wire::volume(Some(&volume))?))
+            }
+            Ok(proto::TransferResponse {
+                state: Some(State::Running(p)),
+            }) => Ok(Copy::Running {
+                done: p.bytes_done,
+                total: p.bytes_total,
+            }),
+            Ok(proto::TransferResponse { state: None }) => Err(wire::Malformed {
+                field: "state",
+                reason: "missing".to_owned(),
+            }
+            .into()),
+            Err(e @ Error::Unreachable { .. }) => Err(e),
+            Err(e) => {
+                release().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn find_copy(&self, node: &Node, name: String) -> Result<Option<Copy>> {
+        let found = self
+            .call(&node.token, READ_TIMEOUT, |mut c| async move {
+                c.find_transfer(proto::FindTransferRequest { name }).await
+            })
+            .await?;
+        Ok(found.progress.map(|p| Copy::Running {
+            done: p.bytes_done,
+            total: p.bytes_total,
+        }))
     }
 }

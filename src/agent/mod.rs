@@ -15,6 +15,7 @@
 pub mod cluster;
 pub mod server;
 pub mod tls;
+pub mod transfer;
 pub mod wire;
 
 /// Code generated from `proto/agent.proto`.
@@ -169,6 +170,35 @@ pub trait Pools: Send + Sync + 'static {
     fn delete_group(&self, id: GroupSnapshotId) -> impl Future<Output = Result<()>> + Send;
     /// Removes a member snapshot of a group.
     fn remove_member(&self, id: SnapshotId) -> impl Future<Output = Result<()>> + Send;
+
+    // ---- Cross-node restore and clone (see [`transfer`]) ----
+
+    /// Makes the volume `spec` names on `node` by copying its content source from the
+    /// source's node, or reports how far the copy is. Repeating it follows the same
+    /// copy; it never starts a second one.
+    fn copy_volume(
+        &self,
+        node: &Node,
+        spec: VolumeSpec,
+    ) -> impl Future<Output = Result<Copy>> + Send;
+    /// The copy making a volume of this name on `node`, if one runs or may resume
+    /// there.
+    fn find_copy(
+        &self,
+        node: &Node,
+        name: String,
+    ) -> impl Future<Output = Result<Option<Copy>>> + Send;
+}
+
+/// Where a cross-node copy is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Copy {
+    Done(Volume),
+    /// Data bytes written on the destination so far, and the source image's size.
+    Running {
+        done: u64,
+        total: u64,
+    },
 }
 
 /// How long a group's freeze may be held before it is ended regardless: the freeze
@@ -455,6 +485,17 @@ impl Pools for LocalPools {
         let guard = self.lock(id.as_str())?;
         self.blocking(vec![guard], move |p| p.remove_member(&id))
             .await
+    }
+
+    /// One pool has no other node to copy from.
+    async fn copy_volume(&self, node: &Node, _spec: VolumeSpec) -> Result<Copy> {
+        Err(Error::UnknownNode {
+            token: node.token.as_str().to_owned(),
+        })
+    }
+
+    async fn find_copy(&self, _node: &Node, _name: String) -> Result<Option<Copy>> {
+        Ok(None)
     }
 }
 

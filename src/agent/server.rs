@@ -28,6 +28,7 @@ pub const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct AgentService {
     pools: LocalPools,
+    transfers: Option<super::transfer::Transfers>,
     instance_id: String,
     /// Becomes true when the process stops: status streams end, so a graceful
     /// shutdown does not wait on them.
@@ -38,9 +39,23 @@ impl AgentService {
     pub fn new(pools: LocalPools, stopping: watch::Receiver<bool>) -> Self {
         AgentService {
             pools,
+            transfers: None,
             instance_id: uuid::Uuid::new_v4().to_string(),
             stopping,
         }
+    }
+
+    /// Lets this agent be a transfer's destination, reading sources with `transfers`'
+    /// node identity.
+    pub fn with_transfers(mut self, transfers: super::transfer::Transfers) -> Self {
+        self.transfers = Some(transfers);
+        self
+    }
+
+    fn transfers(&self) -> Result<&super::transfer::Transfers, Status> {
+        self.transfers
+            .as_ref()
+            .ok_or_else(|| Status::unimplemented("this agent does not take transfers"))
     }
 
     fn info(&self) -> proto::InfoResponse {
@@ -452,5 +467,64 @@ impl Agent for AgentService {
             .map_err(from_malformed)?;
         self.pools.remove_member(id).await.map_err(from_agent)?;
         Ok(Response::new(proto::RemoveMemberResponse {}))
+    }
+
+    // ---- Cross-node restore and clone: the logic is in `super::transfer`. ----
+
+    #[instrument(err, skip_all, fields(export.key = %request.get_ref().key))]
+    async fn create_export(
+        &self,
+        request: Request<proto::CreateExportRequest>,
+    ) -> Result<Response<proto::Export>, Status> {
+        control(&request)?;
+        let export = super::transfer::create_export(&self.pools, request.into_inner()).await?;
+        Ok(Response::new(export))
+    }
+
+    #[instrument(err, skip_all, fields(export.id = %request.get_ref().export_id))]
+    async fn delete_export(
+        &self,
+        request: Request<proto::DeleteExportRequest>,
+    ) -> Result<Response<proto::DeleteExportResponse>, Status> {
+        control(&request)?;
+        super::transfer::delete_export(&self.pools, request.into_inner().export_id).await?;
+        Ok(Response::new(proto::DeleteExportResponse {}))
+    }
+
+    type ReadExportStream = super::transfer::ChunkStream;
+
+    #[instrument(err, skip_all, fields(export.id = %request.get_ref().export_id))]
+    async fn read_export(
+        &self,
+        request: Request<proto::ReadExportRequest>,
+    ) -> Result<Response<Self::ReadExportStream>, Status> {
+        let stream = super::transfer::read_export(&self.pools, request).await?;
+        Ok(Response::new(stream))
+    }
+
+    #[instrument(err, skip_all, fields(volume.name = ?request.get_ref().volume.as_ref().map(|v| &v.name)))]
+    async fn transfer(
+        &self,
+        request: Request<proto::TransferRequest>,
+    ) -> Result<Response<proto::TransferResponse>, Status> {
+        control(&request)?;
+        let answer = self
+            .transfers()?
+            .transfer(&self.pools, request.into_inner())
+            .await?;
+        Ok(Response::new(answer))
+    }
+
+    #[instrument(err, skip_all, fields(volume.name = %request.get_ref().name))]
+    async fn find_transfer(
+        &self,
+        request: Request<proto::FindTransferRequest>,
+    ) -> Result<Response<proto::FindTransferResponse>, Status> {
+        control(&request)?;
+        let progress = self
+            .transfers()?
+            .find(&self.pools, request.into_inner().name)
+            .await?;
+        Ok(Response::new(proto::FindTransferResponse { progress }))
     }
 }

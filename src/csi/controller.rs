@@ -10,12 +10,12 @@ use tracing::instrument;
 use super::proto::controller_server::Controller;
 use super::proto::{self, controller_service_capability, volume_content_source};
 use super::status::{
-    busy, from_agent, incompatible, invalid, missing, no_node, no_volume, not_found, shown,
-    source_not_found, unimplemented,
+    busy, copying, from_agent, incompatible, invalid, missing, no_node, no_volume, not_found,
+    shown, source_not_found, unimplemented,
 };
 use super::validate::{self, CapabilityError};
 use super::{TOPOLOGY_KEY, node_topology};
-use crate::agent::{Node, Pools};
+use crate::agent::{Copy, Node, Pools};
 use crate::pool::attach::Capability;
 use crate::pool::{
     self, AccessKind, Condition, ContentSource, Snapshot, SnapshotId, Volume, VolumeId, VolumeSpec,
@@ -89,8 +89,9 @@ impl<P: Pools> ControllerService<P> {
 
     /// The node to place a new volume on.
     ///
-    /// - With a content source: the source's node (reflinks do not cross pools), if
-    ///   the requisite topology allows it; otherwise RESOURCE_EXHAUSTED, saying so.
+    /// - With a content source: the source's node (an instant reflink), if the
+    ///   requisite topology allows it; otherwise a node placed as below, where the
+    ///   source is copied to across nodes (see [`crate::agent::transfer`]).
     /// - Otherwise, among the live nodes within requisite (all live nodes without
     ///   one): the first preferred node with room for `needed` bytes, else the one
     ///   with the most free space. With `--strict-topology` requisite and preferred
@@ -120,21 +121,17 @@ impl<P: Pools> ControllerService<P> {
                 crate::agent::Error::UnknownNode { token } => source_not_found(source.id(), &token),
                 other => from_agent(other),
             })?;
-            if !allowed(&node.id) {
-                return Err(no_node(format!(
-                    "the content source {} is on node {}, outside the requisite topology \
-                     {requisite:?}; kura copies sources only within their node for now",
-                    source.id(),
-                    node.id
-                )));
+            if allowed(&node.id) {
+                return Ok(node);
             }
-            return Ok(node);
         }
         let nodes: Vec<Node> = self
             .pools
             .nodes()
             .into_iter()
             .filter(|n| allowed(&n.id))
+            // A copy goes to another node than its source's.
+            .filter(|n| source.is_none_or(|s| n.token != s.node()))
             .collect();
         let mut free = Vec::with_capacity(nodes.len());
         for node in &nodes {
@@ -187,6 +184,24 @@ impl<P: Pools> ControllerService<P> {
         for (node, found) in nodes.into_iter().zip(found) {
             if let Some(volume) = found.map_err(from_agent)? {
                 return Ok(Some((node, volume)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The live node where a cross-node copy for a create with this name runs or
+    /// may resume, if any: retries follow it rather than place again.
+    async fn find_copy(&self, name: &str) -> Result<Option<Node>, Status> {
+        let nodes = self.pools.nodes();
+        let found = futures_util::future::join_all(
+            nodes
+                .iter()
+                .map(|node| self.pools.find_copy(node, name.to_owned())),
+        )
+        .await;
+        for (node, found) in nodes.into_iter().zip(found) {
+            if found.map_err(from_agent)?.is_some() {
+                return Ok(Some(node));
             }
         }
         Ok(None)
@@ -373,16 +388,24 @@ impl<P: Pools> Controller for ControllerService<P> {
         let source = content_source(req.volume_content_source.as_ref())?;
         let name_guard = self.lock_name("volume", name)?;
         let requirements = req.accessibility_requirements.as_ref();
-        let node = match self.find_volume(name).await? {
+        let (node, exists) = match self.find_volume(name).await? {
             Some((node, _)) => {
                 check_existing_topology(requirements, &node.id)?;
-                node
+                (node, true)
             }
-            None => {
-                self.place(requirements, provisioning, range.required, source.as_ref())
-                    .await?
-            }
+            None => match self.find_copy(name).await? {
+                Some(node) => (node, false),
+                None => (
+                    self.place(requirements, provisioning, range.required, source.as_ref())
+                        .await?,
+                    false,
+                ),
+            },
         };
+        let copy_from = source
+            .as_ref()
+            .filter(|s| !exists && s.node() != node.token)
+            .map(|s| s.id().to_owned());
         name_guard.making(VolumeId::derive(name, &node.token).as_str());
         let spec = VolumeSpec {
             name: name.to_owned(),
@@ -392,11 +415,24 @@ impl<P: Pools> Controller for ControllerService<P> {
             access: access_kinds(&capabilities),
             encryption,
         };
-        let volume = self
-            .pools
-            .create_volume(&node, spec)
-            .await
-            .map_err(from_agent)?;
+        let volume = match copy_from {
+            None => self
+                .pools
+                .create_volume(&node, spec)
+                .await
+                .map_err(from_agent)?,
+            Some(source) => match self
+                .pools
+                .copy_volume(&node, spec)
+                .await
+                .map_err(from_agent)?
+            {
+                Copy::Done(volume) => volume,
+                Copy::Running { done, total } => {
+                    return Err(copying(name, &source, &node.id, done, total));
+                }
+            },
+        };
         Ok(Response::new(proto::CreateVolumeResponse {
             volume: Some(self.volume_message(&volume)),
         }))

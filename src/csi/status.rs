@@ -21,6 +21,7 @@ pub fn code(error: &pool::Error) -> Code {
         pool::Error::Busy(_) => Code::Aborted,
         pool::Error::Sys(_) => Code::Internal,
         pool::Error::Corrupt { .. } => Code::DataLoss,
+        pool::Error::Damaged(_) => Code::DataLoss,
     }
 }
 
@@ -59,6 +60,23 @@ pub fn not_controller(name: &str) -> Status {
     Status::permission_denied(format!(
         "control calls are accepted only from the controller identity (a client \
          certificate naming {name})"
+    ))
+}
+
+/// A transfer read from a caller that is not a node.
+pub fn not_node(name: &str) -> Status {
+    Status::permission_denied(format!(
+        "exports are read only by a node identity (a client certificate naming {name}) \
+         with the export's grant"
+    ))
+}
+
+/// A cross-node copy still running: the provisioner retries CreateVolume (ABORTED is
+/// "an operation is pending for this volume"), and the retry reports or finishes it.
+pub fn copying(name: &str, source: &str, node: &str, done: u64, total: u64) -> Status {
+    Status::aborted(format!(
+        "volume {name:?} is being copied from {source} to node {node}: {done} of {total} \
+         bytes of data so far; retry to follow it"
     ))
 }
 

@@ -98,6 +98,23 @@ impl Metrics {
         self
     }
 
+    /// Adds the cross-node transfer gauges (`kura node`): `kura_transfer_done_bytes`
+    /// and `kura_transfer_total_bytes{volume_name}`, data bytes written so far and the
+    /// source image's size, for each transfer running on this node.
+    pub fn with_transfers(mut self, gauges: crate::agent::transfer::TransferGauges) -> Self {
+        self.registry.register(
+            "kura_transfer_done_bytes",
+            "Data bytes a running cross-node transfer has written on this node",
+            gauges.done,
+        );
+        self.registry.register(
+            "kura_transfer_total_bytes",
+            "Size of the source image of a running cross-node transfer",
+            gauges.total,
+        );
+        self
+    }
+
     /// Adds the pool gauges, read at every scrape.
     pub fn with_pool(mut self, collector: pool::PoolCollector) -> Self {
         self.registry.register_collector(Box::new(collector));

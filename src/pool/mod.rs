@@ -10,6 +10,8 @@
 //! <root>/snapshots/<snap-id>.img     a reflink (or copy) of a volume image
 //! <root>/snapshots/<snap-id>.json    its metadata
 //! <root>/groups/<group-id>.json       a group snapshot's record (on its home node)
+//! <root>/volumes/<volume-id>.transfer a cross-node transfer's checkpoint (transfer.rs)
+//! <root>/exports/<export-id>.img     a source pinned for a transfer (export.rs)
 //! <name>.partial                     an image being built; never a live object
 //! ```
 //!
@@ -24,6 +26,7 @@
 pub mod attach;
 pub mod encryption;
 pub mod ephemeral;
+pub mod export;
 pub mod group;
 pub mod ids;
 pub mod locks;
@@ -32,6 +35,7 @@ mod recovery;
 pub mod size;
 mod snapshot;
 pub mod source;
+pub mod transfer;
 mod volume;
 
 use std::path::{Path, PathBuf};
@@ -73,6 +77,10 @@ pub enum Error {
     /// Another operation on the object is still running; try again later.
     #[error("{0}")]
     Busy(String),
+    /// Data of a cross-node transfer arrived damaged (a chunk's checksum, the
+    /// image's digest): nothing of it is kept.
+    #[error("{0}")]
+    Damaged(String),
     /// Stored metadata cannot be read.
     #[error("corrupt metadata {path}: {reason}")]
     Corrupt { path: PathBuf, reason: String },

@@ -10,7 +10,8 @@ use crate::sys;
 
 impl Pool {
     /// - `*.partial` images and `*.tmp` metadata (group records' too) are unfinished
-    ///   writes: removed.
+    ///   writes: removed, except the image of a cross-node transfer that may still resume (see
+    ///   [`super::transfer`]); expired transfers and exports are removed.
     /// - An image without metadata is a create that never committed, or a delete that
     ///   removed the metadata and stopped: removed.
     /// - A snapshot whose background copy never finished: removed (its CO retries).
@@ -21,10 +22,15 @@ impl Pool {
     ///   with every write of its application blocked. One that is not frozen is left
     ///   as it is.
     pub(super) fn recover(&self) -> Result<()> {
+        self.recover_imports()?;
+        self.sweep_exports()?;
         for dir in [self.volume_dir(), self.snapshot_dir()] {
             for path in entries(&dir)? {
                 let name = path.file_name().unwrap_or_default().to_string_lossy();
                 let orphan_image = name.ends_with(".img") && !path.with_extension("json").exists();
+                if name.ends_with(".partial") && self.is_resumable_import(&path) {
+                    continue;
+                }
                 if name.ends_with(".partial") || name.ends_with(".tmp") || orphan_image {
                     tracing::warn!(path = %path.display(), "removing leftover of an interrupted operation");
                     sys::fs::remove(&path)?;

@@ -189,7 +189,7 @@ impl Pool {
     }
 
     /// The image, size and encryption a content source provides.
-    fn resolve_source(
+    pub(super) fn resolve_source(
         &self,
         source: &ContentSource,
     ) -> Result<(std::path::PathBuf, u64, Encryption)> {
@@ -371,7 +371,7 @@ impl Pool {
     }
 
     /// A size above [`Pool::maximum`] can never be served here: OUT_OF_RANGE.
-    fn check_maximum(&self, size_bytes: u64, provisioning: Provisioning) -> Result<()> {
+    pub(super) fn check_maximum(&self, size_bytes: u64, provisioning: Provisioning) -> Result<()> {
         let maximum = self.maximum(provisioning)?;
         if size_bytes > maximum {
             return Err(Error::OutOfRange(format!(
@@ -401,7 +401,7 @@ impl Pool {
 }
 
 /// A repeated create must ask for what exists.
-fn check_compatible(existing: &Volume, spec: &VolumeSpec) -> Result<()> {
+pub(super) fn check_compatible(existing: &Volume, spec: &VolumeSpec) -> Result<()> {
     let size::Range { required, limit } = spec.range;
     let size = existing.size_bytes;
     if size < required || (limit > 0 && size > limit) {
@@ -444,7 +444,7 @@ fn check_compatible(existing: &Volume, spec: &VolumeSpec) -> Result<()> {
 /// carried over, so a StorageClass without encryption (and so without the node-stage
 /// Secret) never receives an encrypted copy it could not stage, and a plain copy is
 /// never taken for an encrypted one.
-fn check_source_encryption(source: Encryption, spec: &VolumeSpec) -> Result<()> {
+pub(super) fn check_source_encryption(source: Encryption, spec: &VolumeSpec) -> Result<()> {
     if source == spec.encryption {
         return Ok(());
     }
@@ -469,7 +469,7 @@ fn check_source_encryption(source: Encryption, spec: &VolumeSpec) -> Result<()> 
 
 /// Turns an out-of-space failure into [`Error::NoSpace`], and a file the pool's
 /// filesystem cannot make that large (EFBIG) into [`Error::OutOfRange`].
-fn no_space_or(e: sys::Error, needed: u64, available: u64) -> Error {
+pub(super) fn no_space_or(e: sys::Error, needed: u64, available: u64) -> Error {
     if e.is_no_space() {
         Error::NoSpace { needed, available }
     } else if e.raw_os_error() == Some(libc::EFBIG) {

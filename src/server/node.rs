@@ -27,6 +27,9 @@ use crate::csi::node::NodeService;
 use crate::metrics::Metrics;
 use crate::sys::fs::LockFile;
 
+/// How often expired exports are removed.
+const EXPORT_SWEEP: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The services of a node, ready to serve.
 pub struct NodeDriver {
     identity: IdentityService,
@@ -36,6 +39,8 @@ pub struct NodeDriver {
     stopping: watch::Sender<bool>,
     driver_name: String,
     metrics: Arc<Metrics>,
+    /// Whose expired exports are swept while serving.
+    sweep: crate::agent::LocalPools,
     _locks: Vec<LockFile>,
 }
 
@@ -65,17 +70,25 @@ impl NodeDriver {
             locks.push(lock(&pool_lock)?);
         }
         let (stopping, stopped) = watch::channel(false);
+        // Node-to-node reads present this node's own identity.
+        let transfers = crate::agent::transfer::Transfers::new(tls.client());
         Ok(NodeDriver {
             identity: IdentityService::new(
                 &local_args.driver_name,
                 Readiness::Pool(Arc::clone(&local.pool)),
             ),
             node: local.node_service(local_args),
-            agent: AgentService::new(local.pools(local_args), stopped),
+            agent: AgentService::new(local.pools(local_args), stopped)
+                .with_transfers(transfers.clone()),
             tls,
             stopping,
             driver_name: local_args.driver_name.clone(),
-            metrics: local.metrics(local_args).with_agent().into_shared(),
+            metrics: local
+                .metrics(local_args)
+                .with_agent()
+                .with_transfers(transfers.gauges())
+                .into_shared(),
+            sweep: local.pools(local_args),
             _locks: locks,
         })
     }
@@ -102,8 +115,10 @@ pub async fn serve(
         stopping,
         driver_name,
         metrics,
+        sweep,
         _locks,
     } = driver;
+    tokio::spawn(crate::agent::transfer::sweep(sweep, EXPORT_SWEEP));
     let mut stopped = stopping.subscribe();
     tokio::spawn(async move {
         shutdown.await;
@@ -122,6 +137,10 @@ pub async fn serve(
         .tls_config(tls.server())?
         .http2_keepalive_interval(Some(cluster::KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(cluster::KEEPALIVE_TIMEOUT))
+        // Transfer streams carry chunks of MiBs: the default 64 KiB windows would
+        // throttle them.
+        .initial_stream_window_size(crate::agent::transfer::WINDOW)
+        .initial_connection_window_size(crate::agent::transfer::WINDOW)
         .layer(metrics.agent_layer())
         .add_service(AgentServer::new(agent_service))
         .serve_with_incoming_shutdown(

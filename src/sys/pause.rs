@@ -49,6 +49,20 @@ impl Points {
         }
     }
 
+    /// Whether the one-shot hook `name` is armed; taking it disarms it (removes the
+    /// file), so it fires once. What a test uses to make a fault happen exactly once
+    /// (a chunk damaged in flight).
+    pub fn take(&self, name: &str) -> bool {
+        let Some(dir) = &self.dir else {
+            return false;
+        };
+        let fired = std::fs::remove_file(dir.join(name)).is_ok();
+        if fired {
+            tracing::warn!(hook = name, "test hook fired");
+        }
+        fired
+    }
+
     /// Pauses here while the point `name` is armed.
     pub fn at(&self, name: &str) {
         let Some(dir) = &self.dir else {
