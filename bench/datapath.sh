@@ -9,7 +9,9 @@
 #                     [--targets raw,file,block-thin,...] [--workloads randread-4k-qd32,...]
 #
 # Environment: POOL_SIZE (default 40Gi), BENCH_TMP (where the pool image and the raw
-# device's image go; default /tmp). Needs root; installs fio if it is missing.
+# device's image go; default /tmp), KURA_BIN (the kura binary; default the one built
+# here), BENCH_POOL_SETUP (a shell command run in the pool's root before the targets
+# are made, for tuning experiments). Needs root; installs fio if it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +31,12 @@ source bench/lib.sh
 pool_size=${POOL_SIZE:-40Gi}
 start_kura "$pool_size"
 raw_mib=$(( $(stat -c %s "$work/pool.img") >> 20 ))
+# A tuning experiment's setup, run in the pool's root before any target is made
+# (for example: BENCH_POOL_SETUP='xfs_io -c "cowextsize 1m" volumes').
+if [ -n "${BENCH_POOL_SETUP:-}" ]; then
+  echo "pool setup: $BENCH_POOL_SETUP"
+  (cd "$work/state/pool" && eval "$BENCH_POOL_SETUP")
+fi
 
 echo "$(describe_machine "$pool_size")"
 echo

@@ -24,7 +24,7 @@ trap cleanup EXIT
 start_kura() {
   local size=$1
   shift
-  target/release/kura all-in-one \
+  "${KURA_BIN:-target/release/kura}" all-in-one \
     --endpoint "unix://$work/csi.sock" \
     --node-id bench-node \
     --state-dir "$work/state" \
