@@ -7,6 +7,7 @@
 #
 #   bench/datapath.sh [--runtime 10] [--size-mib 1024] [--runs 3] [--cow-seconds 20]
 #                     [--targets raw,file,block-thin,...] [--workloads randread-4k-qd32,...]
+#                     [--ready-setup 'shell command, run with $BENCH_WORK set, once the targets exist']
 #
 # Environment: POOL_SIZE (default 40Gi), BENCH_TMP (where the pool image and the raw
 # device's image go; default /tmp), KURA_BIN (the kura binary; default the one built
@@ -41,6 +42,7 @@ fi
 echo "$(describe_machine "$pool_size")"
 echo
 status=0
+export BENCH_WORK=$work
 target/release/examples/bench_datapath \
   --endpoint "unix://$work/csi.sock" \
   --pool-root "$work/state/pool" \

@@ -65,6 +65,10 @@ struct Args {
     /// Seconds of 4k random writes after a snapshot (0: skip that measurement).
     #[arg(long, default_value_t = 20)]
     cow_seconds: u64,
+    /// A shell command run once every target is ready and before the first round (a
+    /// tuning experiment: queue settings of the loop devices, say).
+    #[arg(long)]
+    ready_setup: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -199,6 +203,29 @@ const ALL_WORKLOADS: [Workload; 6] = [
     },
 ];
 
+/// The three runs of 4k random writes of the overwrite-after-a-snapshot measurement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// On the prefilled volume, no snapshot ever taken.
+    Without,
+    /// Right after CreateSnapshot.
+    After,
+    /// After DeleteSnapshot, on the volume the previous run overwrote.
+    Deleted,
+}
+
+impl Phase {
+    const ALL: [Phase; 3] = [Phase::Without, Phase::After, Phase::Deleted];
+
+    fn describe(self) -> &'static str {
+        match self {
+            Phase::Without => "no snapshot yet",
+            Phase::After => "right after a snapshot",
+            Phase::Deleted => "once that snapshot is deleted",
+        }
+    }
+}
+
 /// One fio run's figures.
 #[derive(Clone, Copy, Debug)]
 struct Sample {
@@ -258,6 +285,14 @@ async fn main() -> Result<()> {
         eprintln!("bench: {} ready at {}", target.name(), made.path.display());
         ready.push(made);
     }
+    if let Some(setup) = &bench.args.ready_setup {
+        println!("setup once the targets were ready: {setup}");
+        println!();
+        let status = Command::new("sh").args(["-c", setup]).status()?;
+        if !status.success() {
+            return Err(format!("--ready-setup failed: {status}").into());
+        }
+    }
     let mut samples: BTreeMap<(usize, Target), Vec<Sample>> = BTreeMap::new();
     for run in 0..bench.args.runs {
         for (w, workload) in workloads.iter().enumerate() {
@@ -279,14 +314,8 @@ async fn main() -> Result<()> {
     }
     print_tables(&workloads, &targets, &samples, bench.args.runs);
 
-    let block_thin = ready
-        .iter()
-        .find(|r| r.target.kind == Kind::Block && !r.target.thick);
     if bench.args.cow_seconds > 0 {
-        match block_thin {
-            Some(r) => bench.after_snapshot(r).await?,
-            None => eprintln!("bench: block-thin not measured, so no overwrite after a snapshot"),
-        }
+        bench.after_snapshot().await?;
     }
     for r in ready {
         bench.release(r).await?;
@@ -542,23 +571,46 @@ impl Bench {
         parse_fio(&output.stdout, w.rw)
     }
 
-    /// The first overwrites after a snapshot pay copy-on-write: 4k random writes
-    /// (QD32) on the block-thin volume for `cow_seconds`, IOPS logged per second,
-    /// right after CreateSnapshot, against the same run without a snapshot before it.
-    /// Rounds alternate the two; each snapshot is deleted after its run.
-    async fn after_snapshot(&self, ready: &Ready) -> Result<()> {
-        let staged = ready.volume.as_ref().ok_or("block-thin is a volume")?;
+    /// The first overwrites after a snapshot pay copy-on-write. In each round a fresh
+    /// thin block volume is made and prefilled; 4k random writes (QD32) run on it for
+    /// `cow_seconds` (the baseline), then CreateSnapshot, then the same writes again,
+    /// IOPS logged per second in both; then the snapshot is deleted and the writes run
+    /// a third time (what the overwrites after the snapshot left: a fragmented image
+    /// stays slower), and the volume is deleted.
+    /// A fresh volume per round, because overwriting a volume after a snapshot leaves
+    /// it fragmented (and XFS keeps copy-on-write reservations for a while), which
+    /// would lower a later baseline.
+    async fn after_snapshot(&self) -> Result<()> {
         let workload = ALL_WORKLOADS[1];
         let seconds = self.args.cow_seconds;
-        let mut series: [Vec<Vec<f64>>; 2] = Default::default();
+        let target = Target {
+            kind: Kind::Block,
+            thick: false,
+        };
+        let mut series: [Vec<Vec<f64>>; 3] = Default::default();
         let mut controller = self.controller.clone();
         for run in 0..self.args.runs {
-            for snapshot in [run % 2 == 1, run % 2 == 0] {
-                let snapshot_id = if snapshot {
+            let mut snapshot_id = None;
+            let staged = self
+                .volume(&format!("cow-{run}"), false, &block_capability())
+                .await?;
+            let ready = Ready {
+                target,
+                path: staged.publish.clone(),
+                volume: Some(staged),
+                raw_device: None,
+            };
+            self.fill(&ready.path)?;
+            for phase in Phase::ALL {
+                if phase == Phase::After {
                     let started = Instant::now();
                     let made = controller
                         .create_snapshot(proto::CreateSnapshotRequest {
-                            source_volume_id: staged.id.clone(),
+                            source_volume_id: ready
+                                .volume
+                                .as_ref()
+                                .map(|s| s.id.clone())
+                                .unwrap_or_default(),
                             name: format!("bench-cow-{run}"),
                             ..Default::default()
                         })
@@ -567,11 +619,19 @@ impl Bench {
                         .snapshot
                         .ok_or("CreateSnapshot returned no snapshot")?;
                     eprintln!("bench: snapshot taken in {:.1?}", started.elapsed());
-                    Some(made.snapshot_id)
-                } else {
-                    None
-                };
-                let prefix = self.args.work.join(format!("cow-{run}-{snapshot}"));
+                    snapshot_id = Some(made.snapshot_id);
+                }
+                if phase == Phase::Deleted
+                    && let Some(snapshot_id) = snapshot_id.take()
+                {
+                    controller
+                        .delete_snapshot(proto::DeleteSnapshotRequest {
+                            snapshot_id,
+                            ..Default::default()
+                        })
+                        .await?;
+                }
+                let prefix = self.args.work.join(format!("cow-{run}-{phase:?}"));
                 let sample = self.fio(&ready.path, &workload, Some((&prefix, seconds)))?;
                 let log = prefix.with_file_name(format!(
                     "{}_iops.log",
@@ -580,23 +640,16 @@ impl Bench {
                 let per_second = parse_iops_log(&std::fs::read_to_string(&log)?);
                 std::fs::remove_file(&log)?;
                 eprintln!(
-                    "bench: round {run} overwrite {} a snapshot: {:.0} IOPS overall, per second {:?}",
-                    if snapshot { "after" } else { "without" },
+                    "bench: round {run} overwrite, {}: {:.0} IOPS overall, per second {:?}",
+                    phase.describe(),
                     sample.iops,
                     per_second.iter().map(|v| v.round()).collect::<Vec<_>>()
                 );
-                series[snapshot as usize].push(per_second);
-                if let Some(snapshot_id) = snapshot_id {
-                    controller
-                        .delete_snapshot(proto::DeleteSnapshotRequest {
-                            snapshot_id,
-                            ..Default::default()
-                        })
-                        .await?;
-                }
+                series[phase as usize].push(per_second);
             }
+            self.release(ready).await?;
         }
-        print_cow(&series, seconds, &ready.target);
+        print_cow(&series, seconds, &target);
         Ok(())
     }
 }
@@ -730,59 +783,45 @@ fn print_tables(
 
 /// Per second, the median over rounds; the loss is the seconds of full-rate writing
 /// the copy-on-write cost: the sum over seconds of 1 - rate after / rate without.
-fn print_cow(series: &[Vec<Vec<f64>>; 2], seconds: u64, target: &Target) {
+fn print_cow(series: &[Vec<Vec<f64>>; 3], seconds: u64, target: &Target) {
     let per_second = |runs: &[Vec<f64>]| -> Vec<f64> {
         let len = runs.iter().map(Vec::len).min().unwrap_or(0);
         (0..len)
             .map(|i| median(&runs.iter().map(|r| r[i]).collect::<Vec<_>>()))
             .collect()
     };
-    let (without, after) = (per_second(&series[0]), per_second(&series[1]));
+    let [without, after, deleted] = series.each_ref().map(|s| per_second(s));
     let baseline = median(&without);
-    let loss: f64 = after.iter().map(|v| (1.0 - v / baseline).max(0.0)).sum();
+    let loss_of = |r: &[f64]| -> f64 { r.iter().map(|v| (1.0 - v / baseline).max(0.0)).sum() };
     let recovered = after
         .iter()
         .position(|v| *v >= 0.9 * baseline)
         .map_or(format!("not within {seconds} s"), |i| {
             format!("{} s", i + 1)
         });
-    let losses: Vec<f64> = series[1]
+    let losses: Vec<String> = series[1]
         .iter()
-        .map(|r| r.iter().map(|v| (1.0 - v / baseline).max(0.0)).sum())
+        .map(|r| format!("{:.1} s", loss_of(r)))
         .collect();
     println!(
-        "### Overwrite right after a snapshot ({}: 4k random writes, QD32, {seconds} s)",
+        "### Overwrite right after a snapshot ({}: 4k random writes, QD32, {seconds} s per run, a fresh volume per round)",
         target.name()
     );
     println!();
     println!(
-        "Without a snapshot: {} IOPS (median of the per-second rates). After CreateSnapshot: first second {} IOPS ({:.2} of it), back to 0.9 of it after {recovered}; loss {:.1} s of full-rate writing (per round {}).",
+        "No snapshot yet: {} IOPS (median of the per-second rates). Right after CreateSnapshot: first second {} IOPS ({:.2} of it), back to 0.9 of it after {recovered}; loss {:.1} s of full-rate writing in {seconds} s (per round {}). Once the snapshot is deleted: {} IOPS ({:.2} of the first).",
         figure(baseline),
         after.first().map_or("-".into(), |v| figure(*v)),
         after.first().map_or(f64::NAN, |v| v / baseline),
-        loss,
-        losses
-            .iter()
-            .map(|l| format!("{l:.1} s"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        loss_of(&after),
+        losses.join(", "),
+        figure(median(&deleted)),
+        median(&deleted) / baseline,
     );
     println!();
-    println!(
-        "Per second after the snapshot: {}",
-        after
-            .iter()
-            .map(|v| figure(*v))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    println!(
-        "Per second without: {}",
-        without
-            .iter()
-            .map(|v| figure(*v))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    let list = |r: &[f64]| r.iter().map(|v| figure(*v)).collect::<Vec<_>>().join(", ");
+    println!("Per second, no snapshot yet: {}", list(&without));
+    println!("Per second, right after the snapshot: {}", list(&after));
+    println!("Per second, once it is deleted: {}", list(&deleted));
     println!();
 }
