@@ -577,8 +577,11 @@ impl Attacher {
         // A format that a crash interrupted leaves a device that may look formatted but
         // is not: it is blank as far as kura is concerned, and formatted again.
         let formatting = self.formatting_path(id);
+        // An image that was never written (a new volume, thin or thick) reads as zeros
+        // and carries no signature: no need to run blkid to know it is blank.
         let found = match formatting.exists() {
             true => None,
+            false if !sys::fs::holds_data(&self.pool.image_path(id))? => None,
             false => sys::blkid::probe(device)?,
         };
         let (fs, format) = match plan_format(found.as_ref(), fs_type, &self.default_fs) {

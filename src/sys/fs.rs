@@ -142,6 +142,22 @@ fn resize_open(file: &File, path: &Path, from: u64, to: u64, allocate: bool) -> 
     file.sync_all().map_err(|e| Error::io("fsync", path, e))
 }
 
+/// Whether any byte of the file at `path` was ever written: false when `SEEK_DATA`
+/// finds no data at all (a sparse or only preallocated file, which reads as zeros).
+/// A filesystem without `SEEK_DATA` reports the whole file as data.
+pub fn holds_data(path: &Path) -> Result<bool> {
+    let file = File::open(path).map_err(|e| Error::io("open", path, e))?;
+    // SAFETY: lseek on a file descriptor this function owns; no memory is passed.
+    let offset = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_DATA) };
+    if offset >= 0 {
+        return Ok(true);
+    }
+    match std::io::Error::last_os_error() {
+        e if e.raw_os_error() == Some(libc::ENXIO) => Ok(false),
+        e => Err(Error::io("seek data", path, e)),
+    }
+}
+
 /// Makes `dst` (which must not exist) a copy-on-write clone of `src` with FICLONE.
 pub fn reflink(src: &Path, dst: &Path) -> Result<()> {
     let source = File::open(src).map_err(|e| Error::io("open", src, e))?;

@@ -9,6 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::stat::{Mode, SFlag, makedev, mknod};
@@ -152,20 +153,61 @@ pub fn attach_with_block_size(file: &Path, read_only: bool, block_size: u32) -> 
     Err(Error::errno("LOOP_CONFIGURE", file, Errno::EBUSY))
 }
 
-/// Detaches `device`. If something still holds it open, the kernel detaches it when
-/// the last holder closes it. A device that is not bound is left as it is.
+/// How long [`detach`] waits for the kernel to let go of a device that something else
+/// held open when it was cleared.
+const DETACH_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Detaches `device` and returns once it is really detached (or bound again, to
+/// another file). A device that is not bound is left as it is.
+///
+/// LOOP_CLR_FD detaches at once only when the caller is the device's sole opener;
+/// otherwise the kernel marks it to detach at the last close. Another opener is
+/// common: a concurrent [`list_bound`] (of this process or another kura) holds every
+/// bound device open for a moment, as does udev's blkid after a write. Returning
+/// before that last close would let a DeleteVolume that follows find the volume still
+/// attached. When the deadline passes with the device still bound (something keeps it
+/// open), the error says so, and a retry clears it again.
 pub fn detach(device: &Path) -> Result<()> {
-    let dev = File::open(device).map_err(|e| Error::io("open", device, e))?;
-    // SAFETY: LOOP_CLR_FD takes no argument.
-    let rc = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CLR_FD) };
-    if rc < 0 && Errno::last() != Errno::ENXIO {
-        return Err(Error::io(
-            "LOOP_CLR_FD",
-            device,
-            std::io::Error::last_os_error(),
-        ));
+    let bound_to = match status(device) {
+        Ok(info) => (info.lo_device, info.lo_inode),
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    {
+        let dev = File::open(device).map_err(|e| Error::io("open", device, e))?;
+        // SAFETY: LOOP_CLR_FD takes no argument.
+        let rc = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CLR_FD) };
+        if rc < 0 && Errno::last() != Errno::ENXIO {
+            return Err(Error::io(
+                "LOOP_CLR_FD",
+                device,
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // Closing it here is this process's last close: with no other opener, this is
+        // where the kernel detaches it.
     }
-    Ok(())
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match status(device) {
+            Ok(info) if (info.lo_device, info.lo_inode) == bound_to => {}
+            Ok(_) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        if started.elapsed() >= DETACH_DEADLINE {
+            return Err(Error::Timeout {
+                step: format!(
+                    "detaching {} (something else holds it open)",
+                    device.display()
+                ),
+                seconds: DETACH_DEADLINE.as_secs(),
+            });
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
 }
 
 /// Makes the loop device re-read its backing file's size after the file grew.

@@ -1,0 +1,43 @@
+# Shared by the benchmarks: a throw-away all-in-one kura over a fresh sparse pool
+# image in a temporary directory, and a cleanup that removes only what it made.
+# Source it after `cd` to the repository root; it sets $work and starts nothing.
+
+work=$(mktemp -d "${BENCH_TMP:-/tmp}/kura-bench.XXXXXX")
+kura_pid=
+cleanup() {
+  if [ -n "$kura_pid" ]; then kill -TERM "$kura_pid" 2>/dev/null || true; wait "$kura_pid" 2>/dev/null || true; fi
+  # Only what this run made: mounts under $work (deepest first), then loop devices
+  # whose backing file is under $work (volumes first, the pool image last).
+  for _ in 1 2 3; do
+    grep -F " $work/" /proc/self/mountinfo | awk '{print $5}' | sort -r | while read -r m; do umount "$m" 2>/dev/null || true; done
+    losetup -n -l -O NAME,BACK-FILE 2>/dev/null | awk -v p="$work/" 'index($2, p) == 1 {print $1}' |
+      sort -r | while read -r dev; do losetup -d "$dev" 2>/dev/null || true; done
+    grep -qF " $work/" /proc/self/mountinfo || break
+    sleep 0.5
+  done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# start_kura SIZE [extra kura flags...]: kura all-in-one on $work/pool.img of SIZE,
+# serving $work/csi.sock; waits for the socket.
+start_kura() {
+  local size=$1
+  shift
+  "${KURA_BIN:-target/release/kura}" all-in-one \
+    --endpoint "unix://$work/csi.sock" \
+    --node-id bench-node \
+    --state-dir "$work/state" \
+    --pool-image "$work/pool.img" --pool-size "$size" \
+    --log-level warn "$@" \
+    >"$work/kura.log" 2>&1 &
+  kura_pid=$!
+  for _ in $(seq 100); do [ -S "$work/csi.sock" ] && break; sleep 0.1; done
+  [ -S "$work/csi.sock" ] || { cat "$work/kura.log" >&2; echo "kura did not start" >&2; exit 1; }
+}
+
+# What the run is on, for the report.
+describe_machine() {
+  echo "kura $(target/release/kura --version | awk '{print $2}'), $(nproc) cores, kernel $(uname -r)," \
+    "pool: $1 sparse image on $(findmnt -no FSTYPE -T "$work") ($(findmnt -no SOURCE -T "$work")); $(uptime)"
+}

@@ -1,0 +1,827 @@
+//! The data path, layer by layer: fio (direct I/O, libaio) on the pool's raw device,
+//! on a file in the pool, and on kura's raw block, ext4 and xfs volumes (thin and
+//! thick), plus the cost of the first overwrites after a snapshot. bench/datapath.sh
+//! runs it against a fresh all-in-one kura:
+//!
+//!     bench_datapath --endpoint unix:///tmp/x/csi.sock --pool-root /tmp/x/state/pool \
+//!         --work /tmp/x/work --raw-size-mib 40960 --runtime 10 --size-mib 1024 --runs 3
+//!
+//! Every target is made first and prefilled (one sequential pass of 1 MiB direct
+//! writes over the measured region), so reads hit written blocks and writes overwrite
+//! allocated ones. Then, in each of `runs` rounds, every workload runs on every target,
+//! the order of the targets rotating from round to round. Prints, per workload, the
+//! medians with min..max over the rounds and the ratios against the file in the pool
+//! (the limit a volume can reach) and the raw device.
+
+use std::collections::BTreeMap;
+use std::error::Error;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use clap::Parser;
+use kura::csi::proto::controller_client::ControllerClient;
+use kura::csi::proto::node_client::NodeClient;
+use kura::csi::proto::{self, volume_capability};
+use serde_json::Value;
+use tonic::transport::Channel;
+
+const MIB: u64 = 1 << 20;
+
+type Result<T, E = Box<dyn Error>> = std::result::Result<T, E>;
+
+#[derive(Parser)]
+#[command(about = "fio on every layer of kura's data path")]
+struct Args {
+    /// kura's CSI endpoint, unix:///path/csi.sock.
+    #[arg(long)]
+    endpoint: String,
+    /// The pool's root directory (holding volumes/ and snapshots/).
+    #[arg(long)]
+    pool_root: PathBuf,
+    /// A directory on the filesystem that holds the pool image: the raw device's
+    /// image goes there, and staging and publish paths.
+    #[arg(long)]
+    work: PathBuf,
+    /// Size of the raw device's image: the pool image's size.
+    #[arg(long)]
+    raw_size_mib: u64,
+    /// Seconds per fio run.
+    #[arg(long, default_value_t = 10)]
+    runtime: u64,
+    /// Size of the region fio works on, in MiB (volumes get room for a filesystem on
+    /// top).
+    #[arg(long, default_value_t = 1024)]
+    size_mib: u64,
+    /// Rounds.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Targets to measure (default: all).
+    #[arg(long, value_delimiter = ',')]
+    targets: Vec<String>,
+    /// Workloads to run (default: all).
+    #[arg(long, value_delimiter = ',')]
+    workloads: Vec<String>,
+    /// Seconds of 4k random writes after a snapshot (0: skip that measurement).
+    #[arg(long, default_value_t = 20)]
+    cow_seconds: u64,
+    /// A shell command run once every target is ready and before the first round (a
+    /// tuning experiment: queue settings of the loop devices, say).
+    #[arg(long)]
+    ready_setup: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    /// A loop device on an unformatted image beside the pool image.
+    Raw,
+    /// A file in the pool, opened by fio with O_DIRECT.
+    File,
+    Block,
+    Ext4,
+    Xfs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Target {
+    kind: Kind,
+    thick: bool,
+}
+
+impl Target {
+    fn name(&self) -> String {
+        let base = match self.kind {
+            Kind::Raw => return "raw".into(),
+            Kind::File => return "file".into(),
+            Kind::Block => "block",
+            Kind::Ext4 => "ext4",
+            Kind::Xfs => "xfs",
+        };
+        format!("{base}-{}", if self.thick { "thick" } else { "thin" })
+    }
+
+    fn describe(&self) -> &'static str {
+        match self.kind {
+            Kind::Raw => {
+                "a loop device (direct I/O) on an unformatted image the pool image's size, beside it"
+            }
+            Kind::File => "a file in the pool, O_DIRECT",
+            Kind::Block => "kura raw block volume (the published device)",
+            Kind::Ext4 => "a file on kura's ext4 mount volume",
+            Kind::Xfs => "a file on kura's xfs mount volume",
+        }
+    }
+}
+
+const ALL_TARGETS: [Target; 8] = [
+    Target {
+        kind: Kind::Raw,
+        thick: false,
+    },
+    Target {
+        kind: Kind::File,
+        thick: false,
+    },
+    Target {
+        kind: Kind::Block,
+        thick: false,
+    },
+    Target {
+        kind: Kind::Block,
+        thick: true,
+    },
+    Target {
+        kind: Kind::Ext4,
+        thick: false,
+    },
+    Target {
+        kind: Kind::Ext4,
+        thick: true,
+    },
+    Target {
+        kind: Kind::Xfs,
+        thick: false,
+    },
+    Target {
+        kind: Kind::Xfs,
+        thick: true,
+    },
+];
+
+#[derive(Clone, Copy, Debug)]
+struct Workload {
+    name: &'static str,
+    rw: &'static str,
+    bs: &'static str,
+    depth: u32,
+    /// Whether latency percentiles are the point (QD1).
+    latency: bool,
+}
+
+const ALL_WORKLOADS: [Workload; 6] = [
+    Workload {
+        name: "randread-4k-qd32",
+        rw: "randread",
+        bs: "4k",
+        depth: 32,
+        latency: false,
+    },
+    Workload {
+        name: "randwrite-4k-qd32",
+        rw: "randwrite",
+        bs: "4k",
+        depth: 32,
+        latency: false,
+    },
+    Workload {
+        name: "randread-4k-qd1",
+        rw: "randread",
+        bs: "4k",
+        depth: 1,
+        latency: true,
+    },
+    Workload {
+        name: "randwrite-4k-qd1",
+        rw: "randwrite",
+        bs: "4k",
+        depth: 1,
+        latency: true,
+    },
+    Workload {
+        name: "read-1m-qd8",
+        rw: "read",
+        bs: "1m",
+        depth: 8,
+        latency: false,
+    },
+    Workload {
+        name: "write-1m-qd8",
+        rw: "write",
+        bs: "1m",
+        depth: 8,
+        latency: false,
+    },
+];
+
+/// The three runs of 4k random writes of the overwrite-after-a-snapshot measurement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// On the prefilled volume, no snapshot ever taken.
+    Without,
+    /// Right after CreateSnapshot.
+    After,
+    /// After DeleteSnapshot, on the volume the previous run overwrote.
+    Deleted,
+}
+
+impl Phase {
+    const ALL: [Phase; 3] = [Phase::Without, Phase::After, Phase::Deleted];
+
+    fn describe(self) -> &'static str {
+        match self {
+            Phase::Without => "no snapshot yet",
+            Phase::After => "right after a snapshot",
+            Phase::Deleted => "once that snapshot is deleted",
+        }
+    }
+}
+
+/// One fio run's figures.
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    iops: f64,
+    mib_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+/// A target made ready for fio: the path fio works on, and what undoes it.
+struct Ready {
+    target: Target,
+    path: PathBuf,
+    volume: Option<Staged>,
+    raw_device: Option<PathBuf>,
+}
+
+struct Staged {
+    id: String,
+    staging: PathBuf,
+    publish: PathBuf,
+}
+
+struct Bench {
+    controller: ControllerClient<Channel>,
+    node: NodeClient<Channel>,
+    args: Args,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let socket = kura::server::socket_path(&args.endpoint).map_err(|e| e.to_string())?;
+    let channel = kura::csi::client::connect(&socket).await?;
+    std::fs::create_dir_all(&args.work)?;
+    let targets: Vec<Target> = ALL_TARGETS
+        .into_iter()
+        .filter(|t| args.targets.is_empty() || args.targets.contains(&t.name()))
+        .collect();
+    let workloads: Vec<Workload> = ALL_WORKLOADS
+        .into_iter()
+        .filter(|w| args.workloads.is_empty() || args.workloads.iter().any(|n| n == w.name))
+        .collect();
+    if targets.is_empty() || workloads.is_empty() {
+        return Err("no target or no workload selected".into());
+    }
+    let bench = Bench {
+        controller: ControllerClient::new(channel.clone()),
+        node: NodeClient::new(channel),
+        args,
+    };
+    print_header(&bench.args, &targets, &workloads)?;
+
+    let mut ready = Vec::new();
+    for target in &targets {
+        let made = bench.prepare(*target).await?;
+        eprintln!("bench: {} ready at {}", target.name(), made.path.display());
+        ready.push(made);
+    }
+    if let Some(setup) = &bench.args.ready_setup {
+        println!("setup once the targets were ready: {setup}");
+        println!();
+        let status = Command::new("sh").args(["-c", setup]).status()?;
+        if !status.success() {
+            return Err(format!("--ready-setup failed: {status}").into());
+        }
+    }
+    let mut samples: BTreeMap<(usize, Target), Vec<Sample>> = BTreeMap::new();
+    for run in 0..bench.args.runs {
+        for (w, workload) in workloads.iter().enumerate() {
+            for k in 0..ready.len() {
+                let r = &ready[(run + k) % ready.len()];
+                let sample = bench.fio(&r.path, workload, None)?;
+                eprintln!(
+                    "bench: round {run} {} {}: {:.0} IOPS, {:.1} MiB/s, p50 {:.0} us, p99 {:.0} us",
+                    workload.name,
+                    r.target.name(),
+                    sample.iops,
+                    sample.mib_s,
+                    sample.p50_us,
+                    sample.p99_us
+                );
+                samples.entry((w, r.target)).or_default().push(sample);
+            }
+        }
+    }
+    print_tables(&workloads, &targets, &samples, bench.args.runs);
+
+    if bench.args.cow_seconds > 0 {
+        bench.after_snapshot().await?;
+    }
+    for r in ready {
+        bench.release(r).await?;
+    }
+    Ok(())
+}
+
+fn print_header(args: &Args, targets: &[Target], workloads: &[Workload]) -> Result<()> {
+    let fio = Command::new("fio").arg("--version").output()?;
+    println!(
+        "fio {} (direct=1, ioengine=libaio, one job), {} s per run, {} rounds interleaved, region {} MiB per target; load average at start: {}",
+        String::from_utf8_lossy(&fio.stdout).trim(),
+        args.runtime,
+        args.runs,
+        args.size_mib,
+        load_average()
+    );
+    println!();
+    println!("Targets:");
+    for t in targets {
+        println!("- {}: {}", t.name(), t.describe());
+    }
+    println!();
+    println!("Workloads:");
+    for w in workloads {
+        println!("- {}: rw={} bs={} iodepth={}", w.name, w.rw, w.bs, w.depth);
+    }
+    println!();
+    Ok(())
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn block_capability() -> proto::VolumeCapability {
+    capability(volume_capability::AccessType::Block(
+        volume_capability::BlockVolume {},
+    ))
+}
+
+fn mount_capability(fs_type: &str) -> proto::VolumeCapability {
+    capability(volume_capability::AccessType::Mount(
+        volume_capability::MountVolume {
+            fs_type: fs_type.into(),
+            ..Default::default()
+        },
+    ))
+}
+
+fn capability(access: volume_capability::AccessType) -> proto::VolumeCapability {
+    proto::VolumeCapability {
+        access_type: Some(access),
+        access_mode: Some(volume_capability::AccessMode {
+            mode: volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+        }),
+    }
+}
+
+fn text(path: &Path) -> String {
+    path.display().to_string()
+}
+
+impl Bench {
+    fn region(&self) -> u64 {
+        self.args.size_mib * MIB
+    }
+
+    async fn prepare(&self, target: Target) -> Result<Ready> {
+        let work = &self.args.work;
+        let ready = match target.kind {
+            Kind::Raw => {
+                let image = work.join("raw.img");
+                kura::sys::fs::create_image(&image, self.args.raw_size_mib * MIB, false)?;
+                let device = kura::sys::loopdev::attach(&image, false)?;
+                Ready {
+                    target,
+                    path: device.clone(),
+                    volume: None,
+                    raw_device: Some(device),
+                }
+            }
+            Kind::File => Ready {
+                target,
+                path: self.args.pool_root.join("bench-file.img"),
+                volume: None,
+                raw_device: None,
+            },
+            Kind::Block | Kind::Ext4 | Kind::Xfs => {
+                let cap = match target.kind {
+                    Kind::Block => block_capability(),
+                    Kind::Ext4 => mount_capability("ext4"),
+                    _ => mount_capability("xfs"),
+                };
+                let staged = self.volume(&target.name(), target.thick, &cap).await?;
+                let path = match target.kind {
+                    Kind::Block => staged.publish.clone(),
+                    _ => staged.publish.join("fio.dat"),
+                };
+                Ready {
+                    target,
+                    path,
+                    volume: Some(staged),
+                    raw_device: None,
+                }
+            }
+        };
+        self.fill(&ready.path)?;
+        Ok(ready)
+    }
+
+    /// Creates, stages and publishes a volume the way the kubelet would.
+    async fn volume(
+        &self,
+        name: &str,
+        thick: bool,
+        cap: &proto::VolumeCapability,
+    ) -> Result<Staged> {
+        let (mut controller, mut node) = (self.controller.clone(), self.node.clone());
+        // Room for the filesystem's own metadata and journal beside fio's file.
+        let bytes = self.region() + 256 * MIB;
+        let id = controller
+            .create_volume(proto::CreateVolumeRequest {
+                name: format!("bench-{name}"),
+                capacity_range: Some(proto::CapacityRange {
+                    required_bytes: bytes as i64,
+                    limit_bytes: 0,
+                }),
+                volume_capabilities: vec![cap.clone()],
+                parameters: [(
+                    "kura.csi.dev/provisioning".to_owned(),
+                    if thick { "thick" } else { "thin" }.to_owned(),
+                )]
+                .into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .volume
+            .ok_or("CreateVolume returned no volume")?
+            .volume_id;
+        let staging = self.args.work.join(format!("stage-{name}"));
+        let publish = self.args.work.join(format!("publish-{name}"));
+        std::fs::create_dir_all(&staging)?;
+        node.node_stage_volume(proto::NodeStageVolumeRequest {
+            volume_id: id.clone(),
+            staging_target_path: text(&staging),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        })
+        .await?;
+        node.node_publish_volume(proto::NodePublishVolumeRequest {
+            volume_id: id.clone(),
+            staging_target_path: text(&staging),
+            target_path: text(&publish),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        })
+        .await?;
+        Ok(Staged {
+            id,
+            staging,
+            publish,
+        })
+    }
+
+    async fn release(&self, ready: Ready) -> Result<()> {
+        if let Some(device) = ready.raw_device {
+            kura::sys::loopdev::detach(&device)?;
+            std::fs::remove_file(self.args.work.join("raw.img"))?;
+        }
+        if ready.target.kind == Kind::File {
+            std::fs::remove_file(&ready.path)?;
+        }
+        if let Some(staged) = ready.volume {
+            if ready.target.kind != Kind::Block {
+                std::fs::remove_file(&ready.path)?;
+            }
+            let (mut controller, mut node) = (self.controller.clone(), self.node.clone());
+            node.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
+                volume_id: staged.id.clone(),
+                target_path: text(&staged.publish),
+            })
+            .await?;
+            node.node_unstage_volume(proto::NodeUnstageVolumeRequest {
+                volume_id: staged.id.clone(),
+                staging_target_path: text(&staged.staging),
+            })
+            .await?;
+            controller
+                .delete_volume(proto::DeleteVolumeRequest {
+                    volume_id: staged.id,
+                    ..Default::default()
+                })
+                .await?;
+            std::fs::remove_dir(&staged.staging)?;
+        }
+        Ok(())
+    }
+
+    /// One sequential pass of 1 MiB direct writes over the region (creating the file
+    /// where the target is one).
+    fn fill(&self, path: &Path) -> Result<()> {
+        let status = Command::new("fio")
+            .args(["--name=fill", "--rw=write", "--bs=1m", "--iodepth=8"])
+            .args(["--direct=1", "--ioengine=libaio", "--output-format=terse"])
+            .arg(format!("--filename={}", path.display()))
+            .arg(format!("--size={}", self.region()))
+            .output()?;
+        if !status.status.success() {
+            return Err(format!(
+                "fio fill of {}: {}",
+                path.display(),
+                String::from_utf8_lossy(&status.stderr)
+            )
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Runs one workload on `path` for the runtime (or `seconds`), returning its
+    /// figures; with `iops_log`, fio also writes per-second IOPS there.
+    fn fio(&self, path: &Path, w: &Workload, iops_log: Option<(&Path, u64)>) -> Result<Sample> {
+        let runtime = iops_log.map_or(self.args.runtime, |(_, s)| s);
+        let mut command = Command::new("fio");
+        command
+            .arg(format!("--name={}", w.name))
+            .arg(format!("--filename={}", path.display()))
+            .arg(format!("--rw={}", w.rw))
+            .arg(format!("--bs={}", w.bs))
+            .arg(format!("--iodepth={}", w.depth))
+            .arg(format!("--size={}", self.region()))
+            .arg(format!("--runtime={runtime}"))
+            .args(["--direct=1", "--ioengine=libaio", "--time_based=1"])
+            .args(["--randrepeat=0", "--norandommap=1", "--output-format=json"]);
+        if let Some((prefix, _)) = iops_log {
+            command
+                .arg(format!("--write_iops_log={}", prefix.display()))
+                .args(["--log_avg_msec=1000", "--per_job_logs=0"]);
+        }
+        let output = command.output()?;
+        if !output.status.success() {
+            return Err(format!(
+                "fio {} on {}: {}",
+                w.name,
+                path.display(),
+                String::from_utf8_lossy(&output.stderr)
+            )
+            .into());
+        }
+        parse_fio(&output.stdout, w.rw)
+    }
+
+    /// The first overwrites after a snapshot pay copy-on-write. In each round a fresh
+    /// thin block volume is made and prefilled; 4k random writes (QD32) run on it for
+    /// `cow_seconds` (the baseline), then CreateSnapshot, then the same writes again,
+    /// IOPS logged per second in both; then the snapshot is deleted and the writes run
+    /// a third time (what the overwrites after the snapshot left: a fragmented image
+    /// stays slower), and the volume is deleted.
+    /// A fresh volume per round, because overwriting a volume after a snapshot leaves
+    /// it fragmented (and XFS keeps copy-on-write reservations for a while), which
+    /// would lower a later baseline.
+    async fn after_snapshot(&self) -> Result<()> {
+        let workload = ALL_WORKLOADS[1];
+        let seconds = self.args.cow_seconds;
+        let target = Target {
+            kind: Kind::Block,
+            thick: false,
+        };
+        let mut series: [Vec<Vec<f64>>; 3] = Default::default();
+        let mut controller = self.controller.clone();
+        for run in 0..self.args.runs {
+            let mut snapshot_id = None;
+            let staged = self
+                .volume(&format!("cow-{run}"), false, &block_capability())
+                .await?;
+            let ready = Ready {
+                target,
+                path: staged.publish.clone(),
+                volume: Some(staged),
+                raw_device: None,
+            };
+            self.fill(&ready.path)?;
+            for phase in Phase::ALL {
+                if phase == Phase::After {
+                    let started = Instant::now();
+                    let made = controller
+                        .create_snapshot(proto::CreateSnapshotRequest {
+                            source_volume_id: ready
+                                .volume
+                                .as_ref()
+                                .map(|s| s.id.clone())
+                                .unwrap_or_default(),
+                            name: format!("bench-cow-{run}"),
+                            ..Default::default()
+                        })
+                        .await?
+                        .into_inner()
+                        .snapshot
+                        .ok_or("CreateSnapshot returned no snapshot")?;
+                    eprintln!("bench: snapshot taken in {:.1?}", started.elapsed());
+                    snapshot_id = Some(made.snapshot_id);
+                }
+                if phase == Phase::Deleted
+                    && let Some(snapshot_id) = snapshot_id.take()
+                {
+                    controller
+                        .delete_snapshot(proto::DeleteSnapshotRequest {
+                            snapshot_id,
+                            ..Default::default()
+                        })
+                        .await?;
+                }
+                let prefix = self.args.work.join(format!("cow-{run}-{phase:?}"));
+                let sample = self.fio(&ready.path, &workload, Some((&prefix, seconds)))?;
+                let log = prefix.with_file_name(format!(
+                    "{}_iops.log",
+                    prefix.file_name().unwrap_or_default().to_string_lossy()
+                ));
+                let per_second = parse_iops_log(&std::fs::read_to_string(&log)?);
+                std::fs::remove_file(&log)?;
+                eprintln!(
+                    "bench: round {run} overwrite, {}: {:.0} IOPS overall, per second {:?}",
+                    phase.describe(),
+                    sample.iops,
+                    per_second.iter().map(|v| v.round()).collect::<Vec<_>>()
+                );
+                series[phase as usize].push(per_second);
+            }
+            self.release(ready).await?;
+        }
+        print_cow(&series, seconds, &target);
+        Ok(())
+    }
+}
+
+fn parse_fio(json: &[u8], rw: &str) -> Result<Sample> {
+    let value: Value = serde_json::from_slice(json)?;
+    let job = &value["jobs"][0];
+    let side = if rw.contains("read") {
+        &job["read"]
+    } else {
+        &job["write"]
+    };
+    let number = |v: &Value| v.as_f64().ok_or("fio output lacks a figure");
+    let percentile =
+        |p: &str| -> Result<f64> { Ok(number(&side["clat_ns"]["percentile"][p])? / 1000.0) };
+    Ok(Sample {
+        iops: number(&side["iops"])?,
+        mib_s: number(&side["bw"])? / 1024.0,
+        p50_us: percentile("50.000000")?,
+        p99_us: percentile("99.000000")?,
+    })
+}
+
+/// fio's averaged IOPS log: `msec, iops, direction, bs, prio` per line.
+fn parse_iops_log(log: &str) -> Vec<f64> {
+    log.lines()
+        .filter_map(|l| l.split(',').nth(1)?.trim().parse().ok())
+        .collect()
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    }
+}
+
+fn spread(values: &[f64]) -> (f64, f64, f64) {
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (median(values), min, max)
+}
+
+fn figure(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+fn with_range(values: &[f64]) -> String {
+    let (m, lo, hi) = spread(values);
+    format!("{} ({}..{})", figure(m), figure(lo), figure(hi))
+}
+
+fn print_tables(
+    workloads: &[Workload],
+    targets: &[Target],
+    samples: &BTreeMap<(usize, Target), Vec<Sample>>,
+    runs: usize,
+) {
+    let file = ALL_TARGETS[1];
+    let raw = ALL_TARGETS[0];
+    println!(
+        "Medians of {runs} interleaved rounds, (min..max); ratios: of the medians, (per round min..max)."
+    );
+    for (w, workload) in workloads.iter().enumerate() {
+        let throughput = |s: &Sample| {
+            if workload.bs == "1m" { s.mib_s } else { s.iops }
+        };
+        let unit = if workload.bs == "1m" { "MiB/s" } else { "IOPS" };
+        println!();
+        println!("### {}", workload.name);
+        println!();
+        if workload.latency {
+            println!("| target | {unit} | p50 µs | p99 µs | ÷ file | ÷ raw |");
+            println!("|---|---|---|---|---|---|");
+        } else {
+            println!("| target | {unit} | ÷ file | ÷ raw |");
+            println!("|---|---|---|---|");
+        }
+        let of = |t: Target| {
+            samples
+                .get(&(w, t))
+                .map(|s| s.iter().map(throughput).collect::<Vec<_>>())
+        };
+        for target in targets {
+            let Some(values) = of(*target) else { continue };
+            let ratio = |base: Target| match of(base) {
+                Some(b) if base != *target => {
+                    let per_round: Vec<f64> = values.iter().zip(&b).map(|(v, b)| v / b).collect();
+                    let (_, lo, hi) = spread(&per_round);
+                    format!("{:.2} ({lo:.2}..{hi:.2})", median(&values) / median(&b))
+                }
+                _ => "-".into(),
+            };
+            let list = &samples[&(w, *target)];
+            if workload.latency {
+                let p50: Vec<f64> = list.iter().map(|s| s.p50_us).collect();
+                let p99: Vec<f64> = list.iter().map(|s| s.p99_us).collect();
+                println!(
+                    "| {} | {} | {} | {} | {} | {} |",
+                    target.name(),
+                    with_range(&values),
+                    with_range(&p50),
+                    with_range(&p99),
+                    ratio(file),
+                    ratio(raw)
+                );
+            } else {
+                println!(
+                    "| {} | {} | {} | {} |",
+                    target.name(),
+                    with_range(&values),
+                    ratio(file),
+                    ratio(raw)
+                );
+            }
+        }
+    }
+    println!();
+}
+
+/// Per second, the median over rounds; the loss is the seconds of full-rate writing
+/// the copy-on-write cost: the sum over seconds of 1 - rate after / rate without.
+fn print_cow(series: &[Vec<Vec<f64>>; 3], seconds: u64, target: &Target) {
+    let per_second = |runs: &[Vec<f64>]| -> Vec<f64> {
+        let len = runs.iter().map(Vec::len).min().unwrap_or(0);
+        (0..len)
+            .map(|i| median(&runs.iter().map(|r| r[i]).collect::<Vec<_>>()))
+            .collect()
+    };
+    let [without, after, deleted] = series.each_ref().map(|s| per_second(s));
+    let baseline = median(&without);
+    let loss_of = |r: &[f64]| -> f64 { r.iter().map(|v| (1.0 - v / baseline).max(0.0)).sum() };
+    let recovered = after
+        .iter()
+        .position(|v| *v >= 0.9 * baseline)
+        .map_or(format!("not within {seconds} s"), |i| {
+            format!("{} s", i + 1)
+        });
+    let losses: Vec<String> = series[1]
+        .iter()
+        .map(|r| format!("{:.1} s", loss_of(r)))
+        .collect();
+    println!(
+        "### Overwrite right after a snapshot ({}: 4k random writes, QD32, {seconds} s per run, a fresh volume per round)",
+        target.name()
+    );
+    println!();
+    println!(
+        "No snapshot yet: {} IOPS (median of the per-second rates). Right after CreateSnapshot: first second {} IOPS ({:.2} of it), back to 0.9 of it after {recovered}; loss {:.1} s of full-rate writing in {seconds} s (per round {}). Once the snapshot is deleted: {} IOPS ({:.2} of the first).",
+        figure(baseline),
+        after.first().map_or("-".into(), |v| figure(*v)),
+        after.first().map_or(f64::NAN, |v| v / baseline),
+        loss_of(&after),
+        losses.join(", "),
+        figure(median(&deleted)),
+        median(&deleted) / baseline,
+    );
+    println!();
+    let list = |r: &[f64]| r.iter().map(|v| figure(*v)).collect::<Vec<_>>().join(", ");
+    println!("Per second, no snapshot yet: {}", list(&without));
+    println!("Per second, right after the snapshot: {}", list(&after));
+    println!("Per second, once it is deleted: {}", list(&deleted));
+    println!();
+}
