@@ -39,7 +39,7 @@ if [ -n "${BENCH_POOL_SETUP:-}" ]; then
   (cd "$work/state/pool" && eval "$BENCH_POOL_SETUP")
 fi
 
-echo "$(describe_machine "$pool_size")"
+describe_machine "$pool_size"
 echo
 status=0
 export BENCH_WORK=$work

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by the benchmarks: a throw-away all-in-one kura over a fresh sparse pool
 # image in a temporary directory, and a cleanup that removes only what it made.
 # Source it after `cd` to the repository root; it sets $work and starts nothing.

@@ -17,7 +17,7 @@ source bench/lib.sh
 pool_size=${POOL_SIZE:-100Gi}
 start_kura "$pool_size"
 
-echo "$(describe_machine "$pool_size")"
+describe_machine "$pool_size"
 echo
 status=0
 target/release/examples/bench_provision \
