@@ -7,8 +7,11 @@
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use super::{Error, Result};
@@ -29,25 +32,12 @@ pub fn run_within(
 ) -> Result<Output> {
     tracing::debug!(program, ?args, "running");
     let started = Instant::now();
-    let mut command = Command::new(program);
+    let mut command = dying_with_kura(program)?;
     command
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // A tool dies with kura: after a crash, the CO's retry must not race a mkfs or a
-    // mount that the dead process left running.
-    // SAFETY: the closure runs in the child between fork and exec, where only
-    // async-signal-safe calls are allowed; prctl is one, and it touches no memory of
-    // the parent.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
     let mut child = command.spawn().map_err(|source| Error::Spawn {
         program: program.to_owned(),
         source,
@@ -93,6 +83,79 @@ pub fn run_within(
             stderr: summary(&String::from_utf8_lossy(&output.stderr)),
         }),
     }
+}
+
+/// A command that runs `program` and dies with kura: after a crash, the CO's retry
+/// must not race a mkfs or a resize that the dead process left running. The child
+/// asks for SIGKILL at its parent's death (PR_SET_PDEATHSIG, kept across exec).
+///
+/// Where util-linux's setpriv can ask for it, the tool is started through
+/// `setpriv --pdeathsig KILL`, which sets it and then becomes the tool (same PID): the
+/// command then needs no code between fork and exec, so the standard library starts it
+/// with posix_spawn (a vfork) instead of a fork that copies kura's page tables and
+/// makes every thread of kura pay copy-on-write faults afterwards; with many volumes
+/// staged at once that fork was most of the node's CPU time. Without setpriv the
+/// child sets it itself, after a fork.
+fn dying_with_kura(program: &str) -> Result<Command> {
+    let Some(setpriv) = setpriv() else {
+        let mut command = Command::new(program);
+        // SAFETY: the closure runs in the child between fork and exec, where only
+        // async-signal-safe calls are allowed; prctl is one, and it touches no memory
+        // of the parent.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        return Ok(command);
+    };
+    // setpriv reports a missing tool only as exit code 127; looked up here, it is the
+    // same spawn error as without setpriv.
+    let path = find_program(program).ok_or_else(|| Error::Spawn {
+        program: program.to_owned(),
+        source: std::io::ErrorKind::NotFound.into(),
+    })?;
+    let mut command = Command::new(setpriv);
+    command.args(["--pdeathsig", "KILL", "--"]).arg(path);
+    Ok(command)
+}
+
+/// setpriv, when it is installed and takes `--pdeathsig` (util-linux 2.33 and later);
+/// looked for once.
+fn setpriv() -> Option<&'static Path> {
+    static SETPRIV: OnceLock<Option<PathBuf>> = OnceLock::new();
+    SETPRIV
+        .get_or_init(|| {
+            let path = find_program("setpriv")?;
+            let works = Command::new(&path)
+                .args(["--pdeathsig", "KILL", "--", "true"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|status| status.success());
+            works.then_some(path)
+        })
+        .as_deref()
+}
+
+/// Where `program` is: itself when it names a path, else the first executable file of
+/// that name in `PATH`, as exec would find it.
+fn find_program(program: &str) -> Option<PathBuf> {
+    if program.contains('/') {
+        return Some(PathBuf::from(program));
+    }
+    let dirs = std::env::var_os("PATH")?;
+    std::env::split_paths(&dirs)
+        .map(|dir| dir.join(program))
+        .find(|candidate| {
+            candidate
+                .metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
 }
 
 /// Waits for the child until `deadline`: `Err(Ok(()))` when it passed, `Err(Err(_))`
