@@ -153,6 +153,13 @@ impl Default for Options {
     }
 }
 
+/// The extent size hint of volume images: what a first write into a hole of a thin
+/// image allocates at once. Measured (bench/README.md, "Allocation of volume
+/// images"): after 8 s of 4k random writes into a fresh thin image, a fifth of the
+/// extents and sequential reads of it 3.7 times as fast, random writes as fast as
+/// without; the cost is up to 1 MiB allocated per region touched.
+const VOLUME_EXTENT_SIZE_HINT: u32 = 1 << 20;
+
 /// A node's pool. Every method blocks; async callers use `spawn_blocking`.
 #[derive(Debug)]
 pub struct Pool {
@@ -170,6 +177,10 @@ impl Pool {
     pub fn open(root: &Path, node_id: &str, options: Options) -> Result<Pool> {
         for dir in [root.join("volumes"), root.join("snapshots")] {
             std::fs::create_dir_all(&dir).map_err(|e| sys::Error::io("mkdir", &dir, e))?;
+        }
+        let volumes = root.join("volumes");
+        if !sys::fs::set_extent_size_hint(&volumes, VOLUME_EXTENT_SIZE_HINT)? {
+            tracing::debug!(pool = %root.display(), "pool filesystem takes no extent size hints");
         }
         let reflink = sys::fs::supports_reflink(root)?;
         if !reflink {

@@ -14,6 +14,22 @@ use super::{Error, Result};
 nix::ioctl_write_int!(ficlone, 0x94, 9);
 nix::ioctl_readwrite!(fifreeze, b'X', 119, libc::c_int);
 nix::ioctl_readwrite!(fithaw, b'X', 120, libc::c_int);
+nix::ioctl_read!(fs_get_xattr, b'X', 31, FsXattr);
+nix::ioctl_write_ptr!(fs_set_xattr, b'X', 32, FsXattr);
+
+/// `struct fsxattr` of <linux/fs.h>.
+#[repr(C)]
+#[derive(Debug, Default)]
+struct FsXattr {
+    xflags: u32,
+    extsize: u32,
+    nextents: u32,
+    projid: u32,
+    cowextsize: u32,
+    pad: [u8; 8],
+}
+
+const FS_XFLAG_EXTSZINHERIT: u32 = 0x0000_1000;
 
 /// Writes `bytes` to `path` so that a crash leaves either the old or the new content:
 /// temporary file, fsync, rename, fsync of the directory.
@@ -201,6 +217,34 @@ pub fn supports_reflink(dir: &Path) -> Result<bool> {
             Ok(false)
         }
         Err(e) => Err(e),
+    }
+}
+
+/// Gives files made in `dir` from now on an extent size hint of `bytes` (XFS: new
+/// files inherit it from their directory). A write into a hole then allocates
+/// `bytes` at once, aligned (the rest unwritten, reading as zeros), instead of just
+/// what it writes: far fewer extents in an image that was written at random, so
+/// reading it back sequentially, reflinking it and copying it stay fast. Returns false
+/// where the filesystem has no such hints (ext4, btrfs), which changes nothing there.
+pub fn set_extent_size_hint(dir: &Path, bytes: u32) -> Result<bool> {
+    let file = File::open(dir).map_err(|e| Error::io("open", dir, e))?;
+    let mut attr = FsXattr::default();
+    // SAFETY: FS_IOC_FSGETXATTR writes one fsxattr into `attr`, which outlives the call.
+    match unsafe { fs_get_xattr(file.as_raw_fd(), &mut attr) } {
+        Ok(_) => {}
+        Err(nix::errno::Errno::ENOTTY | nix::errno::Errno::EOPNOTSUPP) => return Ok(false),
+        Err(e) => return Err(Error::errno("FS_IOC_FSGETXATTR", dir, e)),
+    }
+    attr.xflags |= FS_XFLAG_EXTSZINHERIT;
+    attr.extsize = bytes;
+    // SAFETY: FS_IOC_FSSETXATTR reads one fsxattr from `attr`, which outlives the call.
+    match unsafe { fs_set_xattr(file.as_raw_fd(), &attr) } {
+        Ok(_) => Ok(true),
+        // ext4 takes the call but not this flag.
+        Err(
+            nix::errno::Errno::EINVAL | nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::ENOTTY,
+        ) => Ok(false),
+        Err(e) => Err(Error::errno("FS_IOC_FSSETXATTR", dir, e)),
     }
 }
 
