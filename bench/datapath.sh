@@ -8,6 +8,7 @@
 #   bench/datapath.sh [--runtime 10] [--size-mib 1024] [--runs 3] [--cow-seconds 20]
 #                     [--targets raw,file,block-thin,...] [--workloads randread-4k-qd32,...]
 #                     [--ready-setup 'shell command, run with $BENCH_WORK set, once the targets exist']
+#                     [--variant "NAME=shell command" ...  (an A/B inside one pool, per round)]
 #
 # Environment: POOL_SIZE (default 40Gi), BENCH_TMP (where the pool image and the raw
 # device's image go; default /tmp), KURA_BIN (the kura binary; default the one built

@@ -69,6 +69,29 @@ struct Args {
     /// tuning experiment: queue settings of the loop devices, say).
     #[arg(long)]
     ready_setup: Option<String>,
+    /// `NAME=shell command`, repeatable: an A/B experiment inside one pool. In every
+    /// round each variant's command runs (with $BENCH_WORK set), then every workload
+    /// on every target; the variants' order rotates from round to round, and the
+    /// tables gain a row per target and variant with its ratio to the first variant.
+    /// Each command must set everything the variants differ in.
+    #[arg(long, value_parser = parse_variant)]
+    variant: Vec<Variant>,
+}
+
+#[derive(Clone, Debug)]
+struct Variant {
+    name: String,
+    command: String,
+}
+
+fn parse_variant(text: &str) -> Result<Variant, String> {
+    match text.split_once('=') {
+        Some((name, command)) if !name.trim().is_empty() => Ok(Variant {
+            name: name.trim().to_owned(),
+            command: command.to_owned(),
+        }),
+        _ => Err(format!("--variant {text:?}: expected NAME=shell command")),
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -226,6 +249,9 @@ impl Phase {
     }
 }
 
+/// Per (workload, variant, target), one sample per round.
+type Samples = BTreeMap<(usize, usize, Target), Vec<Sample>>;
+
 /// One fio run's figures.
 #[derive(Clone, Copy, Debug)]
 struct Sample {
@@ -293,26 +319,48 @@ async fn main() -> Result<()> {
             return Err(format!("--ready-setup failed: {status}").into());
         }
     }
-    let mut samples: BTreeMap<(usize, Target), Vec<Sample>> = BTreeMap::new();
+    let variants = &bench.args.variant;
+    for v in variants {
+        println!("- variant {}: {}", v.name, v.command);
+    }
+    if !variants.is_empty() {
+        println!();
+    }
+    let mut samples: Samples = BTreeMap::new();
     for run in 0..bench.args.runs {
-        for (w, workload) in workloads.iter().enumerate() {
-            for k in 0..ready.len() {
-                let r = &ready[(run + k) % ready.len()];
-                let sample = bench.fio(&r.path, workload, None)?;
-                eprintln!(
-                    "bench: round {run} {} {}: {:.0} IOPS, {:.1} MiB/s, p50 {:.0} us, p99 {:.0} us",
-                    workload.name,
-                    r.target.name(),
-                    sample.iops,
-                    sample.mib_s,
-                    sample.p50_us,
-                    sample.p99_us
-                );
-                samples.entry((w, r.target)).or_default().push(sample);
+        for j in 0..variants.len().max(1) {
+            let variant = (!variants.is_empty()).then(|| (run + j) % variants.len());
+            if let Some(v) = variant {
+                let status = Command::new("sh")
+                    .args(["-c", &variants[v].command])
+                    .status()?;
+                if !status.success() {
+                    return Err(format!("--variant {}: {status}", variants[v].name).into());
+                }
+            }
+            for (w, workload) in workloads.iter().enumerate() {
+                for k in 0..ready.len() {
+                    let r = &ready[(run + k) % ready.len()];
+                    let sample = bench.fio(&r.path, workload, None)?;
+                    eprintln!(
+                        "bench: round {run}{} {} {}: {:.0} IOPS, {:.1} MiB/s, p50 {:.0} us, p99 {:.0} us",
+                        variant.map_or(String::new(), |v| format!(" [{}]", variants[v].name)),
+                        workload.name,
+                        r.target.name(),
+                        sample.iops,
+                        sample.mib_s,
+                        sample.p50_us,
+                        sample.p99_us
+                    );
+                    samples
+                        .entry((w, variant.unwrap_or(0), r.target))
+                        .or_default()
+                        .push(sample);
+                }
             }
         }
     }
-    print_tables(&workloads, &targets, &samples, bench.args.runs);
+    print_tables(&workloads, &targets, variants, &samples, bench.args.runs);
 
     if bench.args.cow_seconds > 0 {
         bench.after_snapshot().await?;
@@ -716,11 +764,13 @@ fn with_range(values: &[f64]) -> String {
 fn print_tables(
     workloads: &[Workload],
     targets: &[Target],
-    samples: &BTreeMap<(usize, Target), Vec<Sample>>,
+    variants: &[Variant],
+    samples: &Samples,
     runs: usize,
 ) {
     let file = ALL_TARGETS[1];
     let raw = ALL_TARGETS[0];
+    let compare = variants.len() > 1;
     println!(
         "Medians of {runs} interleaved rounds, (min..max); ratios: of the medians, (per round min..max)."
     );
@@ -732,49 +782,57 @@ fn print_tables(
         println!();
         println!("### {}", workload.name);
         println!();
-        if workload.latency {
-            println!("| target | {unit} | p50 µs | p99 µs | ÷ file | ÷ raw |");
-            println!("|---|---|---|---|---|---|");
+        let extra = if compare {
+            format!(" ÷ {} |", variants[0].name)
         } else {
-            println!("| target | {unit} | ÷ file | ÷ raw |");
-            println!("|---|---|---|---|");
+            String::new()
+        };
+        if workload.latency {
+            println!("| target | {unit} | p50 µs | p99 µs | ÷ file | ÷ raw |{extra}");
+            println!("|---|---|---|---|---|---|{}", if compare { "---|" } else { "" });
+        } else {
+            println!("| target | {unit} | ÷ file | ÷ raw |{extra}");
+            println!("|---|---|---|---|{}", if compare { "---|" } else { "" });
         }
-        let of = |t: Target| {
+        let of = |v: usize, t: Target| {
             samples
-                .get(&(w, t))
+                .get(&(w, v, t))
                 .map(|s| s.iter().map(throughput).collect::<Vec<_>>())
         };
         for target in targets {
-            let Some(values) = of(*target) else { continue };
-            let ratio = |base: Target| match of(base) {
-                Some(b) if base != *target => {
-                    let per_round: Vec<f64> = values.iter().zip(&b).map(|(v, b)| v / b).collect();
-                    let (_, lo, hi) = spread(&per_round);
-                    format!("{:.2} ({lo:.2}..{hi:.2})", median(&values) / median(&b))
+            for v in 0..variants.len().max(1) {
+                let Some(values) = of(v, *target) else {
+                    continue;
+                };
+                let ratio = |base: Option<Vec<f64>>| match base {
+                    Some(b) => {
+                        let per_round: Vec<f64> =
+                            values.iter().zip(&b).map(|(v, b)| v / b).collect();
+                        let (_, lo, hi) = spread(&per_round);
+                        format!("{:.2} ({lo:.2}..{hi:.2})", median(&values) / median(&b))
+                    }
+                    None => "-".into(),
+                };
+                let against = |base: Target| {
+                    ratio(of(v, base).filter(|_| base != *target))
+                };
+                let name = if compare {
+                    format!("{} [{}]", target.name(), variants[v].name)
+                } else {
+                    target.name()
+                };
+                let list = &samples[&(w, v, *target)];
+                let mut row = format!("| {name} | {} |", with_range(&values));
+                if workload.latency {
+                    let p50: Vec<f64> = list.iter().map(|s| s.p50_us).collect();
+                    let p99: Vec<f64> = list.iter().map(|s| s.p99_us).collect();
+                    row += &format!(" {} | {} |", with_range(&p50), with_range(&p99));
                 }
-                _ => "-".into(),
-            };
-            let list = &samples[&(w, *target)];
-            if workload.latency {
-                let p50: Vec<f64> = list.iter().map(|s| s.p50_us).collect();
-                let p99: Vec<f64> = list.iter().map(|s| s.p99_us).collect();
-                println!(
-                    "| {} | {} | {} | {} | {} | {} |",
-                    target.name(),
-                    with_range(&values),
-                    with_range(&p50),
-                    with_range(&p99),
-                    ratio(file),
-                    ratio(raw)
-                );
-            } else {
-                println!(
-                    "| {} | {} | {} | {} |",
-                    target.name(),
-                    with_range(&values),
-                    ratio(file),
-                    ratio(raw)
-                );
+                row += &format!(" {} | {} |", against(file), against(raw));
+                if compare {
+                    row += &format!(" {} |", ratio(of(0, *target).filter(|_| v != 0)));
+                }
+                println!("{row}");
             }
         }
     }
