@@ -789,7 +789,10 @@ fn print_tables(
         };
         if workload.latency {
             println!("| target | {unit} | p50 µs | p99 µs | ÷ file | ÷ raw |{extra}");
-            println!("|---|---|---|---|---|---|{}", if compare { "---|" } else { "" });
+            println!(
+                "|---|---|---|---|---|---|{}",
+                if compare { "---|" } else { "" }
+            );
         } else {
             println!("| target | {unit} | ÷ file | ÷ raw |{extra}");
             println!("|---|---|---|---|{}", if compare { "---|" } else { "" });
@@ -813,9 +816,7 @@ fn print_tables(
                     }
                     None => "-".into(),
                 };
-                let against = |base: Target| {
-                    ratio(of(v, base).filter(|_| base != *target))
-                };
+                let against = |base: Target| ratio(of(v, base).filter(|_| base != *target));
                 let name = if compare {
                     format!("{} [{}]", target.name(), variants[v].name)
                 } else {

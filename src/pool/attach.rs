@@ -481,6 +481,8 @@ impl Attacher {
                 true,
             ),
         };
+        // Also on a device found bound: an older kura may have attached it untuned.
+        sys::loopdev::tune_for_stacking(&device);
         self.pool.pause_at("staging");
         let encrypted = key.is_some();
         let staged = match &capability.access {

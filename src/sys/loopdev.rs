@@ -153,6 +153,50 @@ pub fn attach_with_block_size(file: &Path, read_only: bool, block_size: u32) -> 
     Err(Error::errno("LOOP_CONFIGURE", file, Errno::EBUSY))
 }
 
+/// Queue settings for a volume's loop device: (sysfs attribute, kura's value, the
+/// kernel's default). The pool below the volume has a block layer of its own that
+/// merges requests and throttles writeback for the disk; doing both again one level up
+/// costs CPU per request and throttles writes twice, so kura leaves them to the bottom
+/// device, as device-mapper stacks do. Measured in bench/README.md ("Loop queue
+/// settings"). `rotational` is left to the kernel, which takes it from the backing
+/// device.
+const STACKED_QUEUE: [(&str, &str, &str); 2] =
+    [("nomerges", "1", "0"), ("wbt_lat_usec", "0", "-1")];
+
+/// Applies [`STACKED_QUEUE`] to a volume's loop device. A setting the kernel does not
+/// offer (writeback throttling is a build option) or refuses is logged and skipped:
+/// it costs speed, never correctness.
+pub fn tune_for_stacking(device: &Path) {
+    for (attribute, value, _) in STACKED_QUEUE {
+        set_queue(device, attribute, value);
+    }
+}
+
+/// Puts [`STACKED_QUEUE`] back to the kernel's defaults, so that whoever binds this
+/// loop device next gets a stock one: queue settings outlive the binding.
+fn restore_queue_defaults(device: &Path) {
+    for (attribute, _, default) in STACKED_QUEUE {
+        set_queue(device, attribute, default);
+    }
+}
+
+fn set_queue(device: &Path, attribute: &str, value: &str) {
+    let Some(name) = device.file_name() else {
+        return;
+    };
+    let path = Path::new("/sys/block")
+        .join(name)
+        .join("queue")
+        .join(attribute);
+    match std::fs::write(&path, value) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(path = %path.display(), value, error = %e, "loop queue setting refused")
+        }
+    }
+}
+
 /// How long [`detach`] waits for the kernel to let go of a device that something else
 /// held open when it was cleared.
 const DETACH_DEADLINE: Duration = Duration::from_secs(10);
@@ -173,6 +217,8 @@ pub fn detach(device: &Path) -> Result<()> {
         Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok(()),
         Err(e) => return Err(e),
     };
+    // Still bound to the caller's file here, so this cannot touch someone else's device.
+    restore_queue_defaults(device);
     {
         let dev = File::open(device).map_err(|e| Error::io("open", device, e))?;
         // SAFETY: LOOP_CLR_FD takes no argument.
