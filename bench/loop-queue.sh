@@ -2,8 +2,8 @@
 # Sets queue attributes on the loop devices of the volumes in a datapath benchmark's
 # pool, for A/B runs of loop queue settings (see bench/README.md):
 #
-#   bench/datapath.sh --variant "kernel=bench/loop-queue.sh nomerges=0 wbt_lat_usec=-1" \
-#                     --variant "kura=bench/loop-queue.sh nomerges=1 wbt_lat_usec=0"
+#   bench/datapath.sh --variant "kernel=bench/loop-queue.sh nomerges=0" \
+#                     --variant "kura=bench/loop-queue.sh nomerges=1"
 #
 # Each argument is ATTRIBUTE=VALUE under /sys/block/loopN/queue/. Only devices backed
 # by a file in $BENCH_WORK/state/pool/volumes/ are touched.

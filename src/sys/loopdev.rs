@@ -153,31 +153,24 @@ pub fn attach_with_block_size(file: &Path, read_only: bool, block_size: u32) -> 
     Err(Error::errno("LOOP_CONFIGURE", file, Errno::EBUSY))
 }
 
-/// Queue settings for a volume's loop device: (sysfs attribute, kura's value, the
-/// kernel's default). The pool below the volume has a block layer of its own that
-/// merges requests and throttles writeback for the disk; doing both again one level up
-/// costs CPU per request and throttles writes twice, so kura leaves them to the bottom
-/// device, as device-mapper stacks do. Measured in bench/README.md ("Loop queue
-/// settings"). `rotational` is left to the kernel, which takes it from the backing
-/// device.
-const STACKED_QUEUE: [(&str, &str, &str); 2] =
-    [("nomerges", "1", "0"), ("wbt_lat_usec", "0", "-1")];
+/// A volume's loop device merges no requests beyond the one-hit and plug merges
+/// (`nomerges` 1, the kernel's default 0): the pool's own device below merges what
+/// reaches it, and the merge lookups cost CPU per request. Measured in bench/README.md
+/// ("Loop queue settings"). Writeback throttling stays on: the loop driver writes to
+/// its backing file with direct I/O, which the pool's device does not throttle, so the
+/// volume's device is the one place a pod's buffered writeback is throttled.
+const NOMERGES: &str = "nomerges";
 
-/// Applies [`STACKED_QUEUE`] to a volume's loop device. A setting the kernel does not
-/// offer (writeback throttling is a build option) or refuses is logged and skipped:
-/// it costs speed, never correctness.
+/// Sets [`NOMERGES`] on a volume's loop device. A refusal is logged and skipped: it
+/// costs speed, never correctness.
 pub fn tune_for_stacking(device: &Path) {
-    for (attribute, value, _) in STACKED_QUEUE {
-        set_queue(device, attribute, value);
-    }
+    set_queue(device, NOMERGES, "1");
 }
 
-/// Puts [`STACKED_QUEUE`] back to the kernel's defaults, so that whoever binds this
-/// loop device next gets a stock one: queue settings outlive the binding.
+/// Puts [`NOMERGES`] back to the kernel's default, so that whoever binds this loop
+/// device next gets a stock one: queue settings outlive the binding.
 fn restore_queue_defaults(device: &Path) {
-    for (attribute, _, default) in STACKED_QUEUE {
-        set_queue(device, attribute, default);
-    }
+    set_queue(device, NOMERGES, "0");
 }
 
 fn set_queue(device: &Path, attribute: &str, value: &str) {
@@ -188,12 +181,8 @@ fn set_queue(device: &Path, attribute: &str, value: &str) {
         .join(name)
         .join("queue")
         .join(attribute);
-    match std::fs::write(&path, value) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            tracing::warn!(path = %path.display(), value, error = %e, "loop queue setting refused")
-        }
+    if let Err(e) = std::fs::write(&path, value) {
+        tracing::warn!(path = %path.display(), value, error = %e, "loop queue setting refused");
     }
 }
 
