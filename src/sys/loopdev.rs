@@ -155,8 +155,8 @@ pub fn attach_with_block_size(file: &Path, read_only: bool, block_size: u32) -> 
 
 /// A volume's loop device merges no requests beyond the one-hit and plug merges
 /// (`nomerges` 1, the kernel's default 0): the pool's own device below merges what
-/// reaches it, and the merge lookups cost CPU per request. Measured in bench/README.md
-/// ("Loop queue settings"). Writeback throttling stays on: the loop driver writes to
+/// reaches it. Faster in A/B runs, measured in bench/README.md ("Loop queue
+/// settings"). Writeback throttling stays on: the loop driver writes to
 /// its backing file with direct I/O, which the pool's device does not throttle, so the
 /// volume's device is the one place a pod's buffered writeback is throttled.
 const NOMERGES: &str = "nomerges";
