@@ -22,6 +22,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod control;
 pub mod csi;
 pub mod metrics;
 pub mod pool;

@@ -36,7 +36,7 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Response, Status};
 
 use super::proto::agent_client::AgentClient;
-use super::{Copy, Error, Node, Pools, Result, proto, wire};
+use super::{Error, Node, Pools, Result, Transfer, proto, wire};
 use crate::csi::status::agent_error;
 use crate::pool::group::GroupSnapshot;
 use crate::pool::{
@@ -706,7 +706,7 @@ impl Pools for Cluster {
     /// Asks the source's agent for the export (pinning it the first time, extending
     /// its grant after), then the destination's agent to run or report the transfer.
     /// The export is released once the volume is done or the transfer failed.
-    async fn copy_volume(&self, node: &Node, spec: VolumeSpec) -> Result<Copy> {
+    async fn transfer_volume(&self, node: &Node, spec: VolumeSpec) -> Result<Transfer> {
         let source = spec.source.clone().ok_or_else(|| wire::Malformed {
             field: "volume_content_source",
             reason: "a copy needs a content source".to_owned(),
@@ -752,11 +752,11 @@ impl Pools for Cluster {
                 state: Some(State::Volume(volume)),
             }) => {
                 release().await;
-                Ok(Copy::Done(wire::volume(Some(&volume))?))
+                Ok(Transfer::Done(wire::volume(Some(&volume))?))
             }
             Ok(proto::TransferResponse {
                 state: Some(State::Running(p)),
-            }) => Ok(Copy::Running {
+            }) => Ok(Transfer::Running {
                 done: p.bytes_done,
                 total: p.bytes_total,
             }),
@@ -773,13 +773,13 @@ impl Pools for Cluster {
         }
     }
 
-    async fn find_copy(&self, node: &Node, name: String) -> Result<Option<Copy>> {
+    async fn find_transfer(&self, node: &Node, name: String) -> Result<Option<Transfer>> {
         let found = self
             .call(&node.token, READ_TIMEOUT, |mut c| async move {
                 c.find_transfer(proto::FindTransferRequest { name }).await
             })
             .await?;
-        Ok(found.progress.map(|p| Copy::Running {
+        Ok(found.progress.map(|p| Transfer::Running {
             done: p.bytes_done,
             total: p.bytes_total,
         }))

@@ -176,23 +176,23 @@ pub trait Pools: Send + Sync + 'static {
     /// Makes the volume `spec` names on `node` by copying its content source from the
     /// source's node, or reports how far the copy is. Repeating it follows the same
     /// copy; it never starts a second one.
-    fn copy_volume(
+    fn transfer_volume(
         &self,
         node: &Node,
         spec: VolumeSpec,
-    ) -> impl Future<Output = Result<Copy>> + Send;
+    ) -> impl Future<Output = Result<Transfer>> + Send;
     /// The copy making a volume of this name on `node`, if one runs or may resume
     /// there.
-    fn find_copy(
+    fn find_transfer(
         &self,
         node: &Node,
         name: String,
-    ) -> impl Future<Output = Result<Option<Copy>>> + Send;
+    ) -> impl Future<Output = Result<Option<Transfer>>> + Send;
 }
 
 /// Where a cross-node copy is.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Copy {
+pub enum Transfer {
     Done(Volume),
     /// Data bytes written on the destination so far, and the source image's size.
     Running {
@@ -488,13 +488,13 @@ impl Pools for LocalPools {
     }
 
     /// One pool has no other node to copy from.
-    async fn copy_volume(&self, node: &Node, _spec: VolumeSpec) -> Result<Copy> {
+    async fn transfer_volume(&self, node: &Node, _spec: VolumeSpec) -> Result<Transfer> {
         Err(Error::UnknownNode {
             token: node.token.as_str().to_owned(),
         })
     }
 
-    async fn find_copy(&self, _node: &Node, _name: String) -> Result<Option<Copy>> {
+    async fn find_transfer(&self, _node: &Node, _name: String) -> Result<Option<Transfer>> {
         Ok(None)
     }
 }

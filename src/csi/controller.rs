@@ -1,246 +1,59 @@
-//! The Controller service: volumes and snapshots in the nodes' pools, reached only
-//! through [`Pools`].
+//! The Controller service: checks each request into typed arguments, asks
+//! [`crate::control`] (which reaches the nodes' pools through [`Pools`]), and builds
+//! the response; every error becomes a status in [`super::status`].
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
 
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use super::proto::controller_server::Controller;
 use super::proto::{self, controller_service_capability, volume_content_source};
-use super::status::{
-    busy, copying, from_agent, incompatible, invalid, missing, no_node, no_volume, not_found,
-    shown, source_not_found, unimplemented,
-};
+use super::status::{from_control, invalid, missing, no_volume, not_found, shown, unimplemented};
 use super::validate::{self, CapabilityError};
 use super::{TOPOLOGY_KEY, node_topology};
-use crate::agent::{Copy, Node, Pools};
+use crate::agent::Pools;
+use crate::control::placement::Topology;
+use crate::control::{self, NewVolume, SnapshotFilter};
 use crate::pool::attach::Capability;
 use crate::pool::{
     self, AccessKind, Condition, ContentSource, Snapshot, SnapshotId, Volume, VolumeId, VolumeSpec,
 };
 
-/// The Controller service over the nodes' pools.
-///
-/// # Guarantees
-///
-/// - CreateVolume and CreateSnapshot hold a lock on the request's name (in this
-///   process) while they look for an object of that name on every live node and, only
-///   if there is none, make one: a retried or doubled request never makes two.
-/// - The per-object locks are taken by [`Pools`] in the process that owns the pool.
+/// The Controller (and GroupController) service over the nodes' pools.
 pub struct ControllerService<P> {
-    pub(super) pools: P,
-    names: Names,
-}
-
-/// Requests' names in flight in this process, each with the ID it is making once that
-/// is known (so a second caller's ABORTED names the object).
-#[derive(Debug, Default)]
-struct Names {
-    held: Arc<Mutex<HashMap<String, Option<String>>>>,
-}
-
-/// Releases its name when dropped.
-pub(super) struct NameGuard {
-    held: Arc<Mutex<HashMap<String, Option<String>>>>,
-    key: String,
-}
-
-impl Names {
-    fn try_acquire(&self, key: String) -> Result<NameGuard, Status> {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(id) = held.get(&key) {
-            return Err(match id {
-                Some(id) => busy(&format!("{id} ({key})")),
-                None => busy(&key),
-            });
-        }
-        held.insert(key.clone(), None);
-        Ok(NameGuard {
-            held: Arc::clone(&self.held),
-            key,
-        })
-    }
-}
-
-impl NameGuard {
-    /// Records the ID the holder is making.
-    fn making(&self, id: &str) {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        held.insert(self.key.clone(), Some(id.to_owned()));
-    }
-}
-
-impl Drop for NameGuard {
-    fn drop(&mut self) {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        held.remove(&self.key);
-    }
+    pub(super) control: control::Controller<P>,
 }
 
 impl<P: Pools> ControllerService<P> {
     pub fn new(pools: P) -> Self {
         ControllerService {
-            pools,
-            names: Names::default(),
+            control: control::Controller::new(pools),
         }
-    }
-
-    /// The node to place a new volume on.
-    ///
-    /// - With a content source: the source's node (an instant reflink), if the
-    ///   requisite topology allows it; otherwise a node placed as below, where the
-    ///   source is copied to across nodes (see [`crate::agent::transfer`]).
-    /// - Otherwise, among the live nodes within requisite (all live nodes without
-    ///   one): the first preferred node with room for `needed` bytes, else the one
-    ///   with the most free space. With `--strict-topology` requisite and preferred
-    ///   are the one selected node: if it is down or full the answer is
-    ///   RESOURCE_EXHAUSTED, and the scheduler picks again.
-    async fn place(
-        &self,
-        requirements: Option<&proto::TopologyRequirement>,
-        provisioning: pool::Provisioning,
-        needed: u64,
-        source: Option<&ContentSource>,
-    ) -> Result<Node, Status> {
-        let node_of = |t: &proto::Topology| t.segments.get(TOPOLOGY_KEY).cloned();
-        let (requisite, preferred): (Vec<String>, Vec<String>) = match requirements {
-            None => (vec![], vec![]),
-            Some(r) => (
-                r.requisite.iter().filter_map(node_of).collect(),
-                r.preferred.iter().filter_map(node_of).collect(),
-            ),
-        };
-        let constrained = requirements.is_some_and(|r| !r.requisite.is_empty());
-        let allowed = |id: &str| !constrained || requisite.iter().any(|r| r == id);
-        if let Some(source) = source {
-            // A source on a node kura cannot have names nothing: NOT_FOUND, not a
-            // topology failure.
-            let node = self.pools.locate(&source.node()).map_err(|e| match e {
-                crate::agent::Error::UnknownNode { token } => source_not_found(source.id(), &token),
-                other => from_agent(other),
-            })?;
-            if allowed(&node.id) {
-                return Ok(node);
-            }
-        }
-        let nodes: Vec<Node> = self
-            .pools
-            .nodes()
-            .into_iter()
-            .filter(|n| allowed(&n.id))
-            // A copy goes to another node than its source's.
-            .filter(|n| source.is_none_or(|s| n.token != s.node()))
-            .collect();
-        let mut free = Vec::with_capacity(nodes.len());
-        for node in &nodes {
-            let bytes = self
-                .pools
-                .available(node, provisioning)
-                .await
-                .map_err(from_agent)?;
-            free.push((node, bytes));
-        }
-        let preferred_with_room = preferred.iter().find_map(|id| {
-            free.iter()
-                .find(|(n, bytes)| n.id == *id && *bytes >= needed)
-                .map(|(n, _)| (*n).clone())
-        });
-        if let Some(node) = preferred_with_room {
-            return Ok(node);
-        }
-        // Most free space; ties go to the first node by ID, so every controller
-        // replica places alike.
-        let mut best: Option<(u64, &Node)> = None;
-        for (node, bytes) in &free {
-            if best.is_none_or(|(most, _)| *bytes > most) {
-                best = Some((*bytes, node));
-            }
-        }
-        match best {
-            Some((bytes, node)) if bytes >= needed || !constrained => Ok(node.clone()),
-            Some((bytes, node)) => Err(no_node(format!(
-                "no node within the requisite topology {requisite:?} has room for \
-                 {needed} bytes (most free: {bytes} bytes on {})",
-                node.id
-            ))),
-            None if constrained => Err(no_node(format!(
-                "no live kura node among the requisite topologies {requisite:?}"
-            ))),
-            None => Err(no_node("no live kura node can take a volume")),
-        }
-    }
-
-    /// The live node that holds a volume made by a create with this name, if any.
-    async fn find_volume(&self, name: &str) -> Result<Option<(Node, Volume)>, Status> {
-        let nodes = self.pools.nodes();
-        let found = futures_util::future::join_all(
-            nodes
-                .iter()
-                .map(|node| self.pools.find_volume(node, name.to_owned())),
-        )
-        .await;
-        for (node, found) in nodes.into_iter().zip(found) {
-            if let Some(volume) = found.map_err(from_agent)? {
-                return Ok(Some((node, volume)));
-            }
-        }
-        Ok(None)
-    }
-
-    /// The live node where a cross-node copy for a create with this name runs or
-    /// may resume, if any: retries follow it rather than place again.
-    async fn find_copy(&self, name: &str) -> Result<Option<Node>, Status> {
-        let nodes = self.pools.nodes();
-        let found = futures_util::future::join_all(
-            nodes
-                .iter()
-                .map(|node| self.pools.find_copy(node, name.to_owned())),
-        )
-        .await;
-        for (node, found) in nodes.into_iter().zip(found) {
-            if found.map_err(from_agent)?.is_some() {
-                return Ok(Some(node));
-            }
-        }
-        Ok(None)
-    }
-
-    /// A snapshot made by a create with this name on any live node, if any.
-    async fn find_snapshot(&self, name: &str) -> Result<Option<Snapshot>, Status> {
-        let nodes = self.pools.nodes();
-        let found = futures_util::future::join_all(
-            nodes
-                .iter()
-                .map(|node| self.pools.find_snapshot(node, name.to_owned())),
-        )
-        .await;
-        for found in found {
-            if let Some(snapshot) = found.map_err(from_agent)? {
-                return Ok(Some(snapshot));
-            }
-        }
-        Ok(None)
-    }
-
-    /// Takes the lock on a request's name.
-    pub(super) fn lock_name(&self, kind: &str, name: &str) -> Result<NameGuard, Status> {
-        self.names.try_acquire(format!("{kind} name {name:?}"))
     }
 
     fn volume_message(&self, volume: &Volume) -> proto::Volume {
-        let node_id = self
-            .pools
-            .node(&volume.id.node())
-            .map_or_else(|| volume.id.node().as_str().to_owned(), |n| n.id);
         proto::Volume {
             capacity_bytes: volume.size_bytes as i64,
             volume_id: volume.id.to_string(),
             volume_context: HashMap::new(),
             content_source: volume.source.as_ref().map(content_source_message),
-            accessible_topology: vec![node_topology(&node_id)],
+            accessible_topology: vec![node_topology(&self.control.node_id(&volume.id.node()))],
         }
+    }
+}
+
+/// The topology a create request allows, by node ID. A requisite list that names no
+/// kura node allows none; an empty one allows all.
+fn topology(requirements: Option<&proto::TopologyRequirement>) -> Topology {
+    let node_of = |t: &proto::Topology| t.segments.get(TOPOLOGY_KEY).cloned();
+    let Some(r) = requirements else {
+        return Topology::default();
+    };
+    Topology {
+        requisite: (!r.requisite.is_empty())
+            .then(|| r.requisite.iter().filter_map(node_of).collect()),
+        preferred: r.preferred.iter().filter_map(node_of).collect(),
     }
 }
 
@@ -287,28 +100,6 @@ fn content_source(
     }
 }
 
-/// A volume of the requested name exists already on `node`: a request whose requisite
-/// topology excludes that node asks for another volume.
-fn check_existing_topology(
-    requirements: Option<&proto::TopologyRequirement>,
-    node: &str,
-) -> Result<(), Status> {
-    let Some(r) = requirements.filter(|r| !r.requisite.is_empty()) else {
-        return Ok(());
-    };
-    let inside = r
-        .requisite
-        .iter()
-        .any(|t| t.segments.get(TOPOLOGY_KEY).is_some_and(|n| n == node));
-    if inside {
-        Ok(())
-    } else {
-        Err(incompatible(format!(
-            "a volume of this name already exists on node {node}, outside the requisite topology"
-        )))
-    }
-}
-
 fn condition_message(condition: Condition) -> proto::VolumeCondition {
     proto::VolumeCondition {
         abnormal: condition.abnormal,
@@ -337,20 +128,6 @@ pub(super) fn snapshot_message(snapshot: &Snapshot) -> proto::Snapshot {
 /// The access types a list of capabilities asks for.
 fn access_kinds(caps: &[Capability]) -> BTreeSet<AccessKind> {
     caps.iter().map(|c| c.access.kind()).collect()
-}
-
-/// One page of `items` (sorted by ID) starting at `start`.
-fn page<T, K: Ord>(
-    items: Vec<T>,
-    key: impl Fn(&T) -> &K,
-    start: Option<&K>,
-    max: usize,
-) -> (Vec<T>, Option<T>) {
-    let mut rest = items
-        .into_iter()
-        .filter(|item| start.is_none_or(|s| key(item) >= s));
-    let page: Vec<T> = rest.by_ref().take(max).collect();
-    (page, rest.next())
 }
 
 fn capability(
@@ -386,53 +163,22 @@ impl<P: Pools> Controller for ControllerService<P> {
             validate::mutable_parameters(&req.mutable_parameters)?.unwrap_or(provisioning);
         validate::map_size(&req.secrets, "secrets")?;
         let source = content_source(req.volume_content_source.as_ref())?;
-        let name_guard = self.lock_name("volume", name)?;
-        let requirements = req.accessibility_requirements.as_ref();
-        let (node, exists) = match self.find_volume(name).await? {
-            Some((node, _)) => {
-                check_existing_topology(requirements, &node.id)?;
-                (node, true)
-            }
-            None => match self.find_copy(name).await? {
-                Some(node) => (node, false),
-                None => (
-                    self.place(requirements, provisioning, range.required, source.as_ref())
-                        .await?,
-                    false,
-                ),
+        let new = NewVolume {
+            spec: VolumeSpec {
+                name: name.to_owned(),
+                range,
+                provisioning,
+                source,
+                access: access_kinds(&capabilities),
+                encryption,
             },
+            topology: topology(req.accessibility_requirements.as_ref()),
         };
-        let copy_from = source
-            .as_ref()
-            .filter(|s| !exists && s.node() != node.token)
-            .map(|s| s.id().to_owned());
-        name_guard.making(VolumeId::derive(name, &node.token).as_str());
-        let spec = VolumeSpec {
-            name: name.to_owned(),
-            range,
-            provisioning,
-            source,
-            access: access_kinds(&capabilities),
-            encryption,
-        };
-        let volume = match copy_from {
-            None => self
-                .pools
-                .create_volume(&node, spec)
-                .await
-                .map_err(from_agent)?,
-            Some(source) => match self
-                .pools
-                .copy_volume(&node, spec)
-                .await
-                .map_err(from_agent)?
-            {
-                Copy::Done(volume) => volume,
-                Copy::Running { done, total } => {
-                    return Err(copying(name, &source, &node.id, done, total));
-                }
-            },
-        };
+        let volume = self
+            .control
+            .create_volume(new)
+            .await
+            .map_err(from_control)?;
         Ok(Response::new(proto::CreateVolumeResponse {
             volume: Some(self.volume_message(&volume)),
         }))
@@ -448,7 +194,7 @@ impl<P: Pools> Controller for ControllerService<P> {
         validate::map_size(&req.secrets, "secrets")?;
         // An ID that cannot be ours names a volume that is already gone.
         if let Some(id) = id {
-            self.pools.delete_volume(id).await.map_err(from_agent)?;
+            self.control.delete_volume(id).await.map_err(from_control)?;
         }
         Ok(Response::new(proto::DeleteVolumeResponse {}))
     }
@@ -493,7 +239,7 @@ impl<P: Pools> Controller for ControllerService<P> {
             return Err(status);
         }
         let id = id.ok_or_else(|| no_volume("volume_id", &req.volume_id))?;
-        let (volume, _) = self.pools.volume(id).await.map_err(from_agent)?;
+        let (volume, _) = self.control.volume(id).await.map_err(from_control)?;
         let verdict = checked
             .map_err(|e| e.into_invalid("volume_capabilities").message().to_owned())
             .and_then(|caps| {
@@ -548,11 +294,13 @@ impl<P: Pools> Controller for ControllerService<P> {
         let req = request.into_inner();
         let max = validate::max_entries(req.max_entries)?;
         let start = validate::starting_token(&req.starting_token, VolumeId::parse)?;
-        let mut volumes = self.pools.list_volumes().await.map_err(from_agent)?;
-        // Tokens are IDs: one order over every node keeps paging stable.
-        volumes.sort_by(|(a, _), (b, _)| a.id.cmp(&b.id));
-        let (page, next) = page(volumes, |(v, _)| &v.id, start.as_ref(), max);
+        let page = self
+            .control
+            .list_volumes(start.as_ref(), max)
+            .await
+            .map_err(from_control)?;
         let entries = page
+            .items
             .into_iter()
             .map(|(volume, condition)| proto::list_volumes_response::Entry {
                 volume: Some(self.volume_message(&volume)),
@@ -564,7 +312,7 @@ impl<P: Pools> Controller for ControllerService<P> {
             .collect();
         Ok(Response::new(proto::ListVolumesResponse {
             entries,
-            next_token: next.map(|(v, _)| v.id.to_string()).unwrap_or_default(),
+            next_token: page.next.map(|(v, _)| v.id.to_string()).unwrap_or_default(),
         }))
     }
 
@@ -584,30 +332,19 @@ impl<P: Pools> Controller for ControllerService<P> {
                 Err(CapabilityError::Unsupported(_)) => unusable = true,
             }
         }
-        let nodes: Vec<Node> = match &req.accessible_topology {
-            None => self.pools.nodes(),
-            Some(topology) => {
-                let wanted = topology.segments.get(TOPOLOGY_KEY);
-                self.pools
-                    .nodes()
-                    .into_iter()
-                    .filter(|n| wanted == Some(&n.id))
-                    .collect()
-            }
+        // A topology that names no kura node has no capacity.
+        let node = req
+            .accessible_topology
+            .as_ref()
+            .map(|t| t.segments.get(TOPOLOGY_KEY).map_or("", String::as_str));
+        let (available, largest) = if unusable {
+            (0, 0)
+        } else {
+            self.control
+                .capacity(node, provisioning)
+                .await
+                .map_err(from_control)?
         };
-        let mut available = 0u64;
-        let mut largest = 0u64;
-        if !unusable {
-            for node in &nodes {
-                let free = self
-                    .pools
-                    .available(node, provisioning)
-                    .await
-                    .map_err(from_agent)?;
-                available = available.saturating_add(free);
-                largest = largest.max(free);
-            }
-        }
         let largest = largest / pool::size::MIB * pool::size::MIB;
         Ok(Response::new(proto::GetCapacityResponse {
             available_capacity: available.min(i64::MAX as u64) as i64,
@@ -657,21 +394,11 @@ impl<P: Pools> Controller for ControllerService<P> {
         validate::snapshot_parameters(&req.parameters)?;
         validate::map_size(&req.secrets, "secrets")?;
         let source = source.ok_or_else(|| no_volume("source_volume_id", &req.source_volume_id))?;
-        let name_guard = self.lock_name("snapshot", name)?;
-        name_guard.making(SnapshotId::derive(name, &source.node()).as_str());
-        if let Some(existing) = self.find_snapshot(name).await?
-            && existing.source_volume != source
-        {
-            return Err(incompatible(format!(
-                "snapshot {name:?} already exists for volume {}",
-                existing.source_volume
-            )));
-        }
         let snapshot = self
-            .pools
-            .create_snapshot(name.to_owned(), source)
+            .control
+            .create_snapshot(name, source)
             .await
-            .map_err(from_agent)?;
+            .map_err(from_control)?;
         Ok(Response::new(proto::CreateSnapshotResponse {
             snapshot: Some(snapshot_message(&snapshot)),
         }))
@@ -686,8 +413,10 @@ impl<P: Pools> Controller for ControllerService<P> {
         let id = validate::snapshot_id(&req.snapshot_id, "snapshot_id")?;
         validate::map_size(&req.secrets, "secrets")?;
         if let Some(id) = id {
-            self.check_not_grouped(&id).await?;
-            self.pools.delete_snapshot(id).await.map_err(from_agent)?;
+            self.control
+                .delete_snapshot(id)
+                .await
+                .map_err(from_control)?;
         }
         Ok(Response::new(proto::DeleteSnapshotResponse {}))
     }
@@ -701,32 +430,24 @@ impl<P: Pools> Controller for ControllerService<P> {
         let max = validate::max_entries(req.max_entries)?;
         validate::map_size(&req.secrets, "secrets")?;
         let start = validate::starting_token(&req.starting_token, SnapshotId::parse)?;
-        let empty = || Ok(Response::new(proto::ListSnapshotsResponse::default()));
-        let mut snapshots = if req.snapshot_id.is_empty() {
-            self.pools.list_snapshots().await.map_err(from_agent)?
-        } else {
-            let Some(id) = SnapshotId::parse(&req.snapshot_id) else {
-                return empty();
-            };
-            match self.pools.snapshot(id).await {
-                Ok(snapshot) => vec![snapshot],
-                Err(e) if e.is_not_found() => return empty(),
-                Err(e) => return Err(from_agent(e)),
-            }
+        let filter = SnapshotFilter {
+            id: (!req.snapshot_id.is_empty()).then(|| SnapshotId::parse(&req.snapshot_id)),
+            source_volume: (!req.source_volume_id.is_empty()).then(|| req.source_volume_id.clone()),
         };
-        if !req.source_volume_id.is_empty() {
-            snapshots.retain(|s| s.source_volume.as_str() == req.source_volume_id);
-        }
-        snapshots.sort_by(|a, b| a.id.cmp(&b.id));
-        let (page, next) = page(snapshots, |s| &s.id, start.as_ref(), max);
+        let page = self
+            .control
+            .list_snapshots(filter, start.as_ref(), max)
+            .await
+            .map_err(from_control)?;
         Ok(Response::new(proto::ListSnapshotsResponse {
             entries: page
+                .items
                 .iter()
                 .map(|s| proto::list_snapshots_response::Entry {
                     snapshot: Some(snapshot_message(s)),
                 })
                 .collect(),
-            next_token: next.map(|s| s.id.to_string()).unwrap_or_default(),
+            next_token: page.next.map(|s| s.id.to_string()).unwrap_or_default(),
         }))
     }
 
@@ -748,11 +469,11 @@ impl<P: Pools> Controller for ControllerService<P> {
         validate::optional_capability(req.volume_capability.as_ref(), "volume_capability")?;
         validate::map_size(&req.secrets, "secrets")?;
         let id = id.ok_or_else(|| no_volume("volume_id", &req.volume_id))?;
-        let (volume, _) = self
-            .pools
+        let volume = self
+            .control
             .expand_volume(id, range)
             .await
-            .map_err(from_agent)?;
+            .map_err(from_control)?;
         Ok(Response::new(proto::ControllerExpandVolumeResponse {
             capacity_bytes: volume.size_bytes as i64,
             // The loop device must re-read the size on the node, even for block access.
@@ -768,7 +489,7 @@ impl<P: Pools> Controller for ControllerService<P> {
         let req = request.into_inner();
         let id = validate::volume_id(&req.volume_id, "volume_id")?
             .ok_or_else(|| no_volume("volume_id", &req.volume_id))?;
-        let (volume, condition) = self.pools.volume(id).await.map_err(from_agent)?;
+        let (volume, condition) = self.control.volume(id).await.map_err(from_control)?;
         Ok(Response::new(proto::ControllerGetVolumeResponse {
             volume: Some(self.volume_message(&volume)),
             status: Some(proto::controller_get_volume_response::VolumeStatus {
@@ -790,10 +511,10 @@ impl<P: Pools> Controller for ControllerService<P> {
         let provisioning = validate::mutable_parameters(&req.mutable_parameters)?
             .ok_or_else(|| missing("mutable_parameters"))?;
         let id = id.ok_or_else(|| no_volume("volume_id", &req.volume_id))?;
-        self.pools
+        self.control
             .modify_volume(id, provisioning)
             .await
-            .map_err(from_agent)?;
+            .map_err(from_control)?;
         Ok(Response::new(proto::ControllerModifyVolumeResponse {}))
     }
 
@@ -809,29 +530,9 @@ impl<P: Pools> Controller for ControllerService<P> {
                 shown(&req.snapshot_id)
             ))
         })?;
-        let snapshot = self.pools.snapshot(id).await.map_err(from_agent)?;
+        let snapshot = self.control.snapshot(id).await.map_err(from_control)?;
         Ok(Response::new(proto::GetSnapshotResponse {
             snapshot: Some(snapshot_message(&snapshot)),
         }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pages_resume_at_the_token() {
-        let items = vec![1, 2, 3, 4, 5];
-        assert_eq!(page(items.clone(), |x| x, None, 2), (vec![1, 2], Some(3)));
-        assert_eq!(
-            page(items.clone(), |x| x, Some(&3), 2),
-            (vec![3, 4], Some(5))
-        );
-        assert_eq!(page(items.clone(), |x| x, Some(&5), 2), (vec![5], None));
-        assert_eq!(
-            page(items, |x| x, None, usize::MAX),
-            (vec![1, 2, 3, 4, 5], None)
-        );
     }
 }

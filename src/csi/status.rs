@@ -7,6 +7,7 @@
 use tonic::{Code, Status};
 
 use crate::agent;
+use crate::control;
 use crate::pool;
 
 /// The code a pool error means to a CO.
@@ -50,6 +51,26 @@ pub fn from_agent(error: agent::Error) -> Status {
     }
 }
 
+/// What a controller error means to a CO. Each refusal names the request field it is
+/// about.
+pub fn from_control(error: control::Error) -> Status {
+    use control::Error as E;
+    let message = chain(&error);
+    match error {
+        E::Agent(e) => from_agent(e),
+        E::NameBusy(_) | E::Transferring { .. } => Status::aborted(message),
+        E::NoRoom(_) => {
+            Status::resource_exhausted(format!("accessibility_requirements: {message}"))
+        }
+        E::SourceNotFound { .. } => Status::not_found(format!("volume_content_source: {message}")),
+        E::VolumeNotFound { .. } => Status::not_found(format!("source_volume_ids: {message}")),
+        E::Incompatible(_) => Status::already_exists(message),
+        E::GroupMember { .. } => invalid("snapshot_id", message),
+        E::NotMembers { .. } => invalid("snapshot_ids", message),
+        E::NotOneMoment { .. } => precondition("source_volume_ids", message),
+    }
+}
+
 /// An agent call whose request kura's controller could not have sent.
 pub fn from_malformed(error: agent::wire::Malformed) -> Status {
     Status::invalid_argument(error.to_string())
@@ -68,15 +89,6 @@ pub fn not_node(name: &str) -> Status {
     Status::permission_denied(format!(
         "exports are read only by a node identity (a client certificate naming {name}) \
          with the export's grant"
-    ))
-}
-
-/// A cross-node copy still running: the provisioner retries CreateVolume (ABORTED is
-/// "an operation is pending for this volume"), and the retry reports or finishes it.
-pub fn copying(name: &str, source: &str, node: &str, done: u64, total: u64) -> Status {
-    Status::aborted(format!(
-        "volume {name:?} is being copied from {source} to node {node}: {done} of {total} \
-         bytes of data so far; retry to follow it"
     ))
 }
 
@@ -99,24 +111,6 @@ pub fn agent_error(node: &str, status: Status) -> agent::Error {
             message: status.message().to_owned(),
         }
     }
-}
-
-/// No node can take the volume within what the request allows (the scheduler picks
-/// again when the CO uses WaitForFirstConsumer).
-pub fn no_node(reason: impl std::fmt::Display) -> Status {
-    Status::resource_exhausted(format!("accessibility_requirements: {reason}"))
-}
-
-/// A content source whose ID names a node that cannot exist.
-pub fn source_not_found(id: &str, node: &str) -> Status {
-    Status::not_found(format!(
-        "volume_content_source: {id} does not exist (no kura node {node})"
-    ))
-}
-
-/// A name that exists with arguments the request does not allow.
-pub fn incompatible(reason: impl std::fmt::Display) -> Status {
-    Status::already_exists(reason.to_string())
 }
 
 /// The controller's Probe when it cannot serve yet.

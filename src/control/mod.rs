@@ -1,0 +1,406 @@
+//! What the controller decides, with no gRPC types: names and their locks, finding an
+//! object by name across nodes, placement ([`placement`], a pure function),
+//! copy-or-create, and the group-snapshot steps with their compensation ([`group`]).
+//!
+//! The CSI Controller and GroupController services ([`crate::csi`]) check requests
+//! into the typed arguments here and map [`Error`] to a status; this room reaches the
+//! nodes' pools only through [`Pools`] (in-process in `all-in-one`, over the agent API
+//! in a cluster).
+//!
+//! # Guarantees
+//!
+//! - CreateVolume, CreateSnapshot and CreateVolumeGroupSnapshot hold a lock on the
+//!   request's name (in this process) while they look for an object of that name on
+//!   every live node and, only if there is none, make one: a retried or doubled
+//!   request never makes two.
+//! - The per-object locks are taken by [`Pools`] in the process that owns the pool.
+
+pub mod group;
+pub mod names;
+pub mod placement;
+
+use crate::agent::{self, Node, Pools, Transfer};
+use crate::pool::{
+    Condition, ContentSource, NodeToken, Provisioning, Snapshot, SnapshotId, Volume, VolumeId,
+    VolumeSpec, size,
+};
+use names::{NameGuard, Names};
+use placement::{Candidate, Refusal, Topology};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What the controller refuses or fails with, in the caller's terms.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A node's answer, or the transport's failure to get one, as it came.
+    #[error(transparent)]
+    Agent(#[from] agent::Error),
+    /// Another request of this name is in flight in this controller.
+    #[error("an operation on {0} is already in progress")]
+    NameBusy(String),
+    /// No node can take the volume within what the request allows.
+    #[error(transparent)]
+    NoRoom(#[from] Refusal),
+    /// A content source whose ID names a node that cannot exist.
+    #[error("{id} does not exist (no kura node {node})")]
+    SourceNotFound { id: String, node: String },
+    /// A group snapshot's source volume whose ID names a node that cannot exist.
+    #[error("volume {id} does not exist (no kura node {node})")]
+    VolumeNotFound { id: String, node: String },
+    /// A cross-node copy is still running; a retry follows it.
+    #[error(
+        "volume {name:?} is being copied from {from} to node {node}: {done} of {total} \
+         bytes of data so far; retry to follow it"
+    )]
+    Transferring {
+        name: String,
+        from: String,
+        node: String,
+        done: u64,
+        total: u64,
+    },
+    /// A name that exists with arguments the request does not allow.
+    #[error("{0}")]
+    Incompatible(String),
+    /// A member snapshot of a group that exists cannot be deleted alone.
+    #[error(
+        "snapshot {snapshot} is a member of group snapshot {group}; delete the group \
+         snapshot (DeleteVolumeGroupSnapshot) to delete its members"
+    )]
+    GroupMember { snapshot: String, group: String },
+    /// The snapshot IDs a group request names are not the group's members.
+    #[error("are not the members of group snapshot {group} ({members} members)")]
+    NotMembers { group: String, members: usize },
+    /// The members of a group would not be cut at one point in time.
+    #[error(
+        "raw block volumes {} are in use: kura cannot hold a block device's writers \
+         still, so two or more of them in one group would not be cut at one point in \
+         time; unstage all but one, or snapshot them in separate groups",
+        volumes.join(", ")
+    )]
+    NotOneMoment { volumes: Vec<String> },
+}
+
+/// A volume to make: what the pool needs, and where the request allows it.
+#[derive(Debug, Clone)]
+pub struct NewVolume {
+    pub spec: VolumeSpec,
+    pub topology: Topology,
+}
+
+/// One page of a listing and the first item of the next, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next: Option<T>,
+}
+
+/// Which snapshots a listing asks for.
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotFilter {
+    /// One snapshot by ID (`Some(None)`: an ID that cannot be kura's, so none).
+    pub id: Option<Option<SnapshotId>>,
+    /// Only the snapshots of this volume (as the CO wrote the ID).
+    pub source_volume: Option<String>,
+}
+
+/// The controller's decisions over the nodes' pools.
+pub struct Controller<P> {
+    pools: P,
+    names: Names,
+}
+
+impl<P: Pools> Controller<P> {
+    pub fn new(pools: P) -> Self {
+        Controller {
+            pools,
+            names: Names::default(),
+        }
+    }
+
+    /// The CO's name for the node a token names (the token itself if unknown).
+    pub fn node_id(&self, token: &NodeToken) -> String {
+        self.pools
+            .node(token)
+            .map_or_else(|| token.as_str().to_owned(), |n| n.id)
+    }
+
+    /// Takes the lock on a request's name.
+    fn lock_name(&self, kind: &str, name: &str) -> Result<NameGuard> {
+        self.names
+            .try_acquire(format!("{kind} name {name:?}"))
+            .map_err(Error::NameBusy)
+    }
+
+    /// Makes the volume, or finds the one a create of that name made (or is making:
+    /// a cross-node copy reports its progress as [`Error::Copying`]).
+    pub async fn create_volume(&self, new: NewVolume) -> Result<Volume> {
+        let NewVolume { spec, topology } = new;
+        let name = spec.name.clone();
+        let name_guard = self.lock_name("volume", &name)?;
+        let (node, exists) = match self.find_volume(&name).await? {
+            Some((node, _)) => {
+                if !topology.allows(&node.id) {
+                    return Err(Error::Incompatible(format!(
+                        "a volume of this name already exists on node {}, outside the \
+                         requisite topology",
+                        node.id
+                    )));
+                }
+                (node, true)
+            }
+            None => match self.find_transfer(&name).await? {
+                Some(node) => (node, false),
+                None => {
+                    let node = self
+                        .place(
+                            &topology,
+                            spec.provisioning,
+                            spec.range.required,
+                            spec.source.as_ref(),
+                        )
+                        .await?;
+                    (node, false)
+                }
+            },
+        };
+        name_guard.making(VolumeId::derive(&name, &node.token).as_str());
+        let copy_from = spec
+            .source
+            .as_ref()
+            .filter(|s| !exists && s.node() != node.token)
+            .map(|s| s.id().to_owned());
+        match copy_from {
+            None => Ok(self.pools.create_volume(&node, spec).await?),
+            Some(source) => match self.pools.transfer_volume(&node, spec).await? {
+                Transfer::Done(volume) => Ok(volume),
+                Transfer::Running { done, total } => Err(Error::Transferring {
+                    name,
+                    from: source,
+                    node: node.id,
+                    done,
+                    total,
+                }),
+            },
+        }
+    }
+
+    /// The node for a new volume: the live nodes' free space, then [`placement::place`].
+    async fn place(
+        &self,
+        topology: &Topology,
+        provisioning: Provisioning,
+        needed: u64,
+        source: Option<&ContentSource>,
+    ) -> Result<Node> {
+        let source_node = match source {
+            None => None,
+            // A source on a node kura cannot have names nothing: NOT_FOUND, not a
+            // topology failure.
+            Some(source) => Some(self.pools.locate(&source.node()).map_err(|e| match e {
+                agent::Error::UnknownNode { token } => Error::SourceNotFound {
+                    id: source.id().to_owned(),
+                    node: token,
+                },
+                other => Error::Agent(other),
+            })?),
+        };
+        let mut live = Vec::new();
+        for node in self.pools.nodes() {
+            let free = self.pools.available(&node, provisioning).await?;
+            live.push(Candidate { node, free });
+        }
+        Ok(placement::place(
+            topology,
+            needed,
+            source_node.as_ref(),
+            &live,
+        )?)
+    }
+
+    /// The live node that holds a volume made by a create with this name, if any.
+    async fn find_volume(&self, name: &str) -> Result<Option<(Node, Volume)>> {
+        let nodes = self.pools.nodes();
+        let found = futures_util::future::join_all(
+            nodes
+                .iter()
+                .map(|node| self.pools.find_volume(node, name.to_owned())),
+        )
+        .await;
+        for (node, found) in nodes.into_iter().zip(found) {
+            if let Some(volume) = found? {
+                return Ok(Some((node, volume)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The live node where a cross-node copy for a create with this name runs or
+    /// may resume, if any: retries follow it rather than place again.
+    async fn find_transfer(&self, name: &str) -> Result<Option<Node>> {
+        let nodes = self.pools.nodes();
+        let found = futures_util::future::join_all(
+            nodes
+                .iter()
+                .map(|node| self.pools.find_transfer(node, name.to_owned())),
+        )
+        .await;
+        for (node, found) in nodes.into_iter().zip(found) {
+            if found?.is_some() {
+                return Ok(Some(node));
+            }
+        }
+        Ok(None)
+    }
+
+    pub async fn delete_volume(&self, id: VolumeId) -> Result<()> {
+        Ok(self.pools.delete_volume(id).await?)
+    }
+
+    pub async fn volume(&self, id: VolumeId) -> Result<(Volume, Condition)> {
+        Ok(self.pools.volume(id).await?)
+    }
+
+    /// Volumes of every live node, sorted by ID (tokens are IDs: one order over every
+    /// node keeps paging stable), from `start` on.
+    pub async fn list_volumes(
+        &self,
+        start: Option<&VolumeId>,
+        max: usize,
+    ) -> Result<Page<(Volume, Condition)>> {
+        let mut volumes = self.pools.list_volumes().await?;
+        volumes.sort_by(|(a, _), (b, _)| a.id.cmp(&b.id));
+        Ok(page(volumes, |(v, _)| &v.id, start, max))
+    }
+
+    /// Grows a volume; returns it as it is now.
+    pub async fn expand_volume(&self, id: VolumeId, range: size::Range) -> Result<Volume> {
+        Ok(self.pools.expand_volume(id, range).await?.0)
+    }
+
+    pub async fn modify_volume(&self, id: VolumeId, provisioning: Provisioning) -> Result<()> {
+        self.pools.modify_volume(id, provisioning).await?;
+        Ok(())
+    }
+
+    /// Bytes new volumes may take on the live nodes `node` names (all, for `None`):
+    /// the sum and the largest on one node.
+    pub async fn capacity(
+        &self,
+        node: Option<&str>,
+        provisioning: Provisioning,
+    ) -> Result<(u64, u64)> {
+        let mut sum = 0u64;
+        let mut largest = 0u64;
+        for live in self.pools.nodes() {
+            if node.is_some_and(|wanted| wanted != live.id) {
+                continue;
+            }
+            let free = self.pools.available(&live, provisioning).await?;
+            sum = sum.saturating_add(free);
+            largest = largest.max(free);
+        }
+        Ok((sum, largest))
+    }
+
+    /// Cuts a snapshot of `source`, or finds the one a create of that name made.
+    pub async fn create_snapshot(&self, name: &str, source: VolumeId) -> Result<Snapshot> {
+        let name_guard = self.lock_name("snapshot", name)?;
+        name_guard.making(SnapshotId::derive(name, &source.node()).as_str());
+        if let Some(existing) = self.find_snapshot(name).await?
+            && existing.source_volume != source
+        {
+            return Err(Error::Incompatible(format!(
+                "snapshot {name:?} already exists for volume {}",
+                existing.source_volume
+            )));
+        }
+        Ok(self.pools.create_snapshot(name.to_owned(), source).await?)
+    }
+
+    /// A snapshot made by a create with this name on any live node, if any.
+    async fn find_snapshot(&self, name: &str) -> Result<Option<Snapshot>> {
+        let nodes = self.pools.nodes();
+        let found = futures_util::future::join_all(
+            nodes
+                .iter()
+                .map(|node| self.pools.find_snapshot(node, name.to_owned())),
+        )
+        .await;
+        for found in found {
+            if let Some(snapshot) = found? {
+                return Ok(Some(snapshot));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Deletes a snapshot that is not a member of a group (see
+    /// [`Controller::check_not_grouped`]); one that is gone already is deleted.
+    pub async fn delete_snapshot(&self, id: SnapshotId) -> Result<()> {
+        self.check_not_grouped(&id).await?;
+        Ok(self.pools.delete_snapshot(id).await?)
+    }
+
+    pub async fn snapshot(&self, id: SnapshotId) -> Result<Snapshot> {
+        Ok(self.pools.snapshot(id).await?)
+    }
+
+    /// Snapshots of every live node that pass `filter`, sorted by ID, from `start` on.
+    pub async fn list_snapshots(
+        &self,
+        filter: SnapshotFilter,
+        start: Option<&SnapshotId>,
+        max: usize,
+    ) -> Result<Page<Snapshot>> {
+        let mut snapshots = match filter.id {
+            None => self.pools.list_snapshots().await?,
+            Some(None) => vec![],
+            Some(Some(id)) => match self.pools.snapshot(id).await {
+                Ok(snapshot) => vec![snapshot],
+                Err(e) if e.is_not_found() => vec![],
+                Err(e) => return Err(e.into()),
+            },
+        };
+        if let Some(volume) = &filter.source_volume {
+            snapshots.retain(|s| s.source_volume.as_str() == volume);
+        }
+        snapshots.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(page(snapshots, |s| &s.id, start, max))
+    }
+}
+
+/// One page of `items` (sorted by key) starting at `start`.
+fn page<T, K: Ord>(
+    items: Vec<T>,
+    key: impl Fn(&T) -> &K,
+    start: Option<&K>,
+    max: usize,
+) -> Page<T> {
+    let mut rest = items
+        .into_iter()
+        .filter(|item| start.is_none_or(|s| key(item) >= s));
+    let items: Vec<T> = rest.by_ref().take(max).collect();
+    Page {
+        items,
+        next: rest.next(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_resume_at_the_token() {
+        let items = vec![1, 2, 3, 4, 5];
+        let p = |start: Option<&i32>, max| {
+            let Page { items, next } = page(items.clone(), |x| x, start, max);
+            (items, next)
+        };
+        assert_eq!(p(None, 2), (vec![1, 2], Some(3)));
+        assert_eq!(p(Some(&3), 2), (vec![3, 4], Some(5)));
+        assert_eq!(p(Some(&5), 2), (vec![5], None));
+        assert_eq!(p(None, usize::MAX), (vec![1, 2, 3, 4, 5], None));
+    }
+}
