@@ -25,6 +25,23 @@ pub mod cli;
 pub mod control;
 pub mod csi;
 pub mod metrics;
+pub mod node;
 pub mod pool;
 pub mod server;
 pub mod sys;
+
+/// An error and its sources, joined: "a: b: c". The message every room logs and
+/// answers with: a kubelet event is often all an operator sees.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
+}

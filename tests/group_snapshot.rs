@@ -740,7 +740,7 @@ async fn a_freeze_nobody_ends_is_ended_by_the_deadline() {
             .await,
         Code::Aborted,
     );
-    tokio::time::sleep(kura::agent::GROUP_HOLD_DEADLINE + Duration::from_secs(2)).await;
+    tokio::time::sleep(kura::node::GROUP_HOLD_DEADLINE + Duration::from_secs(2)).await;
     assert!(
         !is_frozen(&a_staging) && !is_frozen(&b_staging),
         "the deadline thawed both"

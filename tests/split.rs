@@ -723,11 +723,9 @@ async fn the_agent_refuses_every_credential_but_the_controllers() {
         .into_inner();
     assert_eq!(info.node_id, "node-a");
     controller
-        .capacity(kura::agent::proto::CapacityRequest {
-            provisioning: kura::agent::proto::Provisioning::Thick as i32,
-        })
+        .list_volumes(kura::agent::proto::ListVolumesRequest::default())
         .await
-        .expect("Capacity as the controller");
+        .expect("ListVolumes as the controller");
 
     // The node identity: who-is-this only; control calls PERMISSION_DENIED.
     let mut node = agent_client(agent, &ca, Some(&certs.join("node"))).await;

@@ -35,9 +35,9 @@ use tokio::sync::watch;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Response, Status};
 
+use super::errors::decode;
 use super::proto::agent_client::AgentClient;
-use super::{Error, Node, Pools, Result, Transfer, proto, wire};
-use crate::csi::status::agent_error;
+use super::{Error, Node, Pools, Progress, Result, proto, wire};
 use crate::pool::group::GroupSnapshot;
 use crate::pool::{
     Condition, GroupSnapshotId, NodeToken, Provisioning, Snapshot, SnapshotId, Timestamp, Volume,
@@ -177,7 +177,7 @@ impl Cluster {
                     node,
                     reason: format!("no answer within {}s", timeout.as_secs()),
                 }),
-                Ok(Err(status)) => Err(agent_error(&node, status)),
+                Ok(Err(status)) => Err(decode(&node, status)),
                 Ok(Ok(response)) => Ok(response.into_inner()),
             },
         }
@@ -224,7 +224,7 @@ impl Cluster {
                 Ok(items) => all.extend(items),
                 Err(e) => tracing::warn!(
                     node.id = %node.id,
-                    error = %crate::csi::status::chain(&e),
+                    error = %crate::chain(&e),
                     "{what}: node left out of the listing"
                 ),
             }
@@ -307,7 +307,7 @@ async fn follow(inner: &Inner, address: SocketAddr) -> Option<(NodeToken, u64, S
     let channel = match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
         Ok(Ok(channel)) => channel,
         Ok(Err(e)) => {
-            tracing::debug!(%address, error = %crate::csi::status::chain(&e), "cannot connect to agent");
+            tracing::debug!(%address, error = %crate::chain(&e), "cannot connect to agent");
             return None;
         }
         Err(_) => {
@@ -706,7 +706,7 @@ impl Pools for Cluster {
     /// Asks the source's agent for the export (pinning it the first time, extending
     /// its grant after), then the destination's agent to run or report the transfer.
     /// The export is released once the volume is done or the transfer failed.
-    async fn transfer_volume(&self, node: &Node, spec: VolumeSpec) -> Result<Transfer> {
+    async fn transfer_volume(&self, node: &Node, spec: VolumeSpec) -> Result<Progress> {
         let source = spec.source.clone().ok_or_else(|| wire::Malformed {
             field: "volume_content_source",
             reason: "a copy needs a content source".to_owned(),
@@ -743,7 +743,7 @@ impl Pools for Cluster {
                 .await;
             // An export left behind expires and is swept on the source.
             if let Err(e) = released {
-                tracing::warn!(error = %crate::csi::status::chain(&e), "releasing an export");
+                tracing::warn!(error = %crate::chain(&e), "releasing an export");
             }
         };
         use proto::transfer_response::State;
@@ -752,11 +752,11 @@ impl Pools for Cluster {
                 state: Some(State::Volume(volume)),
             }) => {
                 release().await;
-                Ok(Transfer::Done(wire::volume(Some(&volume))?))
+                Ok(Progress::Done(wire::volume(Some(&volume))?))
             }
             Ok(proto::TransferResponse {
                 state: Some(State::Running(p)),
-            }) => Ok(Transfer::Running {
+            }) => Ok(Progress::Running {
                 done: p.bytes_done,
                 total: p.bytes_total,
             }),
@@ -773,13 +773,13 @@ impl Pools for Cluster {
         }
     }
 
-    async fn find_transfer(&self, node: &Node, name: String) -> Result<Option<Transfer>> {
+    async fn find_transfer(&self, node: &Node, name: String) -> Result<Option<Progress>> {
         let found = self
             .call(&node.token, READ_TIMEOUT, |mut c| async move {
                 c.find_transfer(proto::FindTransferRequest { name }).await
             })
             .await?;
-        Ok(found.progress.map(|p| Transfer::Running {
+        Ok(found.progress.map(|p| Progress::Running {
             done: p.bytes_done,
             total: p.bytes_total,
         }))

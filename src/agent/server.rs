@@ -5,12 +5,11 @@
 //! - Only a client presenting the controller identity ([`tls::CONTROLLER_NAME`]) may
 //!   make control calls; any other identity of the CA gets PERMISSION_DENIED. A client
 //!   without a certificate of the CA never gets past the TLS handshake.
-//! - Every call goes through [`LocalPools`], which takes the node's per-volume locks
+//! - Every call goes through [`node::Local`], which takes the node's per-volume locks
 //!   (shared with the Node service) for as long as the pool work runs, even if the
 //!   controller gives up waiting.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -18,17 +17,24 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
+use super::errors::{self, malformed};
 use super::proto::agent_server::Agent;
-use super::{LocalPools, Pools, proto, tls, wire};
-use crate::csi::status::{from_agent, from_malformed};
-use crate::pool::{Provisioning, size};
+use super::transfer::{ChunkStream, ExportClient};
+use super::{proto, tls, wire};
+use crate::node::{self, transfer::Transfers};
+use crate::pool::{self, Provisioning, size};
+
+/// A pool error as the agent answers it.
+fn answer(error: pool::Error) -> Status {
+    errors::status(&error)
+}
 
 /// How often the status stream sends an update.
 pub const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct AgentService {
-    pools: LocalPools,
-    transfers: Option<super::transfer::Transfers>,
+    local: node::Local,
+    transfers: Option<(Transfers<ExportClient>, tonic::transport::ClientTlsConfig)>,
     instance_id: String,
     /// Becomes true when the process stops: status streams end, so a graceful
     /// shutdown does not wait on them.
@@ -36,34 +42,39 @@ pub struct AgentService {
 }
 
 impl AgentService {
-    pub fn new(pools: LocalPools, stopping: watch::Receiver<bool>) -> Self {
+    pub fn new(local: node::Local, stopping: watch::Receiver<bool>) -> Self {
         AgentService {
-            pools,
+            local,
             transfers: None,
             instance_id: uuid::Uuid::new_v4().to_string(),
             stopping,
         }
     }
 
-    /// Lets this agent be a transfer's destination, reading sources with `transfers`'
-    /// node identity.
-    pub fn with_transfers(mut self, transfers: super::transfer::Transfers) -> Self {
-        self.transfers = Some(transfers);
+    /// Lets this agent be a transfer's destination, reading sources with `tls`, the
+    /// node's own identity.
+    pub fn with_transfers(
+        mut self,
+        transfers: Transfers<ExportClient>,
+        tls: tonic::transport::ClientTlsConfig,
+    ) -> Self {
+        self.transfers = Some((transfers, tls));
         self
     }
 
-    fn transfers(&self) -> Result<&super::transfer::Transfers, Status> {
+    fn transfers(
+        &self,
+    ) -> Result<&(Transfers<ExportClient>, tonic::transport::ClientTlsConfig), Status> {
         self.transfers
             .as_ref()
             .ok_or_else(|| Status::unimplemented("this agent does not take transfers"))
     }
 
     fn info(&self) -> proto::InfoResponse {
-        let node = self.pools.this_node();
         proto::InfoResponse {
-            node_id: node.id.clone(),
-            node_token: node.token.as_str().to_owned(),
-            pool_id: self.pools.pool().id().to_owned(),
+            node_id: self.local.node_id().to_owned(),
+            node_token: self.local.token().as_str().to_owned(),
+            pool_id: self.local.pool().id().to_owned(),
             instance_id: self.instance_id.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
         }
@@ -76,20 +87,15 @@ fn control<T>(request: &Request<T>) -> Result<(), Status> {
     if tls::peer_has_name(certs.as_deref().map(Vec::as_slice), tls::CONTROLLER_NAME) {
         Ok(())
     } else {
-        Err(crate::csi::status::not_controller(tls::CONTROLLER_NAME))
+        Err(errors::not_controller(tls::CONTROLLER_NAME))
     }
 }
 
 /// A snapshot of the pool's state for the status stream.
-async fn status(pools: &LocalPools) -> proto::StatusUpdate {
-    let node = pools.this_node().clone();
-    let thin = pools.available(&node, Provisioning::Thin).await;
-    let thick = pools.available(&node, Provisioning::Thick).await;
-    let pool = Arc::clone(pools.pool());
-    let probe = match tokio::task::spawn_blocking(move || pool.probe()).await {
-        Ok(result) => result,
-        Err(e) => std::panic::resume_unwind(e.into_panic()),
-    };
+async fn status(local: &node::Local) -> proto::StatusUpdate {
+    let thin = local.available(Provisioning::Thin).await;
+    let thick = local.available(Provisioning::Thick).await;
+    let probe = local.probe().await;
     match (thin, thick, probe) {
         (Ok(thin), Ok(thick), Ok(())) => proto::StatusUpdate {
             available_thin: thin,
@@ -98,10 +104,10 @@ async fn status(pools: &LocalPools) -> proto::StatusUpdate {
             message: "pool is usable".to_owned(),
         },
         (thin, thick, probe) => {
-            let problem = [thin.err(), thick.err(), probe.err().map(Into::into)]
+            let problem = [thin.err(), thick.err(), probe.err()]
                 .into_iter()
                 .flatten()
-                .map(|e| crate::csi::status::chain(&e))
+                .map(|e| crate::chain(&e))
                 .next()
                 .unwrap_or_default();
             proto::StatusUpdate {
@@ -133,7 +139,7 @@ impl Agent for AgentService {
         request: Request<proto::StatusRequest>,
     ) -> Result<Response<Self::StatusStream>, Status> {
         control(&request)?;
-        let pools = self.pools.clone();
+        let local = self.local.clone();
         let mut stopping = self.stopping.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         tokio::spawn(async move {
@@ -145,7 +151,7 @@ impl Agent for AgentService {
                     _ = stopping.wait_for(|s| *s) => break,
                 }
                 // Ends when the controller hangs up.
-                if tx.send(Ok(status(&pools).await)).await.is_err() {
+                if tx.send(Ok(status(&local).await)).await.is_err() {
                     break;
                 }
             }
@@ -161,12 +167,11 @@ impl Agent for AgentService {
         request: Request<proto::FindVolumeRequest>,
     ) -> Result<Response<proto::FindVolumeResponse>, Status> {
         control(&request)?;
-        let node = self.pools.this_node().clone();
         let found = self
-            .pools
-            .find_volume(&node, request.into_inner().name)
+            .local
+            .find_volume(request.into_inner().name)
             .await
-            .map_err(from_agent)?;
+            .map_err(answer)?;
         Ok(Response::new(proto::FindVolumeResponse {
             volume: found.as_ref().map(wire::volume_message),
         }))
@@ -178,13 +183,8 @@ impl Agent for AgentService {
         request: Request<proto::CreateVolumeRequest>,
     ) -> Result<Response<proto::VolumeResponse>, Status> {
         control(&request)?;
-        let spec = wire::spec(request.get_ref()).map_err(from_malformed)?;
-        let node = self.pools.this_node().clone();
-        let volume = self
-            .pools
-            .create_volume(&node, spec)
-            .await
-            .map_err(from_agent)?;
+        let spec = wire::spec(request.get_ref()).map_err(malformed)?;
+        let volume = self.local.create_volume(spec).await.map_err(answer)?;
         Ok(Response::new(proto::VolumeResponse {
             volume: Some(wire::volume_message(&volume)),
             condition: None,
@@ -197,9 +197,8 @@ impl Agent for AgentService {
         request: Request<proto::GetVolumeRequest>,
     ) -> Result<Response<proto::VolumeResponse>, Status> {
         control(&request)?;
-        let id =
-            wire::volume_id(&request.get_ref().volume_id, "volume_id").map_err(from_malformed)?;
-        let (volume, condition) = self.pools.volume(id).await.map_err(from_agent)?;
+        let id = wire::volume_id(&request.get_ref().volume_id, "volume_id").map_err(malformed)?;
+        let (volume, condition) = self.local.volume(id).await.map_err(answer)?;
         Ok(Response::new(wire::volume_response(&volume, &condition)))
     }
 
@@ -209,7 +208,7 @@ impl Agent for AgentService {
         request: Request<proto::ListVolumesRequest>,
     ) -> Result<Response<proto::ListVolumesResponse>, Status> {
         control(&request)?;
-        let volumes = self.pools.list_volumes().await.map_err(from_agent)?;
+        let volumes = self.local.list_volumes().await.map_err(answer)?;
         Ok(Response::new(proto::ListVolumesResponse {
             volumes: volumes
                 .iter()
@@ -224,9 +223,8 @@ impl Agent for AgentService {
         request: Request<proto::DeleteVolumeRequest>,
     ) -> Result<Response<proto::DeleteVolumeResponse>, Status> {
         control(&request)?;
-        let id =
-            wire::volume_id(&request.get_ref().volume_id, "volume_id").map_err(from_malformed)?;
-        self.pools.delete_volume(id).await.map_err(from_agent)?;
+        let id = wire::volume_id(&request.get_ref().volume_id, "volume_id").map_err(malformed)?;
+        self.local.delete_volume(id).await.map_err(answer)?;
         Ok(Response::new(proto::DeleteVolumeResponse {}))
     }
 
@@ -237,16 +235,12 @@ impl Agent for AgentService {
     ) -> Result<Response<proto::ExpandVolumeResponse>, Status> {
         control(&request)?;
         let req = request.into_inner();
-        let id = wire::volume_id(&req.volume_id, "volume_id").map_err(from_malformed)?;
+        let id = wire::volume_id(&req.volume_id, "volume_id").map_err(malformed)?;
         let range = size::Range {
             required: req.required_bytes,
             limit: req.limit_bytes,
         };
-        let (volume, changed) = self
-            .pools
-            .expand_volume(id, range)
-            .await
-            .map_err(from_agent)?;
+        let (volume, changed) = self.local.expand_volume(id, range).await.map_err(answer)?;
         Ok(Response::new(proto::ExpandVolumeResponse {
             volume: Some(wire::volume_message(&volume)),
             changed,
@@ -259,12 +253,11 @@ impl Agent for AgentService {
         request: Request<proto::FindSnapshotRequest>,
     ) -> Result<Response<proto::FindSnapshotResponse>, Status> {
         control(&request)?;
-        let node = self.pools.this_node().clone();
         let found = self
-            .pools
-            .find_snapshot(&node, request.into_inner().name)
+            .local
+            .find_snapshot(request.into_inner().name)
             .await
-            .map_err(from_agent)?;
+            .map_err(answer)?;
         Ok(Response::new(proto::FindSnapshotResponse {
             snapshot: found.as_ref().map(wire::snapshot_message),
         }))
@@ -278,12 +271,12 @@ impl Agent for AgentService {
         control(&request)?;
         let req = request.into_inner();
         let source =
-            wire::volume_id(&req.source_volume_id, "source_volume_id").map_err(from_malformed)?;
+            wire::volume_id(&req.source_volume_id, "source_volume_id").map_err(malformed)?;
         let snapshot = self
-            .pools
+            .local
             .create_snapshot(req.name, source)
             .await
-            .map_err(from_agent)?;
+            .map_err(answer)?;
         Ok(Response::new(proto::SnapshotResponse {
             snapshot: Some(wire::snapshot_message(&snapshot)),
         }))
@@ -295,9 +288,9 @@ impl Agent for AgentService {
         request: Request<proto::GetSnapshotRequest>,
     ) -> Result<Response<proto::SnapshotResponse>, Status> {
         control(&request)?;
-        let id = wire::snapshot_id(&request.get_ref().snapshot_id, "snapshot_id")
-            .map_err(from_malformed)?;
-        let snapshot = self.pools.snapshot(id).await.map_err(from_agent)?;
+        let id =
+            wire::snapshot_id(&request.get_ref().snapshot_id, "snapshot_id").map_err(malformed)?;
+        let snapshot = self.local.snapshot(id).await.map_err(answer)?;
         Ok(Response::new(proto::SnapshotResponse {
             snapshot: Some(wire::snapshot_message(&snapshot)),
         }))
@@ -309,7 +302,7 @@ impl Agent for AgentService {
         request: Request<proto::ListSnapshotsRequest>,
     ) -> Result<Response<proto::ListSnapshotsResponse>, Status> {
         control(&request)?;
-        let snapshots = self.pools.list_snapshots().await.map_err(from_agent)?;
+        let snapshots = self.local.list_snapshots().await.map_err(answer)?;
         Ok(Response::new(proto::ListSnapshotsResponse {
             snapshots: snapshots.iter().map(wire::snapshot_message).collect(),
         }))
@@ -321,28 +314,10 @@ impl Agent for AgentService {
         request: Request<proto::DeleteSnapshotRequest>,
     ) -> Result<Response<proto::DeleteSnapshotResponse>, Status> {
         control(&request)?;
-        let id = wire::snapshot_id(&request.get_ref().snapshot_id, "snapshot_id")
-            .map_err(from_malformed)?;
-        self.pools.delete_snapshot(id).await.map_err(from_agent)?;
+        let id =
+            wire::snapshot_id(&request.get_ref().snapshot_id, "snapshot_id").map_err(malformed)?;
+        self.local.delete_snapshot(id).await.map_err(answer)?;
         Ok(Response::new(proto::DeleteSnapshotResponse {}))
-    }
-
-    async fn capacity(
-        &self,
-        request: Request<proto::CapacityRequest>,
-    ) -> Result<Response<proto::CapacityResponse>, Status> {
-        control(&request)?;
-        let provisioning =
-            wire::provisioning(request.get_ref().provisioning).map_err(from_malformed)?;
-        let node = self.pools.this_node().clone();
-        let available = self
-            .pools
-            .available(&node, provisioning)
-            .await
-            .map_err(from_agent)?;
-        Ok(Response::new(proto::CapacityResponse {
-            available_bytes: available,
-        }))
     }
 
     #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
@@ -352,13 +327,13 @@ impl Agent for AgentService {
     ) -> Result<Response<proto::ModifyVolumeResponse>, Status> {
         control(&request)?;
         let req = request.into_inner();
-        let id = wire::volume_id(&req.volume_id, "volume_id").map_err(from_malformed)?;
-        let provisioning = wire::provisioning(req.provisioning).map_err(from_malformed)?;
+        let id = wire::volume_id(&req.volume_id, "volume_id").map_err(malformed)?;
+        let provisioning = wire::provisioning(req.provisioning).map_err(malformed)?;
         let (volume, changed) = self
-            .pools
+            .local
             .modify_volume(id, provisioning)
             .await
-            .map_err(from_agent)?;
+            .map_err(answer)?;
         Ok(Response::new(proto::ModifyVolumeResponse {
             volume: Some(wire::volume_message(&volume)),
             changed,
@@ -372,13 +347,12 @@ impl Agent for AgentService {
     ) -> Result<Response<proto::FreezeGroupResponse>, Status> {
         control(&request)?;
         let req = request.into_inner();
-        let volumes = wire::volume_ids(&req.volume_ids, "volume_ids").map_err(from_malformed)?;
-        let node = self.pools.this_node().clone();
+        let volumes = wire::volume_ids(&req.volume_ids, "volume_ids").map_err(malformed)?;
         let flushed = self
-            .pools
-            .freeze_group(&node, req.hold, volumes)
+            .local
+            .freeze_group(req.hold, volumes)
             .await
-            .map_err(from_agent)?;
+            .map_err(answer)?;
         Ok(Response::new(proto::FreezeGroupResponse {
             flushed_volume_ids: flushed.iter().map(|v| v.to_string()).collect(),
         }))
@@ -392,15 +366,14 @@ impl Agent for AgentService {
         control(&request)?;
         let req = request.into_inner();
         let group =
-            wire::group_id(&req.group_snapshot_id, "group_snapshot_id").map_err(from_malformed)?;
-        let volumes = wire::volume_ids(&req.volume_ids, "volume_ids").map_err(from_malformed)?;
+            wire::group_id(&req.group_snapshot_id, "group_snapshot_id").map_err(malformed)?;
+        let volumes = wire::volume_ids(&req.volume_ids, "volume_ids").map_err(malformed)?;
         let created = wire::timestamp(req.created.as_ref());
-        let node = self.pools.this_node().clone();
         let snapshots = self
-            .pools
-            .cut_group_members(&node, req.hold, group, volumes, created)
+            .local
+            .cut_group_members(req.hold, group, volumes, created)
             .await
-            .map_err(from_agent)?;
+            .map_err(answer)?;
         Ok(Response::new(proto::CutGroupMembersResponse {
             snapshots: snapshots.iter().map(wire::snapshot_message).collect(),
         }))
@@ -412,11 +385,10 @@ impl Agent for AgentService {
         request: Request<proto::ThawGroupRequest>,
     ) -> Result<Response<proto::ThawGroupResponse>, Status> {
         control(&request)?;
-        let node = self.pools.this_node().clone();
-        self.pools
-            .thaw_group(&node, request.into_inner().hold)
+        self.local
+            .thaw_group(request.into_inner().hold)
             .await
-            .map_err(from_agent)?;
+            .map_err(answer)?;
         Ok(Response::new(proto::ThawGroupResponse {}))
     }
 
@@ -426,8 +398,8 @@ impl Agent for AgentService {
         request: Request<proto::PutGroupRequest>,
     ) -> Result<Response<proto::PutGroupResponse>, Status> {
         control(&request)?;
-        let group = wire::group(request.get_ref().group.as_ref()).map_err(from_malformed)?;
-        self.pools.put_group(group).await.map_err(from_agent)?;
+        let group = wire::group(request.get_ref().group.as_ref()).map_err(malformed)?;
+        self.local.put_group(group).await.map_err(answer)?;
         Ok(Response::new(proto::PutGroupResponse {}))
     }
 
@@ -438,8 +410,8 @@ impl Agent for AgentService {
     ) -> Result<Response<proto::GetGroupResponse>, Status> {
         control(&request)?;
         let id = wire::group_id(&request.get_ref().group_snapshot_id, "group_snapshot_id")
-            .map_err(from_malformed)?;
-        let group = self.pools.group(id).await.map_err(from_agent)?;
+            .map_err(malformed)?;
+        let group = self.local.group(id).await.map_err(answer)?;
         Ok(Response::new(proto::GetGroupResponse {
             group: Some(wire::group_message(&group)),
         }))
@@ -452,8 +424,8 @@ impl Agent for AgentService {
     ) -> Result<Response<proto::DeleteGroupResponse>, Status> {
         control(&request)?;
         let id = wire::group_id(&request.get_ref().group_snapshot_id, "group_snapshot_id")
-            .map_err(from_malformed)?;
-        self.pools.delete_group(id).await.map_err(from_agent)?;
+            .map_err(malformed)?;
+        self.local.delete_group(id).await.map_err(answer)?;
         Ok(Response::new(proto::DeleteGroupResponse {}))
     }
 
@@ -463,9 +435,9 @@ impl Agent for AgentService {
         request: Request<proto::RemoveMemberRequest>,
     ) -> Result<Response<proto::RemoveMemberResponse>, Status> {
         control(&request)?;
-        let id = wire::snapshot_id(&request.get_ref().snapshot_id, "snapshot_id")
-            .map_err(from_malformed)?;
-        self.pools.remove_member(id).await.map_err(from_agent)?;
+        let id =
+            wire::snapshot_id(&request.get_ref().snapshot_id, "snapshot_id").map_err(malformed)?;
+        self.local.remove_member(id).await.map_err(answer)?;
         Ok(Response::new(proto::RemoveMemberResponse {}))
     }
 
@@ -477,7 +449,7 @@ impl Agent for AgentService {
         request: Request<proto::CreateExportRequest>,
     ) -> Result<Response<proto::Export>, Status> {
         control(&request)?;
-        let export = super::transfer::create_export(&self.pools, request.into_inner()).await?;
+        let export = super::transfer::create_export(&self.local, request.into_inner()).await?;
         Ok(Response::new(export))
     }
 
@@ -487,18 +459,18 @@ impl Agent for AgentService {
         request: Request<proto::DeleteExportRequest>,
     ) -> Result<Response<proto::DeleteExportResponse>, Status> {
         control(&request)?;
-        super::transfer::delete_export(&self.pools, request.into_inner().export_id).await?;
+        super::transfer::delete_export(&self.local, request.into_inner().export_id).await?;
         Ok(Response::new(proto::DeleteExportResponse {}))
     }
 
-    type ReadExportStream = super::transfer::ChunkStream;
+    type ReadExportStream = ChunkStream;
 
     #[instrument(err, skip_all, fields(export.id = %request.get_ref().export_id))]
     async fn read_export(
         &self,
         request: Request<proto::ReadExportRequest>,
     ) -> Result<Response<Self::ReadExportStream>, Status> {
-        let stream = super::transfer::read_export(&self.pools, request).await?;
+        let stream = super::transfer::read_export(&self.local, request).await?;
         Ok(Response::new(stream))
     }
 
@@ -508,10 +480,8 @@ impl Agent for AgentService {
         request: Request<proto::TransferRequest>,
     ) -> Result<Response<proto::TransferResponse>, Status> {
         control(&request)?;
-        let answer = self
-            .transfers()?
-            .transfer(&self.pools, request.into_inner())
-            .await?;
+        let (transfers, tls) = self.transfers()?;
+        let answer = super::transfer::transfer(transfers, tls, request.into_inner()).await?;
         Ok(Response::new(answer))
     }
 
@@ -521,10 +491,8 @@ impl Agent for AgentService {
         request: Request<proto::FindTransferRequest>,
     ) -> Result<Response<proto::FindTransferResponse>, Status> {
         control(&request)?;
-        let progress = self
-            .transfers()?
-            .find(&self.pools, request.into_inner().name)
-            .await?;
+        let (transfers, _) = self.transfers()?;
+        let progress = super::transfer::find(transfers, request.into_inner().name).await?;
         Ok(Response::new(proto::FindTransferResponse { progress }))
     }
 }

@@ -19,7 +19,7 @@ pub mod group;
 pub mod names;
 pub mod placement;
 
-use crate::agent::{self, Node, Pools, Transfer};
+use crate::agent::{self, Node, Pools, Progress};
 use crate::pool::{
     Condition, ContentSource, NodeToken, Provisioning, Snapshot, SnapshotId, Volume, VolumeId,
     VolumeSpec, size,
@@ -173,8 +173,8 @@ impl<P: Pools> Controller<P> {
         match copy_from {
             None => Ok(self.pools.create_volume(&node, spec).await?),
             Some(source) => match self.pools.transfer_volume(&node, spec).await? {
-                Transfer::Done(volume) => Ok(volume),
-                Transfer::Running { done, total } => Err(Error::Transferring {
+                Progress::Done(volume) => Ok(volume),
+                Progress::Running { done, total } => Err(Error::Transferring {
                     name,
                     from: source,
                     node: node.id,

@@ -1,19 +1,17 @@
 //! The Identity service.
 
-use std::sync::Arc;
-
 use tonic::{Request, Response, Status};
 
 use super::proto::identity_server::Identity;
 use super::proto::{self, plugin_capability};
-use super::{blocking, status};
+use super::status;
 use crate::agent::cluster::Cluster;
-use crate::pool::Pool;
+use crate::node;
 
 /// What a role needs before it can serve.
 pub enum Readiness {
     /// A role with a pool (all-in-one, node): the pool is mounted and writable.
-    Pool(Arc<Pool>),
+    Pool(node::Local),
     /// The controller: at least one agent is live.
     Agents(Cluster),
 }
@@ -85,9 +83,8 @@ impl Identity for IdentityService {
         _request: Request<proto::ProbeRequest>,
     ) -> Result<Response<proto::ProbeResponse>, Status> {
         let ready = match &self.readiness {
-            Readiness::Pool(pool) => {
-                let pool = Arc::clone(pool);
-                blocking(move || pool.probe()).await.map_err(|e| {
+            Readiness::Pool(local) => {
+                local.probe().await.map_err(|e| {
                     status::not_ready(format!("pool is not usable: {}", status::chain(&e)))
                 })?;
                 true

@@ -1,6 +1,7 @@
 //! The CSI services. Only this module (and `agent`) sees tonic and generated types:
-//! handlers check a request into typed arguments, take the object's lock, call the
-//! pool, and build the response.
+//! a handler checks its request into typed arguments, calls [`crate::control`] (the
+//! Controller and GroupController services) or [`crate::node`] (the Node service),
+//! and builds the response; every error becomes a status in [`status`].
 
 pub mod client;
 pub mod controller;
@@ -25,13 +26,5 @@ pub const TOPOLOGY_KEY: &str = "topology.kura.csi.dev/node";
 pub fn node_topology(node_id: &str) -> proto::Topology {
     proto::Topology {
         segments: HashMap::from([(TOPOLOGY_KEY.to_owned(), node_id.to_owned())]),
-    }
-}
-
-/// Runs blocking work (the pool and sys layers) off the async threads.
-pub(crate) async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
-    match tokio::task::spawn_blocking(work).await {
-        Ok(value) => value,
-        Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
 }

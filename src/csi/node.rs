@@ -2,63 +2,48 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use super::proto::node_server::Node;
 use super::proto::{self, node_service_capability};
-use super::status::{busy, from_pool, invalid, no_volume, not_at_path};
-use super::{blocking, node_topology, validate};
+use super::status::{from_pool, invalid, no_volume, not_at_path};
+use super::{node_topology, validate};
+use crate::node;
 use crate::pool::attach::{AccessType, Attacher, Capability};
 use crate::pool::encryption::take_secret;
 use crate::pool::ephemeral::InlineSpec;
-use crate::pool::locks::Locks;
 use crate::pool::{self, VolumeId};
 
 pub struct NodeService {
-    attacher: Arc<Attacher>,
-    locks: Locks,
-    node_id: String,
+    local: node::Local,
     max_volumes: i64,
 }
 
 impl NodeService {
-    pub fn new(attacher: Arc<Attacher>, locks: Locks, node_id: &str, max_volumes: i64) -> Self {
-        NodeService {
-            attacher,
-            locks,
-            node_id: node_id.to_owned(),
-            max_volumes,
-        }
+    pub fn new(local: node::Local, max_volumes: i64) -> Self {
+        NodeService { local, max_volumes }
     }
 
     /// A path the node will create or mount on: well formed, outside kura's own
     /// directories.
     fn path(&self, value: &str, field: &str) -> Result<PathBuf, Status> {
-        validate::node_path(value, field, self.attacher.reserved())
+        validate::node_path(value, field, self.local.attacher().reserved())
     }
 
-    /// Takes the volume's lock and runs `work` on the attacher off the async threads.
+    /// Runs `work` on the attachments with the volume's lock held (see
+    /// [`node::Local::on_attacher`]: a call the kubelet cancels does not free the
+    /// volume while its mount or mkfs still runs).
     async fn locked<T: Send + 'static>(
         &self,
         id: VolumeId,
         work: impl FnOnce(&Attacher, &VolumeId) -> pool::Result<T> + Send + 'static,
     ) -> Result<T, Status> {
-        let guard = self
-            .locks
-            .try_acquire(id.as_str())
-            .ok_or_else(|| busy(id.as_str()))?;
-        let attacher = Arc::clone(&self.attacher);
-        // The guard lives in the blocking work, not in this future: a call the kubelet
-        // cancels must not free the volume while its mount or mkfs still runs.
-        blocking(move || {
-            let _guard = guard;
-            work(&attacher, &id)
-        })
-        .await
-        .map_err(from_pool)
+        self.local
+            .on_attacher(&[id.to_string()], move |a| work(a, &id))
+            .await
+            .map_err(from_pool)
     }
 }
 
@@ -90,7 +75,7 @@ impl NodeService {
             size: inline.size,
             provisioning: inline.provisioning,
         };
-        let id = self.attacher.inline_id(&spec.name);
+        let id = self.local.attacher().inline_id(&spec.name);
         let readonly = req.readonly;
         self.locked(id, move |a, _| {
             a.publish_inline(&spec, &target, &capability, readonly)
@@ -107,8 +92,8 @@ impl NodeService {
             return Ok(id);
         }
         let name = value.to_owned();
-        let attacher = Arc::clone(&self.attacher);
-        blocking(move || attacher.inline_volume(&name))
+        self.local
+            .on_attacher(&[], move |a| a.inline_volume(&name))
             .await
             .map_err(from_pool)?
             .ok_or_else(|| no_volume("volume_id", value))
@@ -127,7 +112,7 @@ impl NodeService {
         let owned = validate::name(name, "volume_id")
             .map_err(|_| no_volume("volume_id", name))?
             .to_owned();
-        let id = self.attacher.inline_id(&owned);
+        let id = self.local.attacher().inline_id(&owned);
         let found = self
             .locked(id, move |a, _| a.unpublish_inline(&owned, &target))
             .await?;
@@ -221,8 +206,10 @@ impl Node for NodeService {
         if validate::is_ephemeral(&req.volume_context) {
             return self.publish_inline(req, target, capability).await;
         }
-        let staging =
-            validate::publish_staging_path(&req.staging_target_path, self.attacher.reserved())?;
+        let staging = validate::publish_staging_path(
+            &req.staging_target_path,
+            self.local.attacher().reserved(),
+        )?;
         validate::publish_paths(&target, &staging)?;
         let id = existing_volume_id(&req.volume_id)?;
         let readonly = req.readonly;
@@ -263,8 +250,9 @@ impl Node for NodeService {
         let id = self.volume_or_inline(&req.volume_id).await?;
         let volume_path =
             volume_path.ok_or_else(|| not_at_path("volume_path", &req.volume_path, id.as_str()))?;
-        let attacher = Arc::clone(&self.attacher);
-        let stats = blocking(move || attacher.stats(&id, &volume_path))
+        let stats = self
+            .local
+            .on_attacher(&[], move |a| a.stats(&id, &volume_path))
             .await
             .map_err(from_pool)?;
         use proto::volume_usage::Unit;
@@ -347,9 +335,9 @@ impl Node for NodeService {
         _request: Request<proto::NodeGetInfoRequest>,
     ) -> Result<Response<proto::NodeGetInfoResponse>, Status> {
         Ok(Response::new(proto::NodeGetInfoResponse {
-            node_id: self.node_id.clone(),
+            node_id: self.local.node_id().to_owned(),
             max_volumes_per_node: self.max_volumes,
-            accessible_topology: Some(node_topology(&self.node_id)),
+            accessible_topology: Some(node_topology(self.local.node_id())),
         }))
     }
 }

@@ -10,21 +10,9 @@ use crate::agent;
 use crate::control;
 use crate::pool;
 
-/// The code a pool error means to a CO.
-pub fn code(error: &pool::Error) -> Code {
-    match error {
-        pool::Error::NotFound { .. } => Code::NotFound,
-        pool::Error::Incompatible(_) => Code::AlreadyExists,
-        pool::Error::OutOfRange(_) => Code::OutOfRange,
-        pool::Error::NoSpace { .. } => Code::ResourceExhausted,
-        pool::Error::Precondition(_) => Code::FailedPrecondition,
-        pool::Error::Invalid { .. } => Code::InvalidArgument,
-        pool::Error::Busy(_) => Code::Aborted,
-        pool::Error::Sys(_) => Code::Internal,
-        pool::Error::Corrupt { .. } => Code::DataLoss,
-        pool::Error::Damaged(_) => Code::DataLoss,
-    }
-}
+/// The code a pool error means to a CO: the agent's table, since those codes also
+/// travel on the agent wire unchanged.
+pub use crate::agent::errors::pool_code as code;
 
 pub fn from_pool(error: pool::Error) -> Status {
     Status::new(code(&error), chain(&error))
@@ -71,67 +59,12 @@ pub fn from_control(error: control::Error) -> Status {
     }
 }
 
-/// An agent call whose request kura's controller could not have sent.
-pub fn from_malformed(error: agent::wire::Malformed) -> Status {
-    Status::invalid_argument(error.to_string())
-}
-
-/// An agent's answer to a caller that is not the controller.
-pub fn not_controller(name: &str) -> Status {
-    Status::permission_denied(format!(
-        "control calls are accepted only from the controller identity (a client \
-         certificate naming {name})"
-    ))
-}
-
-/// A transfer read from a caller that is not a node.
-pub fn not_node(name: &str) -> Status {
-    Status::permission_denied(format!(
-        "exports are read only by a node identity (a client certificate naming {name}) \
-         with the export's grant"
-    ))
-}
-
-/// What the agent's gRPC status means on the controller's side of the seam. A status
-/// made by the client's transport (no connection, a TLS alert, the connection closed
-/// or lost) means the node is unreachable; so do UNAVAILABLE and CANCELLED, which the
-/// agent itself never answers (see [`agent_code`] over pool errors). Any other status
-/// is the agent's own answer, kept as it is.
-pub fn agent_error(node: &str, status: Status) -> agent::Error {
-    let transport = std::error::Error::source(&status)
-        .is_some_and(|source| source.is::<tonic::transport::Error>());
-    if transport || matches!(status.code(), Code::Unavailable | Code::Cancelled) {
-        agent::Error::Unreachable {
-            node: node.to_owned(),
-            reason: chain(&status),
-        }
-    } else {
-        agent::Error::Remote {
-            code: status.code(),
-            message: status.message().to_owned(),
-        }
-    }
-}
-
 /// The controller's Probe when it cannot serve yet.
 pub fn not_ready(reason: impl std::fmt::Display) -> Status {
     Status::failed_precondition(reason.to_string())
 }
 
-/// An error and its sources, joined: "a: b: c".
-pub fn chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        source = cause.source();
-    }
-    message
-}
+pub use crate::chain;
 
 /// A value from a request, for a message: quoted and escaped (control characters never
 /// reach a log or a terminal as they are), and cut short when long.
@@ -369,19 +302,6 @@ mod tests {
                 "{error:?}"
             );
         }
-    }
-
-    #[test]
-    fn remote_errors_keep_code_and_message_and_transport_failures_are_unreachable() {
-        let remote = agent_error("n1", Status::already_exists("volume \"x\" exists"));
-        let status = from_agent(remote);
-        assert_eq!(status.code(), Code::AlreadyExists);
-        assert_eq!(status.message(), "volume \"x\" exists");
-        let lost = agent_error("n1", Status::unavailable("connection reset"));
-        assert!(matches!(lost, agent::Error::Unreachable { .. }));
-        let status = from_agent(lost);
-        assert_eq!(status.code(), Code::Unavailable);
-        assert!(status.message().contains("n1"), "{}", status.message());
     }
 
     #[test]

@@ -101,7 +101,7 @@ impl Metrics {
     /// Adds the cross-node transfer gauges (`kura node`): `kura_transfer_done_bytes`
     /// and `kura_transfer_total_bytes{volume_name}`, data bytes written so far and the
     /// source image's size, for each transfer running on this node.
-    pub fn with_transfers(mut self, gauges: crate::agent::transfer::TransferGauges) -> Self {
+    pub fn with_transfers(mut self, gauges: crate::node::transfer::TransferGauges) -> Self {
         self.registry.register(
             "kura_transfer_done_bytes",
             "Data bytes a running cross-node transfer has written on this node",

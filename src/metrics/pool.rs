@@ -102,7 +102,7 @@ impl Collector for PoolCollector {
             Err(e) => {
                 // A scrape still serves the other metrics; the pool's own health shows
                 // in Probe (and so in the liveness probe).
-                tracing::warn!(error = %crate::csi::status::chain(&e), "metrics: cannot read the pool");
+                tracing::warn!(error = %crate::chain(&e), "metrics: cannot read the pool");
                 return Ok(());
             }
         };

@@ -17,7 +17,8 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::UnixListenerStream;
 
-use crate::agent::{LocalPools, Pools};
+use crate::agent::Pools;
+use crate::agent::local::InProcess;
 use crate::cli::{AllInOne, Command, Local};
 use crate::csi::controller::ControllerService;
 use crate::csi::identity::{IdentityService, Readiness};
@@ -29,7 +30,6 @@ use crate::csi::proto::node_server::NodeServer;
 use crate::csi::status;
 use crate::metrics::Metrics;
 use crate::pool::attach::Attacher;
-use crate::pool::locks::Locks;
 use crate::pool::source::{self, Source};
 use crate::pool::{self, Pool};
 use crate::sys;
@@ -37,16 +37,15 @@ use crate::sys;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A node's pool, opened: what `all-in-one` and `node` share.
-pub struct LocalPool {
-    pub pool: Arc<Pool>,
-    pub attacher: Arc<Attacher>,
+pub struct OpenedPool {
+    /// The node's side: the pool, its attachments and its per-volume locks, shared by
+    /// every service of the process.
+    pub local: crate::node::Local,
     /// Where the pool lives (a mount point kura made, or the `--pool-dir`).
     pub root: PathBuf,
-    /// The node's per-volume locks, shared by every service of the process.
-    pub locks: Locks,
 }
 
-impl LocalPool {
+impl OpenedPool {
     /// Prepares the pool (mounting or formatting as the source needs), reconciles it,
     /// and opens the node side, with the given test pause points (off in production:
     /// see [`sys::pause::Points::from_env`]). Blocks.
@@ -68,31 +67,20 @@ impl LocalPool {
         )?);
         // Inline volumes whose pod's mount is gone (a crash mid-publish) go now.
         attacher.recover_inline()?;
-        Ok(LocalPool {
-            pool,
-            attacher,
+        Ok(OpenedPool {
+            local: crate::node::Local::new(pool, attacher, &args.node_id),
             root,
-            locks: Locks::default(),
         })
     }
 
     fn node_service(&self, args: &Local) -> NodeService {
-        NodeService::new(
-            Arc::clone(&self.attacher),
-            self.locks.clone(),
-            &args.node_id,
-            args.max_volumes_per_node,
-        )
-    }
-
-    fn pools(&self, args: &Local) -> LocalPools {
-        LocalPools::new(Arc::clone(&self.pool), &args.node_id, self.locks.clone())
+        NodeService::new(self.local.clone(), args.max_volumes_per_node)
     }
 
     /// The CSI operations histogram and this pool's gauges.
     fn metrics(&self, args: &Local) -> Metrics {
         Metrics::new().with_pool(crate::metrics::pool::PoolCollector::new(
-            Arc::clone(&self.pool),
+            Arc::clone(self.local.pool()),
             self.root.clone(),
             &args.node_id,
         ))
@@ -102,7 +90,7 @@ impl LocalPool {
 /// The services of an all-in-one driver, ready to serve.
 pub struct AllInOneDriver {
     identity: IdentityService,
-    controller: ControllerService<LocalPools>,
+    controller: ControllerService<InProcess>,
     node: NodeService,
     driver_name: String,
     metrics: Arc<Metrics>,
@@ -118,16 +106,16 @@ impl AllInOneDriver {
     /// [`AllInOneDriver::open`] with the given test pause points: how in-process tests,
     /// which share one environment, give each driver its own.
     pub fn open_with_pause(args: &AllInOne, pause: sys::pause::Points) -> Result<Self, BoxError> {
-        let local = LocalPool::open(args, pause)?;
+        let opened = OpenedPool::open(args, pause)?;
         Ok(AllInOneDriver {
             identity: IdentityService::new(
                 &args.driver_name,
-                Readiness::Pool(Arc::clone(&local.pool)),
+                Readiness::Pool(opened.local.clone()),
             ),
-            controller: ControllerService::new(local.pools(args)),
-            node: local.node_service(args),
+            controller: ControllerService::new(InProcess::new(opened.local.clone())),
+            node: opened.node_service(args),
             driver_name: args.driver_name.clone(),
-            metrics: local.metrics(args).into_shared(),
+            metrics: opened.metrics(args).into_shared(),
         })
     }
 

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
-use super::{BoxError, CsiServices, LocalPool, MetricsServer, bind, serve_csi, socket_path};
+use super::{BoxError, CsiServices, MetricsServer, OpenedPool, bind, serve_csi, socket_path};
 use crate::agent::proto::agent_server::AgentServer;
 use crate::agent::server::AgentService;
 use crate::agent::{cluster, tls};
@@ -25,6 +25,7 @@ use crate::cli::NodeArgs;
 use crate::csi::identity::{IdentityService, Readiness};
 use crate::csi::node::NodeService;
 use crate::metrics::Metrics;
+use crate::node::{self, transfer::Transfers};
 use crate::sys::fs::LockFile;
 
 /// How often expired exports are removed.
@@ -40,7 +41,7 @@ pub struct NodeDriver {
     driver_name: String,
     metrics: Arc<Metrics>,
     /// Whose expired exports are swept while serving.
-    sweep: crate::agent::LocalPools,
+    sweep: node::Local,
     _locks: Vec<LockFile>,
 }
 
@@ -63,32 +64,32 @@ impl NodeDriver {
         let local_args = &args.local;
         std::fs::create_dir_all(&local_args.state_dir)?;
         let mut locks = vec![lock(&local_args.state_dir.join("node.lock"))?];
-        let local = LocalPool::open(local_args, crate::sys::pause::Points::from_env())?;
-        let pool_lock = local.root.join(".kura-node.lock");
+        let opened = OpenedPool::open(local_args, crate::sys::pause::Points::from_env())?;
+        let pool_lock = opened.root.join(".kura-node.lock");
         if !pool_lock.starts_with(&local_args.state_dir) {
             // A --pool-dir may be shared between state directories: lock it too.
             locks.push(lock(&pool_lock)?);
         }
         let (stopping, stopped) = watch::channel(false);
-        // Node-to-node reads present this node's own identity.
-        let transfers = crate::agent::transfer::Transfers::new(tls.client());
+        let transfers = Transfers::new(opened.local.clone());
         Ok(NodeDriver {
             identity: IdentityService::new(
                 &local_args.driver_name,
-                Readiness::Pool(Arc::clone(&local.pool)),
+                Readiness::Pool(opened.local.clone()),
             ),
-            node: local.node_service(local_args),
-            agent: AgentService::new(local.pools(local_args), stopped)
-                .with_transfers(transfers.clone()),
+            node: opened.node_service(local_args),
+            // Node-to-node reads present this node's own identity.
+            agent: AgentService::new(opened.local.clone(), stopped)
+                .with_transfers(transfers.clone(), tls.client()),
             tls,
             stopping,
             driver_name: local_args.driver_name.clone(),
-            metrics: local
+            metrics: opened
                 .metrics(local_args)
                 .with_agent()
                 .with_transfers(transfers.gauges())
                 .into_shared(),
-            sweep: local.pools(local_args),
+            sweep: opened.local.clone(),
             _locks: locks,
         })
     }
@@ -118,7 +119,7 @@ pub async fn serve(
         sweep,
         _locks,
     } = driver;
-    tokio::spawn(crate::agent::transfer::sweep(sweep, EXPORT_SWEEP));
+    tokio::spawn(sweep.sweep_exports(EXPORT_SWEEP));
     let mut stopped = stopping.subscribe();
     tokio::spawn(async move {
         shutdown.await;

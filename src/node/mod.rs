@@ -1,0 +1,219 @@
+//! The node process's side: this node's pool as the controller and the kubelet reach
+//! it, with the node's per-volume locks.
+//!
+//! [`Local`] is the one place where a lock is taken and blocking pool work runs off
+//! the async threads: the agent (for the controller, over the network or in-process)
+//! and the CSI Node service (for the kubelet) both come through it, so a controller's
+//! call and the kubelet's call on one volume exclude each other whichever process
+//! asks.
+//!
+//! - [`group`]: group-snapshot freezes held between the controller's steps, with
+//!   their deadline.
+//! - [`transfer`]: both ends of a cross-node transfer (restore or clone): the source's
+//!   exports and the destination's runs; the agent carries the bytes between them.
+//!
+//! # Guarantees
+//!
+//! - A mutating call takes the object's lock before any side effect; a second call on
+//!   a busy object is refused ([`pool::Error::Busy`], ABORTED), never queued.
+//! - A lock is held until the pool work is done, even if the caller stops waiting
+//!   (a cancelled RPC): the guards move into the blocking work.
+
+pub mod group;
+pub mod transfer;
+
+use std::sync::Arc;
+
+use crate::pool::attach::Attacher;
+use crate::pool::locks::{Guard, Locks};
+use crate::pool::{
+    self, Condition, NodeToken, Pool, Provisioning, Snapshot, SnapshotId, Volume, VolumeId,
+    VolumeSpec, size,
+};
+
+pub use group::GROUP_HOLD_DEADLINE;
+
+/// This node's pool, its attachments, and its per-volume locks.
+#[derive(Clone)]
+pub struct Local {
+    pool: Arc<Pool>,
+    attacher: Arc<Attacher>,
+    node_id: String,
+    locks: Locks,
+    holds: group::Holds,
+}
+
+impl Local {
+    pub fn new(pool: Arc<Pool>, attacher: Arc<Attacher>, node_id: &str) -> Self {
+        Local {
+            pool,
+            attacher,
+            node_id: node_id.to_owned(),
+            locks: Locks::default(),
+            holds: group::Holds::default(),
+        }
+    }
+
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    pub fn attacher(&self) -> &Arc<Attacher> {
+        &self.attacher
+    }
+
+    /// The CO's name for this node.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    pub fn token(&self) -> &NodeToken {
+        self.pool.node()
+    }
+
+    /// Takes the lock on every key, or none.
+    fn lock(&self, keys: &[String]) -> pool::Result<Vec<Guard>> {
+        keys.iter()
+            .map(|key| {
+                self.locks.try_acquire(key).ok_or_else(|| {
+                    pool::Error::Busy(format!("an operation on {key} is already in progress"))
+                })
+            })
+            .collect()
+    }
+
+    /// Runs `work` on the pool off the async threads, holding the locks on `keys`
+    /// until it is done.
+    pub async fn on_pool<T: Send + 'static>(
+        &self,
+        keys: &[String],
+        work: impl FnOnce(&Pool) -> pool::Result<T> + Send + 'static,
+    ) -> pool::Result<T> {
+        let pool = Arc::clone(&self.pool);
+        run(self.lock(keys)?, move || work(&pool)).await
+    }
+
+    /// Runs `work` on the attachments off the async threads, holding the locks on
+    /// `keys` until it is done.
+    pub async fn on_attacher<T: Send + 'static>(
+        &self,
+        keys: &[String],
+        work: impl FnOnce(&Attacher) -> pool::Result<T> + Send + 'static,
+    ) -> pool::Result<T> {
+        let attacher = Arc::clone(&self.attacher);
+        run(self.lock(keys)?, move || work(&attacher)).await
+    }
+
+    // ---- What the controller asks of this node (see `agent::Pools`) ----
+
+    /// The volume a create with this name made here, if any.
+    pub async fn find_volume(&self, name: String) -> pool::Result<Option<Volume>> {
+        let id = VolumeId::derive(&name, self.token());
+        self.on_pool(&[], move |p| found(p.volume(&id))).await
+    }
+
+    pub async fn create_volume(&self, spec: VolumeSpec) -> pool::Result<Volume> {
+        let id = VolumeId::derive(&spec.name, self.token());
+        // The source is read while the new volume is filled: no stage, expand,
+        // snapshot or delete of it meanwhile.
+        let mut keys = vec![id.to_string()];
+        keys.extend(spec.source.as_ref().map(|s| s.id().to_owned()));
+        self.on_pool(&keys, move |p| p.create_volume(&spec)).await
+    }
+
+    pub async fn delete_volume(&self, id: VolumeId) -> pool::Result<()> {
+        self.on_pool(&[id.to_string()], move |p| p.delete_volume(&id))
+            .await
+    }
+
+    pub async fn volume(&self, id: VolumeId) -> pool::Result<(Volume, Condition)> {
+        self.on_pool(&[], move |p| p.volume_status(&id)).await
+    }
+
+    pub async fn list_volumes(&self) -> pool::Result<Vec<(Volume, Condition)>> {
+        self.on_pool(&[], |p| p.list_volumes()).await
+    }
+
+    pub async fn expand_volume(
+        &self,
+        id: VolumeId,
+        range: size::Range,
+    ) -> pool::Result<(Volume, bool)> {
+        self.on_pool(&[id.to_string()], move |p| p.expand_volume(&id, range))
+            .await
+    }
+
+    pub async fn modify_volume(
+        &self,
+        id: VolumeId,
+        provisioning: Provisioning,
+    ) -> pool::Result<(Volume, bool)> {
+        self.on_pool(&[id.to_string()], move |p| {
+            p.modify_volume(&id, provisioning)
+        })
+        .await
+    }
+
+    /// Bytes a new volume may take here now.
+    pub async fn available(&self, provisioning: Provisioning) -> pool::Result<u64> {
+        self.on_pool(&[], move |p| p.available(provisioning)).await
+    }
+
+    /// Whether the pool is usable.
+    pub async fn probe(&self) -> pool::Result<()> {
+        self.on_pool(&[], |p| p.probe()).await
+    }
+
+    /// The snapshot a create with this name made here, if any.
+    pub async fn find_snapshot(&self, name: String) -> pool::Result<Option<Snapshot>> {
+        let id = SnapshotId::derive(&name, self.token());
+        self.on_pool(&[], move |p| found(p.snapshot(&id))).await
+    }
+
+    pub async fn create_snapshot(&self, name: String, source: VolumeId) -> pool::Result<Snapshot> {
+        let id = SnapshotId::derive(&name, self.token());
+        self.on_pool(&[id.to_string(), source.to_string()], move |p| {
+            p.create_snapshot(&name, &source)
+        })
+        .await
+    }
+
+    pub async fn delete_snapshot(&self, id: SnapshotId) -> pool::Result<()> {
+        self.on_pool(&[id.to_string()], move |p| p.delete_snapshot(&id))
+            .await
+    }
+
+    pub async fn snapshot(&self, id: SnapshotId) -> pool::Result<Snapshot> {
+        self.on_pool(&[], move |p| p.snapshot(&id)).await
+    }
+
+    pub async fn list_snapshots(&self) -> pool::Result<Vec<Snapshot>> {
+        self.on_pool(&[], |p| p.list_snapshots()).await
+    }
+}
+
+/// Runs blocking work off the async threads. The guards move into the work, so a lock
+/// is held until the work is done even if the caller gives up waiting.
+async fn run<T: Send + 'static>(
+    guards: Vec<Guard>,
+    work: impl FnOnce() -> pool::Result<T> + Send + 'static,
+) -> pool::Result<T> {
+    let task = tokio::task::spawn_blocking(move || {
+        let result = work();
+        drop(guards);
+        result
+    });
+    match task.await {
+        Ok(result) => result,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+/// An object that may not exist: `None` rather than NotFound.
+fn found<T>(result: pool::Result<T>) -> pool::Result<Option<T>> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(pool::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
