@@ -288,11 +288,12 @@ async fn mkfs_alone(dir: &Path, count: usize, bytes: u64, fs: &str) -> Result<Ve
         )?;
         devices.push((image, device));
     }
+    let fs: kura::sys::FsType = fs.parse()?;
     let timed = join_all(devices.iter().map(|(_, device)| {
-        let (device, fs) = (device.clone(), fs.to_owned());
+        let device = device.clone();
         tokio::task::spawn_blocking(move || -> Result<Duration> {
             let started = Instant::now();
-            kura::sys::mkfs::format(&device, &fs)?;
+            kura::sys::mkfs::format(&device, fs, false)?;
             Ok(started.elapsed())
         })
     }))

@@ -72,8 +72,8 @@ pub struct Local {
     #[arg(long, env = "KURA_OVERPROVISION_RATIO", default_value_t = 1.0, value_parser = parse_ratio)]
     pub overprovision_ratio: f64,
     /// Filesystem for mount volumes whose capability names none (ext4, xfs, btrfs).
-    #[arg(long, env = "KURA_DEFAULT_FS_TYPE", default_value = "ext4", value_parser = ["ext4", "xfs", "btrfs"])]
-    pub default_fs_type: String,
+    #[arg(long, env = "KURA_DEFAULT_FS_TYPE", default_value = "ext4")]
+    pub default_fs_type: crate::sys::FsType,
     /// Size of a volume whose request names no capacity (e.g. 1Gi).
     #[arg(long, env = "KURA_DEFAULT_VOLUME_SIZE", default_value = "1Gi", value_parser = parse_size)]
     pub default_volume_size: u64,

@@ -409,7 +409,7 @@ async fn the_disk_holds_ciphertext_and_the_key_brings_the_data_back() {
         .expect("attach the image read-only");
     let elsewhere = driver.path("elsewhere");
     std::fs::create_dir(&elsewhere).unwrap();
-    kura::sys::mount::mount_fs(&device, &elsewhere, "ext4", &["ro".into()])
+    kura::sys::mount::mount_fs(&device, &elsewhere, kura::sys::FsType::Ext4, &["ro".into()])
         .expect("mount the image without the key");
     let names: Vec<String> = std::fs::read_dir(elsewhere.join("data"))
         .unwrap()

@@ -831,10 +831,12 @@ fn ext4_pool(node: &mut NodeProc) {
         .set_len(4 * GIB as u64)
         .unwrap();
     let device = kura::sys::loopdev::attach(&image, false).expect("attach the ext4 pool image");
-    kura::sys::mkfs::format(&device, "ext4").expect("mkfs.ext4 on the pool image");
+    kura::sys::mkfs::format(&device, kura::sys::FsType::Ext4, false)
+        .expect("mkfs.ext4 on the pool image");
     let root = node.dir.join("pool-dir");
     std::fs::create_dir_all(&root).unwrap();
-    kura::sys::mount::mount_fs(&device, &root, "ext4", &[]).expect("mount the ext4 pool");
+    kura::sys::mount::mount_fs(&device, &root, kura::sys::FsType::Ext4, &[])
+        .expect("mount the ext4 pool");
     let args = &mut node.proc.args;
     let at = args.iter().position(|a| a == "--pool-image").unwrap();
     args.splice(

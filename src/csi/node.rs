@@ -68,7 +68,7 @@ impl NodeService {
         if let (AccessType::Mount { fs_type, .. }, Some(fs)) =
             (&mut capability.access, &inline.fs_type)
         {
-            *fs_type = Some(fs.clone());
+            *fs_type = Some(*fs);
         }
         let spec = InlineSpec {
             name,

@@ -10,7 +10,7 @@ use super::proto::{self, volume_capability};
 use super::status::{bad_token, invalid, missing, precondition, shown};
 use crate::pool::attach::{AccessMode, AccessType, Capability, SYSTEM_TREES};
 use crate::pool::{Encryption, Provisioning, SnapshotId, VolumeId, size};
-use crate::sys::{mkfs, mount};
+use crate::sys::{FsType, mount};
 
 /// The StorageClass parameter that picks thin or thick provisioning.
 pub const PROVISIONING_KEY: &str = "kura.csi.dev/provisioning";
@@ -140,7 +140,7 @@ pub struct Inline {
     /// 0: the pool's default volume size.
     pub size: u64,
     pub provisioning: Provisioning,
-    pub fs_type: Option<String>,
+    pub fs_type: Option<FsType>,
 }
 
 pub fn inline_attributes(
@@ -162,17 +162,17 @@ pub fn inline_attributes(
                 inline.size = crate::cli::parse_size(value).map_err(|e| invalid(&field, e))?
             }
             "fsType" => {
-                if !mkfs::SUPPORTED.contains(&value) {
-                    return Err(invalid(
+                let fs = value.parse::<FsType>().map_err(|_| {
+                    invalid(
                         &field,
                         format!(
                             "{} is not a filesystem kura formats (one of {})",
                             shown(value),
-                            mkfs::SUPPORTED.join(", ")
+                            FsType::names()
                         ),
-                    ));
-                }
-                inline.fs_type = Some(value.to_owned());
+                    )
+                })?;
+                inline.fs_type = Some(fs);
             }
             PROVISIONING_KEY => inline.provisioning = provisioning_value(value, "volume_context")?,
             k if k.starts_with(SIDECAR_PREFIX) => {}
@@ -198,8 +198,8 @@ pub fn inline_attributes(
                 "volume_context[fsType]",
                 format!(
                     "{} differs from volume_capability.mount.fs_type {}",
-                    shown(attr),
-                    shown(cap)
+                    shown(attr.as_str()),
+                    shown(cap.as_str())
                 ),
             ));
         }
@@ -418,13 +418,12 @@ fn mount_access(
 ) -> Result<AccessType, CapabilityError> {
     let fs_type = match mount.fs_type.as_str() {
         "" => None,
-        fs if mkfs::SUPPORTED.contains(&fs) => Some(fs.to_owned()),
-        other => {
-            return Err(CapabilityError::Unsupported(format!(
-                "fs_type {other:?} is not supported (use one of {})",
-                mkfs::SUPPORTED.join(", ")
-            )));
-        }
+        name => Some(name.parse::<FsType>().map_err(|_| {
+            CapabilityError::Unsupported(format!(
+                "fs_type {name:?} is not supported (use one of {})",
+                FsType::names()
+            ))
+        })?),
     };
     let flags_field = format!("{field}.mount.mount_flags");
     let flags_len = mount_flags_len(&mount.mount_flags);
@@ -443,7 +442,7 @@ fn mount_access(
         } else if flag.contains(|c: char| c.is_whitespace() || c.is_control()) {
             Some("contains whitespace or a control character".to_owned())
         } else {
-            mount::check_option(flag, fs_type.as_deref()).err()
+            mount::check_option(flag, fs_type).err()
         };
         if let Some(reason) = reason {
             return Err(CapabilityError::Invalid(invalid(
@@ -583,12 +582,12 @@ pub fn encryption_fits(
             }
             AccessType::Mount {
                 fs_type: Some(fs), ..
-            } if fs != "ext4" => {
+            } if *fs != FsType::Ext4 => {
                 return Err(invalid(
                     field,
                     format!(
                         "fscrypt volumes are ext4, but volume_capabilities[{i}] asks for fs_type {}",
-                        shown(fs)
+                        shown(fs.as_str())
                     ),
                 ));
             }
@@ -675,7 +674,7 @@ mod tests {
         assert_eq!(
             c.access,
             AccessType::Mount {
-                fs_type: Some("xfs".into()),
+                fs_type: Some(FsType::Xfs),
                 flags: vec!["noatime".into()]
             }
         );
@@ -793,7 +792,7 @@ mod tests {
         };
         let mount = |fs: Option<&str>| {
             with(AccessType::Mount {
-                fs_type: fs.map(str::to_owned),
+                fs_type: fs.map(|f| f.parse().unwrap()),
                 flags: vec![],
             })
         };
@@ -1037,7 +1036,7 @@ mod tests {
         };
         let mount = |fs: Option<&str>| Capability {
             access: AccessType::Mount {
-                fs_type: fs.map(str::to_owned),
+                fs_type: fs.map(|f| f.parse().unwrap()),
                 flags: vec![],
             },
             mode: AccessMode::SingleNodeWriter,
@@ -1058,7 +1057,7 @@ mod tests {
             Inline {
                 size: 1 << 30,
                 provisioning: Provisioning::Thick,
-                fs_type: Some("xfs".into()),
+                fs_type: Some(FsType::Xfs),
             }
         );
         assert_eq!(

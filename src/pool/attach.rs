@@ -35,9 +35,9 @@ use super::encryption::{DATA_DIR, Encryption, SECRET_FIELD, Secret};
 use super::ids::VolumeId;
 use super::volume::{AccessKind, Volume};
 use super::{Condition, Error, Pool, Result, read_meta, size, write_meta};
-use crate::sys;
 use crate::sys::fscrypt::{Key, KeyId, KeyStatus, Policy, Removal};
 use crate::sys::mountinfo::MountEntry;
+use crate::sys::{self, FsType};
 
 /// Trees of the kernel's own that no volume is ever staged or published under.
 pub const SYSTEM_TREES: [&str; 3] = ["/proc", "/sys", "/dev"];
@@ -68,7 +68,7 @@ pub enum AccessType {
     Block,
     /// `fs_type` is `None` when the CO leaves the choice to kura.
     Mount {
-        fs_type: Option<String>,
+        fs_type: Option<FsType>,
         flags: Vec<String>,
     },
 }
@@ -147,28 +147,36 @@ pub struct Stats {
 /// What staging a mount volume does with the device.
 #[derive(Debug, PartialEq, Eq)]
 pub enum FormatPlan {
-    Format(String),
-    Mount(String),
+    Format(FsType),
+    Mount(FsType),
     Conflict(String),
 }
 
 /// Decides from what blkid found whether to format: only a blank device is formatted.
 pub fn plan_format(
     found: Option<&sys::blkid::Signature>,
-    requested: Option<&str>,
-    default_fs: &str,
+    requested: Option<FsType>,
+    default_fs: FsType,
 ) -> FormatPlan {
     let Some(sig) = found else {
-        return FormatPlan::Format(requested.unwrap_or(default_fs).to_owned());
+        return FormatPlan::Format(requested.unwrap_or(default_fs));
     };
     match (&sig.fs_type, &sig.partition_table, requested) {
         (_, Some(table), _) => {
             FormatPlan::Conflict(format!("device carries a {table} partition table"))
         }
-        (Some(fs), None, Some(want)) if fs != want => FormatPlan::Conflict(format!(
-            "device holds a {fs} filesystem but the capability asks for {want}"
-        )),
-        (Some(fs), None, _) => FormatPlan::Mount(fs.clone()),
+        (Some(fs), None, want) => match (fs.parse::<FsType>(), want) {
+            // kura mounts only what it makes: a volume a pod formatted with another
+            // filesystem (through raw block access) is not mounted.
+            (Err(_), _) => FormatPlan::Conflict(format!(
+                "device holds a {fs} filesystem, which kura does not mount (it mounts {})",
+                FsType::names()
+            )),
+            (Ok(found), Some(want)) if found != want => FormatPlan::Conflict(format!(
+                "device holds a {fs} filesystem but the capability asks for {want}"
+            )),
+            (Ok(found), _) => FormatPlan::Mount(found),
+        },
         (None, None, _) => {
             FormatPlan::Conflict("device carries an unrecognised signature".to_owned())
         }
@@ -323,13 +331,13 @@ pub struct Attacher {
     records: PathBuf,
     /// Inline volumes' records and staging directories ([`super::ephemeral`]).
     pub(super) ephemeral: PathBuf,
-    default_fs: String,
+    default_fs: FsType,
     /// kura's own directories: no CO path may point into them.
     reserved: Vec<PathBuf>,
 }
 
 impl Attacher {
-    pub fn new(pool: Arc<Pool>, state_dir: &Path, default_fs: &str) -> Result<Self> {
+    pub fn new(pool: Arc<Pool>, state_dir: &Path, default_fs: FsType) -> Result<Self> {
         let records = state_dir.join("attachments");
         std::fs::create_dir_all(&records).map_err(|e| sys::Error::io("mkdir", &records, e))?;
         let absolute = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
@@ -342,7 +350,7 @@ impl Attacher {
             pool,
             records,
             ephemeral: reserved[0].join("ephemeral"),
-            default_fs: default_fs.to_owned(),
+            default_fs,
             reserved,
         })
     }
@@ -494,9 +502,9 @@ impl Attacher {
                 Filesystem {
                     // An encrypted volume is ext4, whatever the default filesystem is.
                     fs_type: if encrypted {
-                        Some("ext4")
+                        Some(FsType::Ext4)
                     } else {
-                        fs_type.as_deref()
+                        *fs_type
                     },
                     flags,
                     encrypt: encrypted,
@@ -586,7 +594,7 @@ impl Attacher {
             false if !sys::fs::holds_data(&self.pool.image_path(id))? => None,
             false => sys::blkid::probe(device)?,
         };
-        let (fs, format) = match plan_format(found.as_ref(), fs_type, &self.default_fs) {
+        let (fs, format) = match plan_format(found.as_ref(), fs_type, self.default_fs) {
             FormatPlan::Format(fs) => (fs, true),
             FormatPlan::Mount(fs) => (fs, false),
             FormatPlan::Conflict(reason) => return Err(Error::Precondition(reason)),
@@ -594,7 +602,7 @@ impl Attacher {
         // The flags were checked against the filesystem the request named; now that the
         // filesystem is known, against it, before anything is written.
         for (i, flag) in flags.iter().enumerate() {
-            if let Err(reason) = sys::mount::check_option(flag, Some(&fs)) {
+            if let Err(reason) = sys::mount::check_option(flag, Some(fs)) {
                 return Err(Error::Invalid {
                     field: "volume_capability.mount.mount_flags",
                     reason: format!("flag {i} on the volume's {fs}: {reason}"),
@@ -602,17 +610,17 @@ impl Attacher {
             }
         }
         if format {
-            let (size, minimum) = (sys::blockdev::size(device)?, sys::mkfs::minimum_size(&fs));
+            let (size, minimum) = (sys::blockdev::size(device)?, fs.minimum_size());
             if size < minimum {
                 return Err(Error::Precondition(format!(
                     "volume of {size} bytes is too small for {fs}, which needs at least {minimum} bytes"
                 )));
             }
-            sys::fs::atomic_write(&formatting, fs.as_bytes())?;
-            sys::mkfs::format_with(device, &fs, encrypt)?;
+            sys::fs::atomic_write(&formatting, fs.as_str().as_bytes())?;
+            sys::mkfs::format(device, fs, encrypt)?;
             sys::fs::remove(&formatting)?;
         } else {
-            grow_unmounted(&fs, device)?;
+            grow_unmounted(fs, device)?;
         }
         if create_dir {
             std::fs::create_dir(staging).map_err(|e| sys::Error::io("mkdir", staging, e))?;
@@ -622,7 +630,7 @@ impl Attacher {
                 let _ = std::fs::remove_dir(staging);
             }
         };
-        if let Err(e) = sys::mount::mount_fs(device, staging, &fs, flags) {
+        if let Err(e) = sys::mount::mount_fs(device, staging, fs, flags) {
             // A mount of a process that died a moment ago may land while this one runs.
             let table = sys::mountinfo::read()?;
             let landed = sys::mountinfo::find_mount(&table, staging)
@@ -635,8 +643,8 @@ impl Attacher {
         // XFS and btrfs grow only while mounted; this is where a volume restored or
         // expanded while unstaged reaches its full size (ext was grown before mounting).
         if !format
-            && !fs.starts_with("ext")
-            && let Err(e) = sys::mkfs::grow_online(&fs, device, staging)
+            && fs != FsType::Ext4
+            && let Err(e) = sys::mkfs::grow_online(fs, device, staging)
         {
             let _ = sys::mount::unmount(staging);
             undo_dir();
@@ -1036,22 +1044,25 @@ impl Attacher {
         if let AccessType::Mount { .. } = record.capability.access {
             let table = sys::mountinfo::read()?;
             let staging = &record.staging_path;
-            let fs = sys::mountinfo::find_mount(&table, staging)
+            let found = sys::mountinfo::find_mount(&table, staging)
                 .map(|m| m.fs_type)
                 .ok_or_else(|| {
                     Error::Precondition(format!("{} is not mounted", staging.display()))
                 })?;
-            if let Err(e) = sys::mkfs::grow_online(&fs, &device, staging) {
-                // resize2fs reports the kernel's EPERM as "Permission denied to resize
-                // filesystem".
-                if e.stderr_contains("Operation not permitted")
-                    || e.stderr_contains("Permission denied to resize")
-                {
+            let fs = found.parse::<FsType>().map_err(|e| {
+                Error::Precondition(format!(
+                    "cannot grow the filesystem at {}: {e}",
+                    staging.display()
+                ))
+            })?;
+            match sys::mkfs::grow_online(fs, &device, staging) {
+                Ok(()) => {}
+                Err(e @ sys::Error::GrowRefused { .. }) => {
                     return Err(Error::Precondition(format!(
-                        "the kernel refused to grow the mounted {fs} filesystem ({e}); it will be grown when the volume is next staged"
+                        "{e}; it will be grown when the volume is next staged"
                     )));
                 }
-                return Err(e.into());
+                Err(e) => return Err(e.into()),
             }
         }
         Ok(size)
@@ -1086,7 +1097,7 @@ fn stage_key(
                 }
                 AccessType::Mount {
                     fs_type: Some(fs), ..
-                } if fs != "ext4" => {
+                } if *fs != FsType::Ext4 => {
                     return Err(Error::Precondition(format!(
                         "volume {id} is encrypted (fscrypt on ext4) and cannot be staged as {fs}"
                     )));
@@ -1112,7 +1123,7 @@ fn stage_key(
 /// The filesystem a mount stage wants: its type (`None`: what the device holds, or
 /// the default), its mount flags, and whether a new one is made encryptable.
 struct Filesystem<'a> {
-    fs_type: Option<&'a str>,
+    fs_type: Option<FsType>,
     flags: &'a [String],
     encrypt: bool,
 }
@@ -1169,8 +1180,8 @@ fn found_at(path: &Path) -> Result<Found> {
 
 /// Grows an unmounted ext filesystem that is smaller than its device (a volume expanded
 /// while unstaged, or after the kernel refused an online grow).
-fn grow_unmounted(fs: &str, device: &Path) -> Result<()> {
-    if !fs.starts_with("ext") {
+fn grow_unmounted(fs: FsType, device: &Path) -> Result<()> {
+    if fs != FsType::Ext4 {
         return Ok(());
     }
     if sys::mkfs::ext_size(device)? < sys::blockdev::size(device)? {
@@ -1252,23 +1263,23 @@ mod tests {
     #[test]
     fn formats_only_blank_devices() {
         assert_eq!(
-            plan_format(None, None, "ext4"),
-            FormatPlan::Format("ext4".into())
+            plan_format(None, None, FsType::Ext4),
+            FormatPlan::Format(FsType::Ext4)
         );
         assert_eq!(
-            plan_format(None, Some("xfs"), "ext4"),
-            FormatPlan::Format("xfs".into())
+            plan_format(None, Some(FsType::Xfs), FsType::Ext4),
+            FormatPlan::Format(FsType::Xfs)
         );
         assert_eq!(
-            plan_format(Some(&fs("xfs")), None, "ext4"),
-            FormatPlan::Mount("xfs".into())
+            plan_format(Some(&fs("xfs")), None, FsType::Ext4),
+            FormatPlan::Mount(FsType::Xfs)
         );
         assert_eq!(
-            plan_format(Some(&fs("xfs")), Some("xfs"), "ext4"),
-            FormatPlan::Mount("xfs".into())
+            plan_format(Some(&fs("xfs")), Some(FsType::Xfs), FsType::Ext4),
+            FormatPlan::Mount(FsType::Xfs)
         );
         assert!(matches!(
-            plan_format(Some(&fs("xfs")), Some("ext4"), "ext4"),
+            plan_format(Some(&fs("xfs")), Some(FsType::Ext4), FsType::Ext4),
             FormatPlan::Conflict(_)
         ));
         let table = Signature {
@@ -1276,11 +1287,16 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(
-            plan_format(Some(&table), None, "ext4"),
+            plan_format(Some(&table), None, FsType::Ext4),
             FormatPlan::Conflict(_)
         ));
         assert!(matches!(
-            plan_format(Some(&Signature::default()), None, "ext4"),
+            plan_format(Some(&Signature::default()), None, FsType::Ext4),
+            FormatPlan::Conflict(_)
+        ));
+        // kura mounts only the filesystems it makes.
+        assert!(matches!(
+            plan_format(Some(&fs("vfat")), None, FsType::Ext4),
             FormatPlan::Conflict(_)
         ));
     }
@@ -1288,7 +1304,7 @@ mod tests {
     #[test]
     fn publish_must_match_the_staged_access_type_and_filesystem() {
         let mount = |fs: Option<&str>| AccessType::Mount {
-            fs_type: fs.map(str::to_owned),
+            fs_type: fs.map(|f| f.parse().unwrap()),
             flags: vec![],
         };
         assert!(AccessType::Block.publishable_as(&AccessType::Block));

@@ -49,7 +49,7 @@ pub fn prepare(source: &Source, state_dir: &Path) -> Result<PathBuf> {
             }
             mount_pool_device(&device, &mount_point)?;
             if grown {
-                sys::mkfs::grow_online("xfs", &device, &mount_point)?;
+                sys::mkfs::grow_online(sys::FsType::Xfs, &device, &mount_point)?;
             }
             Ok(mount_point)
         }
@@ -131,7 +131,12 @@ fn mount_pool_device(device: &Path, mount_point: &Path) -> Result<()> {
         }
     }
     std::fs::create_dir_all(mount_point).map_err(|e| sys::Error::io("mkdir", mount_point, e))?;
-    sys::mount::mount_fs(device, mount_point, "xfs", &["noatime".to_owned()])?;
+    sys::mount::mount_fs(
+        device,
+        mount_point,
+        sys::FsType::Xfs,
+        &["noatime".to_owned()],
+    )?;
     tracing::info!(device = %device.display(), mount_point = %mount_point.display(), "pool mounted");
     Ok(())
 }

@@ -4,8 +4,8 @@
 //! # Chunks
 //!
 //! An image is read in fixed cells of [`CHUNK`] bytes (the last may be shorter). A
-//! cell's data ranges are found with SEEK_DATA/SEEK_HOLE, read with O_DIRECT
-//! `pread`, and cut further at [`BLOCK`] granularity into runs of non-zero blocks: a [`Chunk`] carries
+//! cell's data ranges are found with SEEK_DATA/SEEK_HOLE ([`sys::sparse`]), read with
+//! O_DIRECT `pread` ([`sys::direct`]), and cut further at [`BLOCK`] granularity into runs of non-zero blocks: a [`Chunk`] carries
 //! those runs ([`Chunk::extents`]) and their bytes; everything else in the cell, holes
 //! and zero blocks alike, travels as the cell's range only and is never written on the
 //! destination, so its file is at least as sparse as the source's. Every chunk carries
@@ -33,13 +33,10 @@
 //! request) and removes every other leftover.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use bytes::{Bytes, BytesMut};
-use nix::errno::Errno;
-use nix::unistd::{Whence, lseek};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
@@ -184,12 +181,7 @@ impl Reader {
                 reason: format!("{offset} is not a chunk boundary within {size} bytes"),
             });
         }
-        let direct = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .or_else(|_| File::open(path))
-            .map_err(|e| sys::Error::io("open", path, e))?;
+        let direct = sys::direct::open(path, false)?;
         let mut reader = Reader {
             file,
             direct,
@@ -217,36 +209,15 @@ impl Reader {
         let offset = self.next;
         let length = CHUNK.min(self.size - offset);
         let end = offset + length;
-        let mut ranges = Vec::new();
-        let mut at = offset;
-        while at < end {
-            let data = match lseek(self.file.as_fd(), at as i64, Whence::SeekData) {
-                Ok(pos) => pos as u64,
-                Err(Errno::ENXIO) => break,
-                Err(e) => return Err(sys::Error::errno("SEEK_DATA", &self.path, e).into()),
-            };
-            if data >= end {
-                break;
-            }
-            let hole = lseek(self.file.as_fd(), data as i64, Whence::SeekHole)
-                .map_err(|e| sys::Error::errno("SEEK_HOLE", &self.path, e))?
-                as u64;
-            ranges.push((data, hole.min(end)));
-            at = hole;
-        }
+        let ranges = sys::sparse::data_ranges(&self.file, &self.path, offset, end)?;
         let total: u64 = ranges.iter().map(|(s, e)| e - s).sum();
-        // Aligned for O_DIRECT: the buffer starts on a block boundary.
-        let mut buf = BytesMut::zeroed(total as usize + BLOCK);
-        let skip = buf.as_ptr().align_offset(BLOCK);
-        bytes::Buf::advance(&mut buf, skip);
-        buf.truncate(total as usize);
+        let mut buf = sys::direct::aligned(total as usize);
         let mut filled = 0usize;
         for &(start, stop) in &ranges {
             let len = (stop - start) as usize;
-            let block = BLOCK as u64;
-            let aligned = filled.is_multiple_of(BLOCK)
-                && start.is_multiple_of(block)
-                && (len as u64).is_multiple_of(block);
+            // Where the buffer, the offset and the length allow it, O_DIRECT.
+            let aligned =
+                filled.is_multiple_of(sys::direct::ALIGN) && sys::direct::is_aligned(start, len);
             let file = if aligned { &self.direct } else { &self.file };
             file.read_exact_at(&mut buf[filled..filled + len], start)
                 .map_err(|e| sys::Error::io("read", &self.path, e))?;
@@ -646,39 +617,33 @@ impl Import {
 
 /// A file written with O_DIRECT where the range allows it, through a reused aligned
 /// buffer, and through the page cache where it does not (a range not aligned to
-/// [`BLOCK`], which SEEK_DATA on a filesystem of smaller blocks could give).
+/// [`sys::direct::ALIGN`], which SEEK_DATA on a filesystem of smaller blocks could
+/// give).
 struct Direct {
     direct: File,
     buffered: File,
-    /// [`CHUNK`] + [`BLOCK`] bytes; the aligned part of it is the I/O buffer.
-    buf: Vec<u8>,
+    /// [`CHUNK`] aligned bytes: the I/O buffer.
+    buf: BytesMut,
 }
 
 impl Direct {
     fn open(path: &Path) -> Result<Direct> {
-        let open = |flags| {
-            OpenOptions::new()
-                .write(true)
-                .custom_flags(flags)
-                .open(path)
-                .map_err(|e| sys::Error::io("open", path, e))
-        };
         Ok(Direct {
-            // A filesystem without O_DIRECT is written through the page cache.
-            direct: open(libc::O_DIRECT).or_else(|_| open(0))?,
-            buffered: open(0)?,
-            buf: vec![0u8; CHUNK as usize + BLOCK],
+            direct: sys::direct::open(path, true)?,
+            buffered: OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|e| sys::Error::io("open", path, e))?,
+            buf: sys::direct::aligned(CHUNK as usize),
         })
     }
 
     fn write_at(&mut self, bytes: &[u8], offset: u64) -> std::io::Result<()> {
-        let block = BLOCK as u64;
-        if !offset.is_multiple_of(block) || !(bytes.len() as u64).is_multiple_of(block) {
+        if !sys::direct::is_aligned(offset, bytes.len()) {
             return self.buffered.write_all_at(bytes, offset);
         }
-        let skip = self.buf.as_ptr().align_offset(BLOCK);
         for (i, piece) in bytes.chunks(CHUNK as usize).enumerate() {
-            let aligned = &mut self.buf[skip..skip + piece.len()];
+            let aligned = &mut self.buf[..piece.len()];
             aligned.copy_from_slice(piece);
             self.direct
                 .write_all_at(aligned, offset + (i as u64) * CHUNK)?;

@@ -63,7 +63,7 @@ impl OpenedPool {
         let attacher = Arc::new(Attacher::new(
             Arc::clone(&pool),
             &args.state_dir,
-            &args.default_fs_type,
+            args.default_fs_type,
         )?);
         // Inline volumes whose pod's mount is gone (a crash mid-publish) go now.
         attacher.recover_inline()?;

@@ -1,13 +1,10 @@
 //! Sparse-aware file copy for pools that cannot reflink: only the data ranges are
-//! copied (SEEK_DATA/SEEK_HOLE), in the kernel (copy_file_range), holes stay holes.
+//! copied ([`super::sparse`]), in the kernel (copy_file_range), holes stay holes.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-
-use nix::errno::Errno;
-use nix::unistd::{Whence, lseek};
 
 use super::{Error, Result};
 
@@ -31,17 +28,19 @@ pub fn sparse_copy(src: &Path, dst: &Path, after_chunk: &dyn Fn()) -> Result<()>
     target
         .set_len(len)
         .map_err(|e| Error::io("truncate", dst, e))?;
-    let mut offset: i64 = 0;
-    while (offset as u64) < len {
-        let data = match lseek(source.as_fd(), offset, Whence::SeekData) {
-            Ok(pos) => pos,
-            // No data after `offset`: the rest is a hole.
-            Err(Errno::ENXIO) => break,
-            Err(e) => return Err(Error::errno("SEEK_DATA", src, e)),
+    let mut offset = 0;
+    while offset < len {
+        let Some((data, hole)) = super::sparse::next_data(&source, src, offset)? else {
+            break;
         };
-        let hole = lseek(source.as_fd(), data, Whence::SeekHole)
-            .map_err(|e| Error::errno("SEEK_HOLE", src, e))?;
-        copy_range(&source, src, &target, dst, (data, hole), after_chunk)?;
+        copy_range(
+            &source,
+            src,
+            &target,
+            dst,
+            (data as i64, hole as i64),
+            after_chunk,
+        )?;
         offset = hole;
     }
     target.sync_all().map_err(|e| Error::io("fsync", dst, e))

@@ -163,15 +163,7 @@ fn resize_open(file: &File, path: &Path, from: u64, to: u64, allocate: bool) -> 
 /// A filesystem without `SEEK_DATA` reports the whole file as data.
 pub fn holds_data(path: &Path) -> Result<bool> {
     let file = File::open(path).map_err(|e| Error::io("open", path, e))?;
-    // SAFETY: lseek on a file descriptor this function owns; no memory is passed.
-    let offset = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_DATA) };
-    if offset >= 0 {
-        return Ok(true);
-    }
-    match std::io::Error::last_os_error() {
-        e if e.raw_os_error() == Some(libc::ENXIO) => Ok(false),
-        e => Err(Error::io("seek data", path, e)),
-    }
+    Ok(super::sparse::next_data(&file, path, 0)?.is_some())
 }
 
 /// Makes `dst` (which must not exist) a copy-on-write clone of `src` with FICLONE.

@@ -2,40 +2,23 @@
 
 use std::path::Path;
 
-use super::{Error, Result, cmd};
+use super::{Error, FsType, Result, cmd};
 
-/// Filesystems kura formats volumes with.
-pub const SUPPORTED: [&str; 3] = ["ext4", "xfs", "btrfs"];
-
-/// The smallest device `mkfs` accepts for a filesystem type.
-pub fn minimum_size(fs_type: &str) -> u64 {
-    match fs_type {
-        "xfs" => 300 << 20,
-        "btrfs" => 114_294_784,
-        _ => 0,
-    }
-}
-
-/// Formats `device` with `fs_type`, over whatever it holds: callers check first that
-/// the device is blank (or holds only an interrupted format of kura's).
-pub fn format(device: &Path, fs_type: &str) -> Result<()> {
-    format_with(device, fs_type, false)
-}
-
-/// Formats `device` as [`format`] does; with `encrypt`, an ext4 that takes fscrypt
-/// policies (`-O encrypt`). Only ext4 is made encryptable.
-pub fn format_with(device: &Path, fs_type: &str, encrypt: bool) -> Result<()> {
-    if encrypt && fs_type != "ext4" {
+/// Formats `device` with `fs`, over whatever it holds: callers check first that the
+/// device is blank (or holds only an interrupted format of kura's). With `encrypt`, an
+/// ext4 that takes fscrypt policies (`-O encrypt`); only ext4 is made encryptable.
+pub fn format(device: &Path, fs: FsType, encrypt: bool) -> Result<()> {
+    if encrypt && fs != FsType::Ext4 {
         return Err(Error::Parse {
             what: "filesystem type",
-            detail: format!("{fs_type} cannot be made with encryption; only ext4 is"),
+            detail: format!("{fs} cannot be made with encryption; only ext4 is"),
         });
     }
     let device = device.to_string_lossy();
-    match fs_type {
+    match fs {
         // Lazy init keeps mkfs instant on large sparse volumes; the kernel zeroes the
         // inode tables in the background.
-        "ext4" => {
+        FsType::Ext4 => {
             let mut args = vec![
                 "-q",
                 "-F",
@@ -49,14 +32,8 @@ pub fn format_with(device: &Path, fs_type: &str, encrypt: bool) -> Result<()> {
             cmd::run("mkfs.ext4", &args)
         }
         // -f: a format interrupted by a crash may have left a signature behind.
-        "xfs" => cmd::run("mkfs.xfs", &["-q", "-f", "-K", &device]),
-        "btrfs" => cmd::run("mkfs.btrfs", &["-q", "-f", "-K", &device]),
-        other => {
-            return Err(Error::Parse {
-                what: "filesystem type",
-                detail: format!("{other} is not one of {}", SUPPORTED.join(", ")),
-            });
-        }
+        FsType::Xfs => cmd::run("mkfs.xfs", &["-q", "-f", "-K", &device]),
+        FsType::Btrfs => cmd::run("mkfs.btrfs", &["-q", "-f", "-K", &device]),
     }?;
     Ok(())
 }
@@ -71,22 +48,32 @@ pub fn format_pool(device: &Path, label: &str) -> Result<()> {
     Ok(())
 }
 
-/// Grows a mounted filesystem to fill its device.
-pub fn grow_online(fs_type: &str, device: &Path, mount_point: &Path) -> Result<()> {
-    let device = device.to_string_lossy();
+/// Grows a mounted filesystem to fill its device. A kernel that refuses an online ext4
+/// grow (EPERM without CAP_SYS_RESOURCE) is [`Error::GrowRefused`].
+pub fn grow_online(fs: FsType, device: &Path, mount_point: &Path) -> Result<()> {
+    let dev = device.to_string_lossy();
     let mount_point = mount_point.to_string_lossy();
-    match fs_type {
-        "ext4" | "ext3" | "ext2" => cmd::run("resize2fs", &[&device]),
-        "xfs" => cmd::run("xfs_growfs", &["-d", &mount_point]),
-        "btrfs" => cmd::run("btrfs", &["filesystem", "resize", "max", &mount_point]),
-        other => {
-            return Err(Error::Parse {
-                what: "filesystem type",
-                detail: format!("cannot grow {other}"),
-            });
+    let result = match fs {
+        FsType::Ext4 => cmd::run("resize2fs", &[&dev]),
+        FsType::Xfs => cmd::run("xfs_growfs", &["-d", &mount_point]),
+        FsType::Btrfs => cmd::run("btrfs", &["filesystem", "resize", "max", &mount_point]),
+    };
+    match result {
+        Ok(_) => Ok(()),
+        // resize2fs reports the kernel's EPERM as "Permission denied to resize
+        // filesystem".
+        Err(Error::Command { stderr, .. })
+            if stderr.contains("Operation not permitted")
+                || stderr.contains("Permission denied to resize") =>
+        {
+            Err(Error::GrowRefused {
+                fs,
+                device: device.to_owned(),
+                stderr,
+            })
         }
-    }?;
-    Ok(())
+        Err(e) => Err(e),
+    }
 }
 
 /// Grows an unmounted ext filesystem to fill its device. XFS and btrfs can only grow

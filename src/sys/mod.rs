@@ -9,14 +9,19 @@ pub mod blkid;
 pub mod blockdev;
 pub mod cmd;
 pub mod copy;
+pub mod direct;
 pub mod fs;
 pub mod fscrypt;
+pub mod fstype;
 pub mod loopdev;
 pub mod mkfs;
 pub mod mount;
 pub mod mountinfo;
 pub mod pause;
+pub mod sparse;
 pub mod thread;
+
+pub use fstype::FsType;
 
 use std::io;
 use std::path::PathBuf;
@@ -54,6 +59,14 @@ pub enum Error {
     /// A step did not finish in time.
     #[error("{step} did not finish within {seconds}s")]
     Timeout { step: String, seconds: u64 },
+    /// The kernel refused to grow a mounted filesystem (resize2fs without
+    /// CAP_SYS_RESOURCE): it can be grown unmounted.
+    #[error("the kernel refused to grow the mounted {fs} filesystem on {device}: {stderr}")]
+    GrowRefused {
+        fs: fstype::FsType,
+        device: PathBuf,
+        stderr: String,
+    },
     /// The OS refused a thread kura needs.
     #[error("cannot start a thread for {what}: {source}")]
     Thread {
@@ -95,9 +108,4 @@ impl Error {
     }
 }
 
-impl Error {
-    /// Whether a failed tool said `needle` on stderr.
-    pub fn stderr_contains(&self, needle: &str) -> bool {
-        matches!(self, Error::Command { stderr, .. } if stderr.contains(needle))
-    }
-}
+impl Error {}

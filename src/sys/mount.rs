@@ -13,7 +13,7 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags, umount2};
 
-use super::{Error, Result, thread};
+use super::{Error, FsType, Result, thread};
 
 /// Set on every filesystem mount, after the caller's options, so nothing the caller
 /// passes can undo them.
@@ -68,15 +68,15 @@ fn mount_args(options: &[String]) -> (MsFlags, String) {
 /// `nosuid,nodev`. The options were checked against [`ALLOWED`]; they reach the kernel
 /// straight through mount(2), without a mount(8) process (whose start costs more than
 /// the mount itself when many volumes are staged at once).
-pub fn mount_fs(device: &Path, target: &Path, fs_type: &str, options: &[String]) -> Result<()> {
+pub fn mount_fs(device: &Path, target: &Path, fs_type: FsType, options: &[String]) -> Result<()> {
     let mut options = options.to_vec();
     // Snapshots and clones carry their source's filesystem UUID; XFS refuses to mount a
     // second filesystem with a UUID it already has mounted unless told not to check.
-    if fs_type == "xfs" && !options.iter().any(|o| o == "nouuid") {
+    if fs_type == FsType::Xfs && !options.iter().any(|o| o == "nouuid") {
         options.push("nouuid".to_owned());
     }
     let (flags, data) = mount_args(&options);
-    let (device, target, fs_type) = (device.to_owned(), target.to_owned(), fs_type.to_owned());
+    let (device, target) = (device.to_owned(), target.to_owned());
     let late = target.clone();
     thread::within(
         &format!("mounting {}", target.display()),
@@ -154,19 +154,18 @@ enum Value {
     FlagOr(&'static [&'static str]),
 }
 
-/// Generic (VFS) options: any filesystem takes them, also one kura did not make (a
-/// restored volume may carry ext3).
-const ANY: &[&str] = &[];
-const ALL: &[&str] = &["ext4", "xfs", "btrfs"];
-const EXT4: &[&str] = &["ext4"];
-const XFS: &[&str] = &["xfs"];
-const BTRFS: &[&str] = &["btrfs"];
-const EXT4_XFS: &[&str] = &["ext4", "xfs"];
-const EXT4_BTRFS: &[&str] = &["ext4", "btrfs"];
+/// Generic (VFS) options: every filesystem takes them.
+const ANY: &[FsType] = &[];
+const ALL: &[FsType] = &FsType::ALL;
+const EXT4: &[FsType] = &[FsType::Ext4];
+const XFS: &[FsType] = &[FsType::Xfs];
+const BTRFS: &[FsType] = &[FsType::Btrfs];
+const EXT4_XFS: &[FsType] = &[FsType::Ext4, FsType::Xfs];
+const EXT4_BTRFS: &[FsType] = &[FsType::Ext4, FsType::Btrfs];
 
 /// The mount options a CO may ask for, and the filesystems that take each. Every one
 /// changes only how the volume's own filesystem behaves; none reaches beyond the mount.
-const ALLOWED: &[(&str, Value, &[&str])] = &[
+const ALLOWED: &[(&str, Value, &[FsType])] = &[
     // Generic (VFS) options.
     ("ro", Value::Flag, ANY),
     ("rw", Value::Flag, ANY),
@@ -332,7 +331,7 @@ const REFUSED: &[(&str, &str)] = &[
 /// Checks one mount option against the allow-list for `fs_type` (`None`: the
 /// filesystem is not known yet, and any supported one will do). The reason never
 /// repeats the option's value, which may be sensitive.
-pub fn check_option(option: &str, fs_type: Option<&str>) -> std::result::Result<(), String> {
+pub fn check_option(option: &str, fs_type: Option<FsType>) -> std::result::Result<(), String> {
     let (name, value) = match option.split_once('=') {
         Some((name, value)) => (name, Some(value)),
         None => (option, None),
@@ -357,7 +356,11 @@ pub fn check_option(option: &str, fs_type: Option<&str>) -> std::result::Result<
     {
         return Err(format!(
             "option {name:?} does not apply to {fs} (only to {})",
-            filesystems.join(", ")
+            filesystems
+                .iter()
+                .map(|f| f.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
     if value_fits(*kind, value) {
@@ -440,23 +443,21 @@ mod tests {
     fn allows_listed_options_for_their_filesystems() {
         let ok = [
             ("noatime", None),
-            ("noatime", Some("btrfs")),
-            ("ro", Some("xfs")),
-            ("exec", Some("ext4")),
-            ("data=journal", Some("ext4")),
-            ("errors=remount-ro", Some("ext4")),
-            ("commit=30", Some("btrfs")),
-            ("nouuid", Some("xfs")),
+            ("noatime", Some(FsType::Btrfs)),
+            ("ro", Some(FsType::Xfs)),
+            ("exec", Some(FsType::Ext4)),
+            ("data=journal", Some(FsType::Ext4)),
+            ("errors=remount-ro", Some(FsType::Ext4)),
+            ("commit=30", Some(FsType::Btrfs)),
+            ("nouuid", Some(FsType::Xfs)),
             ("nouuid", None),
-            ("allocsize=64k", Some("xfs")),
-            ("compress=zstd:3", Some("btrfs")),
-            ("compress", Some("btrfs")),
-            ("discard", Some("xfs")),
-            ("discard=async", Some("btrfs")),
-            ("space_cache=v2", Some("btrfs")),
-            ("barrier=0", Some("ext4")),
-            ("ro", Some("ext3")),
-            ("noatime", Some("ext2")),
+            ("allocsize=64k", Some(FsType::Xfs)),
+            ("compress=zstd:3", Some(FsType::Btrfs)),
+            ("compress", Some(FsType::Btrfs)),
+            ("discard", Some(FsType::Xfs)),
+            ("discard=async", Some(FsType::Btrfs)),
+            ("space_cache=v2", Some(FsType::Btrfs)),
+            ("barrier=0", Some(FsType::Ext4)),
         ];
         for (option, fs) in ok {
             assert_eq!(check_option(option, fs), Ok(()), "{option} on {fs:?}");
@@ -467,7 +468,7 @@ mod tests {
     fn refuses_everything_else_with_a_reason() {
         let refused = [
             ("suid", None, "nosuid"),
-            ("dev", Some("ext4"), "nodev"),
+            ("dev", Some(FsType::Ext4), "nodev"),
             ("defaults", None, "suid"),
             ("remount", None, "another mount"),
             ("bind", None, "another mount"),
@@ -475,18 +476,17 @@ mod tests {
             ("X-mount.mkdir", None, "mount point"),
             ("x-mount.mode=0777", None, "mount point"),
             ("context=system_u:object_r:x:s0", None, "SELinux"),
-            ("device=/dev/sda", Some("btrfs"), "device"),
-            ("subvol=/", Some("btrfs"), "kura did not make"),
-            ("errors=panic", Some("ext4"), "one of"),
-            ("nouuid", Some("ext4"), "does not apply to ext4"),
-            ("data=journal", Some("xfs"), "does not apply to xfs"),
-            ("discard", Some("ext3"), "does not apply to ext3"),
+            ("device=/dev/sda", Some(FsType::Btrfs), "device"),
+            ("subvol=/", Some(FsType::Btrfs), "kura did not make"),
+            ("errors=panic", Some(FsType::Ext4), "one of"),
+            ("nouuid", Some(FsType::Ext4), "does not apply to ext4"),
+            ("data=journal", Some(FsType::Xfs), "does not apply to xfs"),
             ("noatime=1", None, "no value"),
-            ("commit", Some("ext4"), "number"),
-            ("commit=-1", Some("ext4"), "number"),
-            ("commit=12345678901", Some("ext4"), "number"),
-            ("allocsize=1t", Some("xfs"), "size"),
-            ("compress=gzip", Some("btrfs"), "zlib"),
+            ("commit", Some(FsType::Ext4), "number"),
+            ("commit=-1", Some(FsType::Ext4), "number"),
+            ("commit=12345678901", Some(FsType::Ext4), "number"),
+            ("allocsize=1t", Some(FsType::Xfs), "size"),
+            ("compress=gzip", Some(FsType::Btrfs), "zlib"),
             ("noatime,suid", None, "not a mount option"),
             ("mode=0777", None, "not a mount option"),
             ("uid=0", None, "not a mount option"),

@@ -344,9 +344,11 @@ pub async fn restart_on_ext4_pool(driver: &mut Driver) -> PathBuf {
         .set_len(8 * GIB as u64)
         .unwrap();
     let device = kura::sys::loopdev::attach(&image, false).expect("attach the ext4 pool image");
-    kura::sys::mkfs::format(&device, "ext4").expect("mkfs.ext4 on the pool image");
+    kura::sys::mkfs::format(&device, kura::sys::FsType::Ext4, false)
+        .expect("mkfs.ext4 on the pool image");
     let root = driver.pool_root();
-    kura::sys::mount::mount_fs(&device, &root, "ext4", &[]).expect("mount the ext4 pool");
+    kura::sys::mount::mount_fs(&device, &root, kura::sys::FsType::Ext4, &[])
+        .expect("mount the ext4 pool");
     assert!(
         !kura::sys::fs::supports_reflink(&root).unwrap(),
         "the test pool must not reflink"
