@@ -178,10 +178,12 @@ mod tests {
     use super::*;
     use crate::sys;
 
-    /// Every pool error, with the code a CO must see for it.
+    /// One example of every pool error, with the code a CO must see for it. The
+    /// witness match has no catch-all: a new variant does not compile until it is
+    /// named there, beside this list, where its example and code go too.
     fn every_variant() -> Vec<(pool::Error, Code)> {
         let io = sys::Error::io("open", "/x", std::io::Error::from_raw_os_error(libc::EIO));
-        vec![
+        let examples = vec![
             (
                 pool::Error::NotFound {
                     kind: "volume",
@@ -218,7 +220,28 @@ mod tests {
                 },
                 Code::DataLoss,
             ),
-        ]
+            (pool::Error::Damaged("crc".into()), Code::DataLoss),
+        ];
+        let witness = |e: &pool::Error| match e {
+            pool::Error::NotFound { .. }
+            | pool::Error::Incompatible(_)
+            | pool::Error::OutOfRange(_)
+            | pool::Error::NoSpace { .. }
+            | pool::Error::Precondition(_)
+            | pool::Error::Invalid { .. }
+            | pool::Error::Busy(_)
+            | pool::Error::Sys(_)
+            | pool::Error::Corrupt { .. }
+            | pool::Error::Damaged(_) => std::mem::discriminant(e),
+        };
+        distinct(examples.iter().map(|(e, _)| witness(e)), 10);
+        examples
+    }
+
+    /// Asserts that the examples are `count` distinct variants: one each.
+    fn distinct<T: std::hash::Hash + Eq>(variants: impl Iterator<Item = T>, count: usize) {
+        let seen: std::collections::HashSet<T> = variants.collect();
+        assert_eq!(seen.len(), count, "one example of every variant");
     }
 
     #[test]
@@ -228,23 +251,26 @@ mod tests {
         }
     }
 
+    /// The external-provisioner retries CreateVolume on these, believing the operation
+    /// is still running (or its outcome unknown).
+    const RETRIED: [Code; 4] = [
+        Code::Aborted,
+        Code::Unavailable,
+        Code::Cancelled,
+        Code::DeadlineExceeded,
+    ];
+
     #[test]
     fn retried_codes_are_only_the_in_progress_ones() {
-        // The external-provisioner retries CreateVolume on these, believing the
-        // operation is still running; only Busy means that.
-        let retried = [
-            Code::Aborted,
-            Code::Unavailable,
-            Code::Cancelled,
-            Code::DeadlineExceeded,
-        ];
+        // Of the pool's errors only Busy means that.
         for (error, _) in every_variant() {
             let busy = matches!(error, pool::Error::Busy(_));
-            assert_eq!(retried.contains(&code(&error)), busy, "{error:?}");
+            assert_eq!(RETRIED.contains(&from_pool(error).code()), busy);
         }
     }
 
-    /// Every seam error, with the code a CO must see for it.
+    /// One example of every seam error, with the code a CO must see for it (see
+    /// [`every_variant`] for the witness).
     fn every_agent_variant() -> Vec<(agent::Error, Code)> {
         let mut cases: Vec<(agent::Error, Code)> = every_variant()
             .into_iter()
@@ -277,6 +303,14 @@ mod tests {
                 Code::Internal,
             ),
         ]);
+        let witness = |e: &agent::Error| match e {
+            agent::Error::Pool(_)
+            | agent::Error::UnknownNode { .. }
+            | agent::Error::Unreachable { .. }
+            | agent::Error::Remote { .. }
+            | agent::Error::Protocol(_) => std::mem::discriminant(e),
+        };
+        distinct(cases.iter().map(|(e, _)| witness(e)), 5);
         cases
     }
 
@@ -291,16 +325,112 @@ mod tests {
     fn retried_agent_codes_mean_in_progress_or_unknown_outcome() {
         // UNAVAILABLE from an unreachable node: the outcome is unknown, so the CO must
         // retry; a remote ABORTED is the agent's own Busy.
-        for (error, want) in every_agent_variant() {
+        for (error, _) in every_agent_variant() {
             let retried = matches!(
                 error,
                 agent::Error::Pool(pool::Error::Busy(_)) | agent::Error::Unreachable { .. }
             );
-            assert_eq!(
-                retried,
-                matches!(want, Code::Aborted | Code::Unavailable),
-                "{error:?}"
+            assert_eq!(RETRIED.contains(&from_agent(error).code()), retried,);
+        }
+    }
+
+    /// One example of every controller error, with the code a CO must see for it and
+    /// the request field its message names (see [`every_variant`] for the witness).
+    fn every_control_variant() -> Vec<(control::Error, Code, &'static str)> {
+        use control::Error as E;
+        let refusal = control::placement::Refusal::NoNode;
+        let cases = vec![
+            (
+                E::Agent(agent::Error::UnknownNode { token: "n".into() }),
+                Code::NotFound,
+                "",
+            ),
+            (E::NameBusy("volume name \"a\"".into()), Code::Aborted, ""),
+            (
+                E::NoRoom(refusal),
+                Code::ResourceExhausted,
+                "accessibility_requirements",
+            ),
+            (
+                E::SourceNotFound {
+                    id: "s".into(),
+                    node: "n".into(),
+                },
+                Code::NotFound,
+                "volume_content_source",
+            ),
+            (
+                E::VolumeNotFound {
+                    id: "v".into(),
+                    node: "n".into(),
+                },
+                Code::NotFound,
+                "source_volume_ids",
+            ),
+            (
+                E::Transferring {
+                    name: "a".into(),
+                    from: "s".into(),
+                    node: "n".into(),
+                    done: 1,
+                    total: 2,
+                },
+                Code::Aborted,
+                "",
+            ),
+            (E::Incompatible("x".into()), Code::AlreadyExists, ""),
+            (
+                E::GroupMember {
+                    snapshot: "s".into(),
+                    group: "g".into(),
+                },
+                Code::InvalidArgument,
+                "snapshot_id",
+            ),
+            (
+                E::NotMembers {
+                    group: "g".into(),
+                    members: 2,
+                },
+                Code::InvalidArgument,
+                "snapshot_ids",
+            ),
+            (
+                E::NotOneMoment {
+                    volumes: vec!["a".into(), "b".into()],
+                },
+                Code::FailedPrecondition,
+                "source_volume_ids",
+            ),
+        ];
+        let witness = |e: &control::Error| match e {
+            E::Agent(_)
+            | E::NameBusy(_)
+            | E::NoRoom(_)
+            | E::SourceNotFound { .. }
+            | E::VolumeNotFound { .. }
+            | E::Transferring { .. }
+            | E::Incompatible(_)
+            | E::GroupMember { .. }
+            | E::NotMembers { .. }
+            | E::NotOneMoment { .. } => std::mem::discriminant(e),
+        };
+        distinct(cases.iter().map(|(e, ..)| witness(e)), 10);
+        cases
+    }
+
+    #[test]
+    fn every_control_error_has_its_code_and_names_its_field() {
+        for (error, want, field) in every_control_variant() {
+            let retried = matches!(
+                error,
+                control::Error::NameBusy(_) | control::Error::Transferring { .. }
             );
+            let status = from_control(error);
+            assert_eq!(status.code(), want, "{status:?}");
+            assert!(status.message().starts_with(field), "{status:?}");
+            // Only a name in flight or a copy still running is "in progress".
+            assert_eq!(RETRIED.contains(&status.code()), retried, "{status:?}");
         }
     }
 
