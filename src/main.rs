@@ -17,7 +17,7 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(kura::server::run(cli.command)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{}", kura::csi::status::chain(e.as_ref()));
+            tracing::error!("{}", kura::chain(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }

@@ -47,10 +47,39 @@ pub fn decode(node: &str, status: Status) -> Error {
         }
     } else {
         Error::Remote {
+            node: node.to_owned(),
             code: status.code(),
             message: status.message().to_owned(),
         }
     }
+}
+
+/// The metadata key of a status a controller relays from a node unchanged: the node
+/// that decided it, and logged it.
+pub const RELAYED_FROM: &str = "kura-relayed-from";
+
+/// Logs a failed call once, in its RPC's span, in the process that decided it: a
+/// caller's mistake, or a state the caller waits out or retries (NOT_FOUND,
+/// ALREADY_EXISTS, ABORTED, UNAVAILABLE, ...), at WARN; kura's own failure (INTERNAL,
+/// DATA_LOSS, UNKNOWN) at ERROR, for an operator to act on; a status relayed from a
+/// node, which logged it there, at DEBUG. The CSI services and the agent both answer
+/// through it.
+pub fn logged<T>(result: Result<T, Status>) -> Result<T, Status> {
+    if let Err(status) = &result {
+        let code = status.code();
+        let message = status.message();
+        if let Some(node) = status.metadata().get(RELAYED_FROM) {
+            tracing::debug!(?code, node = ?node, message, "failed on the node");
+        } else if matches!(
+            code,
+            Code::Internal | Code::DataLoss | Code::Unknown | Code::DeadlineExceeded
+        ) {
+            tracing::error!(?code, message, "failed");
+        } else {
+            tracing::warn!(?code, message, "refused");
+        }
+    }
+    result
 }
 
 /// An agent call whose request kura's controller could not have sent.
@@ -82,7 +111,7 @@ mod tests {
     fn remote_errors_keep_code_and_message_and_transport_failures_are_unreachable() {
         let remote = decode("n1", Status::already_exists("volume \"x\" exists"));
         assert!(
-            matches!(&remote, Error::Remote { code: Code::AlreadyExists, message } if message == "volume \"x\" exists"),
+            matches!(&remote, Error::Remote { code: Code::AlreadyExists, message, node } if message == "volume \"x\" exists" && node == "n1"),
             "{remote:?}"
         );
         for code in [Code::Unavailable, Code::Cancelled] {

@@ -63,9 +63,13 @@ pub enum Error {
     /// the deadline. Nothing is known about the outcome.
     #[error("node {node} is unreachable: {reason}")]
     Unreachable { node: String, reason: String },
-    /// The agent answered with an error: its code and message, unchanged.
+    /// The agent of `node` answered with an error: its code and message, unchanged.
     #[error("{message}")]
-    Remote { code: tonic::Code, message: String },
+    Remote {
+        node: String,
+        code: tonic::Code,
+        message: String,
+    },
     /// The agent answered with something kura could not have sent.
     #[error(transparent)]
     Protocol(#[from] wire::Malformed),

@@ -17,7 +17,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use super::errors::{self, malformed};
+use super::errors::{self, logged, malformed};
 use super::proto::agent_server::Agent;
 use super::transfer::{ChunkStream, ExportClient};
 use super::{proto, tls, wire};
@@ -161,338 +161,463 @@ impl Agent for AgentService {
         )))
     }
 
-    #[instrument(err, skip_all, fields(volume.name = %request.get_ref().name))]
+    #[instrument(skip_all, fields(volume.name = %request.get_ref().name))]
     async fn find_volume(
         &self,
         request: Request<proto::FindVolumeRequest>,
     ) -> Result<Response<proto::FindVolumeResponse>, Status> {
-        control(&request)?;
-        let found = self
-            .local
-            .find_volume(request.into_inner().name)
-            .await
-            .map_err(answer)?;
-        Ok(Response::new(proto::FindVolumeResponse {
-            volume: found.as_ref().map(wire::volume_message),
-        }))
+        logged(
+            async {
+                control(&request)?;
+                let found = self
+                    .local
+                    .find_volume(request.into_inner().name)
+                    .await
+                    .map_err(answer)?;
+                Ok(Response::new(proto::FindVolumeResponse {
+                    volume: found.as_ref().map(wire::volume_message),
+                }))
+            }
+            .await,
+        )
     }
 
-    #[instrument(err, skip_all, fields(volume.name = %request.get_ref().name))]
+    #[instrument(skip_all, fields(volume.name = %request.get_ref().name))]
     async fn create_volume(
         &self,
         request: Request<proto::CreateVolumeRequest>,
     ) -> Result<Response<proto::VolumeResponse>, Status> {
-        control(&request)?;
-        let spec = wire::spec(request.get_ref()).map_err(malformed)?;
-        let volume = self.local.create_volume(spec).await.map_err(answer)?;
-        Ok(Response::new(proto::VolumeResponse {
-            volume: Some(wire::volume_message(&volume)),
-            condition: None,
-        }))
+        logged(
+            async {
+                control(&request)?;
+                let spec = wire::spec(request.get_ref()).map_err(malformed)?;
+                let volume = self.local.create_volume(spec).await.map_err(answer)?;
+                Ok(Response::new(proto::VolumeResponse {
+                    volume: Some(wire::volume_message(&volume)),
+                    condition: None,
+                }))
+            }
+            .await,
+        )
     }
 
-    #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
+    #[instrument(skip_all, fields(volume.id = %request.get_ref().volume_id))]
     async fn get_volume(
         &self,
         request: Request<proto::GetVolumeRequest>,
     ) -> Result<Response<proto::VolumeResponse>, Status> {
-        control(&request)?;
-        let id = wire::volume_id(&request.get_ref().volume_id, "volume_id").map_err(malformed)?;
-        let (volume, condition) = self.local.volume(id).await.map_err(answer)?;
-        Ok(Response::new(wire::volume_response(&volume, &condition)))
+        logged(
+            async {
+                control(&request)?;
+                let id = wire::volume_id(&request.get_ref().volume_id, "volume_id")
+                    .map_err(malformed)?;
+                let (volume, condition) = self.local.volume(id).await.map_err(answer)?;
+                Ok(Response::new(wire::volume_response(&volume, &condition)))
+            }
+            .await,
+        )
     }
 
-    #[instrument(err, skip_all)]
+    #[instrument(skip_all)]
     async fn list_volumes(
         &self,
         request: Request<proto::ListVolumesRequest>,
     ) -> Result<Response<proto::ListVolumesResponse>, Status> {
-        control(&request)?;
-        let volumes = self.local.list_volumes().await.map_err(answer)?;
-        Ok(Response::new(proto::ListVolumesResponse {
-            volumes: volumes
-                .iter()
-                .map(|(v, c)| wire::volume_response(v, c))
-                .collect(),
-        }))
+        logged(
+            async {
+                control(&request)?;
+                let volumes = self.local.list_volumes().await.map_err(answer)?;
+                Ok(Response::new(proto::ListVolumesResponse {
+                    volumes: volumes
+                        .iter()
+                        .map(|(v, c)| wire::volume_response(v, c))
+                        .collect(),
+                }))
+            }
+            .await,
+        )
     }
 
-    #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
+    #[instrument(skip_all, fields(volume.id = %request.get_ref().volume_id))]
     async fn delete_volume(
         &self,
         request: Request<proto::DeleteVolumeRequest>,
     ) -> Result<Response<proto::DeleteVolumeResponse>, Status> {
-        control(&request)?;
-        let id = wire::volume_id(&request.get_ref().volume_id, "volume_id").map_err(malformed)?;
-        self.local.delete_volume(id).await.map_err(answer)?;
-        Ok(Response::new(proto::DeleteVolumeResponse {}))
+        logged(
+            async {
+                control(&request)?;
+                let id = wire::volume_id(&request.get_ref().volume_id, "volume_id")
+                    .map_err(malformed)?;
+                self.local.delete_volume(id).await.map_err(answer)?;
+                Ok(Response::new(proto::DeleteVolumeResponse {}))
+            }
+            .await,
+        )
     }
 
-    #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
+    #[instrument(skip_all, fields(volume.id = %request.get_ref().volume_id))]
     async fn expand_volume(
         &self,
         request: Request<proto::ExpandVolumeRequest>,
     ) -> Result<Response<proto::ExpandVolumeResponse>, Status> {
-        control(&request)?;
-        let req = request.into_inner();
-        let id = wire::volume_id(&req.volume_id, "volume_id").map_err(malformed)?;
-        let range = size::Range {
-            required: req.required_bytes,
-            limit: req.limit_bytes,
-        };
-        let (volume, changed) = self.local.expand_volume(id, range).await.map_err(answer)?;
-        Ok(Response::new(proto::ExpandVolumeResponse {
-            volume: Some(wire::volume_message(&volume)),
-            changed,
-        }))
+        logged(
+            async {
+                control(&request)?;
+                let req = request.into_inner();
+                let id = wire::volume_id(&req.volume_id, "volume_id").map_err(malformed)?;
+                let range = size::Range {
+                    required: req.required_bytes,
+                    limit: req.limit_bytes,
+                };
+                let (volume, changed) =
+                    self.local.expand_volume(id, range).await.map_err(answer)?;
+                Ok(Response::new(proto::ExpandVolumeResponse {
+                    volume: Some(wire::volume_message(&volume)),
+                    changed,
+                }))
+            }
+            .await,
+        )
     }
 
-    #[instrument(err, skip_all, fields(snapshot.name = %request.get_ref().name))]
+    #[instrument(skip_all, fields(snapshot.name = %request.get_ref().name))]
     async fn find_snapshot(
         &self,
         request: Request<proto::FindSnapshotRequest>,
     ) -> Result<Response<proto::FindSnapshotResponse>, Status> {
-        control(&request)?;
-        let found = self
-            .local
-            .find_snapshot(request.into_inner().name)
-            .await
-            .map_err(answer)?;
-        Ok(Response::new(proto::FindSnapshotResponse {
-            snapshot: found.as_ref().map(wire::snapshot_message),
-        }))
+        logged(
+            async {
+                control(&request)?;
+                let found = self
+                    .local
+                    .find_snapshot(request.into_inner().name)
+                    .await
+                    .map_err(answer)?;
+                Ok(Response::new(proto::FindSnapshotResponse {
+                    snapshot: found.as_ref().map(wire::snapshot_message),
+                }))
+            }
+            .await,
+        )
     }
 
-    #[instrument(err, skip_all, fields(snapshot.name = %request.get_ref().name))]
+    #[instrument(skip_all, fields(snapshot.name = %request.get_ref().name))]
     async fn create_snapshot(
         &self,
         request: Request<proto::CreateSnapshotRequest>,
     ) -> Result<Response<proto::SnapshotResponse>, Status> {
-        control(&request)?;
-        let req = request.into_inner();
-        let source =
-            wire::volume_id(&req.source_volume_id, "source_volume_id").map_err(malformed)?;
-        let snapshot = self
-            .local
-            .create_snapshot(req.name, source)
-            .await
-            .map_err(answer)?;
-        Ok(Response::new(proto::SnapshotResponse {
-            snapshot: Some(wire::snapshot_message(&snapshot)),
-        }))
+        logged(
+            async {
+                control(&request)?;
+                let req = request.into_inner();
+                let source = wire::volume_id(&req.source_volume_id, "source_volume_id")
+                    .map_err(malformed)?;
+                let snapshot = self
+                    .local
+                    .create_snapshot(req.name, source)
+                    .await
+                    .map_err(answer)?;
+                Ok(Response::new(proto::SnapshotResponse {
+                    snapshot: Some(wire::snapshot_message(&snapshot)),
+                }))
+            }
+            .await,
+        )
     }
 
-    #[instrument(err, skip_all, fields(snapshot.id = %request.get_ref().snapshot_id))]
+    #[instrument(skip_all, fields(snapshot.id = %request.get_ref().snapshot_id))]
     async fn get_snapshot(
         &self,
         request: Request<proto::GetSnapshotRequest>,
     ) -> Result<Response<proto::SnapshotResponse>, Status> {
-        control(&request)?;
-        let id =
-            wire::snapshot_id(&request.get_ref().snapshot_id, "snapshot_id").map_err(malformed)?;
-        let snapshot = self.local.snapshot(id).await.map_err(answer)?;
-        Ok(Response::new(proto::SnapshotResponse {
-            snapshot: Some(wire::snapshot_message(&snapshot)),
-        }))
+        logged(
+            async {
+                control(&request)?;
+                let id = wire::snapshot_id(&request.get_ref().snapshot_id, "snapshot_id")
+                    .map_err(malformed)?;
+                let snapshot = self.local.snapshot(id).await.map_err(answer)?;
+                Ok(Response::new(proto::SnapshotResponse {
+                    snapshot: Some(wire::snapshot_message(&snapshot)),
+                }))
+            }
+            .await,
+        )
     }
 
-    #[instrument(err, skip_all)]
+    #[instrument(skip_all)]
     async fn list_snapshots(
         &self,
         request: Request<proto::ListSnapshotsRequest>,
     ) -> Result<Response<proto::ListSnapshotsResponse>, Status> {
-        control(&request)?;
-        let snapshots = self.local.list_snapshots().await.map_err(answer)?;
-        Ok(Response::new(proto::ListSnapshotsResponse {
-            snapshots: snapshots.iter().map(wire::snapshot_message).collect(),
-        }))
+        logged(
+            async {
+                control(&request)?;
+                let snapshots = self.local.list_snapshots().await.map_err(answer)?;
+                Ok(Response::new(proto::ListSnapshotsResponse {
+                    snapshots: snapshots.iter().map(wire::snapshot_message).collect(),
+                }))
+            }
+            .await,
+        )
     }
 
-    #[instrument(err, skip_all, fields(snapshot.id = %request.get_ref().snapshot_id))]
+    #[instrument(skip_all, fields(snapshot.id = %request.get_ref().snapshot_id))]
     async fn delete_snapshot(
         &self,
         request: Request<proto::DeleteSnapshotRequest>,
     ) -> Result<Response<proto::DeleteSnapshotResponse>, Status> {
-        control(&request)?;
-        let id =
-            wire::snapshot_id(&request.get_ref().snapshot_id, "snapshot_id").map_err(malformed)?;
-        self.local.delete_snapshot(id).await.map_err(answer)?;
-        Ok(Response::new(proto::DeleteSnapshotResponse {}))
+        logged(
+            async {
+                control(&request)?;
+                let id = wire::snapshot_id(&request.get_ref().snapshot_id, "snapshot_id")
+                    .map_err(malformed)?;
+                self.local.delete_snapshot(id).await.map_err(answer)?;
+                Ok(Response::new(proto::DeleteSnapshotResponse {}))
+            }
+            .await,
+        )
     }
 
-    #[instrument(err, skip_all, fields(volume.id = %request.get_ref().volume_id))]
+    #[instrument(skip_all, fields(volume.id = %request.get_ref().volume_id))]
     async fn modify_volume(
         &self,
         request: Request<proto::ModifyVolumeRequest>,
     ) -> Result<Response<proto::ModifyVolumeResponse>, Status> {
-        control(&request)?;
-        let req = request.into_inner();
-        let id = wire::volume_id(&req.volume_id, "volume_id").map_err(malformed)?;
-        let provisioning = wire::provisioning(req.provisioning).map_err(malformed)?;
-        let (volume, changed) = self
-            .local
-            .modify_volume(id, provisioning)
-            .await
-            .map_err(answer)?;
-        Ok(Response::new(proto::ModifyVolumeResponse {
-            volume: Some(wire::volume_message(&volume)),
-            changed,
-        }))
+        logged(
+            async {
+                control(&request)?;
+                let req = request.into_inner();
+                let id = wire::volume_id(&req.volume_id, "volume_id").map_err(malformed)?;
+                let provisioning = wire::provisioning(req.provisioning).map_err(malformed)?;
+                let (volume, changed) = self
+                    .local
+                    .modify_volume(id, provisioning)
+                    .await
+                    .map_err(answer)?;
+                Ok(Response::new(proto::ModifyVolumeResponse {
+                    volume: Some(wire::volume_message(&volume)),
+                    changed,
+                }))
+            }
+            .await,
+        )
     }
 
-    #[instrument(err, skip_all, fields(hold = %request.get_ref().hold))]
+    #[instrument(skip_all, fields(hold = %request.get_ref().hold))]
     async fn freeze_group(
         &self,
         request: Request<proto::FreezeGroupRequest>,
     ) -> Result<Response<proto::FreezeGroupResponse>, Status> {
-        control(&request)?;
-        let req = request.into_inner();
-        let volumes = wire::volume_ids(&req.volume_ids, "volume_ids").map_err(malformed)?;
-        let flushed = self
-            .local
-            .freeze_group(req.hold, volumes)
-            .await
-            .map_err(answer)?;
-        Ok(Response::new(proto::FreezeGroupResponse {
-            flushed_volume_ids: flushed.iter().map(|v| v.to_string()).collect(),
-        }))
+        logged(
+            async {
+                control(&request)?;
+                let req = request.into_inner();
+                let volumes = wire::volume_ids(&req.volume_ids, "volume_ids").map_err(malformed)?;
+                let flushed = self
+                    .local
+                    .freeze_group(req.hold, volumes)
+                    .await
+                    .map_err(answer)?;
+                Ok(Response::new(proto::FreezeGroupResponse {
+                    flushed_volume_ids: flushed.iter().map(|v| v.to_string()).collect(),
+                }))
+            }
+            .await,
+        )
     }
 
-    #[instrument(err, skip_all, fields(group_snapshot.id = %request.get_ref().group_snapshot_id))]
+    #[instrument(skip_all, fields(group_snapshot.id = %request.get_ref().group_snapshot_id))]
     async fn cut_group_members(
         &self,
         request: Request<proto::CutGroupMembersRequest>,
     ) -> Result<Response<proto::CutGroupMembersResponse>, Status> {
-        control(&request)?;
-        let req = request.into_inner();
-        let group =
-            wire::group_id(&req.group_snapshot_id, "group_snapshot_id").map_err(malformed)?;
-        let volumes = wire::volume_ids(&req.volume_ids, "volume_ids").map_err(malformed)?;
-        let created = wire::timestamp(req.created.as_ref());
-        let snapshots = self
-            .local
-            .cut_group_members(req.hold, group, volumes, created)
-            .await
-            .map_err(answer)?;
-        Ok(Response::new(proto::CutGroupMembersResponse {
-            snapshots: snapshots.iter().map(wire::snapshot_message).collect(),
-        }))
+        logged(
+            async {
+                control(&request)?;
+                let req = request.into_inner();
+                let group = wire::group_id(&req.group_snapshot_id, "group_snapshot_id")
+                    .map_err(malformed)?;
+                let volumes = wire::volume_ids(&req.volume_ids, "volume_ids").map_err(malformed)?;
+                let created = wire::timestamp(req.created.as_ref());
+                let snapshots = self
+                    .local
+                    .cut_group_members(req.hold, group, volumes, created)
+                    .await
+                    .map_err(answer)?;
+                Ok(Response::new(proto::CutGroupMembersResponse {
+                    snapshots: snapshots.iter().map(wire::snapshot_message).collect(),
+                }))
+            }
+            .await,
+        )
     }
 
-    #[instrument(err, skip_all, fields(hold = %request.get_ref().hold))]
+    #[instrument(skip_all, fields(hold = %request.get_ref().hold))]
     async fn thaw_group(
         &self,
         request: Request<proto::ThawGroupRequest>,
     ) -> Result<Response<proto::ThawGroupResponse>, Status> {
-        control(&request)?;
-        self.local
-            .thaw_group(request.into_inner().hold)
-            .await
-            .map_err(answer)?;
-        Ok(Response::new(proto::ThawGroupResponse {}))
+        logged(
+            async {
+                control(&request)?;
+                self.local
+                    .thaw_group(request.into_inner().hold)
+                    .await
+                    .map_err(answer)?;
+                Ok(Response::new(proto::ThawGroupResponse {}))
+            }
+            .await,
+        )
     }
 
-    #[instrument(err, skip_all)]
+    #[instrument(skip_all)]
     async fn put_group(
         &self,
         request: Request<proto::PutGroupRequest>,
     ) -> Result<Response<proto::PutGroupResponse>, Status> {
-        control(&request)?;
-        let group = wire::group(request.get_ref().group.as_ref()).map_err(malformed)?;
-        self.local.put_group(group).await.map_err(answer)?;
-        Ok(Response::new(proto::PutGroupResponse {}))
+        logged(
+            async {
+                control(&request)?;
+                let group = wire::group(request.get_ref().group.as_ref()).map_err(malformed)?;
+                self.local.put_group(group).await.map_err(answer)?;
+                Ok(Response::new(proto::PutGroupResponse {}))
+            }
+            .await,
+        )
     }
 
-    #[instrument(err, skip_all, fields(group_snapshot.id = %request.get_ref().group_snapshot_id))]
+    #[instrument(skip_all, fields(group_snapshot.id = %request.get_ref().group_snapshot_id))]
     async fn get_group(
         &self,
         request: Request<proto::GetGroupRequest>,
     ) -> Result<Response<proto::GetGroupResponse>, Status> {
-        control(&request)?;
-        let id = wire::group_id(&request.get_ref().group_snapshot_id, "group_snapshot_id")
-            .map_err(malformed)?;
-        let group = self.local.group(id).await.map_err(answer)?;
-        Ok(Response::new(proto::GetGroupResponse {
-            group: Some(wire::group_message(&group)),
-        }))
+        logged(
+            async {
+                control(&request)?;
+                let id = wire::group_id(&request.get_ref().group_snapshot_id, "group_snapshot_id")
+                    .map_err(malformed)?;
+                let group = self.local.group(id).await.map_err(answer)?;
+                Ok(Response::new(proto::GetGroupResponse {
+                    group: Some(wire::group_message(&group)),
+                }))
+            }
+            .await,
+        )
     }
 
-    #[instrument(err, skip_all, fields(group_snapshot.id = %request.get_ref().group_snapshot_id))]
+    #[instrument(skip_all, fields(group_snapshot.id = %request.get_ref().group_snapshot_id))]
     async fn delete_group(
         &self,
         request: Request<proto::DeleteGroupRequest>,
     ) -> Result<Response<proto::DeleteGroupResponse>, Status> {
-        control(&request)?;
-        let id = wire::group_id(&request.get_ref().group_snapshot_id, "group_snapshot_id")
-            .map_err(malformed)?;
-        self.local.delete_group(id).await.map_err(answer)?;
-        Ok(Response::new(proto::DeleteGroupResponse {}))
+        logged(
+            async {
+                control(&request)?;
+                let id = wire::group_id(&request.get_ref().group_snapshot_id, "group_snapshot_id")
+                    .map_err(malformed)?;
+                self.local.delete_group(id).await.map_err(answer)?;
+                Ok(Response::new(proto::DeleteGroupResponse {}))
+            }
+            .await,
+        )
     }
 
-    #[instrument(err, skip_all, fields(snapshot.id = %request.get_ref().snapshot_id))]
+    #[instrument(skip_all, fields(snapshot.id = %request.get_ref().snapshot_id))]
     async fn remove_member(
         &self,
         request: Request<proto::RemoveMemberRequest>,
     ) -> Result<Response<proto::RemoveMemberResponse>, Status> {
-        control(&request)?;
-        let id =
-            wire::snapshot_id(&request.get_ref().snapshot_id, "snapshot_id").map_err(malformed)?;
-        self.local.remove_member(id).await.map_err(answer)?;
-        Ok(Response::new(proto::RemoveMemberResponse {}))
+        logged(
+            async {
+                control(&request)?;
+                let id = wire::snapshot_id(&request.get_ref().snapshot_id, "snapshot_id")
+                    .map_err(malformed)?;
+                self.local.remove_member(id).await.map_err(answer)?;
+                Ok(Response::new(proto::RemoveMemberResponse {}))
+            }
+            .await,
+        )
     }
 
     // ---- Cross-node restore and clone: the logic is in `super::transfer`. ----
 
-    #[instrument(err, skip_all, fields(export.key = %request.get_ref().key))]
+    #[instrument(skip_all, fields(export.key = %request.get_ref().key))]
     async fn create_export(
         &self,
         request: Request<proto::CreateExportRequest>,
     ) -> Result<Response<proto::Export>, Status> {
-        control(&request)?;
-        let export = super::transfer::create_export(&self.local, request.into_inner()).await?;
-        Ok(Response::new(export))
+        logged(
+            async {
+                control(&request)?;
+                let export =
+                    super::transfer::create_export(&self.local, request.into_inner()).await?;
+                Ok(Response::new(export))
+            }
+            .await,
+        )
     }
 
-    #[instrument(err, skip_all, fields(export.id = %request.get_ref().export_id))]
+    #[instrument(skip_all, fields(export.id = %request.get_ref().export_id))]
     async fn delete_export(
         &self,
         request: Request<proto::DeleteExportRequest>,
     ) -> Result<Response<proto::DeleteExportResponse>, Status> {
-        control(&request)?;
-        super::transfer::delete_export(&self.local, request.into_inner().export_id).await?;
-        Ok(Response::new(proto::DeleteExportResponse {}))
+        logged(
+            async {
+                control(&request)?;
+                super::transfer::delete_export(&self.local, request.into_inner().export_id).await?;
+                Ok(Response::new(proto::DeleteExportResponse {}))
+            }
+            .await,
+        )
     }
 
     type ReadExportStream = ChunkStream;
 
-    #[instrument(err, skip_all, fields(export.id = %request.get_ref().export_id))]
+    #[instrument(skip_all, fields(export.id = %request.get_ref().export_id))]
     async fn read_export(
         &self,
         request: Request<proto::ReadExportRequest>,
     ) -> Result<Response<Self::ReadExportStream>, Status> {
-        let stream = super::transfer::read_export(&self.local, request).await?;
-        Ok(Response::new(stream))
+        logged(
+            async {
+                let stream = super::transfer::read_export(&self.local, request).await?;
+                Ok(Response::new(stream))
+            }
+            .await,
+        )
     }
 
-    #[instrument(err, skip_all, fields(volume.name = ?request.get_ref().volume.as_ref().map(|v| &v.name)))]
+    #[instrument(skip_all, fields(volume.name = ?request.get_ref().volume.as_ref().map(|v| &v.name)))]
     async fn transfer(
         &self,
         request: Request<proto::TransferRequest>,
     ) -> Result<Response<proto::TransferResponse>, Status> {
-        control(&request)?;
-        let (transfers, tls) = self.transfers()?;
-        let answer = super::transfer::transfer(transfers, tls, request.into_inner()).await?;
-        Ok(Response::new(answer))
+        logged(
+            async {
+                control(&request)?;
+                let (transfers, tls) = self.transfers()?;
+                let answer =
+                    super::transfer::transfer(transfers, tls, request.into_inner()).await?;
+                Ok(Response::new(answer))
+            }
+            .await,
+        )
     }
 
-    #[instrument(err, skip_all, fields(volume.name = %request.get_ref().name))]
+    #[instrument(skip_all, fields(volume.name = %request.get_ref().name))]
     async fn find_transfer(
         &self,
         request: Request<proto::FindTransferRequest>,
     ) -> Result<Response<proto::FindTransferResponse>, Status> {
-        control(&request)?;
-        let (transfers, _) = self.transfers()?;
-        let progress = super::transfer::find(transfers, request.into_inner().name).await?;
-        Ok(Response::new(proto::FindTransferResponse { progress }))
+        logged(
+            async {
+                control(&request)?;
+                let (transfers, _) = self.transfers()?;
+                let progress = super::transfer::find(transfers, request.into_inner().name).await?;
+                Ok(Response::new(proto::FindTransferResponse { progress }))
+            }
+            .await,
+        )
     }
 }

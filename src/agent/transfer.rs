@@ -19,7 +19,7 @@ use super::proto::agent_client::AgentClient;
 use super::{proto, tls, wire};
 use crate::node::transfer::{Broken, Fetch, Progress, Transfers};
 use crate::node::{self};
-use crate::pool::transfer::{Chunk, Source};
+use crate::pool::transfer::{Chunk, ExportRef};
 use crate::pool::{self, VolumeId};
 
 /// Chunks read ahead of the stream on the source.
@@ -154,7 +154,7 @@ pub async fn transfer(
     let export = req
         .export
         .ok_or_else(|| Status::invalid_argument("export: missing"))?;
-    let source = Source {
+    let source = ExportRef {
         export_id: export.export_id.clone(),
         pin: export.pin.clone(),
         size_bytes: export.size_bytes,

@@ -10,6 +10,7 @@ use super::proto::node_server::Node;
 use super::proto::{self, node_service_capability};
 use super::status::{from_pool, invalid, no_volume, not_at_path};
 use super::{node_topology, validate};
+use crate::agent::errors::logged;
 use crate::node;
 use crate::pool::attach::{AccessType, Attacher, Capability};
 use crate::pool::encryption::take_secret;
@@ -151,163 +152,193 @@ fn capability(kind: node_service_capability::rpc::Type) -> proto::NodeServiceCap
 
 #[tonic::async_trait]
 impl Node for NodeService {
-    #[instrument(err, skip_all, fields(volume.id = ?request.get_ref().volume_id))]
+    #[instrument(skip_all, fields(volume.id = ?request.get_ref().volume_id))]
     async fn node_stage_volume(
         &self,
         request: Request<proto::NodeStageVolumeRequest>,
     ) -> Result<Response<proto::NodeStageVolumeResponse>, Status> {
-        let mut req = request.into_inner();
-        // The key leaves the request at once, and the rest of the Secret is wiped, so
-        // no copy of it outlives this call (nor reaches an error or a log).
-        let secrets_fit = validate::map_size(&req.secrets, "secrets");
-        let secret = take_secret(&mut req.secrets);
-        validate::required(&req.volume_id, "volume_id")?;
-        let staging = self.path(&req.staging_target_path, "staging_target_path")?;
-        let capability = node_capability(req.volume_capability.as_ref())?;
-        secrets_fit?;
-        maps(&[
-            (&req.publish_context, "publish_context"),
-            (&req.volume_context, "volume_context"),
-        ])?;
-        let id = existing_volume_id(&req.volume_id)?;
-        self.locked(id, move |a, id| a.stage(id, &staging, &capability, secret))
-            .await?;
-        Ok(Response::new(proto::NodeStageVolumeResponse {}))
+        logged(
+            async {
+                let mut req = request.into_inner();
+                // The key leaves the request at once, and the rest of the Secret is wiped, so
+                // no copy of it outlives this call (nor reaches an error or a log).
+                let secrets_fit = validate::map_size(&req.secrets, "secrets");
+                let secret = take_secret(&mut req.secrets);
+                validate::required(&req.volume_id, "volume_id")?;
+                let staging = self.path(&req.staging_target_path, "staging_target_path")?;
+                let capability = node_capability(req.volume_capability.as_ref())?;
+                secrets_fit?;
+                maps(&[
+                    (&req.publish_context, "publish_context"),
+                    (&req.volume_context, "volume_context"),
+                ])?;
+                let id = existing_volume_id(&req.volume_id)?;
+                self.locked(id, move |a, id| a.stage(id, &staging, &capability, secret))
+                    .await?;
+                Ok(Response::new(proto::NodeStageVolumeResponse {}))
+            }
+            .await,
+        )
     }
 
-    #[instrument(err, skip_all, fields(volume.id = ?request.get_ref().volume_id))]
+    #[instrument(skip_all, fields(volume.id = ?request.get_ref().volume_id))]
     async fn node_unstage_volume(
         &self,
         request: Request<proto::NodeUnstageVolumeRequest>,
     ) -> Result<Response<proto::NodeUnstageVolumeResponse>, Status> {
-        let req = request.into_inner();
-        validate::required(&req.volume_id, "volume_id")?;
-        let staging = self.path(&req.staging_target_path, "staging_target_path")?;
-        let id = existing_volume_id(&req.volume_id)?;
-        self.locked(id, move |a, id| a.unstage(id, &staging))
-            .await?;
-        Ok(Response::new(proto::NodeUnstageVolumeResponse {}))
+        logged(
+            async {
+                let req = request.into_inner();
+                validate::required(&req.volume_id, "volume_id")?;
+                let staging = self.path(&req.staging_target_path, "staging_target_path")?;
+                let id = existing_volume_id(&req.volume_id)?;
+                self.locked(id, move |a, id| a.unstage(id, &staging))
+                    .await?;
+                Ok(Response::new(proto::NodeUnstageVolumeResponse {}))
+            }
+            .await,
+        )
     }
 
-    #[instrument(err, skip_all, fields(volume.id = ?request.get_ref().volume_id))]
+    #[instrument(skip_all, fields(volume.id = ?request.get_ref().volume_id))]
     async fn node_publish_volume(
         &self,
         request: Request<proto::NodePublishVolumeRequest>,
     ) -> Result<Response<proto::NodePublishVolumeResponse>, Status> {
-        let req = request.into_inner();
-        validate::required(&req.volume_id, "volume_id")?;
-        let target = self.path(&req.target_path, "target_path")?;
-        let capability = node_capability(req.volume_capability.as_ref())?;
-        maps(&[
-            (&req.secrets, "secrets"),
-            (&req.publish_context, "publish_context"),
-            (&req.volume_context, "volume_context"),
-        ])?;
-        if validate::is_ephemeral(&req.volume_context) {
-            return self.publish_inline(req, target, capability).await;
-        }
-        let staging = validate::publish_staging_path(
-            &req.staging_target_path,
-            self.local.attacher().reserved(),
-        )?;
-        validate::publish_paths(&target, &staging)?;
-        let id = existing_volume_id(&req.volume_id)?;
-        let readonly = req.readonly;
-        self.locked(id, move |a, id| {
-            a.publish(id, &staging, &target, &capability, readonly)
-        })
-        .await?;
-        Ok(Response::new(proto::NodePublishVolumeResponse {}))
+        logged(
+            async {
+                let req = request.into_inner();
+                validate::required(&req.volume_id, "volume_id")?;
+                let target = self.path(&req.target_path, "target_path")?;
+                let capability = node_capability(req.volume_capability.as_ref())?;
+                maps(&[
+                    (&req.secrets, "secrets"),
+                    (&req.publish_context, "publish_context"),
+                    (&req.volume_context, "volume_context"),
+                ])?;
+                if validate::is_ephemeral(&req.volume_context) {
+                    return self.publish_inline(req, target, capability).await;
+                }
+                let staging = validate::publish_staging_path(
+                    &req.staging_target_path,
+                    self.local.attacher().reserved(),
+                )?;
+                validate::publish_paths(&target, &staging)?;
+                let id = existing_volume_id(&req.volume_id)?;
+                let readonly = req.readonly;
+                self.locked(id, move |a, id| {
+                    a.publish(id, &staging, &target, &capability, readonly)
+                })
+                .await?;
+                Ok(Response::new(proto::NodePublishVolumeResponse {}))
+            }
+            .await,
+        )
     }
 
-    #[instrument(err, skip_all, fields(volume.id = ?request.get_ref().volume_id))]
+    #[instrument(skip_all, fields(volume.id = ?request.get_ref().volume_id))]
     async fn node_unpublish_volume(
         &self,
         request: Request<proto::NodeUnpublishVolumeRequest>,
     ) -> Result<Response<proto::NodeUnpublishVolumeResponse>, Status> {
-        let req = request.into_inner();
-        validate::required(&req.volume_id, "volume_id")?;
-        let target = self.path(&req.target_path, "target_path")?;
-        let id = match validate::volume_id(&req.volume_id, "volume_id")? {
-            Some(id) => id,
-            // Not a kura ID: perhaps the kubelet's name for an inline volume.
-            None => return self.unpublish_inline(&req.volume_id, target).await,
-        };
-        self.locked(id, move |a, id| a.unpublish(id, &target))
-            .await?;
-        Ok(Response::new(proto::NodeUnpublishVolumeResponse {}))
+        logged(
+            async {
+                let req = request.into_inner();
+                validate::required(&req.volume_id, "volume_id")?;
+                let target = self.path(&req.target_path, "target_path")?;
+                let id = match validate::volume_id(&req.volume_id, "volume_id")? {
+                    Some(id) => id,
+                    // Not a kura ID: perhaps the kubelet's name for an inline volume.
+                    None => return self.unpublish_inline(&req.volume_id, target).await,
+                };
+                self.locked(id, move |a, id| a.unpublish(id, &target))
+                    .await?;
+                Ok(Response::new(proto::NodeUnpublishVolumeResponse {}))
+            }
+            .await,
+        )
     }
 
-    #[instrument(err, skip_all, fields(volume.id = ?request.get_ref().volume_id))]
+    #[instrument(skip_all, fields(volume.id = ?request.get_ref().volume_id))]
     async fn node_get_volume_stats(
         &self,
         request: Request<proto::NodeGetVolumeStatsRequest>,
     ) -> Result<Response<proto::NodeGetVolumeStatsResponse>, Status> {
-        let req = request.into_inner();
-        validate::required(&req.volume_id, "volume_id")?;
-        let volume_path = validate::volume_path(&req.volume_path, "volume_path")?;
-        validate::optional_node_path(&req.staging_target_path, "staging_target_path", &[])?;
-        let id = self.volume_or_inline(&req.volume_id).await?;
-        let volume_path =
-            volume_path.ok_or_else(|| not_at_path("volume_path", &req.volume_path, id.as_str()))?;
-        let stats = self
-            .local
-            .on_attacher(&[], move |a| a.stats(&id, &volume_path))
-            .await
-            .map_err(from_pool)?;
-        use proto::volume_usage::Unit;
-        let mut usage = Vec::new();
-        match stats.files {
-            None => usage.push(proto::VolumeUsage {
-                total: stats.total_bytes as i64,
-                unit: Unit::Bytes as i32,
-                ..Default::default()
-            }),
-            Some(fs) => {
-                usage.push(proto::VolumeUsage {
-                    available: fs.available_bytes as i64,
-                    total: fs.total_bytes as i64,
-                    used: fs.used_bytes() as i64,
-                    unit: Unit::Bytes as i32,
-                });
-                usage.push(proto::VolumeUsage {
-                    available: fs.free_inodes as i64,
-                    total: fs.total_inodes as i64,
-                    used: fs.total_inodes.saturating_sub(fs.free_inodes) as i64,
-                    unit: Unit::Inodes as i32,
-                });
+        logged(
+            async {
+                let req = request.into_inner();
+                validate::required(&req.volume_id, "volume_id")?;
+                let volume_path = validate::volume_path(&req.volume_path, "volume_path")?;
+                validate::optional_node_path(&req.staging_target_path, "staging_target_path", &[])?;
+                let id = self.volume_or_inline(&req.volume_id).await?;
+                let volume_path = volume_path
+                    .ok_or_else(|| not_at_path("volume_path", &req.volume_path, id.as_str()))?;
+                let stats = self
+                    .local
+                    .on_attacher(&[], move |a| a.stats(&id, &volume_path))
+                    .await
+                    .map_err(from_pool)?;
+                use proto::volume_usage::Unit;
+                let mut usage = Vec::new();
+                match stats.files {
+                    None => usage.push(proto::VolumeUsage {
+                        total: stats.total_bytes as i64,
+                        unit: Unit::Bytes as i32,
+                        ..Default::default()
+                    }),
+                    Some(fs) => {
+                        usage.push(proto::VolumeUsage {
+                            available: fs.available_bytes as i64,
+                            total: fs.total_bytes as i64,
+                            used: fs.used_bytes() as i64,
+                            unit: Unit::Bytes as i32,
+                        });
+                        usage.push(proto::VolumeUsage {
+                            available: fs.free_inodes as i64,
+                            total: fs.total_inodes as i64,
+                            used: fs.total_inodes.saturating_sub(fs.free_inodes) as i64,
+                            unit: Unit::Inodes as i32,
+                        });
+                    }
+                }
+                Ok(Response::new(proto::NodeGetVolumeStatsResponse {
+                    usage,
+                    volume_condition: Some(proto::VolumeCondition {
+                        abnormal: stats.condition.abnormal,
+                        message: stats.condition.message,
+                    }),
+                }))
             }
-        }
-        Ok(Response::new(proto::NodeGetVolumeStatsResponse {
-            usage,
-            volume_condition: Some(proto::VolumeCondition {
-                abnormal: stats.condition.abnormal,
-                message: stats.condition.message,
-            }),
-        }))
+            .await,
+        )
     }
 
-    #[instrument(err, skip_all, fields(volume.id = ?request.get_ref().volume_id))]
+    #[instrument(skip_all, fields(volume.id = ?request.get_ref().volume_id))]
     async fn node_expand_volume(
         &self,
         request: Request<proto::NodeExpandVolumeRequest>,
     ) -> Result<Response<proto::NodeExpandVolumeResponse>, Status> {
-        let req = request.into_inner();
-        validate::required(&req.volume_id, "volume_id")?;
-        let volume_path = validate::volume_path(&req.volume_path, "volume_path")?;
-        validate::optional_node_path(&req.staging_target_path, "staging_target_path", &[])?;
-        let range = validate::range(req.capacity_range.as_ref())?;
-        validate::optional_capability(req.volume_capability.as_ref(), "volume_capability")?;
-        maps(&[(&req.secrets, "secrets")])?;
-        let id = existing_volume_id(&req.volume_id)?;
-        let volume_path =
-            volume_path.ok_or_else(|| not_at_path("volume_path", &req.volume_path, id.as_str()))?;
-        let size = self
-            .locked(id, move |a, id| a.expand(id, &volume_path, range))
-            .await?;
-        Ok(Response::new(proto::NodeExpandVolumeResponse {
-            capacity_bytes: size as i64,
-        }))
+        logged(
+            async {
+                let req = request.into_inner();
+                validate::required(&req.volume_id, "volume_id")?;
+                let volume_path = validate::volume_path(&req.volume_path, "volume_path")?;
+                validate::optional_node_path(&req.staging_target_path, "staging_target_path", &[])?;
+                let range = validate::range(req.capacity_range.as_ref())?;
+                validate::optional_capability(req.volume_capability.as_ref(), "volume_capability")?;
+                maps(&[(&req.secrets, "secrets")])?;
+                let id = existing_volume_id(&req.volume_id)?;
+                let volume_path = volume_path
+                    .ok_or_else(|| not_at_path("volume_path", &req.volume_path, id.as_str()))?;
+                let size = self
+                    .locked(id, move |a, id| a.expand(id, &volume_path, range))
+                    .await?;
+                Ok(Response::new(proto::NodeExpandVolumeResponse {
+                    capacity_bytes: size as i64,
+                }))
+            }
+            .await,
+        )
     }
 
     async fn node_get_capabilities(

@@ -33,8 +33,20 @@ pub fn agent_code(error: &agent::Error) -> Code {
 
 pub fn from_agent(error: agent::Error) -> Status {
     match error {
-        // Passed through unchanged: the agent built the message.
-        agent::Error::Remote { code, message } => Status::new(code, message),
+        // Passed through unchanged: the agent built the message, and logged it.
+        agent::Error::Remote {
+            node,
+            code,
+            message,
+        } => {
+            let mut status = Status::new(code, message);
+            if let Ok(node) = node.parse() {
+                status
+                    .metadata_mut()
+                    .insert(agent::errors::RELAYED_FROM, node);
+            }
+            status
+        }
         other => Status::new(agent_code(&other), chain(&other)),
     }
 }
@@ -290,6 +302,7 @@ mod tests {
             ),
             (
                 agent::Error::Remote {
+                    node: "n".into(),
                     code: Code::FailedPrecondition,
                     message: "volume is attached".into(),
                 },

@@ -16,7 +16,6 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use hyper::body::{Body, Frame, SizeHint};
-use tonic::Code;
 
 use super::{AGENT_STATUS_METHOD, AgentLabels, CsiLabels, Histograms};
 
@@ -24,7 +23,8 @@ use super::{AGENT_STATUS_METHOD, AgentLabels, CsiLabels, Histograms};
 pub trait Record: Clone + Send + Sync + Unpin + 'static {
     /// Whether calls of this method are recorded.
     fn wants(&self, method: &str) -> bool;
-    fn record(&self, method: &str, code: Code, seconds: f64);
+    /// `code` is grpc-go's name of the call's status code ([`code_name`]).
+    fn record(&self, method: &str, code: &str, seconds: f64);
 }
 
 /// `csi_plugin_operations_seconds`.
@@ -39,12 +39,12 @@ impl Record for CsiOperations {
         method.starts_with("/csi.v1.")
     }
 
-    fn record(&self, method: &str, code: Code, seconds: f64) {
+    fn record(&self, method: &str, code: &str, seconds: f64) {
         self.histograms
             .get_or_create(&CsiLabels {
                 driver_name: self.driver_name.clone(),
                 method_name: method.to_owned(),
-                grpc_status_code: code_name(code).to_owned(),
+                grpc_status_code: code.to_owned(),
             })
             .observe(seconds);
     }
@@ -61,45 +61,46 @@ impl Record for AgentOperations {
         method.starts_with("/kura.agent.v1.") && method != AGENT_STATUS_METHOD
     }
 
-    fn record(&self, method: &str, code: Code, seconds: f64) {
+    fn record(&self, method: &str, code: &str, seconds: f64) {
         self.histograms
             .get_or_create(&AgentLabels {
                 method_name: method.to_owned(),
-                grpc_status_code: code_name(code).to_owned(),
+                grpc_status_code: code.to_owned(),
             })
             .observe(seconds);
     }
 }
 
-/// grpc-go's name of a code (`codes.Code.String()`), which csi-lib-utils puts in its
-/// `grpc_status_code` label.
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "Canceled",
-        Code::Unknown => "Unknown",
-        Code::InvalidArgument => "InvalidArgument",
-        Code::DeadlineExceeded => "DeadlineExceeded",
-        Code::NotFound => "NotFound",
-        Code::AlreadyExists => "AlreadyExists",
-        Code::PermissionDenied => "PermissionDenied",
-        Code::ResourceExhausted => "ResourceExhausted",
-        Code::FailedPrecondition => "FailedPrecondition",
-        Code::Aborted => "Aborted",
-        Code::OutOfRange => "OutOfRange",
-        Code::Unimplemented => "Unimplemented",
-        Code::Internal => "Internal",
-        Code::Unavailable => "Unavailable",
-        Code::DataLoss => "DataLoss",
-        Code::Unauthenticated => "Unauthenticated",
+/// grpc-go's name of a status code (`codes.Code.String()`), which csi-lib-utils puts
+/// in its `grpc_status_code` label, from the `grpc-status` value; a value gRPC does
+/// not define is "Unknown", as gRPC reads it.
+pub fn code_name(grpc_status: &[u8]) -> &'static str {
+    match grpc_status {
+        b"0" => "OK",
+        b"1" => "Canceled",
+        b"3" => "InvalidArgument",
+        b"4" => "DeadlineExceeded",
+        b"5" => "NotFound",
+        b"6" => "AlreadyExists",
+        b"7" => "PermissionDenied",
+        b"8" => "ResourceExhausted",
+        b"9" => "FailedPrecondition",
+        b"10" => "Aborted",
+        b"11" => "OutOfRange",
+        b"12" => "Unimplemented",
+        b"13" => "Internal",
+        b"14" => "Unavailable",
+        b"15" => "DataLoss",
+        b"16" => "Unauthenticated",
+        _ => "Unknown",
     }
 }
 
-/// The code in a `grpc-status` header or trailer, if there is one.
-fn status_in(headers: &hyper::HeaderMap) -> Option<Code> {
+/// The code name in a `grpc-status` header or trailer, if there is one.
+fn status_in(headers: &hyper::HeaderMap) -> Option<&'static str> {
     headers
         .get("grpc-status")
-        .map(|value| Code::from_bytes(value.as_bytes()))
+        .map(|value| code_name(value.as_bytes()))
 }
 
 /// One call being timed; records itself when dropped.
@@ -107,19 +108,19 @@ struct Observation<R: Record> {
     record: R,
     method: String,
     started: Instant,
-    /// The call's code once known; a call dropped before it is `Cancelled`.
-    code: Option<Code>,
+    /// The call's code once known; a call dropped before it is `Canceled`.
+    code: Option<&'static str>,
 }
 
 impl<R: Record> Observation<R> {
-    fn finish(mut self, code: Code) {
+    fn finish(mut self, code: &'static str) {
         self.code = Some(code);
     }
 }
 
 impl<R: Record> Drop for Observation<R> {
     fn drop(&mut self) {
-        let code = self.code.unwrap_or(Code::Cancelled);
+        let code = self.code.unwrap_or("Canceled");
         self.record
             .record(&self.method, code, self.started.elapsed().as_secs_f64());
     }
@@ -188,7 +189,7 @@ where
                 Ok(response) => response,
                 Err(e) => {
                     if let Some(observation) = observation {
-                        observation.finish(Code::Unknown);
+                        observation.finish("Unknown");
                     }
                     return Err(e);
                 }
@@ -230,8 +231,8 @@ where
         let code = match &polled {
             Poll::Ready(Some(Ok(frame))) => frame
                 .trailers_ref()
-                .map(|trailers| status_in(trailers).unwrap_or(Code::Unknown)),
-            Poll::Ready(Some(Err(_))) | Poll::Ready(None) => Some(Code::Unknown),
+                .map(|trailers| status_in(trailers).unwrap_or("Unknown")),
+            Poll::Ready(Some(Err(_))) | Poll::Ready(None) => Some("Unknown"),
             Poll::Pending => None,
         };
         if let Some(code) = code
@@ -278,8 +279,10 @@ mod tests {
             "Unauthenticated",
         ];
         for (number, name) in go.iter().enumerate() {
-            assert_eq!(code_name(Code::from_i32(number as i32)), *name);
+            assert_eq!(code_name(number.to_string().as_bytes()), *name);
         }
+        assert_eq!(code_name(b"17"), "Unknown");
+        assert_eq!(code_name(b"x"), "Unknown");
     }
 
     #[test]
@@ -287,6 +290,6 @@ mod tests {
         let mut headers = hyper::HeaderMap::new();
         assert_eq!(status_in(&headers), None);
         headers.insert("grpc-status", "5".parse().unwrap());
-        assert_eq!(status_in(&headers), Some(Code::NotFound));
+        assert_eq!(status_in(&headers), Some("NotFound"));
     }
 }

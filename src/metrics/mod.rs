@@ -231,7 +231,7 @@ mod tests {
         use grpc::Record;
         agent
             .record()
-            .record("/kura.agent.v1.Agent/CreateVolume", tonic::Code::Ok, 0.01);
+            .record("/kura.agent.v1.Agent/CreateVolume", "OK", 0.01);
         let text = metrics.encode(Format::OpenMetrics).unwrap();
         assert!(text.ends_with("# EOF\n"), "{text}");
         assert!(text.contains("# TYPE kura_agent_operations_seconds histogram"));

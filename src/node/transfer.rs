@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::Local;
 use crate::pool::export::{Denied, Export};
-use crate::pool::transfer::{Begin, Chain, Chunk, Import, Reader, Source};
+use crate::pool::transfer::{Begin, Chain, Chunk, ExportRef, Import, Reader};
 use crate::pool::{self, ContentSource, Volume, VolumeSpec};
 
 /// Chunks received ahead of the writer on the destination.
@@ -252,7 +252,7 @@ impl<F: Fetch> Transfers<F> {
     pub async fn transfer(
         &self,
         spec: VolumeSpec,
-        source: Source,
+        source: ExportRef,
         fetch: F,
     ) -> Result<Progress, F::Error> {
         let name = spec.name.clone();
@@ -316,7 +316,7 @@ impl<F: Fetch> Transfers<F> {
         Ok(found.map(|(done, total)| Progress::Running { done, total }))
     }
 
-    fn start(&self, spec: VolumeSpec, source: Source, fetch: F) -> Arc<Job<F::Error>> {
+    fn start(&self, spec: VolumeSpec, source: ExportRef, fetch: F) -> Arc<Job<F::Error>> {
         let (tx, rx) = watch::channel(None);
         let job = Arc::new(Job {
             done: Arc::new(AtomicU64::new(0)),
@@ -366,7 +366,7 @@ struct Run<F> {
 }
 
 impl<F: Fetch> Run<F> {
-    async fn run(&self, spec: VolumeSpec, source: Source) -> Outcome<F::Error> {
+    async fn run(&self, spec: VolumeSpec, source: ExportRef) -> Outcome<F::Error> {
         let name = spec.name.clone();
         let begun = self
             .local

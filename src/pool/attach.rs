@@ -514,7 +514,7 @@ impl Attacher {
         };
         let fresh = existing.is_none();
         let staged = match (staged, &key) {
-            (Ok(staged), Some(key)) => match self.unlock(id, staging, key) {
+            (Ok(staged), Some(key)) => match self.add_volume_key(id, staging, key) {
                 Ok(key_id) => Ok((staged, Some(key_id))),
                 Err(e) => {
                     // A volume that was not staged before is left unstaged: also a
@@ -660,7 +660,7 @@ impl Attacher {
     /// the volume's encrypted directory is under a policy naming it: made (and the
     /// policy set) on the first stage, checked on later ones. A key that is not the
     /// volume's is taken out again, and the volume is FAILED_PRECONDITION.
-    fn unlock(&self, id: &VolumeId, staging: &Path, key: &Key) -> Result<KeyId> {
+    fn add_volume_key(&self, id: &VolumeId, staging: &Path, key: &Key) -> Result<KeyId> {
         let added = sys::fscrypt::add_key(staging, key)?;
         let data = staging.join(DATA_DIR);
         let checked = match found_at(&data)? {
@@ -704,7 +704,7 @@ impl Attacher {
     /// Removes the key of the encrypted directory under `staging` from its
     /// filesystem's keyring. Which key is read from the directory's policy, which
     /// needs no key: so this works after a crash, when nothing else remembers it.
-    fn lock(&self, id: &VolumeId, staging: &Path) -> Result<()> {
+    fn remove_volume_key(&self, id: &VolumeId, staging: &Path) -> Result<()> {
         let data = staging.join(DATA_DIR);
         if found_at(&data)? != Found::Dir {
             return Ok(());
@@ -774,7 +774,7 @@ impl Attacher {
                     .volume(id)
                     .map_or(true, |v| !v.encryption.is_plain())
                 {
-                    self.lock(id, staging)?;
+                    self.remove_volume_key(id, staging)?;
                 }
                 sys::mount::unmount(staging)?;
             }

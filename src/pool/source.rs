@@ -10,7 +10,7 @@ use crate::sys;
 pub const POOL_LABEL: &str = "kura-pool";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Source {
+pub enum PoolSource {
     /// A sparse image file, created if missing, attached to a loop device.
     Image { path: PathBuf, size: u64 },
     /// A dedicated block device.
@@ -22,10 +22,10 @@ pub enum Source {
 /// Makes the pool's filesystem ready and returns the directory the pool lives in.
 /// Image and device pools are mounted at `<state_dir>/pool`. Running it again (a
 /// restart) reuses what is there and never formats a device that holds data.
-pub fn prepare(source: &Source, state_dir: &Path) -> Result<PathBuf> {
+pub fn prepare(source: &PoolSource, state_dir: &Path) -> Result<PathBuf> {
     let mount_point = state_dir.join("pool");
     match source {
-        Source::Dir(dir) => {
+        PoolSource::Dir(dir) => {
             if !dir.is_dir() {
                 return Err(Error::Invalid {
                     field: "pool-dir",
@@ -34,11 +34,11 @@ pub fn prepare(source: &Source, state_dir: &Path) -> Result<PathBuf> {
             }
             Ok(dir.clone())
         }
-        Source::Device(device) => {
+        PoolSource::Device(device) => {
             mount_pool_device(device, &mount_point)?;
             Ok(mount_point)
         }
-        Source::Image { path, size } => {
+        PoolSource::Image { path, size } => {
             let grown = ensure_image(path, *size)?;
             let device = match sys::loopdev::find_by_backing(path)? {
                 Some(found) => found.path,

@@ -279,7 +279,7 @@ fn is_zero(bytes: &[u8]) -> bool {
 
 /// What a destination knows of the export it reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Source {
+pub struct ExportRef {
     pub export_id: String,
     pub pin: String,
     pub size_bytes: u64,
@@ -335,7 +335,7 @@ impl Pool {
     /// Starts or resumes making the volume `spec` names from `source`: a checkpoint
     /// of the same export and pin is resumed; anything else there is dropped and the
     /// import starts at 0.
-    pub fn begin_import(&self, spec: &VolumeSpec, source: &Source) -> Result<Begin> {
+    pub fn begin_import(&self, spec: &VolumeSpec, source: &ExportRef) -> Result<Begin> {
         let id = VolumeId::derive(&spec.name, &self.node);
         if let Some(existing) = read_meta::<Volume>(&self.volume_meta_path(&id))? {
             super::volume::check_compatible(&existing, spec)?;

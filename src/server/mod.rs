@@ -30,7 +30,7 @@ use crate::csi::proto::node_server::NodeServer;
 use crate::csi::status;
 use crate::metrics::Metrics;
 use crate::pool::attach::Attacher;
-use crate::pool::source::{self, Source};
+use crate::pool::source::{self, PoolSource};
 use crate::pool::{self, Pool};
 use crate::sys;
 
@@ -56,7 +56,7 @@ impl OpenedPool {
         let options = pool::Options {
             overprovision_ratio: args.overprovision_ratio,
             default_volume_size: args.default_volume_size,
-            mounted_root: !matches!(source, Source::Dir(_)),
+            mounted_root: !matches!(source, PoolSource::Dir(_)),
             pause,
         };
         let pool = Arc::new(Pool::open(&root, &args.node_id, options)?);
@@ -125,15 +125,15 @@ impl AllInOneDriver {
     }
 }
 
-fn pool_source(args: &Local) -> Result<Source, BoxError> {
+fn pool_source(args: &Local) -> Result<PoolSource, BoxError> {
     let pool = &args.pool;
     match (&pool.pool_image, &pool.pool_device, &pool.pool_dir) {
-        (Some(path), None, None) => Ok(Source::Image {
+        (Some(path), None, None) => Ok(PoolSource::Image {
             path: path.clone(),
             size: args.pool_size.ok_or("--pool-image needs --pool-size")?,
         }),
-        (None, Some(device), None) => Ok(Source::Device(device.clone())),
-        (None, None, Some(dir)) => Ok(Source::Dir(dir.clone())),
+        (None, Some(device), None) => Ok(PoolSource::Device(device.clone())),
+        (None, None, Some(dir)) => Ok(PoolSource::Dir(dir.clone())),
         _ => Err("give exactly one of --pool-image, --pool-device, --pool-dir".into()),
     }
 }
