@@ -2,23 +2,36 @@
 //!
 //! # Layout
 //!
-//! - [`cli`]: the command line (every flag also from a `KURA_*` variable).
-//! - [`server`]: builds each role (`all-in-one`, `node`, `controller`) from the command
-//!   line and serves it; `certs` writes the agent API's identities.
-//! - [`csi`]: the CSI Identity, Controller, GroupController and Node services;
-//!   request validation and the mapping of errors to gRPC codes. Only `csi` and
-//!   `agent` see gRPC types.
-//! - [`agent`]: how the controller reaches nodes' pools ([`agent::Pools`]): in-process,
-//!   or over the agent API (`proto/agent.proto`, mutual TLS), both ends.
-//! - [`pool`]: the node-local pool: volumes, snapshots, group snapshots
-//!   ([`pool::group`]), metadata, capacity, recovery, and exposing volumes on the node
-//!   ([`pool::attach`], inline volumes in [`pool::ephemeral`]).
-//! - [`metrics`]: Prometheus metrics: a tower layer timing every gRPC call, the pool's
-//!   gauges read at scrape time, and the `/metrics` listener (`--metrics-listen`).
-//! - [`sys`]: the only code that touches the OS: loop devices, mounts, mkfs, reflink,
-//!   freeze, statfs, mountinfo, fscrypt keys and policies.
+//! Every RPC reads downwards, `csi -> control -> agent -> node -> pool -> sys`, and
+//! each room imports only rooms to its right; `server`, `cli` and `metrics` sit at the
+//! edges. Only `csi` and `agent` see gRPC types.
 //!
-//! Dependencies point one way: `csi -> pool/agent -> sys`.
+//! - [`csi`]: the CSI services, one file each: check a request into typed arguments,
+//!   call `control` (Controller, GroupController) or `node` (Node), build the
+//!   response; [`csi::status`] maps every error to its code.
+//! - [`control`]: what the controller decides: request names and their locks,
+//!   find-by-name across nodes, placement ([`control::placement`], a pure function),
+//!   copy-or-create, the group-snapshot steps ([`control::group`]).
+//! - [`agent`]: the transport between controller and nodes: the [`agent::Pools`] seam,
+//!   in-process ([`agent::local`]) or over the agent API ([`agent::cluster`] on the
+//!   controller, [`agent::server`] on the node, mutual TLS), a transfer's bytes
+//!   ([`agent::transfer`]), how errors travel ([`agent::errors`]).
+//! - [`node`]: the node process's side: [`node::Local`], the one place where
+//!   per-volume locks are taken and blocking pool work runs; group holds
+//!   ([`node::group`]); both ends of a cross-node transfer ([`node::transfer`]).
+//! - [`pool`]: the node-local pool: volumes, snapshots, group snapshots, metadata,
+//!   capacity, recovery, and exposing volumes on the node ([`pool::attach`], inline
+//!   volumes in [`pool::ephemeral`]).
+//! - [`sys`]: the only code that touches the OS: loop devices, mounts, mkfs
+//!   ([`sys::FsType`]), reflink, freeze, statfs, mountinfo, sparse ranges, direct
+//!   I/O, fscrypt keys and policies.
+//! - [`server`]: builds each role (`all-in-one`, `node`, `controller`) from the
+//!   command line ([`cli`], every flag also from a `KURA_*` variable) and serves it;
+//!   `certs` writes the agent API's identities.
+//! - [`metrics`]: Prometheus: a tower layer timing every gRPC call, the pool's gauges
+//!   read at scrape time, and the `/metrics` listener (`--metrics-listen`).
+//!
+//! The README's "Code layout" follows two RPCs through these rooms.
 
 pub mod agent;
 pub mod cli;

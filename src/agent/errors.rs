@@ -55,32 +55,9 @@ pub fn decode(node: &str, status: Status) -> Error {
 }
 
 /// The metadata key of a status a controller relays from a node unchanged: the node
-/// that decided it, and logged it.
+/// that decided it, and logged it (see `metrics::grpc`, which logs every failed call
+/// once).
 pub const RELAYED_FROM: &str = "kura-relayed-from";
-
-/// Logs a failed call once, in its RPC's span, in the process that decided it: a
-/// caller's mistake, or a state the caller waits out or retries (NOT_FOUND,
-/// ALREADY_EXISTS, ABORTED, UNAVAILABLE, ...), at WARN; kura's own failure (INTERNAL,
-/// DATA_LOSS, UNKNOWN) at ERROR, for an operator to act on; a status relayed from a
-/// node, which logged it there, at DEBUG. The CSI services and the agent both answer
-/// through it.
-pub fn logged<T>(result: Result<T, Status>) -> Result<T, Status> {
-    if let Err(status) = &result {
-        let code = status.code();
-        let message = status.message();
-        if let Some(node) = status.metadata().get(RELAYED_FROM) {
-            tracing::debug!(?code, node = ?node, message, "failed on the node");
-        } else if matches!(
-            code,
-            Code::Internal | Code::DataLoss | Code::Unknown | Code::DeadlineExceeded
-        ) {
-            tracing::error!(?code, message, "failed");
-        } else {
-            tracing::warn!(?code, message, "refused");
-        }
-    }
-    result
-}
 
 /// An agent call whose request kura's controller could not have sent.
 pub fn malformed(error: super::wire::Malformed) -> Status {

@@ -17,7 +17,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use super::errors::{self, logged, malformed};
+use super::errors::{self, malformed};
 use super::proto::agent_server::Agent;
 use super::transfer::{ChunkStream, ExportClient};
 use super::{proto, tls, wire};
@@ -166,20 +166,15 @@ impl Agent for AgentService {
         &self,
         request: Request<proto::FindVolumeRequest>,
     ) -> Result<Response<proto::FindVolumeResponse>, Status> {
-        logged(
-            async {
-                control(&request)?;
-                let found = self
-                    .local
-                    .find_volume(request.into_inner().name)
-                    .await
-                    .map_err(answer)?;
-                Ok(Response::new(proto::FindVolumeResponse {
-                    volume: found.as_ref().map(wire::volume_message),
-                }))
-            }
-            .await,
-        )
+        control(&request)?;
+        let found = self
+            .local
+            .find_volume(request.into_inner().name)
+            .await
+            .map_err(answer)?;
+        Ok(Response::new(proto::FindVolumeResponse {
+            volume: found.as_ref().map(wire::volume_message),
+        }))
     }
 
     #[instrument(skip_all, fields(volume.name = %request.get_ref().name))]
@@ -187,18 +182,13 @@ impl Agent for AgentService {
         &self,
         request: Request<proto::CreateVolumeRequest>,
     ) -> Result<Response<proto::VolumeResponse>, Status> {
-        logged(
-            async {
-                control(&request)?;
-                let spec = wire::spec(request.get_ref()).map_err(malformed)?;
-                let volume = self.local.create_volume(spec).await.map_err(answer)?;
-                Ok(Response::new(proto::VolumeResponse {
-                    volume: Some(wire::volume_message(&volume)),
-                    condition: None,
-                }))
-            }
-            .await,
-        )
+        control(&request)?;
+        let spec = wire::spec(request.get_ref()).map_err(malformed)?;
+        let volume = self.local.create_volume(spec).await.map_err(answer)?;
+        Ok(Response::new(proto::VolumeResponse {
+            volume: Some(wire::volume_message(&volume)),
+            condition: None,
+        }))
     }
 
     #[instrument(skip_all, fields(volume.id = %request.get_ref().volume_id))]
@@ -206,16 +196,10 @@ impl Agent for AgentService {
         &self,
         request: Request<proto::GetVolumeRequest>,
     ) -> Result<Response<proto::VolumeResponse>, Status> {
-        logged(
-            async {
-                control(&request)?;
-                let id = wire::volume_id(&request.get_ref().volume_id, "volume_id")
-                    .map_err(malformed)?;
-                let (volume, condition) = self.local.volume(id).await.map_err(answer)?;
-                Ok(Response::new(wire::volume_response(&volume, &condition)))
-            }
-            .await,
-        )
+        control(&request)?;
+        let id = wire::volume_id(&request.get_ref().volume_id, "volume_id").map_err(malformed)?;
+        let (volume, condition) = self.local.volume(id).await.map_err(answer)?;
+        Ok(Response::new(wire::volume_response(&volume, &condition)))
     }
 
     #[instrument(skip_all)]
@@ -223,19 +207,14 @@ impl Agent for AgentService {
         &self,
         request: Request<proto::ListVolumesRequest>,
     ) -> Result<Response<proto::ListVolumesResponse>, Status> {
-        logged(
-            async {
-                control(&request)?;
-                let volumes = self.local.list_volumes().await.map_err(answer)?;
-                Ok(Response::new(proto::ListVolumesResponse {
-                    volumes: volumes
-                        .iter()
-                        .map(|(v, c)| wire::volume_response(v, c))
-                        .collect(),
-                }))
-            }
-            .await,
-        )
+        control(&request)?;
+        let volumes = self.local.list_volumes().await.map_err(answer)?;
+        Ok(Response::new(proto::ListVolumesResponse {
+            volumes: volumes
+                .iter()
+                .map(|(v, c)| wire::volume_response(v, c))
+                .collect(),
+        }))
     }
 
     #[instrument(skip_all, fields(volume.id = %request.get_ref().volume_id))]
@@ -243,16 +222,10 @@ impl Agent for AgentService {
         &self,
         request: Request<proto::DeleteVolumeRequest>,
     ) -> Result<Response<proto::DeleteVolumeResponse>, Status> {
-        logged(
-            async {
-                control(&request)?;
-                let id = wire::volume_id(&request.get_ref().volume_id, "volume_id")
-                    .map_err(malformed)?;
-                self.local.delete_volume(id).await.map_err(answer)?;
-                Ok(Response::new(proto::DeleteVolumeResponse {}))
-            }
-            .await,
-        )
+        control(&request)?;
+        let id = wire::volume_id(&request.get_ref().volume_id, "volume_id").map_err(malformed)?;
+        self.local.delete_volume(id).await.map_err(answer)?;
+        Ok(Response::new(proto::DeleteVolumeResponse {}))
     }
 
     #[instrument(skip_all, fields(volume.id = %request.get_ref().volume_id))]
@@ -260,24 +233,18 @@ impl Agent for AgentService {
         &self,
         request: Request<proto::ExpandVolumeRequest>,
     ) -> Result<Response<proto::ExpandVolumeResponse>, Status> {
-        logged(
-            async {
-                control(&request)?;
-                let req = request.into_inner();
-                let id = wire::volume_id(&req.volume_id, "volume_id").map_err(malformed)?;
-                let range = size::Range {
-                    required: req.required_bytes,
-                    limit: req.limit_bytes,
-                };
-                let (volume, changed) =
-                    self.local.expand_volume(id, range).await.map_err(answer)?;
-                Ok(Response::new(proto::ExpandVolumeResponse {
-                    volume: Some(wire::volume_message(&volume)),
-                    changed,
-                }))
-            }
-            .await,
-        )
+        control(&request)?;
+        let req = request.into_inner();
+        let id = wire::volume_id(&req.volume_id, "volume_id").map_err(malformed)?;
+        let range = size::Range {
+            required: req.required_bytes,
+            limit: req.limit_bytes,
+        };
+        let (volume, changed) = self.local.expand_volume(id, range).await.map_err(answer)?;
+        Ok(Response::new(proto::ExpandVolumeResponse {
+            volume: Some(wire::volume_message(&volume)),
+            changed,
+        }))
     }
 
     #[instrument(skip_all, fields(snapshot.name = %request.get_ref().name))]
@@ -285,20 +252,15 @@ impl Agent for AgentService {
         &self,
         request: Request<proto::FindSnapshotRequest>,
     ) -> Result<Response<proto::FindSnapshotResponse>, Status> {
-        logged(
-            async {
-                control(&request)?;
-                let found = self
-                    .local
-                    .find_snapshot(request.into_inner().name)
-                    .await
-                    .map_err(answer)?;
-                Ok(Response::new(proto::FindSnapshotResponse {
-                    snapshot: found.as_ref().map(wire::snapshot_message),
-                }))
-            }
-            .await,
-        )
+        control(&request)?;
+        let found = self
+            .local
+            .find_snapshot(request.into_inner().name)
+            .await
+            .map_err(answer)?;
+        Ok(Response::new(proto::FindSnapshotResponse {
+            snapshot: found.as_ref().map(wire::snapshot_message),
+        }))
     }
 
     #[instrument(skip_all, fields(snapshot.name = %request.get_ref().name))]
@@ -306,23 +268,18 @@ impl Agent for AgentService {
         &self,
         request: Request<proto::CreateSnapshotRequest>,
     ) -> Result<Response<proto::SnapshotResponse>, Status> {
-        logged(
-            async {
-                control(&request)?;
-                let req = request.into_inner();
-                let source = wire::volume_id(&req.source_volume_id, "source_volume_id")
-                    .map_err(malformed)?;
-                let snapshot = self
-                    .local
-                    .create_snapshot(req.name, source)
-                    .await
-                    .map_err(answer)?;
-                Ok(Response::new(proto::SnapshotResponse {
-                    snapshot: Some(wire::snapshot_message(&snapshot)),
-                }))
-            }
-            .await,
-        )
+        control(&request)?;
+        let req = request.into_inner();
+        let source =
+            wire::volume_id(&req.source_volume_id, "source_volume_id").map_err(malformed)?;
+        let snapshot = self
+            .local
+            .create_snapshot(req.name, source)
+            .await
+            .map_err(answer)?;
+        Ok(Response::new(proto::SnapshotResponse {
+            snapshot: Some(wire::snapshot_message(&snapshot)),
+        }))
     }
 
     #[instrument(skip_all, fields(snapshot.id = %request.get_ref().snapshot_id))]
@@ -330,18 +287,13 @@ impl Agent for AgentService {
         &self,
         request: Request<proto::GetSnapshotRequest>,
     ) -> Result<Response<proto::SnapshotResponse>, Status> {
-        logged(
-            async {
-                control(&request)?;
-                let id = wire::snapshot_id(&request.get_ref().snapshot_id, "snapshot_id")
-                    .map_err(malformed)?;
-                let snapshot = self.local.snapshot(id).await.map_err(answer)?;
-                Ok(Response::new(proto::SnapshotResponse {
-                    snapshot: Some(wire::snapshot_message(&snapshot)),
-                }))
-            }
-            .await,
-        )
+        control(&request)?;
+        let id =
+            wire::snapshot_id(&request.get_ref().snapshot_id, "snapshot_id").map_err(malformed)?;
+        let snapshot = self.local.snapshot(id).await.map_err(answer)?;
+        Ok(Response::new(proto::SnapshotResponse {
+            snapshot: Some(wire::snapshot_message(&snapshot)),
+        }))
     }
 
     #[instrument(skip_all)]
@@ -349,16 +301,11 @@ impl Agent for AgentService {
         &self,
         request: Request<proto::ListSnapshotsRequest>,
     ) -> Result<Response<proto::ListSnapshotsResponse>, Status> {
-        logged(
-            async {
-                control(&request)?;
-                let snapshots = self.local.list_snapshots().await.map_err(answer)?;
-                Ok(Response::new(proto::ListSnapshotsResponse {
-                    snapshots: snapshots.iter().map(wire::snapshot_message).collect(),
-                }))
-            }
-            .await,
-        )
+        control(&request)?;
+        let snapshots = self.local.list_snapshots().await.map_err(answer)?;
+        Ok(Response::new(proto::ListSnapshotsResponse {
+            snapshots: snapshots.iter().map(wire::snapshot_message).collect(),
+        }))
     }
 
     #[instrument(skip_all, fields(snapshot.id = %request.get_ref().snapshot_id))]
@@ -366,16 +313,11 @@ impl Agent for AgentService {
         &self,
         request: Request<proto::DeleteSnapshotRequest>,
     ) -> Result<Response<proto::DeleteSnapshotResponse>, Status> {
-        logged(
-            async {
-                control(&request)?;
-                let id = wire::snapshot_id(&request.get_ref().snapshot_id, "snapshot_id")
-                    .map_err(malformed)?;
-                self.local.delete_snapshot(id).await.map_err(answer)?;
-                Ok(Response::new(proto::DeleteSnapshotResponse {}))
-            }
-            .await,
-        )
+        control(&request)?;
+        let id =
+            wire::snapshot_id(&request.get_ref().snapshot_id, "snapshot_id").map_err(malformed)?;
+        self.local.delete_snapshot(id).await.map_err(answer)?;
+        Ok(Response::new(proto::DeleteSnapshotResponse {}))
     }
 
     #[instrument(skip_all, fields(volume.id = %request.get_ref().volume_id))]
@@ -383,24 +325,19 @@ impl Agent for AgentService {
         &self,
         request: Request<proto::ModifyVolumeRequest>,
     ) -> Result<Response<proto::ModifyVolumeResponse>, Status> {
-        logged(
-            async {
-                control(&request)?;
-                let req = request.into_inner();
-                let id = wire::volume_id(&req.volume_id, "volume_id").map_err(malformed)?;
-                let provisioning = wire::provisioning(req.provisioning).map_err(malformed)?;
-                let (volume, changed) = self
-                    .local
-                    .modify_volume(id, provisioning)
-                    .await
-                    .map_err(answer)?;
-                Ok(Response::new(proto::ModifyVolumeResponse {
-                    volume: Some(wire::volume_message(&volume)),
-                    changed,
-                }))
-            }
-            .await,
-        )
+        control(&request)?;
+        let req = request.into_inner();
+        let id = wire::volume_id(&req.volume_id, "volume_id").map_err(malformed)?;
+        let provisioning = wire::provisioning(req.provisioning).map_err(malformed)?;
+        let (volume, changed) = self
+            .local
+            .modify_volume(id, provisioning)
+            .await
+            .map_err(answer)?;
+        Ok(Response::new(proto::ModifyVolumeResponse {
+            volume: Some(wire::volume_message(&volume)),
+            changed,
+        }))
     }
 
     #[instrument(skip_all, fields(hold = %request.get_ref().hold))]
@@ -408,22 +345,17 @@ impl Agent for AgentService {
         &self,
         request: Request<proto::FreezeGroupRequest>,
     ) -> Result<Response<proto::FreezeGroupResponse>, Status> {
-        logged(
-            async {
-                control(&request)?;
-                let req = request.into_inner();
-                let volumes = wire::volume_ids(&req.volume_ids, "volume_ids").map_err(malformed)?;
-                let flushed = self
-                    .local
-                    .freeze_group(req.hold, volumes)
-                    .await
-                    .map_err(answer)?;
-                Ok(Response::new(proto::FreezeGroupResponse {
-                    flushed_volume_ids: flushed.iter().map(|v| v.to_string()).collect(),
-                }))
-            }
-            .await,
-        )
+        control(&request)?;
+        let req = request.into_inner();
+        let volumes = wire::volume_ids(&req.volume_ids, "volume_ids").map_err(malformed)?;
+        let flushed = self
+            .local
+            .freeze_group(req.hold, volumes)
+            .await
+            .map_err(answer)?;
+        Ok(Response::new(proto::FreezeGroupResponse {
+            flushed_volume_ids: flushed.iter().map(|v| v.to_string()).collect(),
+        }))
     }
 
     #[instrument(skip_all, fields(group_snapshot.id = %request.get_ref().group_snapshot_id))]
@@ -431,25 +363,20 @@ impl Agent for AgentService {
         &self,
         request: Request<proto::CutGroupMembersRequest>,
     ) -> Result<Response<proto::CutGroupMembersResponse>, Status> {
-        logged(
-            async {
-                control(&request)?;
-                let req = request.into_inner();
-                let group = wire::group_id(&req.group_snapshot_id, "group_snapshot_id")
-                    .map_err(malformed)?;
-                let volumes = wire::volume_ids(&req.volume_ids, "volume_ids").map_err(malformed)?;
-                let created = wire::timestamp(req.created.as_ref());
-                let snapshots = self
-                    .local
-                    .cut_group_members(req.hold, group, volumes, created)
-                    .await
-                    .map_err(answer)?;
-                Ok(Response::new(proto::CutGroupMembersResponse {
-                    snapshots: snapshots.iter().map(wire::snapshot_message).collect(),
-                }))
-            }
-            .await,
-        )
+        control(&request)?;
+        let req = request.into_inner();
+        let group =
+            wire::group_id(&req.group_snapshot_id, "group_snapshot_id").map_err(malformed)?;
+        let volumes = wire::volume_ids(&req.volume_ids, "volume_ids").map_err(malformed)?;
+        let created = wire::timestamp(req.created.as_ref());
+        let snapshots = self
+            .local
+            .cut_group_members(req.hold, group, volumes, created)
+            .await
+            .map_err(answer)?;
+        Ok(Response::new(proto::CutGroupMembersResponse {
+            snapshots: snapshots.iter().map(wire::snapshot_message).collect(),
+        }))
     }
 
     #[instrument(skip_all, fields(hold = %request.get_ref().hold))]
@@ -457,17 +384,12 @@ impl Agent for AgentService {
         &self,
         request: Request<proto::ThawGroupRequest>,
     ) -> Result<Response<proto::ThawGroupResponse>, Status> {
-        logged(
-            async {
-                control(&request)?;
-                self.local
-                    .thaw_group(request.into_inner().hold)
-                    .await
-                    .map_err(answer)?;
-                Ok(Response::new(proto::ThawGroupResponse {}))
-            }
-            .await,
-        )
+        control(&request)?;
+        self.local
+            .thaw_group(request.into_inner().hold)
+            .await
+            .map_err(answer)?;
+        Ok(Response::new(proto::ThawGroupResponse {}))
     }
 
     #[instrument(skip_all)]
@@ -475,15 +397,10 @@ impl Agent for AgentService {
         &self,
         request: Request<proto::PutGroupRequest>,
     ) -> Result<Response<proto::PutGroupResponse>, Status> {
-        logged(
-            async {
-                control(&request)?;
-                let group = wire::group(request.get_ref().group.as_ref()).map_err(malformed)?;
-                self.local.put_group(group).await.map_err(answer)?;
-                Ok(Response::new(proto::PutGroupResponse {}))
-            }
-            .await,
-        )
+        control(&request)?;
+        let group = wire::group(request.get_ref().group.as_ref()).map_err(malformed)?;
+        self.local.put_group(group).await.map_err(answer)?;
+        Ok(Response::new(proto::PutGroupResponse {}))
     }
 
     #[instrument(skip_all, fields(group_snapshot.id = %request.get_ref().group_snapshot_id))]
@@ -491,18 +408,13 @@ impl Agent for AgentService {
         &self,
         request: Request<proto::GetGroupRequest>,
     ) -> Result<Response<proto::GetGroupResponse>, Status> {
-        logged(
-            async {
-                control(&request)?;
-                let id = wire::group_id(&request.get_ref().group_snapshot_id, "group_snapshot_id")
-                    .map_err(malformed)?;
-                let group = self.local.group(id).await.map_err(answer)?;
-                Ok(Response::new(proto::GetGroupResponse {
-                    group: Some(wire::group_message(&group)),
-                }))
-            }
-            .await,
-        )
+        control(&request)?;
+        let id = wire::group_id(&request.get_ref().group_snapshot_id, "group_snapshot_id")
+            .map_err(malformed)?;
+        let group = self.local.group(id).await.map_err(answer)?;
+        Ok(Response::new(proto::GetGroupResponse {
+            group: Some(wire::group_message(&group)),
+        }))
     }
 
     #[instrument(skip_all, fields(group_snapshot.id = %request.get_ref().group_snapshot_id))]
@@ -510,16 +422,11 @@ impl Agent for AgentService {
         &self,
         request: Request<proto::DeleteGroupRequest>,
     ) -> Result<Response<proto::DeleteGroupResponse>, Status> {
-        logged(
-            async {
-                control(&request)?;
-                let id = wire::group_id(&request.get_ref().group_snapshot_id, "group_snapshot_id")
-                    .map_err(malformed)?;
-                self.local.delete_group(id).await.map_err(answer)?;
-                Ok(Response::new(proto::DeleteGroupResponse {}))
-            }
-            .await,
-        )
+        control(&request)?;
+        let id = wire::group_id(&request.get_ref().group_snapshot_id, "group_snapshot_id")
+            .map_err(malformed)?;
+        self.local.delete_group(id).await.map_err(answer)?;
+        Ok(Response::new(proto::DeleteGroupResponse {}))
     }
 
     #[instrument(skip_all, fields(snapshot.id = %request.get_ref().snapshot_id))]
@@ -527,16 +434,11 @@ impl Agent for AgentService {
         &self,
         request: Request<proto::RemoveMemberRequest>,
     ) -> Result<Response<proto::RemoveMemberResponse>, Status> {
-        logged(
-            async {
-                control(&request)?;
-                let id = wire::snapshot_id(&request.get_ref().snapshot_id, "snapshot_id")
-                    .map_err(malformed)?;
-                self.local.remove_member(id).await.map_err(answer)?;
-                Ok(Response::new(proto::RemoveMemberResponse {}))
-            }
-            .await,
-        )
+        control(&request)?;
+        let id =
+            wire::snapshot_id(&request.get_ref().snapshot_id, "snapshot_id").map_err(malformed)?;
+        self.local.remove_member(id).await.map_err(answer)?;
+        Ok(Response::new(proto::RemoveMemberResponse {}))
     }
 
     // ---- Cross-node restore and clone: the logic is in `super::transfer`. ----
@@ -546,15 +448,9 @@ impl Agent for AgentService {
         &self,
         request: Request<proto::CreateExportRequest>,
     ) -> Result<Response<proto::Export>, Status> {
-        logged(
-            async {
-                control(&request)?;
-                let export =
-                    super::transfer::create_export(&self.local, request.into_inner()).await?;
-                Ok(Response::new(export))
-            }
-            .await,
-        )
+        control(&request)?;
+        let export = super::transfer::create_export(&self.local, request.into_inner()).await?;
+        Ok(Response::new(export))
     }
 
     #[instrument(skip_all, fields(export.id = %request.get_ref().export_id))]
@@ -562,14 +458,9 @@ impl Agent for AgentService {
         &self,
         request: Request<proto::DeleteExportRequest>,
     ) -> Result<Response<proto::DeleteExportResponse>, Status> {
-        logged(
-            async {
-                control(&request)?;
-                super::transfer::delete_export(&self.local, request.into_inner().export_id).await?;
-                Ok(Response::new(proto::DeleteExportResponse {}))
-            }
-            .await,
-        )
+        control(&request)?;
+        super::transfer::delete_export(&self.local, request.into_inner().export_id).await?;
+        Ok(Response::new(proto::DeleteExportResponse {}))
     }
 
     type ReadExportStream = ChunkStream;
@@ -579,13 +470,8 @@ impl Agent for AgentService {
         &self,
         request: Request<proto::ReadExportRequest>,
     ) -> Result<Response<Self::ReadExportStream>, Status> {
-        logged(
-            async {
-                let stream = super::transfer::read_export(&self.local, request).await?;
-                Ok(Response::new(stream))
-            }
-            .await,
-        )
+        let stream = super::transfer::read_export(&self.local, request).await?;
+        Ok(Response::new(stream))
     }
 
     #[instrument(skip_all, fields(volume.name = ?request.get_ref().volume.as_ref().map(|v| &v.name)))]
@@ -593,16 +479,10 @@ impl Agent for AgentService {
         &self,
         request: Request<proto::TransferRequest>,
     ) -> Result<Response<proto::TransferResponse>, Status> {
-        logged(
-            async {
-                control(&request)?;
-                let (transfers, tls) = self.transfers()?;
-                let answer =
-                    super::transfer::transfer(transfers, tls, request.into_inner()).await?;
-                Ok(Response::new(answer))
-            }
-            .await,
-        )
+        control(&request)?;
+        let (transfers, tls) = self.transfers()?;
+        let answer = super::transfer::transfer(transfers, tls, request.into_inner()).await?;
+        Ok(Response::new(answer))
     }
 
     #[instrument(skip_all, fields(volume.name = %request.get_ref().name))]
@@ -610,14 +490,9 @@ impl Agent for AgentService {
         &self,
         request: Request<proto::FindTransferRequest>,
     ) -> Result<Response<proto::FindTransferResponse>, Status> {
-        logged(
-            async {
-                control(&request)?;
-                let (transfers, _) = self.transfers()?;
-                let progress = super::transfer::find(transfers, request.into_inner().name).await?;
-                Ok(Response::new(proto::FindTransferResponse { progress }))
-            }
-            .await,
-        )
+        control(&request)?;
+        let (transfers, _) = self.transfers()?;
+        let progress = super::transfer::find(transfers, request.into_inner().name).await?;
+        Ok(Response::new(proto::FindTransferResponse { progress }))
     }
 }

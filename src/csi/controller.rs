@@ -13,7 +13,6 @@ use super::status::{from_control, invalid, missing, no_volume, not_found, shown,
 use super::validate::{self, CapabilityError};
 use super::{TOPOLOGY_KEY, node_topology};
 use crate::agent::Pools;
-use crate::agent::errors::logged;
 use crate::control::placement::Topology;
 use crate::control::{self, NewVolume, SnapshotFilter};
 use crate::pool::attach::Capability;
@@ -150,45 +149,39 @@ impl<P: Pools> Controller for ControllerService<P> {
         &self,
         request: Request<proto::CreateVolumeRequest>,
     ) -> Result<Response<proto::CreateVolumeResponse>, Status> {
-        logged(
-            async {
-                let req = request.into_inner();
-                let name = validate::name(&req.name, "name")?;
-                let capabilities =
-                    validate::capabilities(&req.volume_capabilities, "volume_capabilities")
-                        .map_err(|e| e.into_invalid("volume_capabilities"))?;
-                let range = validate::range(req.capacity_range.as_ref())?;
-                validate::map_size(&req.parameters, "parameters")?;
-                let provisioning = validate::volume_parameters(&req.parameters)?;
-                let encryption = validate::encryption(&req.parameters, &capabilities)?;
-                validate::map_size(&req.mutable_parameters, "mutable_parameters")?;
-                // Mutable parameters (a VolumeAttributesClass) beat the StorageClass's.
-                let provisioning =
-                    validate::mutable_parameters(&req.mutable_parameters)?.unwrap_or(provisioning);
-                validate::map_size(&req.secrets, "secrets")?;
-                let source = content_source(req.volume_content_source.as_ref())?;
-                let new = NewVolume {
-                    spec: VolumeSpec {
-                        name: name.to_owned(),
-                        range,
-                        provisioning,
-                        source,
-                        access: access_kinds(&capabilities),
-                        encryption,
-                    },
-                    topology: topology(req.accessibility_requirements.as_ref()),
-                };
-                let volume = self
-                    .control
-                    .create_volume(new)
-                    .await
-                    .map_err(from_control)?;
-                Ok(Response::new(proto::CreateVolumeResponse {
-                    volume: Some(self.volume_message(&volume)),
-                }))
-            }
-            .await,
-        )
+        let req = request.into_inner();
+        let name = validate::name(&req.name, "name")?;
+        let capabilities = validate::capabilities(&req.volume_capabilities, "volume_capabilities")
+            .map_err(|e| e.into_invalid("volume_capabilities"))?;
+        let range = validate::range(req.capacity_range.as_ref())?;
+        validate::map_size(&req.parameters, "parameters")?;
+        let provisioning = validate::volume_parameters(&req.parameters)?;
+        let encryption = validate::encryption(&req.parameters, &capabilities)?;
+        validate::map_size(&req.mutable_parameters, "mutable_parameters")?;
+        // Mutable parameters (a VolumeAttributesClass) beat the StorageClass's.
+        let provisioning =
+            validate::mutable_parameters(&req.mutable_parameters)?.unwrap_or(provisioning);
+        validate::map_size(&req.secrets, "secrets")?;
+        let source = content_source(req.volume_content_source.as_ref())?;
+        let new = NewVolume {
+            spec: VolumeSpec {
+                name: name.to_owned(),
+                range,
+                provisioning,
+                source,
+                access: access_kinds(&capabilities),
+                encryption,
+            },
+            topology: topology(req.accessibility_requirements.as_ref()),
+        };
+        let volume = self
+            .control
+            .create_volume(new)
+            .await
+            .map_err(from_control)?;
+        Ok(Response::new(proto::CreateVolumeResponse {
+            volume: Some(self.volume_message(&volume)),
+        }))
     }
 
     #[instrument(skip_all, fields(volume.id = ?request.get_ref().volume_id))]
@@ -196,19 +189,14 @@ impl<P: Pools> Controller for ControllerService<P> {
         &self,
         request: Request<proto::DeleteVolumeRequest>,
     ) -> Result<Response<proto::DeleteVolumeResponse>, Status> {
-        logged(
-            async {
-                let req = request.into_inner();
-                let id = validate::volume_id(&req.volume_id, "volume_id")?;
-                validate::map_size(&req.secrets, "secrets")?;
-                // An ID that cannot be ours names a volume that is already gone.
-                if let Some(id) = id {
-                    self.control.delete_volume(id).await.map_err(from_control)?;
-                }
-                Ok(Response::new(proto::DeleteVolumeResponse {}))
-            }
-            .await,
-        )
+        let req = request.into_inner();
+        let id = validate::volume_id(&req.volume_id, "volume_id")?;
+        validate::map_size(&req.secrets, "secrets")?;
+        // An ID that cannot be ours names a volume that is already gone.
+        if let Some(id) = id {
+            self.control.delete_volume(id).await.map_err(from_control)?;
+        }
+        Ok(Response::new(proto::DeleteVolumeResponse {}))
     }
 
     async fn controller_publish_volume(
@@ -236,26 +224,23 @@ impl<P: Pools> Controller for ControllerService<P> {
         &self,
         request: Request<proto::ValidateVolumeCapabilitiesRequest>,
     ) -> Result<Response<proto::ValidateVolumeCapabilitiesResponse>, Status> {
-        logged(
-            async {
-                let req = request.into_inner();
-                let id = validate::volume_id(&req.volume_id, "volume_id")?;
-                for (map, field) in [
-                    (&req.volume_context, "volume_context"),
-                    (&req.parameters, "parameters"),
-                    (&req.mutable_parameters, "mutable_parameters"),
-                    (&req.secrets, "secrets"),
-                ] {
-                    validate::map_size(map, field)?;
-                }
-                let checked =
-                    validate::capabilities(&req.volume_capabilities, "volume_capabilities");
-                if let Err(CapabilityError::Invalid(status)) = checked {
-                    return Err(status);
-                }
-                let id = id.ok_or_else(|| no_volume("volume_id", &req.volume_id))?;
-                let (volume, _) = self.control.volume(id).await.map_err(from_control)?;
-                let verdict = checked
+        let req = request.into_inner();
+        let id = validate::volume_id(&req.volume_id, "volume_id")?;
+        for (map, field) in [
+            (&req.volume_context, "volume_context"),
+            (&req.parameters, "parameters"),
+            (&req.mutable_parameters, "mutable_parameters"),
+            (&req.secrets, "secrets"),
+        ] {
+            validate::map_size(map, field)?;
+        }
+        let checked = validate::capabilities(&req.volume_capabilities, "volume_capabilities");
+        if let Err(CapabilityError::Invalid(status)) = checked {
+            return Err(status);
+        }
+        let id = id.ok_or_else(|| no_volume("volume_id", &req.volume_id))?;
+        let (volume, _) = self.control.volume(id).await.map_err(from_control)?;
+        let verdict = checked
             .map_err(|e| e.into_invalid("volume_capabilities").message().to_owned())
             .and_then(|caps| {
                 let encrypted = format!("volume {} is encrypted", volume.id);
@@ -283,25 +268,22 @@ impl<P: Pools> Controller for ControllerService<P> {
                 validate::mutable_parameters(&req.mutable_parameters)
                     .map_err(|s| s.message().to_owned())
             });
-                let response = match verdict {
-                    Ok(_) => proto::ValidateVolumeCapabilitiesResponse {
-                        confirmed: Some(proto::validate_volume_capabilities_response::Confirmed {
-                            volume_context: req.volume_context,
-                            volume_capabilities: req.volume_capabilities,
-                            parameters: req.parameters,
-                            mutable_parameters: req.mutable_parameters,
-                        }),
-                        message: String::new(),
-                    },
-                    Err(message) => proto::ValidateVolumeCapabilitiesResponse {
-                        confirmed: None,
-                        message,
-                    },
-                };
-                Ok(Response::new(response))
-            }
-            .await,
-        )
+        let response = match verdict {
+            Ok(_) => proto::ValidateVolumeCapabilitiesResponse {
+                confirmed: Some(proto::validate_volume_capabilities_response::Confirmed {
+                    volume_context: req.volume_context,
+                    volume_capabilities: req.volume_capabilities,
+                    parameters: req.parameters,
+                    mutable_parameters: req.mutable_parameters,
+                }),
+                message: String::new(),
+            },
+            Err(message) => proto::ValidateVolumeCapabilitiesResponse {
+                confirmed: None,
+                message,
+            },
+        };
+        Ok(Response::new(response))
     }
 
     #[instrument(skip_all)]
@@ -309,34 +291,29 @@ impl<P: Pools> Controller for ControllerService<P> {
         &self,
         request: Request<proto::ListVolumesRequest>,
     ) -> Result<Response<proto::ListVolumesResponse>, Status> {
-        logged(
-            async {
-                let req = request.into_inner();
-                let max = validate::max_entries(req.max_entries)?;
-                let start = validate::starting_token(&req.starting_token, VolumeId::parse)?;
-                let page = self
-                    .control
-                    .list_volumes(start.as_ref(), max)
-                    .await
-                    .map_err(from_control)?;
-                let entries = page
-                    .items
-                    .into_iter()
-                    .map(|(volume, condition)| proto::list_volumes_response::Entry {
-                        volume: Some(self.volume_message(&volume)),
-                        status: Some(proto::list_volumes_response::VolumeStatus {
-                            published_node_ids: vec![],
-                            volume_condition: Some(condition_message(condition)),
-                        }),
-                    })
-                    .collect();
-                Ok(Response::new(proto::ListVolumesResponse {
-                    entries,
-                    next_token: page.next.map(|(v, _)| v.id.to_string()).unwrap_or_default(),
-                }))
-            }
-            .await,
-        )
+        let req = request.into_inner();
+        let max = validate::max_entries(req.max_entries)?;
+        let start = validate::starting_token(&req.starting_token, VolumeId::parse)?;
+        let page = self
+            .control
+            .list_volumes(start.as_ref(), max)
+            .await
+            .map_err(from_control)?;
+        let entries = page
+            .items
+            .into_iter()
+            .map(|(volume, condition)| proto::list_volumes_response::Entry {
+                volume: Some(self.volume_message(&volume)),
+                status: Some(proto::list_volumes_response::VolumeStatus {
+                    published_node_ids: vec![],
+                    volume_condition: Some(condition_message(condition)),
+                }),
+            })
+            .collect();
+        Ok(Response::new(proto::ListVolumesResponse {
+            entries,
+            next_token: page.next.map(|(v, _)| v.id.to_string()).unwrap_or_default(),
+        }))
     }
 
     #[instrument(skip_all)]
@@ -344,41 +321,36 @@ impl<P: Pools> Controller for ControllerService<P> {
         &self,
         request: Request<proto::GetCapacityRequest>,
     ) -> Result<Response<proto::GetCapacityResponse>, Status> {
-        logged(
-            async {
-                let req = request.into_inner();
-                validate::map_size(&req.parameters, "parameters")?;
-                let provisioning = validate::volume_parameters(&req.parameters)?;
-                let mut unusable = false;
-                for (i, cap) in req.volume_capabilities.iter().enumerate() {
-                    match validate::capability(Some(cap), &format!("volume_capabilities[{i}]")) {
-                        Ok(_) => {}
-                        Err(CapabilityError::Invalid(status)) => return Err(status),
-                        Err(CapabilityError::Unsupported(_)) => unusable = true,
-                    }
-                }
-                // A topology that names no kura node has no capacity.
-                let node = req
-                    .accessible_topology
-                    .as_ref()
-                    .map(|t| t.segments.get(TOPOLOGY_KEY).map_or("", String::as_str));
-                let (available, largest) = if unusable {
-                    (0, 0)
-                } else {
-                    self.control
-                        .capacity(node, provisioning)
-                        .await
-                        .map_err(from_control)?
-                };
-                let largest = largest / pool::size::MIB * pool::size::MIB;
-                Ok(Response::new(proto::GetCapacityResponse {
-                    available_capacity: available.min(i64::MAX as u64) as i64,
-                    maximum_volume_size: Some(largest.min(i64::MAX as u64) as i64),
-                    minimum_volume_size: Some(pool::size::MIB as i64),
-                }))
+        let req = request.into_inner();
+        validate::map_size(&req.parameters, "parameters")?;
+        let provisioning = validate::volume_parameters(&req.parameters)?;
+        let mut unusable = false;
+        for (i, cap) in req.volume_capabilities.iter().enumerate() {
+            match validate::capability(Some(cap), &format!("volume_capabilities[{i}]")) {
+                Ok(_) => {}
+                Err(CapabilityError::Invalid(status)) => return Err(status),
+                Err(CapabilityError::Unsupported(_)) => unusable = true,
             }
-            .await,
-        )
+        }
+        // A topology that names no kura node has no capacity.
+        let node = req
+            .accessible_topology
+            .as_ref()
+            .map(|t| t.segments.get(TOPOLOGY_KEY).map_or("", String::as_str));
+        let (available, largest) = if unusable {
+            (0, 0)
+        } else {
+            self.control
+                .capacity(node, provisioning)
+                .await
+                .map_err(from_control)?
+        };
+        let largest = largest / pool::size::MIB * pool::size::MIB;
+        Ok(Response::new(proto::GetCapacityResponse {
+            available_capacity: available.min(i64::MAX as u64) as i64,
+            maximum_volume_size: Some(largest.min(i64::MAX as u64) as i64),
+            minimum_volume_size: Some(pool::size::MIB as i64),
+        }))
     }
 
     async fn controller_get_capabilities(
@@ -415,27 +387,21 @@ impl<P: Pools> Controller for ControllerService<P> {
         &self,
         request: Request<proto::CreateSnapshotRequest>,
     ) -> Result<Response<proto::CreateSnapshotResponse>, Status> {
-        logged(
-            async {
-                let req = request.into_inner();
-                let source = validate::volume_id(&req.source_volume_id, "source_volume_id")?;
-                let name = validate::name(&req.name, "name")?;
-                validate::map_size(&req.parameters, "parameters")?;
-                validate::snapshot_parameters(&req.parameters)?;
-                validate::map_size(&req.secrets, "secrets")?;
-                let source =
-                    source.ok_or_else(|| no_volume("source_volume_id", &req.source_volume_id))?;
-                let snapshot = self
-                    .control
-                    .create_snapshot(name, source)
-                    .await
-                    .map_err(from_control)?;
-                Ok(Response::new(proto::CreateSnapshotResponse {
-                    snapshot: Some(snapshot_message(&snapshot)),
-                }))
-            }
-            .await,
-        )
+        let req = request.into_inner();
+        let source = validate::volume_id(&req.source_volume_id, "source_volume_id")?;
+        let name = validate::name(&req.name, "name")?;
+        validate::map_size(&req.parameters, "parameters")?;
+        validate::snapshot_parameters(&req.parameters)?;
+        validate::map_size(&req.secrets, "secrets")?;
+        let source = source.ok_or_else(|| no_volume("source_volume_id", &req.source_volume_id))?;
+        let snapshot = self
+            .control
+            .create_snapshot(name, source)
+            .await
+            .map_err(from_control)?;
+        Ok(Response::new(proto::CreateSnapshotResponse {
+            snapshot: Some(snapshot_message(&snapshot)),
+        }))
     }
 
     #[instrument(skip_all, fields(snapshot.id = ?request.get_ref().snapshot_id))]
@@ -443,21 +409,16 @@ impl<P: Pools> Controller for ControllerService<P> {
         &self,
         request: Request<proto::DeleteSnapshotRequest>,
     ) -> Result<Response<proto::DeleteSnapshotResponse>, Status> {
-        logged(
-            async {
-                let req = request.into_inner();
-                let id = validate::snapshot_id(&req.snapshot_id, "snapshot_id")?;
-                validate::map_size(&req.secrets, "secrets")?;
-                if let Some(id) = id {
-                    self.control
-                        .delete_snapshot(id)
-                        .await
-                        .map_err(from_control)?;
-                }
-                Ok(Response::new(proto::DeleteSnapshotResponse {}))
-            }
-            .await,
-        )
+        let req = request.into_inner();
+        let id = validate::snapshot_id(&req.snapshot_id, "snapshot_id")?;
+        validate::map_size(&req.secrets, "secrets")?;
+        if let Some(id) = id {
+            self.control
+                .delete_snapshot(id)
+                .await
+                .map_err(from_control)?;
+        }
+        Ok(Response::new(proto::DeleteSnapshotResponse {}))
     }
 
     #[instrument(skip_all)]
@@ -465,35 +426,29 @@ impl<P: Pools> Controller for ControllerService<P> {
         &self,
         request: Request<proto::ListSnapshotsRequest>,
     ) -> Result<Response<proto::ListSnapshotsResponse>, Status> {
-        logged(
-            async {
-                let req = request.into_inner();
-                let max = validate::max_entries(req.max_entries)?;
-                validate::map_size(&req.secrets, "secrets")?;
-                let start = validate::starting_token(&req.starting_token, SnapshotId::parse)?;
-                let filter = SnapshotFilter {
-                    id: (!req.snapshot_id.is_empty()).then(|| SnapshotId::parse(&req.snapshot_id)),
-                    source_volume: (!req.source_volume_id.is_empty())
-                        .then(|| req.source_volume_id.clone()),
-                };
-                let page = self
-                    .control
-                    .list_snapshots(filter, start.as_ref(), max)
-                    .await
-                    .map_err(from_control)?;
-                Ok(Response::new(proto::ListSnapshotsResponse {
-                    entries: page
-                        .items
-                        .iter()
-                        .map(|s| proto::list_snapshots_response::Entry {
-                            snapshot: Some(snapshot_message(s)),
-                        })
-                        .collect(),
-                    next_token: page.next.map(|s| s.id.to_string()).unwrap_or_default(),
-                }))
-            }
-            .await,
-        )
+        let req = request.into_inner();
+        let max = validate::max_entries(req.max_entries)?;
+        validate::map_size(&req.secrets, "secrets")?;
+        let start = validate::starting_token(&req.starting_token, SnapshotId::parse)?;
+        let filter = SnapshotFilter {
+            id: (!req.snapshot_id.is_empty()).then(|| SnapshotId::parse(&req.snapshot_id)),
+            source_volume: (!req.source_volume_id.is_empty()).then(|| req.source_volume_id.clone()),
+        };
+        let page = self
+            .control
+            .list_snapshots(filter, start.as_ref(), max)
+            .await
+            .map_err(from_control)?;
+        Ok(Response::new(proto::ListSnapshotsResponse {
+            entries: page
+                .items
+                .iter()
+                .map(|s| proto::list_snapshots_response::Entry {
+                    snapshot: Some(snapshot_message(s)),
+                })
+                .collect(),
+            next_token: page.next.map(|s| s.id.to_string()).unwrap_or_default(),
+        }))
     }
 
     #[instrument(skip_all, fields(volume.id = ?request.get_ref().volume_id))]
@@ -501,34 +456,29 @@ impl<P: Pools> Controller for ControllerService<P> {
         &self,
         request: Request<proto::ControllerExpandVolumeRequest>,
     ) -> Result<Response<proto::ControllerExpandVolumeResponse>, Status> {
-        logged(
-            async {
-                let req = request.into_inner();
-                let id = validate::volume_id(&req.volume_id, "volume_id")?;
-                let range = req
-                    .capacity_range
-                    .as_ref()
-                    .ok_or_else(|| missing("capacity_range"))?;
-                let range = validate::range(Some(range))?;
-                if range.required == 0 && range.limit == 0 {
-                    return Err(invalid("capacity_range", "asks for no size"));
-                }
-                validate::optional_capability(req.volume_capability.as_ref(), "volume_capability")?;
-                validate::map_size(&req.secrets, "secrets")?;
-                let id = id.ok_or_else(|| no_volume("volume_id", &req.volume_id))?;
-                let volume = self
-                    .control
-                    .expand_volume(id, range)
-                    .await
-                    .map_err(from_control)?;
-                Ok(Response::new(proto::ControllerExpandVolumeResponse {
-                    capacity_bytes: volume.size_bytes as i64,
-                    // The loop device must re-read the size on the node, even for block access.
-                    node_expansion_required: true,
-                }))
-            }
-            .await,
-        )
+        let req = request.into_inner();
+        let id = validate::volume_id(&req.volume_id, "volume_id")?;
+        let range = req
+            .capacity_range
+            .as_ref()
+            .ok_or_else(|| missing("capacity_range"))?;
+        let range = validate::range(Some(range))?;
+        if range.required == 0 && range.limit == 0 {
+            return Err(invalid("capacity_range", "asks for no size"));
+        }
+        validate::optional_capability(req.volume_capability.as_ref(), "volume_capability")?;
+        validate::map_size(&req.secrets, "secrets")?;
+        let id = id.ok_or_else(|| no_volume("volume_id", &req.volume_id))?;
+        let volume = self
+            .control
+            .expand_volume(id, range)
+            .await
+            .map_err(from_control)?;
+        Ok(Response::new(proto::ControllerExpandVolumeResponse {
+            capacity_bytes: volume.size_bytes as i64,
+            // The loop device must re-read the size on the node, even for block access.
+            node_expansion_required: true,
+        }))
     }
 
     #[instrument(skip_all, fields(volume.id = ?request.get_ref().volume_id))]
@@ -536,22 +486,17 @@ impl<P: Pools> Controller for ControllerService<P> {
         &self,
         request: Request<proto::ControllerGetVolumeRequest>,
     ) -> Result<Response<proto::ControllerGetVolumeResponse>, Status> {
-        logged(
-            async {
-                let req = request.into_inner();
-                let id = validate::volume_id(&req.volume_id, "volume_id")?
-                    .ok_or_else(|| no_volume("volume_id", &req.volume_id))?;
-                let (volume, condition) = self.control.volume(id).await.map_err(from_control)?;
-                Ok(Response::new(proto::ControllerGetVolumeResponse {
-                    volume: Some(self.volume_message(&volume)),
-                    status: Some(proto::controller_get_volume_response::VolumeStatus {
-                        published_node_ids: vec![],
-                        volume_condition: Some(condition_message(condition)),
-                    }),
-                }))
-            }
-            .await,
-        )
+        let req = request.into_inner();
+        let id = validate::volume_id(&req.volume_id, "volume_id")?
+            .ok_or_else(|| no_volume("volume_id", &req.volume_id))?;
+        let (volume, condition) = self.control.volume(id).await.map_err(from_control)?;
+        Ok(Response::new(proto::ControllerGetVolumeResponse {
+            volume: Some(self.volume_message(&volume)),
+            status: Some(proto::controller_get_volume_response::VolumeStatus {
+                published_node_ids: vec![],
+                volume_condition: Some(condition_message(condition)),
+            }),
+        }))
     }
 
     #[instrument(skip_all, fields(volume.id = ?request.get_ref().volume_id))]
@@ -559,23 +504,18 @@ impl<P: Pools> Controller for ControllerService<P> {
         &self,
         request: Request<proto::ControllerModifyVolumeRequest>,
     ) -> Result<Response<proto::ControllerModifyVolumeResponse>, Status> {
-        logged(
-            async {
-                let req = request.into_inner();
-                let id = validate::volume_id(&req.volume_id, "volume_id")?;
-                validate::map_size(&req.secrets, "secrets")?;
-                validate::map_size(&req.mutable_parameters, "mutable_parameters")?;
-                let provisioning = validate::mutable_parameters(&req.mutable_parameters)?
-                    .ok_or_else(|| missing("mutable_parameters"))?;
-                let id = id.ok_or_else(|| no_volume("volume_id", &req.volume_id))?;
-                self.control
-                    .modify_volume(id, provisioning)
-                    .await
-                    .map_err(from_control)?;
-                Ok(Response::new(proto::ControllerModifyVolumeResponse {}))
-            }
-            .await,
-        )
+        let req = request.into_inner();
+        let id = validate::volume_id(&req.volume_id, "volume_id")?;
+        validate::map_size(&req.secrets, "secrets")?;
+        validate::map_size(&req.mutable_parameters, "mutable_parameters")?;
+        let provisioning = validate::mutable_parameters(&req.mutable_parameters)?
+            .ok_or_else(|| missing("mutable_parameters"))?;
+        let id = id.ok_or_else(|| no_volume("volume_id", &req.volume_id))?;
+        self.control
+            .modify_volume(id, provisioning)
+            .await
+            .map_err(from_control)?;
+        Ok(Response::new(proto::ControllerModifyVolumeResponse {}))
     }
 
     #[instrument(skip_all, fields(snapshot.id = ?request.get_ref().snapshot_id))]
@@ -583,22 +523,16 @@ impl<P: Pools> Controller for ControllerService<P> {
         &self,
         request: Request<proto::GetSnapshotRequest>,
     ) -> Result<Response<proto::GetSnapshotResponse>, Status> {
-        logged(
-            async {
-                let req = request.into_inner();
-                let id =
-                    validate::snapshot_id(&req.snapshot_id, "snapshot_id")?.ok_or_else(|| {
-                        not_found(format_args!(
-                            "snapshot_id: snapshot {}",
-                            shown(&req.snapshot_id)
-                        ))
-                    })?;
-                let snapshot = self.control.snapshot(id).await.map_err(from_control)?;
-                Ok(Response::new(proto::GetSnapshotResponse {
-                    snapshot: Some(snapshot_message(&snapshot)),
-                }))
-            }
-            .await,
-        )
+        let req = request.into_inner();
+        let id = validate::snapshot_id(&req.snapshot_id, "snapshot_id")?.ok_or_else(|| {
+            not_found(format_args!(
+                "snapshot_id: snapshot {}",
+                shown(&req.snapshot_id)
+            ))
+        })?;
+        let snapshot = self.control.snapshot(id).await.map_err(from_control)?;
+        Ok(Response::new(proto::GetSnapshotResponse {
+            snapshot: Some(snapshot_message(&snapshot)),
+        }))
     }
 }

@@ -10,7 +10,6 @@ use super::proto::{self, group_controller_service_capability};
 use super::status::{from_control, invalid, missing, no_volume, not_found, shown};
 use super::validate;
 use crate::agent::Pools;
-use crate::agent::errors::logged;
 use crate::pool::group::GroupSnapshot;
 use crate::pool::{GroupSnapshotId, Snapshot};
 
@@ -57,41 +56,35 @@ impl<P: Pools> GroupController for ControllerService<P> {
         &self,
         request: Request<proto::CreateVolumeGroupSnapshotRequest>,
     ) -> Result<Response<proto::CreateVolumeGroupSnapshotResponse>, Status> {
-        logged(
-            async {
-                let req = request.into_inner();
-                let name = validate::name(&req.name, "name")?;
-                if req.source_volume_ids.is_empty() {
-                    return Err(missing("source_volume_ids"));
-                }
-                validate::map_size(&req.parameters, "parameters")?;
-                validate::snapshot_parameters(&req.parameters)?;
-                validate::map_size(&req.secrets, "secrets")?;
-                let mut sources = Vec::with_capacity(req.source_volume_ids.len());
-                for (i, text) in req.source_volume_ids.iter().enumerate() {
-                    let field = format!("source_volume_ids[{i}]");
-                    let id = validate::volume_id(text, &field)?
-                        .ok_or_else(|| no_volume(&field, text))?;
-                    if sources.contains(&id) {
-                        return Err(invalid(
-                            &field,
-                            format!("names volume {} twice", shown(text)),
-                        ));
-                    }
-                    sources.push(id);
-                }
-                sources.sort();
-                let group = self
-                    .control
-                    .create_group(name, sources)
-                    .await
-                    .map_err(from_control)?;
-                Ok(Response::new(proto::CreateVolumeGroupSnapshotResponse {
-                    group_snapshot: Some(group_message(&group)),
-                }))
+        let req = request.into_inner();
+        let name = validate::name(&req.name, "name")?;
+        if req.source_volume_ids.is_empty() {
+            return Err(missing("source_volume_ids"));
+        }
+        validate::map_size(&req.parameters, "parameters")?;
+        validate::snapshot_parameters(&req.parameters)?;
+        validate::map_size(&req.secrets, "secrets")?;
+        let mut sources = Vec::with_capacity(req.source_volume_ids.len());
+        for (i, text) in req.source_volume_ids.iter().enumerate() {
+            let field = format!("source_volume_ids[{i}]");
+            let id = validate::volume_id(text, &field)?.ok_or_else(|| no_volume(&field, text))?;
+            if sources.contains(&id) {
+                return Err(invalid(
+                    &field,
+                    format!("names volume {} twice", shown(text)),
+                ));
             }
-            .await,
-        )
+            sources.push(id);
+        }
+        sources.sort();
+        let group = self
+            .control
+            .create_group(name, sources)
+            .await
+            .map_err(from_control)?;
+        Ok(Response::new(proto::CreateVolumeGroupSnapshotResponse {
+            group_snapshot: Some(group_message(&group)),
+        }))
     }
 
     #[instrument(skip_all, fields(group_snapshot.id = ?request.get_ref().group_snapshot_id))]
@@ -99,23 +92,18 @@ impl<P: Pools> GroupController for ControllerService<P> {
         &self,
         request: Request<proto::DeleteVolumeGroupSnapshotRequest>,
     ) -> Result<Response<proto::DeleteVolumeGroupSnapshotResponse>, Status> {
-        logged(
-            async {
-                let req = request.into_inner();
-                let id = group_id(&req.group_snapshot_id)?;
-                validate::map_size(&req.secrets, "secrets")?;
-                // An ID that cannot be ours names a group that is already gone.
-                let Some(id) = id else {
-                    return Ok(Response::new(proto::DeleteVolumeGroupSnapshotResponse {}));
-                };
-                self.control
-                    .delete_group(id, &req.snapshot_ids)
-                    .await
-                    .map_err(from_control)?;
-                Ok(Response::new(proto::DeleteVolumeGroupSnapshotResponse {}))
-            }
-            .await,
-        )
+        let req = request.into_inner();
+        let id = group_id(&req.group_snapshot_id)?;
+        validate::map_size(&req.secrets, "secrets")?;
+        // An ID that cannot be ours names a group that is already gone.
+        let Some(id) = id else {
+            return Ok(Response::new(proto::DeleteVolumeGroupSnapshotResponse {}));
+        };
+        self.control
+            .delete_group(id, &req.snapshot_ids)
+            .await
+            .map_err(from_control)?;
+        Ok(Response::new(proto::DeleteVolumeGroupSnapshotResponse {}))
     }
 
     #[instrument(skip_all, fields(group_snapshot.id = ?request.get_ref().group_snapshot_id))]
@@ -123,27 +111,22 @@ impl<P: Pools> GroupController for ControllerService<P> {
         &self,
         request: Request<proto::GetVolumeGroupSnapshotRequest>,
     ) -> Result<Response<proto::GetVolumeGroupSnapshotResponse>, Status> {
-        logged(
-            async {
-                let req = request.into_inner();
-                let id = group_id(&req.group_snapshot_id)?;
-                validate::map_size(&req.secrets, "secrets")?;
-                let id = id.ok_or_else(|| {
-                    not_found(format_args!(
-                        "group_snapshot_id: group snapshot {}",
-                        shown(&req.group_snapshot_id)
-                    ))
-                })?;
-                let group = self
-                    .control
-                    .group(id, &req.snapshot_ids)
-                    .await
-                    .map_err(from_control)?;
-                Ok(Response::new(proto::GetVolumeGroupSnapshotResponse {
-                    group_snapshot: Some(group_message(&group)),
-                }))
-            }
-            .await,
-        )
+        let req = request.into_inner();
+        let id = group_id(&req.group_snapshot_id)?;
+        validate::map_size(&req.secrets, "secrets")?;
+        let id = id.ok_or_else(|| {
+            not_found(format_args!(
+                "group_snapshot_id: group snapshot {}",
+                shown(&req.group_snapshot_id)
+            ))
+        })?;
+        let group = self
+            .control
+            .group(id, &req.snapshot_ids)
+            .await
+            .map_err(from_control)?;
+        Ok(Response::new(proto::GetVolumeGroupSnapshotResponse {
+            group_snapshot: Some(group_message(&group)),
+        }))
     }
 }

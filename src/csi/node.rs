@@ -10,7 +10,6 @@ use super::proto::node_server::Node;
 use super::proto::{self, node_service_capability};
 use super::status::{from_pool, invalid, no_volume, not_at_path};
 use super::{node_topology, validate};
-use crate::agent::errors::logged;
 use crate::node;
 use crate::pool::attach::{AccessType, Attacher, Capability};
 use crate::pool::encryption::take_secret;
@@ -157,28 +156,23 @@ impl Node for NodeService {
         &self,
         request: Request<proto::NodeStageVolumeRequest>,
     ) -> Result<Response<proto::NodeStageVolumeResponse>, Status> {
-        logged(
-            async {
-                let mut req = request.into_inner();
-                // The key leaves the request at once, and the rest of the Secret is wiped, so
-                // no copy of it outlives this call (nor reaches an error or a log).
-                let secrets_fit = validate::map_size(&req.secrets, "secrets");
-                let secret = take_secret(&mut req.secrets);
-                validate::required(&req.volume_id, "volume_id")?;
-                let staging = self.path(&req.staging_target_path, "staging_target_path")?;
-                let capability = node_capability(req.volume_capability.as_ref())?;
-                secrets_fit?;
-                maps(&[
-                    (&req.publish_context, "publish_context"),
-                    (&req.volume_context, "volume_context"),
-                ])?;
-                let id = existing_volume_id(&req.volume_id)?;
-                self.locked(id, move |a, id| a.stage(id, &staging, &capability, secret))
-                    .await?;
-                Ok(Response::new(proto::NodeStageVolumeResponse {}))
-            }
-            .await,
-        )
+        let mut req = request.into_inner();
+        // The key leaves the request at once, and the rest of the Secret is wiped, so
+        // no copy of it outlives this call (nor reaches an error or a log).
+        let secrets_fit = validate::map_size(&req.secrets, "secrets");
+        let secret = take_secret(&mut req.secrets);
+        validate::required(&req.volume_id, "volume_id")?;
+        let staging = self.path(&req.staging_target_path, "staging_target_path")?;
+        let capability = node_capability(req.volume_capability.as_ref())?;
+        secrets_fit?;
+        maps(&[
+            (&req.publish_context, "publish_context"),
+            (&req.volume_context, "volume_context"),
+        ])?;
+        let id = existing_volume_id(&req.volume_id)?;
+        self.locked(id, move |a, id| a.stage(id, &staging, &capability, secret))
+            .await?;
+        Ok(Response::new(proto::NodeStageVolumeResponse {}))
     }
 
     #[instrument(skip_all, fields(volume.id = ?request.get_ref().volume_id))]
@@ -186,18 +180,13 @@ impl Node for NodeService {
         &self,
         request: Request<proto::NodeUnstageVolumeRequest>,
     ) -> Result<Response<proto::NodeUnstageVolumeResponse>, Status> {
-        logged(
-            async {
-                let req = request.into_inner();
-                validate::required(&req.volume_id, "volume_id")?;
-                let staging = self.path(&req.staging_target_path, "staging_target_path")?;
-                let id = existing_volume_id(&req.volume_id)?;
-                self.locked(id, move |a, id| a.unstage(id, &staging))
-                    .await?;
-                Ok(Response::new(proto::NodeUnstageVolumeResponse {}))
-            }
-            .await,
-        )
+        let req = request.into_inner();
+        validate::required(&req.volume_id, "volume_id")?;
+        let staging = self.path(&req.staging_target_path, "staging_target_path")?;
+        let id = existing_volume_id(&req.volume_id)?;
+        self.locked(id, move |a, id| a.unstage(id, &staging))
+            .await?;
+        Ok(Response::new(proto::NodeUnstageVolumeResponse {}))
     }
 
     #[instrument(skip_all, fields(volume.id = ?request.get_ref().volume_id))]
@@ -205,35 +194,30 @@ impl Node for NodeService {
         &self,
         request: Request<proto::NodePublishVolumeRequest>,
     ) -> Result<Response<proto::NodePublishVolumeResponse>, Status> {
-        logged(
-            async {
-                let req = request.into_inner();
-                validate::required(&req.volume_id, "volume_id")?;
-                let target = self.path(&req.target_path, "target_path")?;
-                let capability = node_capability(req.volume_capability.as_ref())?;
-                maps(&[
-                    (&req.secrets, "secrets"),
-                    (&req.publish_context, "publish_context"),
-                    (&req.volume_context, "volume_context"),
-                ])?;
-                if validate::is_ephemeral(&req.volume_context) {
-                    return self.publish_inline(req, target, capability).await;
-                }
-                let staging = validate::publish_staging_path(
-                    &req.staging_target_path,
-                    self.local.attacher().reserved(),
-                )?;
-                validate::publish_paths(&target, &staging)?;
-                let id = existing_volume_id(&req.volume_id)?;
-                let readonly = req.readonly;
-                self.locked(id, move |a, id| {
-                    a.publish(id, &staging, &target, &capability, readonly)
-                })
-                .await?;
-                Ok(Response::new(proto::NodePublishVolumeResponse {}))
-            }
-            .await,
-        )
+        let req = request.into_inner();
+        validate::required(&req.volume_id, "volume_id")?;
+        let target = self.path(&req.target_path, "target_path")?;
+        let capability = node_capability(req.volume_capability.as_ref())?;
+        maps(&[
+            (&req.secrets, "secrets"),
+            (&req.publish_context, "publish_context"),
+            (&req.volume_context, "volume_context"),
+        ])?;
+        if validate::is_ephemeral(&req.volume_context) {
+            return self.publish_inline(req, target, capability).await;
+        }
+        let staging = validate::publish_staging_path(
+            &req.staging_target_path,
+            self.local.attacher().reserved(),
+        )?;
+        validate::publish_paths(&target, &staging)?;
+        let id = existing_volume_id(&req.volume_id)?;
+        let readonly = req.readonly;
+        self.locked(id, move |a, id| {
+            a.publish(id, &staging, &target, &capability, readonly)
+        })
+        .await?;
+        Ok(Response::new(proto::NodePublishVolumeResponse {}))
     }
 
     #[instrument(skip_all, fields(volume.id = ?request.get_ref().volume_id))]
@@ -241,22 +225,17 @@ impl Node for NodeService {
         &self,
         request: Request<proto::NodeUnpublishVolumeRequest>,
     ) -> Result<Response<proto::NodeUnpublishVolumeResponse>, Status> {
-        logged(
-            async {
-                let req = request.into_inner();
-                validate::required(&req.volume_id, "volume_id")?;
-                let target = self.path(&req.target_path, "target_path")?;
-                let id = match validate::volume_id(&req.volume_id, "volume_id")? {
-                    Some(id) => id,
-                    // Not a kura ID: perhaps the kubelet's name for an inline volume.
-                    None => return self.unpublish_inline(&req.volume_id, target).await,
-                };
-                self.locked(id, move |a, id| a.unpublish(id, &target))
-                    .await?;
-                Ok(Response::new(proto::NodeUnpublishVolumeResponse {}))
-            }
-            .await,
-        )
+        let req = request.into_inner();
+        validate::required(&req.volume_id, "volume_id")?;
+        let target = self.path(&req.target_path, "target_path")?;
+        let id = match validate::volume_id(&req.volume_id, "volume_id")? {
+            Some(id) => id,
+            // Not a kura ID: perhaps the kubelet's name for an inline volume.
+            None => return self.unpublish_inline(&req.volume_id, target).await,
+        };
+        self.locked(id, move |a, id| a.unpublish(id, &target))
+            .await?;
+        Ok(Response::new(proto::NodeUnpublishVolumeResponse {}))
     }
 
     #[instrument(skip_all, fields(volume.id = ?request.get_ref().volume_id))]
@@ -264,53 +243,48 @@ impl Node for NodeService {
         &self,
         request: Request<proto::NodeGetVolumeStatsRequest>,
     ) -> Result<Response<proto::NodeGetVolumeStatsResponse>, Status> {
-        logged(
-            async {
-                let req = request.into_inner();
-                validate::required(&req.volume_id, "volume_id")?;
-                let volume_path = validate::volume_path(&req.volume_path, "volume_path")?;
-                validate::optional_node_path(&req.staging_target_path, "staging_target_path", &[])?;
-                let id = self.volume_or_inline(&req.volume_id).await?;
-                let volume_path = volume_path
-                    .ok_or_else(|| not_at_path("volume_path", &req.volume_path, id.as_str()))?;
-                let stats = self
-                    .local
-                    .on_attacher(&[], move |a| a.stats(&id, &volume_path))
-                    .await
-                    .map_err(from_pool)?;
-                use proto::volume_usage::Unit;
-                let mut usage = Vec::new();
-                match stats.files {
-                    None => usage.push(proto::VolumeUsage {
-                        total: stats.total_bytes as i64,
-                        unit: Unit::Bytes as i32,
-                        ..Default::default()
-                    }),
-                    Some(fs) => {
-                        usage.push(proto::VolumeUsage {
-                            available: fs.available_bytes as i64,
-                            total: fs.total_bytes as i64,
-                            used: fs.used_bytes() as i64,
-                            unit: Unit::Bytes as i32,
-                        });
-                        usage.push(proto::VolumeUsage {
-                            available: fs.free_inodes as i64,
-                            total: fs.total_inodes as i64,
-                            used: fs.total_inodes.saturating_sub(fs.free_inodes) as i64,
-                            unit: Unit::Inodes as i32,
-                        });
-                    }
-                }
-                Ok(Response::new(proto::NodeGetVolumeStatsResponse {
-                    usage,
-                    volume_condition: Some(proto::VolumeCondition {
-                        abnormal: stats.condition.abnormal,
-                        message: stats.condition.message,
-                    }),
-                }))
+        let req = request.into_inner();
+        validate::required(&req.volume_id, "volume_id")?;
+        let volume_path = validate::volume_path(&req.volume_path, "volume_path")?;
+        validate::optional_node_path(&req.staging_target_path, "staging_target_path", &[])?;
+        let id = self.volume_or_inline(&req.volume_id).await?;
+        let volume_path =
+            volume_path.ok_or_else(|| not_at_path("volume_path", &req.volume_path, id.as_str()))?;
+        let stats = self
+            .local
+            .on_attacher(&[], move |a| a.stats(&id, &volume_path))
+            .await
+            .map_err(from_pool)?;
+        use proto::volume_usage::Unit;
+        let mut usage = Vec::new();
+        match stats.files {
+            None => usage.push(proto::VolumeUsage {
+                total: stats.total_bytes as i64,
+                unit: Unit::Bytes as i32,
+                ..Default::default()
+            }),
+            Some(fs) => {
+                usage.push(proto::VolumeUsage {
+                    available: fs.available_bytes as i64,
+                    total: fs.total_bytes as i64,
+                    used: fs.used_bytes() as i64,
+                    unit: Unit::Bytes as i32,
+                });
+                usage.push(proto::VolumeUsage {
+                    available: fs.free_inodes as i64,
+                    total: fs.total_inodes as i64,
+                    used: fs.total_inodes.saturating_sub(fs.free_inodes) as i64,
+                    unit: Unit::Inodes as i32,
+                });
             }
-            .await,
-        )
+        }
+        Ok(Response::new(proto::NodeGetVolumeStatsResponse {
+            usage,
+            volume_condition: Some(proto::VolumeCondition {
+                abnormal: stats.condition.abnormal,
+                message: stats.condition.message,
+            }),
+        }))
     }
 
     #[instrument(skip_all, fields(volume.id = ?request.get_ref().volume_id))]
@@ -318,27 +292,22 @@ impl Node for NodeService {
         &self,
         request: Request<proto::NodeExpandVolumeRequest>,
     ) -> Result<Response<proto::NodeExpandVolumeResponse>, Status> {
-        logged(
-            async {
-                let req = request.into_inner();
-                validate::required(&req.volume_id, "volume_id")?;
-                let volume_path = validate::volume_path(&req.volume_path, "volume_path")?;
-                validate::optional_node_path(&req.staging_target_path, "staging_target_path", &[])?;
-                let range = validate::range(req.capacity_range.as_ref())?;
-                validate::optional_capability(req.volume_capability.as_ref(), "volume_capability")?;
-                maps(&[(&req.secrets, "secrets")])?;
-                let id = existing_volume_id(&req.volume_id)?;
-                let volume_path = volume_path
-                    .ok_or_else(|| not_at_path("volume_path", &req.volume_path, id.as_str()))?;
-                let size = self
-                    .locked(id, move |a, id| a.expand(id, &volume_path, range))
-                    .await?;
-                Ok(Response::new(proto::NodeExpandVolumeResponse {
-                    capacity_bytes: size as i64,
-                }))
-            }
-            .await,
-        )
+        let req = request.into_inner();
+        validate::required(&req.volume_id, "volume_id")?;
+        let volume_path = validate::volume_path(&req.volume_path, "volume_path")?;
+        validate::optional_node_path(&req.staging_target_path, "staging_target_path", &[])?;
+        let range = validate::range(req.capacity_range.as_ref())?;
+        validate::optional_capability(req.volume_capability.as_ref(), "volume_capability")?;
+        maps(&[(&req.secrets, "secrets")])?;
+        let id = existing_volume_id(&req.volume_id)?;
+        let volume_path =
+            volume_path.ok_or_else(|| not_at_path("volume_path", &req.volume_path, id.as_str()))?;
+        let size = self
+            .locked(id, move |a, id| a.expand(id, &volume_path, range))
+            .await?;
+        Ok(Response::new(proto::NodeExpandVolumeResponse {
+            capacity_bytes: size as i64,
+        }))
     }
 
     async fn node_get_capabilities(

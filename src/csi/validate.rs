@@ -158,9 +158,7 @@ pub fn inline_attributes(
         let value = context[key].as_str();
         let field = format!("volume_context[{key}]");
         match key.as_str() {
-            "size" => {
-                inline.size = crate::cli::parse_size(value).map_err(|e| invalid(&field, e))?
-            }
+            "size" => inline.size = size::parse(value).map_err(|e| invalid(&field, e))?,
             "fsType" => {
                 let fs = value.parse::<FsType>().map_err(|_| {
                     invalid(

@@ -1,5 +1,5 @@
 //! A tower layer on a tonic server that times every call once, from its arrival to the
-//! end of its answer, and records it with its gRPC status code.
+//! end of its answer, records it with its gRPC status code, and logs it if it failed.
 //!
 //! # Guarantees
 //!
@@ -7,6 +7,12 @@
 //!   headers of an error answer, or in the trailers after the message), or, if the
 //!   answer never completes because the client went away, as `Canceled` when it is
 //!   dropped.
+//! - A failed call is logged once, in the process that decided it: a caller's mistake,
+//!   or a state the caller waits out or retries (NOT_FOUND, ALREADY_EXISTS, ABORTED,
+//!   UNAVAILABLE, ...), at WARN; kura's own failure (INTERNAL, DATA_LOSS, UNKNOWN,
+//!   DEADLINE_EXCEEDED) at ERROR, for an operator to act on; a status the controller
+//!   relays from a node unchanged (it carries [`RELAYED_FROM`]), which the node
+//!   logged, and a call the client gave up on, at DEBUG.
 //! - Only the services' own paths are recorded (`/csi.v1.` on a CSI server,
 //!   `/kura.agent.v1.` on the agent), so a stray path cannot add series.
 
@@ -18,6 +24,7 @@ use std::time::Instant;
 use hyper::body::{Body, Frame, SizeHint};
 
 use super::{AGENT_STATUS_METHOD, AgentLabels, CsiLabels, Histograms};
+use crate::agent::errors::RELAYED_FROM;
 
 /// Where a finished call is recorded.
 pub trait Record: Clone + Send + Sync + Unpin + 'static {
@@ -96,11 +103,74 @@ pub fn code_name(grpc_status: &[u8]) -> &'static str {
     }
 }
 
-/// The code name in a `grpc-status` header or trailer, if there is one.
-fn status_in(headers: &hyper::HeaderMap) -> Option<&'static str> {
-    headers
-        .get("grpc-status")
-        .map(|value| code_name(value.as_bytes()))
+/// How a call ended, as its `grpc-status` header or trailer says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Ended {
+    code: &'static str,
+    message: String,
+    /// The node that decided a relayed status.
+    relayed_from: Option<String>,
+}
+
+impl Ended {
+    fn bare(code: &'static str) -> Self {
+        Ended {
+            code,
+            message: String::new(),
+            relayed_from: None,
+        }
+    }
+}
+
+/// How a call ended, from a header map with a `grpc-status`, if it has one.
+fn status_in(headers: &hyper::HeaderMap) -> Option<Ended> {
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .map(|value| percent_decoded(value.as_bytes()))
+    };
+    headers.get("grpc-status").map(|value| Ended {
+        code: code_name(value.as_bytes()),
+        message: text("grpc-message").unwrap_or_default(),
+        relayed_from: text(RELAYED_FROM),
+    })
+}
+
+/// A `grpc-message` value as sent: percent-encoded UTF-8.
+fn percent_decoded(value: &[u8]) -> String {
+    let mut bytes = Vec::with_capacity(value.len());
+    let mut i = 0;
+    while i < value.len() {
+        let hex = value
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (value[i], hex) {
+            (b'%', Some(byte)) => {
+                bytes.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                bytes.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Logs a call that did not succeed, at its level (see the module's guarantees).
+fn log(method: &str, ended: &Ended) {
+    let (code, message) = (ended.code, ended.message.as_str());
+    match (code, &ended.relayed_from) {
+        ("OK", _) => {}
+        (_, Some(node)) => tracing::debug!(method, code, node, message, "failed on the node"),
+        ("Canceled", None) => tracing::debug!(method, code, message, "the client gave up"),
+        ("Internal" | "DataLoss" | "Unknown" | "DeadlineExceeded", None) => {
+            tracing::error!(method, code, message, "failed")
+        }
+        (_, None) => tracing::warn!(method, code, message, "refused"),
+    }
 }
 
 /// One call being timed; records itself when dropped.
@@ -108,21 +178,25 @@ struct Observation<R: Record> {
     record: R,
     method: String,
     started: Instant,
-    /// The call's code once known; a call dropped before it is `Canceled`.
-    code: Option<&'static str>,
+    /// How the call ended once known; a call dropped before is `Canceled`.
+    ended: Option<Ended>,
 }
 
 impl<R: Record> Observation<R> {
-    fn finish(mut self, code: &'static str) {
-        self.code = Some(code);
+    fn finish(mut self, ended: Ended) {
+        self.ended = Some(ended);
     }
 }
 
 impl<R: Record> Drop for Observation<R> {
     fn drop(&mut self) {
-        let code = self.code.unwrap_or("Canceled");
-        self.record
-            .record(&self.method, code, self.started.elapsed().as_secs_f64());
+        let ended = self.ended.take().unwrap_or(Ended::bare("Canceled"));
+        self.record.record(
+            &self.method,
+            ended.code,
+            self.started.elapsed().as_secs_f64(),
+        );
+        log(&self.method, &ended);
     }
 }
 
@@ -181,7 +255,7 @@ where
             record: self.record.clone(),
             method: method.to_owned(),
             started: Instant::now(),
-            code: None,
+            ended: None,
         });
         let answer = self.inner.call(request);
         Box::pin(async move {
@@ -189,15 +263,15 @@ where
                 Ok(response) => response,
                 Err(e) => {
                     if let Some(observation) = observation {
-                        observation.finish("Unknown");
+                        observation.finish(Ended::bare("Unknown"));
                     }
                     return Err(e);
                 }
             };
             let observation = match (observation, status_in(response.headers())) {
                 // An error answer carries its status in the headers (trailers-only).
-                (Some(observation), Some(code)) => {
-                    observation.finish(code);
+                (Some(observation), Some(ended)) => {
+                    observation.finish(ended);
                     None
                 }
                 (observation, _) => observation,
@@ -228,17 +302,17 @@ where
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        let code = match &polled {
+        let ended = match &polled {
             Poll::Ready(Some(Ok(frame))) => frame
                 .trailers_ref()
-                .map(|trailers| status_in(trailers).unwrap_or("Unknown")),
-            Poll::Ready(Some(Err(_))) | Poll::Ready(None) => Some("Unknown"),
+                .map(|trailers| status_in(trailers).unwrap_or(Ended::bare("Unknown"))),
+            Poll::Ready(Some(Err(_))) | Poll::Ready(None) => Some(Ended::bare("Unknown")),
             Poll::Pending => None,
         };
-        if let Some(code) = code
+        if let Some(ended) = ended
             && let Some(observation) = this.observation.take()
         {
-            observation.finish(code);
+            observation.finish(ended);
         }
         polled
     }
@@ -290,6 +364,65 @@ mod tests {
         let mut headers = hyper::HeaderMap::new();
         assert_eq!(status_in(&headers), None);
         headers.insert("grpc-status", "5".parse().unwrap());
-        assert_eq!(status_in(&headers), Some("NotFound"));
+        headers.insert(
+            "grpc-message",
+            "volume%20%22a%22 does not exist%".parse().unwrap(),
+        );
+        headers.insert(RELAYED_FROM, "node-a".parse().unwrap());
+        assert_eq!(
+            status_in(&headers),
+            Some(Ended {
+                code: "NotFound",
+                message: "volume \"a\" does not exist%".into(),
+                relayed_from: Some("node-a".into()),
+            })
+        );
+    }
+
+    /// What [`log`] writes for `ended`, at which level.
+    fn logged(ended: Ended) -> String {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || log("/csi.v1.Controller/X", &ended));
+        String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn a_failure_is_logged_at_its_level_and_a_relayed_one_only_for_debugging() {
+        let ended = |code, relayed: Option<&str>| Ended {
+            code,
+            message: "m".into(),
+            relayed_from: relayed.map(str::to_owned),
+        };
+        assert_eq!(logged(ended("OK", None)), "");
+        for code in ["InvalidArgument", "NotFound", "Aborted", "Unavailable"] {
+            assert!(logged(ended(code, None)).contains(" WARN "), "{code}");
+        }
+        for code in ["Internal", "DataLoss", "Unknown"] {
+            assert!(logged(ended(code, None)).contains(" ERROR "), "{code}");
+        }
+        let relayed = logged(ended("Internal", Some("node-a")));
+        assert!(
+            relayed.contains(" DEBUG ") && relayed.contains("node-a"),
+            "{relayed}"
+        );
+        assert!(logged(ended("Canceled", None)).contains(" DEBUG "));
     }
 }

@@ -482,6 +482,7 @@ impl Attacher {
             must_be_empty(staging, "staging_target_path")?;
         }
         let image = self.pool.image_path(&volume.id);
+        let mut undo = StageUndo::new(staging);
         let (device, attached_now) = match sys::loopdev::find_by_backing(&image)? {
             Some(found) => (found.path, false),
             None => (
@@ -489,12 +490,15 @@ impl Attacher {
                 true,
             ),
         };
+        if attached_now {
+            undo.device = Some(device.clone());
+        }
         // Also on a device found bound: an older kura may have attached it untuned.
         sys::loopdev::tune_for_stacking(&device);
         self.pool.pause_at("staging");
         let encrypted = key.is_some();
         let staged = match &capability.access {
-            AccessType::Block => Ok(Staged::default()),
+            AccessType::Block => Staged::default(),
             AccessType::Mount { fs_type, flags } => self.mount_staging(
                 id,
                 &device,
@@ -510,54 +514,36 @@ impl Attacher {
                     encrypt: encrypted,
                 },
                 found == Found::Missing,
-            ),
+                &mut undo,
+            )?,
         };
         let fresh = existing.is_none();
-        let staged = match (staged, &key) {
-            (Ok(staged), Some(key)) => match self.add_volume_key(id, staging, key) {
-                Ok(key_id) => Ok((staged, Some(key_id))),
+        if let Some(key) = &key {
+            match self.add_volume_key(id, staging, key) {
+                Ok(key_id) if staged.mounted_now => undo.key = Some(key_id),
+                Ok(_) => {}
                 Err(e) => {
                     // A volume that was not staged before is left unstaged: also a
                     // mount a crashed stage left here.
-                    if staged.mounted_now || fresh {
-                        let _ = sys::mount::unmount(staging);
-                    }
-                    if staged.created_dir {
-                        let _ = std::fs::remove_dir(staging);
-                    }
-                    if attached_now || fresh {
-                        let _ = sys::loopdev::detach(&device);
+                    if fresh {
+                        undo.mount = true;
+                        undo.device = Some(device.clone());
                     }
                     return Err(e);
                 }
-            },
-            (staged, _) => staged.map(|staged| (staged, None)),
-        };
+            }
+        }
         drop(key);
         let record = Record {
             staging_path: staging.to_owned(),
             capability: capability.clone(),
             created_staging: existing.as_ref().is_some_and(|r| r.created_staging)
-                || staged.as_ref().is_ok_and(|(s, _)| s.created_dir),
+                || staged.created_dir,
             targets: existing.map(|r| r.targets).unwrap_or_default(),
         };
-        let result = staged.and_then(|(staged, key_id)| {
-            write_meta(&self.record_path(id), &record).inspect_err(|_| {
-                if staged.mounted_now {
-                    if let Some(key_id) = key_id {
-                        let _ = sys::fscrypt::remove_key(staging, &key_id);
-                    }
-                    let _ = sys::mount::unmount(staging);
-                }
-                if staged.created_dir {
-                    let _ = std::fs::remove_dir(staging);
-                }
-            })
-        });
-        if result.is_err() && attached_now {
-            let _ = sys::loopdev::detach(&device);
-        }
-        result
+        write_meta(&self.record_path(id), &record)?;
+        undo.commit();
+        Ok(())
     }
 
     fn mount_staging(
@@ -571,6 +557,7 @@ impl Attacher {
             encrypt,
         }: Filesystem<'_>,
         create_dir: bool,
+        undo: &mut StageUndo<'_>,
     ) -> Result<Staged> {
         let (major, minor) = sys::blockdev::numbers(device)?;
         let table = sys::mountinfo::read()?;
@@ -624,31 +611,22 @@ impl Attacher {
         }
         if create_dir {
             std::fs::create_dir(staging).map_err(|e| sys::Error::io("mkdir", staging, e))?;
+            undo.dir = true;
         }
-        let undo_dir = || {
-            if create_dir {
-                let _ = std::fs::remove_dir(staging);
-            }
-        };
         if let Err(e) = sys::mount::mount_fs(device, staging, fs, flags) {
             // A mount of a process that died a moment ago may land while this one runs.
             let table = sys::mountinfo::read()?;
             let landed = sys::mountinfo::find_mount(&table, staging)
                 .is_some_and(|m| m.is_from(device, (major, minor)));
             if !landed {
-                undo_dir();
                 return Err(e.into());
             }
         }
+        undo.mount = true;
         // XFS and btrfs grow only while mounted; this is where a volume restored or
         // expanded while unstaged reaches its full size (ext was grown before mounting).
-        if !format
-            && fs != FsType::Ext4
-            && let Err(e) = sys::mkfs::grow_online(fs, device, staging)
-        {
-            let _ = sys::mount::unmount(staging);
-            undo_dir();
-            return Err(e.into());
+        if !format && fs != FsType::Ext4 {
+            sys::mkfs::grow_online(fs, device, staging)?;
         }
         Ok(Staged {
             mounted_now: true,
@@ -1133,6 +1111,59 @@ struct Filesystem<'a> {
 struct Staged {
     mounted_now: bool,
     created_dir: bool,
+}
+
+/// What a stage has put in place so far, taken back when it is dropped before
+/// [`StageUndo::commit`]: in reverse order of how it was made (the encryption key,
+/// the mount, the staging directory, the loop device). Each step sets its field once it
+/// has landed, so a failure at any point takes back exactly what this stage made.
+struct StageUndo<'a> {
+    staging: &'a Path,
+    key: Option<KeyId>,
+    mount: bool,
+    dir: bool,
+    device: Option<PathBuf>,
+    committed: bool,
+}
+
+impl<'a> StageUndo<'a> {
+    fn new(staging: &'a Path) -> Self {
+        StageUndo {
+            staging,
+            key: None,
+            mount: false,
+            dir: false,
+            device: None,
+            committed: false,
+        }
+    }
+
+    /// The stage finished: everything stays.
+    fn commit(mut self) {
+        self.committed = true;
+    }
+}
+
+impl Drop for StageUndo<'_> {
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        // Best effort: the error that ended the stage is what the caller sees, and a
+        // retry or start-up recovery finishes what cannot be taken back now.
+        if let Some(key) = &self.key {
+            let _ = sys::fscrypt::remove_key(self.staging, key);
+        }
+        if self.mount {
+            let _ = sys::mount::unmount(self.staging);
+        }
+        if self.dir {
+            let _ = std::fs::remove_dir(self.staging);
+        }
+        if let Some(device) = &self.device {
+            let _ = sys::loopdev::detach(device);
+        }
+    }
 }
 
 /// A node expansion's range against the volume's size: the node only makes the

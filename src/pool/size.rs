@@ -91,6 +91,42 @@ fn fit(wanted: u64, limit: u64) -> Result<u64, String> {
     }
 }
 
+/// Parses a size: bytes, or a number with a Kubernetes-style suffix (k/K, M, G, T, P
+/// for powers of 1000; Ki, Mi, Gi, Ti, Pi for powers of 1024). A trailing `B` is
+/// allowed (`20GiB`).
+pub fn parse(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let trimmed = trimmed.strip_suffix('B').unwrap_or(trimmed);
+    let split = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (digits, suffix) = trimmed.split_at(split);
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (examples: 20Gi, 512Mi, 20G, 1073741824)"))?;
+    let multiplier: u64 = match suffix {
+        "" => 1,
+        "k" | "K" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        "P" => 1_000_000_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "Pi" => 1 << 50,
+        other => return Err(format!("{text:?}: unknown size suffix {other:?}")),
+    };
+    let bytes = number
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("{text:?} is too large"))?;
+    if bytes == 0 {
+        return Err(format!("{text:?}: a size must be more than zero"));
+    }
+    Ok(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
