@@ -13,7 +13,9 @@
 # --csi.controllerendpoint.
 #
 # Environment: KURA (path to the kura binary; default: builds target/release/kura),
-# CSI_SANITY (path to csi-sanity; default: the one on PATH).
+# KURA_NODE (the binary of the split's node, to test a controller against a node of
+# another version; default: KURA), CSI_SANITY (path to csi-sanity; default: the one
+# on PATH).
 set -euo pipefail
 
 split=
@@ -80,7 +82,7 @@ else
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$candidate") 2>/dev/null; then port=$candidate; break; fi
   done
   [ -n "$port" ] || { echo "no free port found" >&2; exit 1; }
-  "$KURA" node \
+  "${KURA_NODE:-$KURA}" node \
     --endpoint "unix://$work/node.sock" \
     --node-id sanity-node \
     "${pool_flags[@]}" \
