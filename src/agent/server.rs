@@ -83,11 +83,9 @@ impl AgentService {
 
 /// Refuses a caller that is not the controller.
 fn control<T>(request: &Request<T>) -> Result<(), Status> {
-    let certs = request.peer_certs();
-    if tls::peer_has_name(certs.as_deref().map(Vec::as_slice), tls::CONTROLLER_NAME) {
-        Ok(())
-    } else {
-        Err(errors::not_controller(tls::CONTROLLER_NAME))
+    match tls::caller_is(request, tls::CONTROLLER_NAME) {
+        true => Ok(()),
+        false => Err(errors::not_controller(tls::CONTROLLER_NAME)),
     }
 }
 

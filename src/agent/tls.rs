@@ -112,6 +112,12 @@ pub fn peer_has_name(certs: Option<&[CertificateDer<'static>]>, name: &str) -> b
         .is_ok_and(|cert| cert.verify_is_valid_for_subject_name(&name).is_ok())
 }
 
+/// Whether the caller of `request` presented an identity naming `name`.
+pub fn caller_is<T>(request: &tonic::Request<T>, name: &str) -> bool {
+    let certs = request.peer_certs();
+    peer_has_name(certs.as_deref().map(Vec::as_slice), name)
+}
+
 /// Writes a new CA and the two identities under `out`: `out/ca.crt`,
 /// `out/controller/{ca.crt,tls.crt,tls.key}` and `out/node/{ca.crt,tls.crt,tls.key}`.
 /// Keys get mode 0600. The CA's key is not kept: no further identity can be signed

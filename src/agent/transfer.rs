@@ -32,11 +32,9 @@ pub const MAX_MESSAGE: usize = 32 << 20;
 
 /// Refuses a caller that does not present the node identity.
 fn node_identity<T>(request: &Request<T>) -> Result<(), Status> {
-    let certs = request.peer_certs();
-    if tls::peer_has_name(certs.as_deref().map(Vec::as_slice), tls::NODE_NAME) {
-        Ok(())
-    } else {
-        Err(errors::not_node(tls::NODE_NAME))
+    match tls::caller_is(request, tls::NODE_NAME) {
+        true => Ok(()),
+        false => Err(errors::not_node(tls::NODE_NAME)),
     }
 }
 

@@ -220,34 +220,33 @@ impl<P: Pools> Controller<P> {
 
     /// The live node that holds a volume made by a create with this name, if any.
     async fn find_volume(&self, name: &str) -> Result<Option<(Node, Volume)>> {
-        let nodes = self.pools.nodes();
-        let found = futures_util::future::join_all(
-            nodes
-                .iter()
-                .map(|node| self.pools.find_volume(node, name.to_owned())),
-        )
-        .await;
-        for (node, found) in nodes.into_iter().zip(found) {
-            if let Some(volume) = found? {
-                return Ok(Some((node, volume)));
-            }
-        }
-        Ok(None)
+        self.first_found(|node| async move { self.pools.find_volume(&node, name.to_owned()).await })
+            .await
     }
 
     /// The live node where a cross-node copy for a create with this name runs or
     /// may resume, if any: retries follow it rather than place again.
     async fn find_transfer(&self, name: &str) -> Result<Option<Node>> {
+        Ok(self
+            .first_found(
+                |node| async move { self.pools.find_transfer(&node, name.to_owned()).await },
+            )
+            .await?
+            .map(|(node, _)| node))
+    }
+
+    /// Asks every live node at once; the first (by ID) that answers with something,
+    /// and what it answered. A node that fails fails the search: what it holds is
+    /// unknown.
+    async fn first_found<T, Fut>(&self, ask: impl Fn(Node) -> Fut) -> Result<Option<(Node, T)>>
+    where
+        Fut: std::future::Future<Output = agent::Result<Option<T>>>,
+    {
         let nodes = self.pools.nodes();
-        let found = futures_util::future::join_all(
-            nodes
-                .iter()
-                .map(|node| self.pools.find_transfer(node, name.to_owned())),
-        )
-        .await;
-        for (node, found) in nodes.into_iter().zip(found) {
-            if found?.is_some() {
-                return Ok(Some(node));
+        let found = futures_util::future::join_all(nodes.iter().cloned().map(ask)).await;
+        for (node, found) in nodes.iter().zip(found) {
+            if let Some(item) = found? {
+                return Ok(Some((node.clone(), item)));
             }
         }
         Ok(None)
@@ -320,19 +319,12 @@ impl<P: Pools> Controller<P> {
 
     /// A snapshot made by a create with this name on any live node, if any.
     async fn find_snapshot(&self, name: &str) -> Result<Option<Snapshot>> {
-        let nodes = self.pools.nodes();
-        let found = futures_util::future::join_all(
-            nodes
-                .iter()
-                .map(|node| self.pools.find_snapshot(node, name.to_owned())),
-        )
-        .await;
-        for found in found {
-            if let Some(snapshot) = found? {
-                return Ok(Some(snapshot));
-            }
-        }
-        Ok(None)
+        Ok(self
+            .first_found(
+                |node| async move { self.pools.find_snapshot(&node, name.to_owned()).await },
+            )
+            .await?
+            .map(|(_, snapshot)| snapshot))
     }
 
     /// Deletes a snapshot that is not a member of a group (see

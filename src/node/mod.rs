@@ -89,19 +89,16 @@ impl Local {
         keys: &[String],
         work: impl FnOnce(&Pool) -> pool::Result<T> + Send + 'static,
     ) -> pool::Result<T> {
-        let pool = Arc::clone(&self.pool);
-        run(self.lock(keys)?, move || work(&pool)).await
+        on(self.lock(keys)?, Arc::clone(&self.pool), work).await
     }
 
-    /// Runs `work` on the attachments off the async threads, holding the locks on
-    /// `keys` until it is done.
+    /// [`Local::on_pool`] for work on the attachments.
     pub async fn on_attacher<T: Send + 'static>(
         &self,
         keys: &[String],
         work: impl FnOnce(&Attacher) -> pool::Result<T> + Send + 'static,
     ) -> pool::Result<T> {
-        let attacher = Arc::clone(&self.attacher);
-        run(self.lock(keys)?, move || work(&attacher)).await
+        on(self.lock(keys)?, Arc::clone(&self.attacher), work).await
     }
 
     // ---- What the controller asks of this node (see `agent::Pools`) ----
@@ -190,6 +187,15 @@ impl Local {
     pub async fn list_snapshots(&self) -> pool::Result<Vec<Snapshot>> {
         self.on_pool(&[], |p| p.list_snapshots()).await
     }
+}
+
+/// Runs `work` on `target` off the async threads, holding `guards` until it is done.
+async fn on<S: Send + Sync + 'static, T: Send + 'static>(
+    guards: Vec<Guard>,
+    target: Arc<S>,
+    work: impl FnOnce(&S) -> pool::Result<T> + Send + 'static,
+) -> pool::Result<T> {
+    run(guards, move || work(&target)).await
 }
 
 /// Runs blocking work off the async threads. The guards move into the work, so a lock

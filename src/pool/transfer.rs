@@ -655,23 +655,18 @@ impl Direct {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{Seek, SeekFrom, Write};
 
     #[test]
     fn chunks_skip_holes_and_zero_blocks_and_verify() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("img");
-        let mut f = File::create(&path).unwrap();
-        f.set_len(CHUNK + CHUNK / 2).unwrap();
         // Data, then a written zero block, then data again, in the first cell.
-        f.seek(SeekFrom::Start(8192)).unwrap();
-        f.write_all(&[1u8; 4096]).unwrap();
-        f.write_all(&[0u8; 4096]).unwrap();
-        f.write_all(&[2u8; 100]).unwrap();
-        f.seek(SeekFrom::Start(CHUNK + 4096)).unwrap();
-        f.write_all(b"tail").unwrap();
-        f.sync_all().unwrap();
-        drop(f);
+        let writes: [(u64, &[u8]); 4] = [
+            (8192, &[1u8; 4096]),
+            (12288, &[0u8; 4096]),
+            (16384, &[2u8; 100]),
+            (CHUNK + 4096, b"tail"),
+        ];
+        let path = crate::sys::testing::sparse_file(dir.path(), "img", CHUNK + CHUNK / 2, &writes);
 
         let (mut reader, chain0) = Reader::open(&path, 0).unwrap();
         let first = reader.next_chunk().unwrap().unwrap();

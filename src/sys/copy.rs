@@ -1,9 +1,8 @@
 //! Sparse-aware file copy for pools that cannot reflink: only the data ranges are
 //! copied ([`super::sparse`]), in the kernel (copy_file_range), holes stay holes.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::AsFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use super::{Error, Result};
@@ -19,12 +18,7 @@ pub fn sparse_copy(src: &Path, dst: &Path, after_chunk: &dyn Fn()) -> Result<()>
         .metadata()
         .map_err(|e| Error::io("stat", src, e))?
         .len();
-    let target = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(dst)
-        .map_err(|e| Error::io("create", dst, e))?;
+    let target = super::fs::create_new(dst)?;
     target
         .set_len(len)
         .map_err(|e| Error::io("truncate", dst, e))?;
@@ -84,22 +78,14 @@ fn copy_range(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{Seek, SeekFrom, Write};
     use std::os::unix::fs::MetadataExt;
 
     #[test]
     fn copies_data_and_keeps_holes() {
         let dir = tempfile::tempdir().unwrap();
-        let src = dir.path().join("src");
+        let writes: [(u64, &[u8]); 2] = [(1 << 20, &[7u8; 8192]), (40 << 20, b"tail data")];
+        let src = crate::sys::testing::sparse_file(dir.path(), "src", 64 << 20, &writes);
         let dst = dir.path().join("dst");
-        let mut f = File::create(&src).unwrap();
-        f.set_len(64 << 20).unwrap();
-        f.seek(SeekFrom::Start(1 << 20)).unwrap();
-        f.write_all(&[7u8; 8192]).unwrap();
-        f.seek(SeekFrom::Start(40 << 20)).unwrap();
-        f.write_all(b"tail data").unwrap();
-        f.sync_all().unwrap();
-        drop(f);
 
         sparse_copy(&src, &dst, &|| {}).unwrap();
         assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());

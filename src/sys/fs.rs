@@ -112,14 +112,19 @@ pub fn try_lock_exclusive(path: &Path) -> Result<std::result::Result<LockFile, S
     }
 }
 
-/// Creates a new file of `size` bytes: sparse, or with every block allocated.
-pub fn create_image(path: &Path, size: u64, allocate: bool) -> Result<()> {
-    let file = OpenOptions::new()
+/// Creates `path`, which must not exist, private to root (mode 0600), for writing.
+pub fn create_new(path: &Path) -> Result<File> {
+    OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .map_err(|e| Error::io("create", path, e))?;
+        .map_err(|e| Error::io("create", path, e))
+}
+
+/// Creates a new file of `size` bytes: sparse, or with every block allocated.
+pub fn create_image(path: &Path, size: u64, allocate: bool) -> Result<()> {
+    let file = create_new(path)?;
     resize_open(&file, path, 0, size, allocate)
 }
 
@@ -169,12 +174,7 @@ pub fn holds_data(path: &Path) -> Result<bool> {
 /// Makes `dst` (which must not exist) a copy-on-write clone of `src` with FICLONE.
 pub fn reflink(src: &Path, dst: &Path) -> Result<()> {
     let source = File::open(src).map_err(|e| Error::io("open", src, e))?;
-    let target = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(dst)
-        .map_err(|e| Error::io("create", dst, e))?;
+    let target = create_new(dst)?;
     // SAFETY: FICLONE takes the source descriptor as its integer argument; both
     // descriptors are open for the duration of the call.
     if let Err(e) = unsafe { ficlone(target.as_raw_fd(), source.as_raw_fd() as libc::c_ulong) } {

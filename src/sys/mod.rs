@@ -21,6 +21,26 @@ pub mod pause;
 pub mod sparse;
 pub mod thread;
 
+/// Files for tests of the code that reads them.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::os::unix::fs::FileExt;
+    use std::path::{Path, PathBuf};
+
+    /// A sparse file `dir/name` of `len` bytes with `writes` (offset, bytes) written,
+    /// synced so its layout is on disk.
+    pub fn sparse_file(dir: &Path, name: &str, len: u64, writes: &[(u64, &[u8])]) -> PathBuf {
+        let path = dir.join(name);
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(len).unwrap();
+        for (offset, bytes) in writes {
+            file.write_all_at(bytes, *offset).unwrap();
+        }
+        file.sync_all().unwrap();
+        path
+    }
+}
+
 pub use fstype::FsType;
 
 use std::io;

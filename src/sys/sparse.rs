@@ -46,17 +46,12 @@ pub fn data_ranges(file: &File, path: &Path, start: u64, end: u64) -> Result<Vec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{Seek, SeekFrom, Write};
+    use crate::sys::testing::sparse_file;
 
     #[test]
     fn finds_the_data_between_holes() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        let mut f = File::create(&path).unwrap();
-        f.set_len(16 << 20).unwrap();
-        f.seek(SeekFrom::Start(4 << 20)).unwrap();
-        f.write_all(&[1u8; 1 << 20]).unwrap();
-        f.sync_all().unwrap();
+        let path = sparse_file(dir.path(), "f", 16 << 20, &[(4 << 20, &[1u8; 1 << 20])]);
         let f = File::open(&path).unwrap();
         let ranges = data_ranges(&f, &path, 0, 16 << 20).unwrap();
         // Filesystems may round data out to their allocation unit.
@@ -66,8 +61,7 @@ mod tests {
         assert!(end <= 16 << 20);
         assert_eq!(data_ranges(&f, &path, 8 << 20, 16 << 20).unwrap(), vec![]);
         assert_eq!(next_data(&f, &path, 8 << 20).unwrap(), None);
-        let empty = dir.path().join("empty");
-        File::create(&empty).unwrap().set_len(1 << 20).unwrap();
+        let empty = sparse_file(dir.path(), "empty", 1 << 20, &[]);
         assert_eq!(
             next_data(&File::open(&empty).unwrap(), &empty, 0).unwrap(),
             None
