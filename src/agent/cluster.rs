@@ -713,7 +713,8 @@ impl Pools for Cluster {
         })?;
         let source_node = source.node();
         let request = proto::CreateExportRequest {
-            key: super::transfer::key(&spec.name, node),
+            // The export key: the destination volume's ID.
+            key: VolumeId::derive(&spec.name, &node.token).to_string(),
             source: Some(wire::source_message(&source)),
             destination_node: node.id.clone(),
         };

@@ -20,7 +20,7 @@ use super::{proto, tls, wire};
 use crate::node::transfer::{Broken, Fetch, Progress, Transfers};
 use crate::node::{self};
 use crate::pool::transfer::{Chunk, ExportRef};
-use crate::pool::{self, VolumeId};
+use crate::pool;
 
 /// Chunks read ahead of the stream on the source.
 pub const READ_AHEAD: usize = 4;
@@ -256,9 +256,4 @@ impl Fetch for ExportClient {
             }
         }
     }
-}
-
-/// The destination volume's ID a transfer of `name` to `node` makes: the export key.
-pub fn key(name: &str, node: &super::Node) -> String {
-    VolumeId::derive(name, &node.token).to_string()
 }
