@@ -9,31 +9,24 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use cluster::*;
-use common::{
-    MIB, block_cap, create_request, mount_cap, pattern, publish_request, snapshot_source,
-    stage_request, volume_source, write_at, write_file,
-};
+use common::cluster::*;
+use common::process::Proc;
+use common::*;
 use kura::csi::proto;
 use kura::pool::{NodeToken, VolumeId};
 use sha2::{Digest, Sha256};
 use tonic::Code;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-
-#[path = "common/cluster.rs"]
-mod cluster;
 
 const SIZES: [&str; 2] = ["2Gi", "2Gi"];
 const COPY_DEADLINE: Duration = Duration::from_secs(180);
 
 /// One CreateVolume call.
 async fn create_once(
-    controller: &ControllerProc,
+    controller: &Proc,
     request: proto::CreateVolumeRequest,
 ) -> Result<proto::Volume, tonic::Status> {
     controller
         .controller()
-        .await
         .create_volume(request)
         .await
         .map(|r| r.into_inner().volume.expect("volume in response"))
@@ -42,7 +35,7 @@ async fn create_once(
 /// CreateVolume as the provisioner calls it: again while the answer is ABORTED (a
 /// copy in progress), until it is something else.
 async fn create(
-    controller: &ControllerProc,
+    controller: &Proc,
     request: proto::CreateVolumeRequest,
 ) -> Result<proto::Volume, tonic::Status> {
     let started = Instant::now();
@@ -74,10 +67,9 @@ fn on_node(
     }
 }
 
-async fn snapshot(controller: &ControllerProc, volume: &str, name: &str) -> proto::Snapshot {
+async fn snapshot(controller: &Proc, volume: &str, name: &str) -> proto::Snapshot {
     controller
         .controller()
-        .await
         .create_snapshot(proto::CreateSnapshotRequest {
             source_volume_id: volume.into(),
             name: name.into(),
@@ -135,7 +127,7 @@ async fn publish(node: &NodeProc, id: &str, cap: &proto::VolumeCapability, tag: 
     let staging = node.path(&format!("stage-{tag}"));
     std::fs::create_dir_all(&staging).unwrap();
     let target = node.path(&format!("target-{tag}"));
-    let mut client = node.node().await;
+    let mut client = node.node();
     client
         .node_stage_volume(stage_request(id, &staging, cap))
         .await
@@ -148,7 +140,7 @@ async fn publish(node: &NodeProc, id: &str, cap: &proto::VolumeCapability, tag: 
 }
 
 async fn unpublish(node: &NodeProc, id: &str, tag: &str) {
-    let mut client = node.node().await;
+    let mut client = node.node();
     client
         .node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
             volume_id: id.into(),
@@ -287,7 +279,7 @@ async fn a_clone_across_nodes_of_a_volume_in_use_holds_one_moment() {
     write_file(&target.join("data"), &before);
 
     // Held after its first checkpoint: the clone is pinned and half copied.
-    let held = b.proc.pause.arm("transfer-checkpoint");
+    let held = b.pause.arm("transfer-checkpoint");
     let request = on_node(
         "pvc-live-clone",
         256 * MIB,
@@ -351,13 +343,13 @@ async fn a_killed_destination_resumes_from_its_checkpoint() {
         .join("volumes")
         .join(format!("{id}.transfer"));
     {
-        let held = cluster.node("node-b").proc.pause.arm("transfer-checkpoint");
+        let held = cluster.node("node-b").pause.arm("transfer-checkpoint");
         let first = create_once(cluster.controller(), request.clone())
             .await
             .unwrap_err();
         assert_eq!(first.code(), Code::Aborted, "{first:?}");
         held.held(|| false).await;
-        cluster.node_mut("node-b").proc.kill();
+        cluster.node_mut("node-b").kill();
     }
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&checkpoint).unwrap()).unwrap();
@@ -373,7 +365,7 @@ async fn a_killed_destination_resumes_from_its_checkpoint() {
         .await
         .expect("the restore resumes");
     assert_eq!(restored.volume_id, id.as_str());
-    let logs = without_colours(&cluster.node("node-b").proc.logs());
+    let logs = without_colours(&cluster.node("node-b").logs());
     let resumed = logs
         .split("--- node-b run 2 ---")
         .nth(1)
@@ -404,7 +396,7 @@ async fn a_chunk_damaged_in_flight_is_refused_and_nothing_is_kept() {
         block_cap(),
         Some(snapshot_source(&snap.snapshot_id)),
     );
-    let damage = a.proc.pause.arm("damage-chunk");
+    let damage = a.pause.arm("damage-chunk");
     let refused = create(controller, request.clone()).await.unwrap_err();
     assert_eq!(refused.code(), Code::DataLoss, "{refused:?}");
     assert!(refused.message().contains("checksum"), "{refused}");
@@ -415,7 +407,6 @@ async fn a_chunk_damaged_in_flight_is_refused_and_nothing_is_kept() {
     assert!(left.is_empty(), "{left:?}");
     let listed = controller
         .controller()
-        .await
         .list_volumes(proto::ListVolumesRequest::default())
         .await
         .unwrap()
@@ -448,13 +439,12 @@ async fn the_source_snapshot_deleted_mid_transfer_does_not_stop_it() {
         block_cap(),
         Some(snapshot_source(&snap.snapshot_id)),
     );
-    let held = b.proc.pause.arm("transfer-checkpoint");
+    let held = b.pause.arm("transfer-checkpoint");
     let first = create_once(controller, request.clone()).await.unwrap_err();
     assert_eq!(first.code(), Code::Aborted, "{first:?}");
     held.held(|| false).await;
     controller
         .controller()
-        .await
         .delete_snapshot(proto::DeleteSnapshotRequest {
             snapshot_id: snap.snapshot_id.clone(),
             ..Default::default()
@@ -475,28 +465,6 @@ async fn the_source_snapshot_deleted_mid_transfer_does_not_stop_it() {
     assert!(left.is_empty(), "{left:?}");
 }
 
-async fn agent_client(
-    address: std::net::SocketAddr,
-    identity: &Path,
-) -> kura::agent::proto::agent_client::AgentClient<tonic::transport::Channel> {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(
-            std::fs::read(identity.join("ca.crt")).unwrap(),
-        ))
-        .domain_name(kura::agent::tls::NODE_NAME)
-        .identity(Identity::from_pem(
-            std::fs::read(identity.join("tls.crt")).unwrap(),
-            std::fs::read(identity.join("tls.key")).unwrap(),
-        ));
-    let channel = Endpoint::from_shared(format!("https://{address}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect_lazy();
-    kura::agent::proto::agent_client::AgentClient::new(channel)
-        .max_decoding_message_size(kura::agent::transfer::MAX_MESSAGE)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_identity_reads_only_what_a_grant_names() {
     use kura::agent::proto as agent;
@@ -504,8 +472,9 @@ async fn a_node_identity_reads_only_what_a_grant_names() {
     let a = cluster.node("node-a");
     let block = block_source(&cluster, "pvc-secret", 64 * MIB, 4).await;
     let node_identity = cluster.certs.join("node");
-    let mut as_node = agent_client(a.agent, &node_identity).await;
-    let mut as_controller = agent_client(a.agent, &cluster.certs.join("controller")).await;
+    let ca = cluster.certs.join("ca.crt");
+    let mut as_node = agent_client(a.agent, &ca, Some(&node_identity));
+    let mut as_controller = agent_client(a.agent, &ca, Some(&cluster.certs.join("controller")));
 
     // A node may not ask for an export itself.
     let source = Some(agent::ContentSource {

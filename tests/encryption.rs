@@ -12,8 +12,6 @@
 //! to TRACE (tonic, h2, hyper included), is captured into one buffer, which each test
 //! searches for its keys in hex, base64, raw bytes and Rust's `Debug` of the bytes.
 
-#[path = "common/cluster.rs"]
-mod cluster;
 mod common;
 
 use std::collections::HashMap;
@@ -21,6 +19,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use common::cluster::*;
 use common::process::Kura;
 use common::*;
 use kura::csi::proto;
@@ -867,10 +866,10 @@ async fn kills_mid_stage_and_while_staged_are_repaired() {
 /// every process are free of the key.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_split_roles_carry_the_encryption_to_the_node() {
-    let cluster = cluster::Cluster::start(&["2Gi"]).await;
-    let mut c = cluster.controller().controller().await;
+    let cluster = Cluster::start(&["2Gi"]).await;
+    let mut c = cluster.controller().controller();
     let node = cluster.node("node-a");
-    let mut n = node.node().await;
+    let mut n = node.node();
     let key = TestKey::new(40);
     let id = create(&mut c, encrypted_request("pvc-split", None)).await;
     let (staging, target) = (node.path("stage"), node.path("target"));

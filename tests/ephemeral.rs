@@ -4,13 +4,12 @@
 //! nothing; a crash between create and mount is cleaned at restart, and a restart
 //! keeps an inline volume that is still mounted.
 
-#[path = "common/cluster.rs"]
-mod cluster;
 mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use common::cluster::*;
 use common::process::Kura;
 use common::*;
 use kura::csi::proto;
@@ -291,8 +290,8 @@ async fn a_crash_between_create_and_mount_is_cleaned_at_restart() {
 /// The node role serves inline volumes the same way (the controller is not involved).
 #[tokio::test]
 async fn the_node_role_serves_inline_volumes() {
-    let cluster = cluster::Cluster::start(&["2Gi"]).await;
+    let cluster = Cluster::start(&["2Gi"]).await;
     let node = cluster.node("node-a");
-    let mut client = node.node().await;
+    let mut client = node.node();
     publish_write_unpublish(&mut client, &node.dir, &node.dir.join("state/pool")).await;
 }

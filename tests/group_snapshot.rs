@@ -8,8 +8,6 @@
 //! error cases, members refused by DeleteSnapshot, and members on two nodes of the
 //! split roles.
 
-#[path = "common/cluster.rs"]
-mod cluster;
 mod common;
 
 use std::io::Write;
@@ -18,6 +16,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use common::cluster::*;
+use common::process::Kura;
 use common::*;
 use kura::csi::proto;
 use kura::csi::proto::controller_client::ControllerClient;
@@ -550,33 +550,21 @@ async fn two_block_members_in_use_are_refused() {
 
 #[tokio::test]
 async fn split_members_on_two_nodes() {
-    let cluster = cluster::Cluster::start(&["2Gi", "2Gi"]).await;
-    let controller = cluster.controller().controller().await;
-    let channel = kura::csi::client::connect(&cluster.controller().socket)
-        .await
-        .unwrap();
-    let mut group = GroupControllerClient::new(channel);
-    let side = |id: &str| {
-        let node = cluster.node(id);
-        (node.dir.clone(), node.socket.clone())
-    };
-    let mut sides = Vec::new();
-    for id in ["node-a", "node-b"] {
-        let (dir, socket) = side(id);
-        sides.push(Side {
-            controller: controller.clone(),
-            node: NodeClient::new(kura::csi::client::connect(&socket).await.unwrap()),
-            dir,
-        });
-    }
-    let mut sides: [Side; 2] = sides.try_into().ok().unwrap();
+    let cluster = Cluster::start(&["2Gi", "2Gi"]).await;
+    let controller = cluster.controller().controller();
+    let mut group = cluster.controller().group_controller();
+    let mut sides = ["node-a", "node-b"].map(|id| Side {
+        controller: controller.clone(),
+        node: cluster.node(id).node(),
+        dir: cluster.node(id).dir.clone(),
+    });
     let cut = consistent_group(
         &mut sides,
         &mut group,
         [&mount_cap("ext4"), &block_cap()],
         [
-            Some(cluster::topology(&["node-a"], &["node-a"])),
-            Some(cluster::topology(&["node-b"], &["node-b"])),
+            Some(topology(&["node-a"], &["node-a"])),
+            Some(topology(&["node-b"], &["node-b"])),
         ],
     )
     .await;
@@ -596,7 +584,7 @@ async fn split_members_on_two_nodes() {
 /// nothing frozen once kura starts again, and no group; the retry cuts it.
 #[tokio::test]
 async fn a_crash_while_frozen_thaws_at_restart() {
-    let mut kura = common::process::Kura::new(PoolKind::Image);
+    let mut kura = Kura::new(PoolKind::Image);
     let channel = kura.start().await;
     let mut side = Side {
         controller: ControllerClient::new(channel.clone()),
@@ -644,29 +632,26 @@ async fn a_crash_while_frozen_thaws_at_restart() {
 /// members; once the volume is free the same request cuts the group.
 #[tokio::test]
 async fn a_failing_member_thaws_every_node() {
-    let cluster = cluster::Cluster::start(&["2Gi", "2Gi"]).await;
-    let mut controller = cluster.controller().controller().await;
-    let channel = kura::csi::client::connect(&cluster.controller().socket)
-        .await
-        .unwrap();
-    let mut group = GroupControllerClient::new(channel);
+    let cluster = Cluster::start(&["2Gi", "2Gi"]).await;
+    let mut controller = cluster.controller().controller();
+    let mut group = cluster.controller().group_controller();
     let cap = mount_cap("ext4");
     let mut made = Vec::new();
     for id in ["node-a", "node-b"] {
         let node = cluster.node(id);
         let mut side = Side {
             controller: controller.clone(),
-            node: NodeClient::new(kura::csi::client::connect(&node.socket).await.unwrap()),
+            node: node.node(),
             dir: node.dir.clone(),
         };
-        let topology = Some(cluster::topology(&[id], &[id]));
+        let topology = Some(topology(&[id], &[id]));
         made.push(make_volume(&mut side, &format!("pvc-{id}"), &cap, topology).await);
     }
     let (a, _, a_staging) = made[0].clone();
     let (b, _, b_staging) = made[1].clone();
     let _thaw = [ThawOnDrop(a_staging.clone()), ThawOnDrop(b_staging.clone())];
 
-    let held = cluster.node("node-b").proc.pause.arm("quiesced");
+    let held = cluster.node("node-b").pause.arm("quiesced");
     let snapshot = tokio::spawn({
         let mut controller = controller.clone();
         let request = proto::CreateSnapshotRequest {

@@ -2,17 +2,15 @@
 //! all-in-one driver (CSI histogram and pool gauges), and a `kura node` plus a
 //! `kura controller` (the agent histogram on the node, the CSI histogram on each).
 
-#[path = "common/cluster.rs"]
-mod cluster;
 mod common;
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use cluster::{Cluster, free_port};
+use common::cluster::{Cluster, free_port};
 use common::process::Kura;
-use common::{GIB, MIB, PoolKind, create_request, mount_cap, publish_request, stage_request};
+use common::*;
 use kura::csi::proto;
 use kura::csi::proto::controller_client::ControllerClient;
 use kura::csi::proto::node_client::NodeClient;
@@ -321,7 +319,6 @@ async fn node_counts_agent_calls_and_controller_counts_csi_calls() {
     let mut cluster = Cluster::new(&["2Gi"]);
     let node_metrics = metrics_address();
     cluster.nodes[0]
-        .proc
         .args
         .extend(["--metrics-listen".into(), node_metrics.to_string()]);
     cluster.nodes[0].start().await;
@@ -334,7 +331,7 @@ async fn node_counts_agent_calls_and_controller_counts_csi_calls() {
         .await;
     controller.wait_for_nodes(&["node-a"]).await;
 
-    let mut client = controller.controller().await;
+    let mut client = controller.controller();
     let volume = client
         .create_volume(create_request("split-metrics", 64 * MIB, &[], None))
         .await

@@ -3,14 +3,13 @@
 //! repeats change nothing, and every refusal (unknown key, bad value, a pool too small)
 //! leaves the volume as it was. Also over the split roles.
 
-#[path = "common/cluster.rs"]
-mod cluster;
 mod common;
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use common::cluster::*;
 use common::*;
 use kura::csi::proto;
 use kura::csi::proto::controller_client::ControllerClient;
@@ -271,8 +270,8 @@ async fn create_honours_mutable_parameters() {
 
 #[tokio::test]
 async fn split_roles_modify_through_the_agent() {
-    let cluster = cluster::Cluster::start(&["16Gi"]).await;
-    let mut controller = cluster.controller().controller().await;
+    let cluster = Cluster::start(&["16Gi"]).await;
+    let mut controller = cluster.controller().controller();
     let root = cluster.node("node-a").dir.join("state/pool");
     modify_round_trip(&mut controller, &root).await;
 }

@@ -5,21 +5,16 @@
 //! owning node's socket, agents killed and stopped, two controllers, and every
 //! refused credential.
 
-#[path = "common/cluster.rs"]
-mod cluster;
 mod common;
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use cluster::*;
-use common::{
-    GIB, MIB, create_request, pattern, publish_request, read_at, snapshot_source, stage_request,
-    volume_source, write_at,
-};
+use common::cluster::*;
+use common::process::Proc;
+use common::*;
 use kura::csi::proto;
 use tonic::Code;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 /// Three nodes with pools of different sizes, so "most free" is node-c.
 const SIZES: [&str; 3] = ["2Gi", "3Gi", "4Gi"];
@@ -38,21 +33,19 @@ fn with_topology(
 }
 
 async fn create(
-    controller: &ControllerProc,
+    controller: &Proc,
     request: proto::CreateVolumeRequest,
 ) -> Result<proto::Volume, tonic::Status> {
     controller
         .controller()
-        .await
         .create_volume(request)
         .await
         .map(|r| r.into_inner().volume.expect("volume in response"))
 }
 
-async fn get_volume(controller: &ControllerProc, id: &str) -> Result<proto::Volume, tonic::Status> {
+async fn get_volume(controller: &Proc, id: &str) -> Result<proto::Volume, tonic::Status> {
     controller
         .controller()
-        .await
         .controller_get_volume(proto::ControllerGetVolumeRequest {
             volume_id: id.into(),
         })
@@ -60,10 +53,9 @@ async fn get_volume(controller: &ControllerProc, id: &str) -> Result<proto::Volu
         .map(|r| r.into_inner().volume.expect("volume in response"))
 }
 
-async fn delete_volume(controller: &ControllerProc, id: &str) -> Result<(), tonic::Status> {
+async fn delete_volume(controller: &Proc, id: &str) -> Result<(), tonic::Status> {
     controller
         .controller()
-        .await
         .delete_volume(proto::DeleteVolumeRequest {
             volume_id: id.into(),
             ..Default::default()
@@ -72,10 +64,9 @@ async fn delete_volume(controller: &ControllerProc, id: &str) -> Result<(), toni
         .map(|_| ())
 }
 
-async fn list_volume_ids(controller: &ControllerProc) -> Vec<String> {
+async fn list_volume_ids(controller: &Proc) -> Vec<String> {
     controller
         .controller()
-        .await
         .list_volumes(proto::ListVolumesRequest::default())
         .await
         .expect("ListVolumes")
@@ -142,7 +133,6 @@ async fn placement_capacity_and_listing() {
     assert_eq!(controller.capacity("node-x").await, 0);
     let all = controller
         .controller()
-        .await
         .get_capacity(proto::GetCapacityRequest::default())
         .await
         .unwrap()
@@ -239,7 +229,6 @@ async fn placement_capacity_and_listing() {
     loop {
         let page = controller
             .controller()
-            .await
             .list_volumes(proto::ListVolumesRequest {
                 max_entries: 2,
                 starting_token: token.clone(),
@@ -275,7 +264,7 @@ async fn sixteen_identical_creates_make_one_volume() {
     let request = with_topology("pvc-race", 256 * MIB, None);
     let mut calls = Vec::new();
     for _ in 0..16 {
-        let mut client = controller.controller().await;
+        let mut client = controller.controller();
         let request = request.clone();
         calls.push(tokio::spawn(
             async move { client.create_volume(request).await },
@@ -318,11 +307,11 @@ async fn snapshots_clones_and_stage_stay_on_the_owning_node() {
     let id = volume.volume_id.clone();
 
     // Stage and publish through the owning node's socket; write data.
-    let cap = common::block_cap();
+    let cap = block_cap();
     let staging = owner.path("stage");
     std::fs::create_dir_all(&staging).unwrap();
     let target = owner.path("target");
-    let mut node = owner.node().await;
+    let mut node = owner.node();
     node.node_stage_volume(stage_request(&id, &staging, &cap))
         .await
         .expect("stage on the owner");
@@ -336,7 +325,6 @@ async fn snapshots_clones_and_stage_stay_on_the_owning_node() {
     let elsewhere = cluster
         .node("node-a")
         .node()
-        .await
         .node_stage_volume(stage_request(&id, &cluster.node("node-a").path("s"), &cap))
         .await
         .unwrap_err();
@@ -347,7 +335,7 @@ async fn snapshots_clones_and_stage_stay_on_the_owning_node() {
     assert_eq!(staged.code(), Code::FailedPrecondition, "{staged:?}");
 
     // Snapshot, clone and restore land on the owner.
-    let mut client = controller.controller().await;
+    let mut client = controller.controller();
     let snapshot = client
         .create_snapshot(proto::CreateSnapshotRequest {
             source_volume_id: id.clone(),
@@ -510,7 +498,7 @@ async fn a_killed_agent_is_unavailable_then_served_again_after_restart() {
     .await
     .unwrap();
 
-    cluster.node_mut("node-c").proc.kill();
+    cluster.node_mut("node-c").kill();
     let controller = cluster.controller();
     let took = until_code("GetVolume on a killed node", Code::Unavailable, || {
         get_volume(controller, &on_c.volume_id)
@@ -579,7 +567,7 @@ async fn a_killed_agent_is_unavailable_then_served_again_after_restart() {
     delete_volume(controller, &on_c.volume_id).await.unwrap();
 }
 
-fn controller_of(cluster: &Cluster) -> &ControllerProc {
+fn controller_of(cluster: &Cluster) -> &Proc {
     cluster.controller()
 }
 
@@ -601,7 +589,7 @@ async fn a_stopped_agent_gives_bounded_unavailable_not_a_hang() {
     .unwrap();
 
     let stopped = cluster.node("node-b");
-    stopped.proc.stop_signal();
+    stopped.stop_signal();
     // The first call goes out while the controller still thinks the agent is live:
     // it must end with UNAVAILABLE once the agent is seen silent, not hang.
     let started = Instant::now();
@@ -622,7 +610,7 @@ async fn a_stopped_agent_gives_bounded_unavailable_not_a_hang() {
     assert_eq!(controller.capacity("node-b").await, 0);
     get_volume(controller, &on_a.volume_id).await.unwrap();
 
-    stopped.proc.continue_signal();
+    stopped.continue_signal();
     until_code("GetVolume after SIGCONT", Code::Ok, || {
         get_volume(controller, &on_b.volume_id)
     })
@@ -675,29 +663,6 @@ async fn two_controllers_serve_the_same_nodes() {
     assert_eq!(gone.code(), Code::NotFound);
 }
 
-/// A TLS client to an agent with the given trust root and identity.
-async fn agent_client(
-    address: std::net::SocketAddr,
-    ca: &std::path::Path,
-    identity: Option<&std::path::Path>,
-) -> kura::agent::proto::agent_client::AgentClient<tonic::transport::Channel> {
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()))
-        .domain_name(kura::agent::tls::NODE_NAME);
-    if let Some(dir) = identity {
-        tls = tls.identity(Identity::from_pem(
-            std::fs::read(dir.join("tls.crt")).unwrap(),
-            std::fs::read(dir.join("tls.key")).unwrap(),
-        ));
-    }
-    let channel = Endpoint::from_shared(format!("https://{address}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect_lazy();
-    kura::agent::proto::agent_client::AgentClient::new(channel)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_agent_refuses_every_credential_but_the_controllers() {
     let mut cluster = Cluster::new(&SIZES[..1]);
@@ -715,7 +680,7 @@ async fn the_agent_refuses_every_credential_but_the_controllers() {
     };
 
     // The controller identity may do everything.
-    let mut controller = agent_client(agent, &ca, Some(&certs.join("controller"))).await;
+    let mut controller = agent_client(agent, &ca, Some(&certs.join("controller")));
     let info = controller
         .info(kura::agent::proto::InfoRequest {})
         .await
@@ -730,7 +695,7 @@ async fn the_agent_refuses_every_credential_but_the_controllers() {
         .expect("Capacity as the controller");
 
     // The node identity: who-is-this only; control calls PERMISSION_DENIED.
-    let mut node = agent_client(agent, &ca, Some(&certs.join("node"))).await;
+    let mut node = agent_client(agent, &ca, Some(&certs.join("node")));
     node.info(kura::agent::proto::InfoRequest {})
         .await
         .expect("Info as a node");
@@ -755,13 +720,10 @@ async fn the_agent_refuses_every_credential_but_the_controllers() {
     // closed") or UNAVAILABLE. Never an answer.
     let closed = |code: Code| matches!(code, Code::Unavailable | Code::Cancelled | Code::Unknown);
     let refused = [
-        (
-            "no client certificate",
-            agent_client(agent, &ca, None).await,
-        ),
+        ("no client certificate", agent_client(agent, &ca, None)),
         (
             "a certificate of another CA",
-            agent_client(agent, &ca, Some(&foreign.join("controller"))).await,
+            agent_client(agent, &ca, Some(&foreign.join("controller"))),
         ),
     ];
     for (what, mut client) in refused {
@@ -780,8 +742,7 @@ async fn the_agent_refuses_every_credential_but_the_controllers() {
         agent,
         &foreign.join("ca.crt"),
         Some(&foreign.join("controller")),
-    )
-    .await;
+    );
     let error = wrong
         .info(kura::agent::proto::InfoRequest {})
         .await
@@ -799,7 +760,6 @@ async fn the_agent_refuses_every_credential_but_the_controllers() {
     tokio::time::sleep(2 * kura::agent::cluster::DISCOVERY_INTERVAL).await;
     let probe = lost
         .identity()
-        .await
         .probe(proto::ProbeRequest {})
         .await
         .unwrap()
@@ -817,7 +777,7 @@ async fn the_agent_refuses_every_credential_but_the_controllers() {
     .await
     .unwrap_err();
     assert_eq!(unreachable.code(), Code::Unavailable, "{unreachable:?}");
-    assert!(lost.proc.logs().contains("agent"), "the refusal is logged");
+    assert!(lost.logs().contains("agent"), "the refusal is logged");
 
     assert_eq!(volumes_on_disk(&cluster.nodes[0]), 0, "nothing was created");
 }
@@ -837,7 +797,7 @@ fn ext4_pool(node: &mut NodeProc) {
     let root = node.dir.join("pool-dir");
     std::fs::create_dir_all(&root).unwrap();
     kura::sys::mount::mount_fs(&device, &root, "ext4", &[]).expect("mount the ext4 pool");
-    let args = &mut node.proc.args;
+    let args = &mut node.args;
     let at = args.iter().position(|a| a == "--pool-image").unwrap();
     args.splice(
         at..at + 4,
@@ -874,11 +834,11 @@ async fn a_clone_through_the_agent_holds_its_source_against_the_node_service() {
         .unwrap()
         .volume_id;
 
-    let cap = common::block_cap();
+    let cap = block_cap();
     let staging = owner.path("stage");
     std::fs::create_dir_all(&staging).unwrap();
     let device = owner.path("device");
-    let mut node = owner.node().await;
+    let mut node = owner.node();
     node.node_stage_volume(stage_request(&source, &staging, &cap))
         .await
         .unwrap();
@@ -910,9 +870,9 @@ async fn a_clone_through_the_agent_holds_its_source_against_the_node_service() {
         .join("pool-dir/volumes")
         .join(format!("{clone_id}.img.partial"));
     // Held mid-copy at a pause point for as long as the checks below take.
-    let copying = owner.proc.pause.arm("copying");
+    let copying = owner.pause.arm("copying");
     let first = tokio::spawn({
-        let mut client = controller.controller().await;
+        let mut client = controller.controller();
         let request = create_request("pvc-clone", size, &[], Some(volume_source(&source)));
         async move { client.create_volume(request).await }
     });
@@ -927,7 +887,6 @@ async fn a_clone_through_the_agent_holds_its_source_against_the_node_service() {
     assert!(stage.message().contains(&source), "{}", stage.message());
     let snapshot = controller
         .controller()
-        .await
         .create_snapshot(proto::CreateSnapshotRequest {
             source_volume_id: source.clone(),
             name: "snap-during-clone".into(),

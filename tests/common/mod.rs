@@ -1,25 +1,34 @@
-//! Test harness: a real all-in-one kura server on a temporary Unix socket, over a
-//! self-made image pool, with generated gRPC clients. Everything a test makes (mounts,
-//! loop devices, files) lives under one temporary directory and is removed on drop,
-//! even when the test fails.
+//! Test harness. [`Driver`] is a real all-in-one kura server in this process, on a
+//! temporary Unix socket over a self-made image pool; [`process`] runs the `kura`
+//! binary as child processes (all-in-one, node, controller) and [`cluster`] the split
+//! roles from them. Whichever a test talks to, it reaches it through [`Csi`]. Every
+//! test file reaches this the same way: `mod common;`, then `use common::*;` and the
+//! submodules it needs.
+//!
+//! Everything a test makes (mounts, loop devices, files) lives under one temporary
+//! directory and is removed on drop, even when the test fails.
 
 #![allow(dead_code)]
 
+#[macro_use]
 pub mod process;
+pub mod cluster;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
+use hyper_util::rt::TokioIo;
 use kura::cli::{Cli, Command};
 use kura::csi::proto::controller_client::ControllerClient;
+use kura::csi::proto::group_controller_client::GroupControllerClient;
 use kura::csi::proto::identity_client::IdentityClient;
 use kura::csi::proto::node_client::NodeClient;
 use kura::csi::proto::{self, volume_capability};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, Endpoint, Uri};
 
 pub const NODE_ID: &str = "test-node";
 pub const MIB: i64 = 1 << 20;
@@ -109,35 +118,49 @@ impl Driver {
         }
     }
 
-    pub fn identity(&self) -> IdentityClient<Channel> {
-        IdentityClient::new(self.channel.clone())
-    }
-
-    pub fn controller(&self) -> ControllerClient<Channel> {
-        ControllerClient::new(self.channel.clone())
-    }
-
-    pub fn node(&self) -> NodeClient<Channel> {
-        NodeClient::new(self.channel.clone())
-    }
-
     /// The pool's root directory.
     pub fn pool_root(&self) -> PathBuf {
         pool_root(&self.dir, &self.args)
     }
+}
 
-    /// A fresh path under the test directory (not created).
-    pub fn path(&self, name: &str) -> PathBuf {
+impl Csi for Driver {
+    fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
+    }
+}
+
+/// A kura the test talks to over its CSI socket: the in-process [`Driver`] or a child
+/// [`process::Proc`].
+pub trait Csi {
+    /// A channel to its CSI socket.
+    fn channel(&self) -> Channel;
+
+    /// A fresh path under its directory (not created).
+    fn path(&self, name: &str) -> PathBuf;
+
+    fn identity(&self) -> IdentityClient<Channel> {
+        IdentityClient::new(self.channel())
+    }
+
+    fn controller(&self) -> ControllerClient<Channel> {
+        ControllerClient::new(self.channel())
+    }
+
+    fn node(&self) -> NodeClient<Channel> {
+        NodeClient::new(self.channel())
+    }
+
+    fn group_controller(&self) -> GroupControllerClient<Channel> {
+        GroupControllerClient::new(self.channel())
     }
 
     /// Creates a volume and returns it.
-    pub async fn create_volume(
-        &self,
-        name: &str,
-        size: i64,
-        params: &[(&str, &str)],
-    ) -> proto::Volume {
+    async fn create_volume(&self, name: &str, size: i64, params: &[(&str, &str)]) -> proto::Volume {
         self.controller()
             .create_volume(create_request(name, size, params, None))
             .await
@@ -147,9 +170,10 @@ impl Driver {
             .expect("volume in response")
     }
 
-    /// Stages and publishes a volume; returns the target path (a directory for mount
-    /// access, the device file for block access).
-    pub async fn stage_and_publish(
+    /// Stages and publishes a volume at `stage-<tag>` and `target-<tag>`; returns the
+    /// staging path and the target path (a directory for mount access, the device
+    /// file for block access).
+    async fn stage_and_publish(
         &self,
         volume_id: &str,
         cap: &proto::VolumeCapability,
@@ -169,7 +193,7 @@ impl Driver {
         (staging, target)
     }
 
-    pub async fn unpublish_and_unstage(&self, volume_id: &str, staging: &Path, target: &Path) {
+    async fn unpublish_and_unstage(&self, volume_id: &str, staging: &Path, target: &Path) {
         self.node()
             .node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
                 volume_id: volume_id.into(),
@@ -184,6 +208,32 @@ impl Driver {
             })
             .await
             .expect("NodeUnstageVolume");
+    }
+}
+
+/// A channel to the CSI socket at `socket`, connected at its first call.
+pub fn lazy_channel(socket: &Path) -> Channel {
+    let socket = socket.to_owned();
+    // The URI is required by the API but unused: every connection goes to the socket.
+    Endpoint::from_static("http://kura.invalid").connect_with_connector_lazy(tower::service_fn(
+        move |_: Uri| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        },
+    ))
+}
+
+/// Removes a test directory (see [`cleanup`]) when dropped: the last field of what
+/// owns the directory, so that the processes using it are stopped first.
+pub struct RemoveOnDrop(pub PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        cleanup(&self.0);
     }
 }
 
