@@ -5,68 +5,14 @@
 
 mod common;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use common::*;
 use kura::csi::proto::{self, volume_capability};
-use kura::pool::{NodeToken, VolumeId};
-use tonic::{Code, Response, Status};
+use tonic::Code;
 use volume_capability::access_mode::Mode;
-
-const TOPOLOGY_KEY: &str = "topology.kura.csi.dev/node";
-const PROVISIONING: &str = "kura.csi.dev/provisioning";
-/// Well formed, on this node, naming nothing.
-const UNKNOWN_VOLUME: &str = "vol-0123456789abcdef0123456789abcdef-test-node";
-const UNKNOWN_SNAPSHOT: &str = "snap-0123456789abcdef0123456789abcdef-test-node";
-/// Well formed, on a node kura does not know.
-const FOREIGN_VOLUME: &str = "vol-0123456789abcdef0123456789abcdef-other-node";
-/// Cannot be an ID of kura's.
-const MALFORMED_ID: &str = "not-a-kura-id";
-
-/// Asserts that `result` failed with `code` and a message containing every `needle`.
-#[track_caller]
-fn assert_code<T: std::fmt::Debug>(
-    result: Result<Response<T>, Status>,
-    code: Code,
-    needles: &[&str],
-) {
-    let status = match result {
-        Ok(response) => panic!("expected {code:?}, got OK: {:?}", response.get_ref()),
-        Err(status) => status,
-    };
-    assert_eq!(status.code(), code, "message: {}", status.message());
-    assert!(!status.message().is_empty(), "{code:?} without a message");
-    for needle in needles {
-        assert!(
-            status.message().contains(needle),
-            "{code:?} message {:?} does not name {needle:?}",
-            status.message()
-        );
-    }
-}
-
-fn topology(node: &str) -> proto::Topology {
-    proto::Topology {
-        segments: HashMap::from([(TOPOLOGY_KEY.to_owned(), node.to_owned())]),
-    }
-}
-
-fn mount_cap_mode(fs_type: &str, mode: Mode) -> proto::VolumeCapability {
-    cap_with_mode(
-        volume_capability::AccessType::Mount(volume_capability::MountVolume {
-            fs_type: fs_type.into(),
-            ..Default::default()
-        }),
-        mode,
-    )
-}
-
-/// The ID a volume of this name gets on the test node.
-fn volume_id_for(name: &str) -> String {
-    VolumeId::derive(name, &NodeToken::for_node(NODE_ID)).to_string()
-}
 
 /// Names of the files in the pool's volumes directory.
 fn pool_volume_files(driver: &Driver) -> BTreeSet<String> {
@@ -76,64 +22,10 @@ fn pool_volume_files(driver: &Driver) -> BTreeSet<String> {
         .collect()
 }
 
-fn image_of(driver: &Driver, volume_id: &str) -> PathBuf {
-    driver
-        .pool_root()
-        .join("volumes")
-        .join(format!("{volume_id}.img"))
-}
-
-fn is_mount_point(path: &Path) -> bool {
-    kura::sys::mountinfo::read()
-        .unwrap()
-        .iter()
-        .any(|m| m.mount_point == path)
-}
-
 fn loop_device_of(image: &Path) -> Option<PathBuf> {
     kura::sys::loopdev::find_by_backing(image)
         .unwrap()
         .map(|d| d.path)
-}
-
-fn unstage_request(volume_id: &str, staging: &Path) -> proto::NodeUnstageVolumeRequest {
-    proto::NodeUnstageVolumeRequest {
-        volume_id: volume_id.into(),
-        staging_target_path: staging.display().to_string(),
-    }
-}
-
-fn unpublish_request(volume_id: &str, target: &Path) -> proto::NodeUnpublishVolumeRequest {
-    proto::NodeUnpublishVolumeRequest {
-        volume_id: volume_id.into(),
-        target_path: target.display().to_string(),
-    }
-}
-
-fn stats_request(volume_id: &str, path: &str) -> proto::NodeGetVolumeStatsRequest {
-    proto::NodeGetVolumeStatsRequest {
-        volume_id: volume_id.into(),
-        volume_path: path.into(),
-        ..Default::default()
-    }
-}
-
-fn delete_request(volume_id: &str) -> proto::DeleteVolumeRequest {
-    proto::DeleteVolumeRequest {
-        volume_id: volume_id.into(),
-        ..Default::default()
-    }
-}
-
-fn validate_request(
-    volume_id: &str,
-    caps: Vec<proto::VolumeCapability>,
-) -> proto::ValidateVolumeCapabilitiesRequest {
-    proto::ValidateVolumeCapabilitiesRequest {
-        volume_id: volume_id.into(),
-        volume_capabilities: caps,
-        ..Default::default()
-    }
 }
 
 fn capacity_request(
@@ -142,10 +34,7 @@ fn capacity_request(
 ) -> proto::GetCapacityRequest {
     proto::GetCapacityRequest {
         volume_capabilities: vec![mount_cap("")],
-        parameters: params
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        parameters: string_map(params),
         accessible_topology: topology,
     }
 }
@@ -153,9 +42,7 @@ fn capacity_request(
 async fn get_volume(driver: &Driver, volume_id: &str) -> proto::ControllerGetVolumeResponse {
     driver
         .controller()
-        .controller_get_volume(proto::ControllerGetVolumeRequest {
-            volume_id: volume_id.into(),
-        })
+        .controller_get_volume(get_volume_request(volume_id))
         .await
         .unwrap()
         .into_inner()
@@ -172,7 +59,7 @@ async fn identity_reports_name_version_capabilities_and_readiness() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(info.name, "kura.csi.dev");
+    assert_eq!(info.name, DRIVER_NAME);
     assert_eq!(info.vendor_version, env!("CARGO_PKG_VERSION"));
 
     let caps = identity
@@ -242,7 +129,10 @@ async fn create_volume_errors_and_idempotency() {
         Code::InvalidArgument,
         &["volume_capabilities[0].access_type"],
     );
-    request.volume_capabilities = vec![mount_cap_mode("", Mode::MultiNodeMultiWriter)];
+    request.volume_capabilities = vec![cap_with_mode(
+        mount_access("", &[]),
+        Mode::MultiNodeMultiWriter,
+    )];
     assert_code(
         controller.create_volume(request).await,
         Code::InvalidArgument,
@@ -278,7 +168,7 @@ async fn create_volume_errors_and_idempotency() {
         .create_volume("pvc-thick", 64 * MIB, &[(PROVISIONING, "thick")])
         .await;
     assert_eq!(thick.capacity_bytes, 64 * MIB);
-    let allocated = std::fs::metadata(image_of(&driver, &thick.volume_id))
+    let allocated = std::fs::metadata(volume_image(&driver.pool_root(), &thick.volume_id))
         .unwrap()
         .blocks()
         * 512;
@@ -289,7 +179,7 @@ async fn create_volume_errors_and_idempotency() {
     let thin = driver
         .create_volume("pvc-thin", 64 * MIB, &[(PROVISIONING, "thin")])
         .await;
-    let allocated = std::fs::metadata(image_of(&driver, &thin.volume_id))
+    let allocated = std::fs::metadata(volume_image(&driver.pool_root(), &thin.volume_id))
         .unwrap()
         .blocks()
         * 512;
@@ -358,7 +248,7 @@ async fn create_volume_errors_and_idempotency() {
     let odd = driver.create_volume("pvc-odd", MIB + 1, &[]).await;
     assert_eq!(odd.capacity_bytes, 2 * MIB);
     assert_eq!(
-        std::fs::metadata(image_of(&driver, &odd.volume_id))
+        std::fs::metadata(volume_image(&driver.pool_root(), &odd.volume_id))
             .unwrap()
             .len(),
         2 * MIB as u64
@@ -367,8 +257,8 @@ async fn create_volume_errors_and_idempotency() {
     // Topology: a requisite naming only another node cannot be met; ours can.
     let mut request = create_request("pvc-topology", 64 * MIB, &[], None);
     request.accessibility_requirements = Some(proto::TopologyRequirement {
-        requisite: vec![topology("other-node")],
-        preferred: vec![topology("other-node")],
+        requisite: vec![node_topology("other-node")],
+        preferred: vec![node_topology("other-node")],
     });
     assert_code(
         controller.create_volume(request.clone()).await,
@@ -376,8 +266,8 @@ async fn create_volume_errors_and_idempotency() {
         &["accessibility_requirements"],
     );
     request.accessibility_requirements = Some(proto::TopologyRequirement {
-        requisite: vec![topology("other-node"), topology(NODE_ID)],
-        preferred: vec![topology("other-node"), topology(NODE_ID)],
+        requisite: vec![node_topology("other-node"), node_topology(NODE_ID)],
+        preferred: vec![node_topology("other-node"), node_topology(NODE_ID)],
     });
     let placed = controller
         .create_volume(request)
@@ -386,7 +276,7 @@ async fn create_volume_errors_and_idempotency() {
         .into_inner()
         .volume
         .unwrap();
-    assert_eq!(placed.accessible_topology, vec![topology(NODE_ID)]);
+    assert_eq!(placed.accessible_topology, vec![node_topology(NODE_ID)]);
     assert!(placed.volume_id.ends_with(NODE_ID));
 
     // Bigger than the whole pool (16Gi) could ever hold: OUT_OF_RANGE. Within it, but
@@ -413,7 +303,7 @@ async fn create_volume_errors_and_idempotency() {
             code,
             &[],
         );
-        let id = volume_id_for(name);
+        let id = volume_id(name).to_string();
         let after = pool_volume_files(&driver);
         assert!(
             after.iter().all(|f| !f.contains(&id)),
@@ -422,7 +312,7 @@ async fn create_volume_errors_and_idempotency() {
         assert_eq!(before, after);
     }
     controller
-        .delete_volume(delete_request(&filler.volume_id))
+        .delete_volume(delete_volume_request(&filler.volume_id))
         .await
         .unwrap();
 
@@ -450,7 +340,7 @@ async fn create_volume_errors_and_idempotency() {
     assert!(
         pool_volume_files(&driver)
             .iter()
-            .all(|f| !f.contains(&volume_id_for("pvc-from-nothing")))
+            .all(|f| !f.contains(&volume_id("pvc-from-nothing").to_string()))
     );
 }
 
@@ -463,12 +353,12 @@ async fn delete_and_validate_volume() {
     // DeleteVolume: what does not exist is deleted; the ID is required.
     for id in [UNKNOWN_VOLUME, MALFORMED_ID, FOREIGN_VOLUME] {
         controller
-            .delete_volume(delete_request(id))
+            .delete_volume(delete_volume_request(id))
             .await
             .unwrap_or_else(|e| panic!("delete {id}: {e}"));
     }
     assert_code(
-        controller.delete_volume(delete_request("")).await,
+        controller.delete_volume(delete_volume_request("")).await,
         Code::InvalidArgument,
         &["volume_id"],
     );
@@ -482,12 +372,12 @@ async fn delete_and_validate_volume() {
         .await
         .unwrap();
     assert_code(
-        controller.delete_volume(delete_request(&id)).await,
+        controller.delete_volume(delete_volume_request(&id)).await,
         Code::FailedPrecondition,
         &[&id],
     );
     assert!(
-        image_of(&driver, &id).exists(),
+        volume_image(&driver.pool_root(), &id).exists(),
         "a refused delete removed the image"
     );
 
@@ -515,7 +405,7 @@ async fn delete_and_validate_volume() {
             &id,
             vec![
                 mount_cap("ext4"),
-                mount_cap_mode("ext4", Mode::MultiNodeReaderOnly),
+                cap_with_mode(mount_access("ext4", &[]), Mode::MultiNodeReaderOnly),
             ],
         ))
         .await
@@ -557,14 +447,15 @@ async fn delete_and_validate_volume() {
         .await
         .unwrap();
     for _ in 0..2 {
-        controller.delete_volume(delete_request(&id)).await.unwrap();
+        controller
+            .delete_volume(delete_volume_request(&id))
+            .await
+            .unwrap();
     }
-    assert!(!image_of(&driver, &id).exists());
+    assert!(!volume_image(&driver.pool_root(), &id).exists());
     assert_code(
         controller
-            .controller_get_volume(proto::ControllerGetVolumeRequest {
-                volume_id: id.clone(),
-            })
+            .controller_get_volume(get_volume_request(&id))
             .await,
         Code::NotFound,
         &[],
@@ -633,7 +524,7 @@ async fn list_volumes_capacity_and_condition() {
         &[(PROVISIONING, "thick")],
     ] {
         let capacity = controller
-            .get_capacity(capacity_request(params, Some(topology(NODE_ID))))
+            .get_capacity(capacity_request(params, Some(node_topology(NODE_ID))))
             .await
             .unwrap()
             .into_inner();
@@ -642,7 +533,7 @@ async fn list_volumes_capacity_and_condition() {
         assert!(largest > 0 && largest <= 16 * GIB, "{capacity:?}");
     }
     let elsewhere = controller
-        .get_capacity(capacity_request(&[], Some(topology("other-node"))))
+        .get_capacity(capacity_request(&[], Some(node_topology("other-node"))))
         .await
         .unwrap()
         .into_inner();
@@ -660,9 +551,7 @@ async fn list_volumes_capacity_and_condition() {
     for unknown in [UNKNOWN_VOLUME, MALFORMED_ID, FOREIGN_VOLUME] {
         assert_code(
             controller
-                .controller_get_volume(proto::ControllerGetVolumeRequest {
-                    volume_id: unknown.into(),
-                })
+                .controller_get_volume(get_volume_request(unknown))
                 .await,
             Code::NotFound,
             &[],
@@ -672,7 +561,7 @@ async fn list_volumes_capacity_and_condition() {
     let healthy = get_volume(&driver, &id).await;
     assert_eq!(healthy.volume.as_ref().unwrap().volume_id, id);
     assert!(!healthy.status.unwrap().volume_condition.unwrap().abnormal);
-    std::fs::remove_file(image_of(&driver, &id)).unwrap();
+    std::fs::remove_file(volume_image(&driver.pool_root(), &id)).unwrap();
     let condition = get_volume(&driver, &id)
         .await
         .status
@@ -681,7 +570,10 @@ async fn list_volumes_capacity_and_condition() {
         .unwrap();
     assert!(condition.abnormal, "{condition:?}");
     assert!(!condition.message.is_empty());
-    controller.delete_volume(delete_request(&id)).await.unwrap();
+    controller
+        .delete_volume(delete_volume_request(&id))
+        .await
+        .unwrap();
     assert!(pool_volume_files(&driver).iter().all(|f| !f.contains(&id)));
 }
 
@@ -697,7 +589,7 @@ async fn node_errors_and_access_modes() {
         .unwrap()
         .into_inner();
     assert_eq!(info.node_id, NODE_ID);
-    assert_eq!(info.accessible_topology, Some(topology(NODE_ID)));
+    assert_eq!(info.accessible_topology, Some(node_topology(NODE_ID)));
     assert!(info.max_volumes_per_node > 0);
     let caps = node
         .node_get_capabilities(proto::NodeGetCapabilitiesRequest {})
@@ -824,7 +716,7 @@ async fn node_errors_and_access_modes() {
         );
     }
     assert_code(
-        node.node_get_volume_stats(stats_request("", &target.display().to_string()))
+        node.node_get_volume_stats(stats_request("", target.display().to_string()))
             .await,
         Code::InvalidArgument,
         &["volume_id"],
@@ -857,13 +749,13 @@ async fn node_errors_and_access_modes() {
             &[],
         );
         assert_code(
-            node.node_get_volume_stats(stats_request(unknown, &staging.display().to_string()))
+            node.node_get_volume_stats(stats_request(unknown, staging.display().to_string()))
                 .await,
             Code::NotFound,
             &[],
         );
     }
-    assert!(!is_mount_point(&staging) && !target.exists());
+    assert!(!is_mounted(&staging) && !target.exists());
 
     // Publish comes after stage.
     assert_code(
@@ -876,15 +768,15 @@ async fn node_errors_and_access_modes() {
 
     // SINGLE_NODE_SINGLE_WRITER: staged once; another fs_type or mode on the same
     // path is ALREADY_EXISTS; a second target is FAILED_PRECONDITION.
-    let single = mount_cap_mode("ext4", Mode::SingleNodeSingleWriter);
+    let single = cap_with_mode(mount_access("ext4", &[]), Mode::SingleNodeSingleWriter);
     for _ in 0..2 {
         node.node_stage_volume(stage_request(&id, &staging, &single))
             .await
             .unwrap();
     }
     for other in [
-        mount_cap_mode("xfs", Mode::SingleNodeSingleWriter),
-        mount_cap_mode("ext4", Mode::SingleNodeMultiWriter),
+        cap_with_mode(mount_access("xfs", &[]), Mode::SingleNodeSingleWriter),
+        cap_with_mode(mount_access("ext4", &[]), Mode::SingleNodeMultiWriter),
     ] {
         assert_code(
             node.node_stage_volume(stage_request(&id, &staging, &other))
@@ -893,10 +785,7 @@ async fn node_errors_and_access_modes() {
             &[],
         );
     }
-    assert!(
-        is_mount_point(&staging),
-        "a refused stage undid the staging"
-    );
+    assert!(is_mounted(&staging), "a refused stage undid the staging");
     for _ in 0..2 {
         node.node_publish_volume(publish_request(&id, &staging, &target, &single, false))
             .await
@@ -917,7 +806,7 @@ async fn node_errors_and_access_modes() {
     );
     assert!(!second.exists(), "a refused publish made its target");
     // Stats answer only at the volume's own paths.
-    node.node_get_volume_stats(stats_request(&id, &target.display().to_string()))
+    node.node_get_volume_stats(stats_request(&id, target.display().to_string()))
         .await
         .unwrap();
     for elsewhere in [
@@ -943,12 +832,15 @@ async fn node_errors_and_access_modes() {
             .await
             .unwrap();
     }
-    assert!(!is_mount_point(&staging));
-    assert_eq!(loop_device_of(&image_of(&driver, &id)), None);
+    assert!(!is_mounted(&staging));
+    assert_eq!(
+        loop_device_of(&volume_image(&driver.pool_root(), &id)),
+        None
+    );
 
     // SINGLE_NODE_MULTI_WRITER: two targets share the data; a read-only one refuses
     // writes; the same target with another readonly is ALREADY_EXISTS.
-    let multi = mount_cap_mode("ext4", Mode::SingleNodeMultiWriter);
+    let multi = cap_with_mode(mount_access("ext4", &[]), Mode::SingleNodeMultiWriter);
     let id_b = driver
         .create_volume("pvc-node-b", 64 * MIB, &[])
         .await
@@ -998,11 +890,11 @@ async fn node_errors_and_access_modes() {
         &[],
     );
     // Another volume's path is not this volume's.
-    node.node_get_volume_stats(stats_request(&id_b, &targets[1].display().to_string()))
+    node.node_get_volume_stats(stats_request(&id_b, targets[1].display().to_string()))
         .await
         .unwrap();
     assert_code(
-        node.node_get_volume_stats(stats_request(&id, &targets[1].display().to_string()))
+        node.node_get_volume_stats(stats_request(&id, targets[1].display().to_string()))
             .await,
         Code::NotFound,
         &[],
@@ -1045,12 +937,12 @@ async fn node_errors_and_access_modes() {
     write_at(&target_c, 8192, &data);
     assert_eq!(read_at(&target_c, 8192, data.len()), data);
     assert_eq!(
-        read_at(&image_of(&driver, &id_c), 8192, data.len()),
+        read_at(&volume_image(&driver.pool_root(), &id_c), 8192, data.len()),
         data,
         "the block target is not the volume"
     );
     let stats = node
-        .node_get_volume_stats(stats_request(&id_c, &target_c.display().to_string()))
+        .node_get_volume_stats(stats_request(&id_c, target_c.display().to_string()))
         .await
         .unwrap()
         .into_inner();
@@ -1067,7 +959,10 @@ async fn node_errors_and_access_modes() {
     node.node_unstage_volume(unstage_request(&id_c, &staging_c))
         .await
         .unwrap();
-    assert_eq!(loop_device_of(&image_of(&driver, &id_c)), None);
+    assert_eq!(
+        loop_device_of(&volume_image(&driver.pool_root(), &id_c)),
+        None
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1078,7 +973,7 @@ async fn staging_never_reformats() {
         .create_volume("pvc-keep", 64 * MIB, &[])
         .await
         .volume_id;
-    let image = image_of(&driver, &id);
+    let image = volume_image(&driver.pool_root(), &id);
 
     let (staging, target) = driver
         .stage_and_publish(&id, &mount_cap("ext4"), "keep")
@@ -1104,7 +999,7 @@ async fn staging_never_reformats() {
         Code::FailedPrecondition,
         &["ext4", "xfs"],
     );
-    assert!(!is_mount_point(&staging));
+    assert!(!is_mounted(&staging));
     assert_eq!(loop_device_of(&image), None);
 
     // And the data is still intact.

@@ -11,7 +11,6 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::cluster::*;
-use common::process::Proc;
 use common::*;
 use kura::csi::proto;
 use tonic::Code;
@@ -32,54 +31,9 @@ fn with_topology(
     }
 }
 
-async fn create(
-    controller: &Proc,
-    request: proto::CreateVolumeRequest,
-) -> Result<proto::Volume, tonic::Status> {
-    controller
-        .controller()
-        .create_volume(request)
-        .await
-        .map(|r| r.into_inner().volume.expect("volume in response"))
-}
-
-async fn get_volume(controller: &Proc, id: &str) -> Result<proto::Volume, tonic::Status> {
-    controller
-        .controller()
-        .controller_get_volume(proto::ControllerGetVolumeRequest {
-            volume_id: id.into(),
-        })
-        .await
-        .map(|r| r.into_inner().volume.expect("volume in response"))
-}
-
-async fn delete_volume(controller: &Proc, id: &str) -> Result<(), tonic::Status> {
-    controller
-        .controller()
-        .delete_volume(proto::DeleteVolumeRequest {
-            volume_id: id.into(),
-            ..Default::default()
-        })
-        .await
-        .map(|_| ())
-}
-
-async fn list_volume_ids(controller: &Proc) -> Vec<String> {
-    controller
-        .controller()
-        .list_volumes(proto::ListVolumesRequest::default())
-        .await
-        .expect("ListVolumes")
-        .into_inner()
-        .entries
-        .into_iter()
-        .map(|e| e.volume.unwrap().volume_id)
-        .collect()
-}
-
 /// Metadata documents in a node's pool: the volumes it really holds.
 fn volumes_on_disk(node: &NodeProc) -> usize {
-    let dir = node.dir.join("state/pool/volumes");
+    let dir = node.pool_root().join("volumes");
     std::fs::read_dir(&dir)
         .map(|entries| {
             entries
@@ -141,7 +95,8 @@ async fn placement_capacity_and_listing() {
     assert_eq!(all.maximum_volume_size, Some(c / MIB * MIB));
 
     // No topology: the node with the most free space.
-    let v = create(controller, with_topology("pvc-free", 64 * MIB, None))
+    let v = controller
+        .create(with_topology("pvc-free", 64 * MIB, None))
         .await
         .unwrap();
     assert_eq!(volume_node(&v), "node-c");
@@ -149,51 +104,51 @@ async fn placement_capacity_and_listing() {
 
     // The first preferred node within requisite.
     let all_nodes = ["node-a", "node-b", "node-c"];
-    let v = create(
-        controller,
-        with_topology(
+    let v = controller
+        .create(with_topology(
             "pvc-preferred",
             64 * MIB,
             Some(topology(&all_nodes, &["node-a", "node-b"])),
-        ),
-    )
-    .await
-    .unwrap();
+        ))
+        .await
+        .unwrap();
     assert_eq!(volume_node(&v), "node-a");
 
     // A preferred node outside requisite is not taken.
-    let v = create(
-        controller,
-        with_topology(
+    let v = controller
+        .create(with_topology(
             "pvc-requisite",
             64 * MIB,
             Some(topology(&["node-b"], &["node-a", "node-b"])),
-        ),
-    )
-    .await
-    .unwrap();
+        ))
+        .await
+        .unwrap();
     assert_eq!(volume_node(&v), "node-b");
 
     // Strict topology (WaitForFirstConsumer): the one selected node...
     let strict = |name: &str, size: i64, node: &str| {
         with_topology(name, size, Some(topology(&[node], &[node])))
     };
-    let v = create(controller, strict("pvc-strict", 64 * MIB, "node-a"))
+    let v = controller
+        .create(strict("pvc-strict", 64 * MIB, "node-a"))
         .await
         .unwrap();
     assert_eq!(volume_node(&v), "node-a");
     // ... and when it is full, RESOURCE_EXHAUSTED so the scheduler picks again.
-    let full = create(controller, strict("pvc-too-big", 3 * GIB, "node-a"))
+    let full = controller
+        .create(strict("pvc-too-big", 3 * GIB, "node-a"))
         .await
         .unwrap_err();
     assert_eq!(full.code(), Code::ResourceExhausted, "{full:?}");
     // The same on the big node fits.
-    let v = create(controller, strict("pvc-too-big", 3 * GIB, "node-c"))
+    let v = controller
+        .create(strict("pvc-too-big", 3 * GIB, "node-c"))
         .await
         .unwrap();
     assert_eq!(volume_node(&v), "node-c");
     // A requisite naming no kura node.
-    let none = create(controller, strict("pvc-nowhere", 64 * MIB, "node-x"))
+    let none = controller
+        .create(strict("pvc-nowhere", 64 * MIB, "node-x"))
         .await
         .unwrap_err();
     assert_eq!(none.code(), Code::ResourceExhausted, "{none:?}");
@@ -201,20 +156,23 @@ async fn placement_capacity_and_listing() {
     // A retry of a create lands on the volume that exists, wherever the topology
     // would place a new one now; a requisite that excludes its node is another
     // volume (ALREADY_EXISTS).
-    let again = create(controller, with_topology("pvc-preferred", 64 * MIB, None))
+    let again = controller
+        .create(with_topology("pvc-preferred", 64 * MIB, None))
         .await
         .unwrap();
     assert_eq!(volume_node(&again), "node-a");
-    let excluded = create(
-        controller,
-        with_topology("pvc-preferred", 64 * MIB, Some(topology(&["node-b"], &[]))),
-    )
-    .await
-    .unwrap_err();
+    let excluded = controller
+        .create(with_topology(
+            "pvc-preferred",
+            64 * MIB,
+            Some(topology(&["node-b"], &[])),
+        ))
+        .await
+        .unwrap_err();
     assert_eq!(excluded.code(), Code::AlreadyExists, "{excluded:?}");
 
     // Listing covers every node, sorted by ID, and pages across nodes.
-    let ids = list_volume_ids(controller).await;
+    let ids = controller.list_volume_ids().await;
     assert_eq!(ids.len(), 5, "{ids:?}");
     let mut sorted = ids.clone();
     sorted.sort();
@@ -251,10 +209,10 @@ async fn placement_capacity_and_listing() {
 
     // Deleting is idempotent across nodes too.
     for id in &ids {
-        delete_volume(controller, id).await.unwrap();
-        delete_volume(controller, id).await.unwrap();
+        controller.delete_volume(id).await.unwrap();
+        controller.delete_volume(id).await.unwrap();
     }
-    assert!(list_volume_ids(controller).await.is_empty());
+    assert!(controller.list_volume_ids().await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -281,12 +239,12 @@ async fn sixteen_identical_creates_make_one_volume() {
         }
     }
     // The retry after the race settles on the same volume.
-    let settled = create(controller, request).await.unwrap();
+    let settled = controller.create(request).await.unwrap();
     ids.insert(settled.volume_id.clone());
     assert_eq!(ids.len(), 1, "{ids:?}");
     let on_disk: usize = cluster.nodes.iter().map(volumes_on_disk).sum();
     assert_eq!(on_disk, 1);
-    assert_eq!(list_volume_ids(controller).await, vec![settled.volume_id]);
+    assert_eq!(controller.list_volume_ids().await, vec![settled.volume_id]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -294,16 +252,14 @@ async fn snapshots_clones_and_stage_stay_on_the_owning_node() {
     let cluster = Cluster::start(&SIZES).await;
     let controller = cluster.controller();
     let owner = cluster.node("node-b");
-    let volume = create(
-        controller,
-        with_topology(
+    let volume = controller
+        .create(with_topology(
             "pvc-data",
             64 * MIB,
             Some(topology(&["node-b"], &["node-b"])),
-        ),
-    )
-    .await
-    .unwrap();
+        ))
+        .await
+        .unwrap();
     let id = volume.volume_id.clone();
 
     // Stage and publish through the owning node's socket; write data.
@@ -325,23 +281,19 @@ async fn snapshots_clones_and_stage_stay_on_the_owning_node() {
     let elsewhere = cluster
         .node("node-a")
         .node()
-        .node_stage_volume(stage_request(&id, &cluster.node("node-a").path("s"), &cap))
+        .node_stage_volume(stage_request(&id, cluster.node("node-a").path("s"), &cap))
         .await
         .unwrap_err();
     assert_eq!(elsewhere.code(), Code::NotFound, "{elsewhere:?}");
 
     // A staged volume cannot be deleted, through the controller either.
-    let staged = delete_volume(controller, &id).await.unwrap_err();
+    let staged = controller.delete_volume(&id).await.unwrap_err();
     assert_eq!(staged.code(), Code::FailedPrecondition, "{staged:?}");
 
     // Snapshot, clone and restore land on the owner.
     let mut client = controller.controller();
     let snapshot = client
-        .create_snapshot(proto::CreateSnapshotRequest {
-            source_volume_id: id.clone(),
-            name: "snap-data".into(),
-            ..Default::default()
-        })
+        .create_snapshot(snapshot_request("snap-data", &id))
         .await
         .expect("CreateSnapshot")
         .into_inner()
@@ -350,44 +302,39 @@ async fn snapshots_clones_and_stage_stay_on_the_owning_node() {
     assert!(snapshot.snapshot_id.ends_with("-node-b"));
     assert!(snapshot.ready_to_use);
     // The same name for another volume is refused, even on another node.
-    let other = create(
-        controller,
-        with_topology(
+    let other = controller
+        .create(with_topology(
             "pvc-other",
             64 * MIB,
             Some(topology(&["node-a"], &["node-a"])),
-        ),
-    )
-    .await
-    .unwrap();
+        ))
+        .await
+        .unwrap();
     let reused = client
-        .create_snapshot(proto::CreateSnapshotRequest {
-            source_volume_id: other.volume_id.clone(),
-            name: "snap-data".into(),
-            ..Default::default()
-        })
+        .create_snapshot(snapshot_request("snap-data", &other.volume_id))
         .await
         .unwrap_err();
     assert_eq!(reused.code(), Code::AlreadyExists, "{reused:?}");
 
-    let clone = create(
-        controller,
-        create_request("pvc-clone", 64 * MIB, &[], Some(volume_source(&id))),
-    )
-    .await
-    .unwrap();
+    let clone = controller
+        .create(create_request(
+            "pvc-clone",
+            64 * MIB,
+            &[],
+            Some(volume_source(&id)),
+        ))
+        .await
+        .unwrap();
     assert_eq!(volume_node(&clone), "node-b");
-    let restore = create(
-        controller,
-        create_request(
+    let restore = controller
+        .create(create_request(
             "pvc-restore",
             64 * MIB,
             &[],
             Some(snapshot_source(&snapshot.snapshot_id)),
-        ),
-    )
-    .await
-    .unwrap();
+        ))
+        .await
+        .unwrap();
     assert_eq!(volume_node(&restore), "node-b");
     assert!(restore.content_source.is_some());
 
@@ -403,7 +350,7 @@ async fn snapshots_clones_and_stage_stay_on_the_owning_node() {
         )
     };
     let copied = loop {
-        match create(controller, elsewhere.clone()).await {
+        match controller.create(elsewhere.clone()).await {
             Ok(volume) => break volume,
             Err(status) if status.code() == Code::Aborted => {
                 tokio::time::sleep(Duration::from_millis(200)).await
@@ -412,7 +359,7 @@ async fn snapshots_clones_and_stage_stay_on_the_owning_node() {
         }
     };
     assert_eq!(volume_node(&copied), "node-a");
-    delete_volume(controller, &copied.volume_id).await.unwrap();
+    controller.delete_volume(&copied.volume_id).await.unwrap();
 
     // The restore holds the data, read through the owner's socket.
     let staging2 = owner.path("stage2");
@@ -451,20 +398,14 @@ async fn snapshots_clones_and_stage_stay_on_the_owning_node() {
         (&id, &staging, &target),
         (&restore.volume_id, &staging2, &target2),
     ] {
-        node.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
-            volume_id: vol.clone(),
-            target_path: target.display().to_string(),
-        })
-        .await
-        .unwrap();
-        node.node_unstage_volume(proto::NodeUnstageVolumeRequest {
-            volume_id: vol.clone(),
-            staging_target_path: stage.display().to_string(),
-        })
-        .await
-        .unwrap();
+        node.node_unpublish_volume(unpublish_request(vol, target))
+            .await
+            .unwrap();
+        node.node_unstage_volume(unstage_request(vol, stage))
+            .await
+            .unwrap();
     }
-    delete_volume(controller, &id).await.unwrap();
+    controller.delete_volume(&id).await.unwrap();
     let snapshots = client
         .list_snapshots(proto::ListSnapshotsRequest::default())
         .await
@@ -473,10 +414,7 @@ async fn snapshots_clones_and_stage_stay_on_the_owning_node() {
         .entries;
     assert_eq!(snapshots.len(), 1, "the snapshot outlives its volume");
     client
-        .delete_snapshot(proto::DeleteSnapshotRequest {
-            snapshot_id: snapshot.snapshot_id.clone(),
-            ..Default::default()
-        })
+        .delete_snapshot(delete_snapshot_request(&snapshot.snapshot_id))
         .await
         .unwrap();
 }
@@ -484,53 +422,52 @@ async fn snapshots_clones_and_stage_stay_on_the_owning_node() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_agent_is_unavailable_then_served_again_after_restart() {
     let mut cluster = Cluster::start(&SIZES).await;
-    let on_c = create(
-        controller_of(&cluster),
-        with_topology("pvc-c", 64 * MIB, None),
-    )
-    .await
-    .unwrap();
+    let on_c = cluster
+        .controller()
+        .create(with_topology("pvc-c", 64 * MIB, None))
+        .await
+        .unwrap();
     assert_eq!(volume_node(&on_c), "node-c");
-    let on_b = create(
-        controller_of(&cluster),
-        with_topology("pvc-b", 64 * MIB, Some(topology(&["node-b"], &[]))),
-    )
-    .await
-    .unwrap();
+    let on_b = cluster
+        .controller()
+        .create(with_topology(
+            "pvc-b",
+            64 * MIB,
+            Some(topology(&["node-b"], &[])),
+        ))
+        .await
+        .unwrap();
 
     cluster.node_mut("node-c").kill();
     let controller = cluster.controller();
     let took = until_code("GetVolume on a killed node", Code::Unavailable, || {
-        get_volume(controller, &on_c.volume_id)
+        controller.get_volume(&on_c.volume_id)
     })
     .await;
     eprintln!("UNAVAILABLE {took:?} after SIGKILL");
     // Never a false success: deleting a volume on an unreachable node is UNAVAILABLE.
-    let delete = delete_volume(controller, &on_c.volume_id)
-        .await
-        .unwrap_err();
+    let delete = controller.delete_volume(&on_c.volume_id).await.unwrap_err();
     assert_eq!(delete.code(), Code::Unavailable, "{delete:?}");
     assert_eq!(controller.capacity("node-c").await, 0);
     // The other nodes serve, and placement skips the dead one.
-    get_volume(controller, &on_b.volume_id).await.unwrap();
-    let placed = create(controller, with_topology("pvc-while-down", 64 * MIB, None))
+    controller.get_volume(&on_b.volume_id).await.unwrap();
+    let placed = controller
+        .create(with_topology("pvc-while-down", 64 * MIB, None))
         .await
         .unwrap();
     assert_eq!(volume_node(&placed), "node-b");
     // Strict topology on the dead node: RESOURCE_EXHAUSTED, the scheduler picks again.
-    let strict = create(
-        controller,
-        with_topology(
+    let strict = controller
+        .create(with_topology(
             "pvc-strict-down",
             64 * MIB,
             Some(topology(&["node-c"], &["node-c"])),
-        ),
-    )
-    .await
-    .unwrap_err();
+        ))
+        .await
+        .unwrap_err();
     assert_eq!(strict.code(), Code::ResourceExhausted, "{strict:?}");
     // Listing shows the live nodes' volumes.
-    let listed = list_volume_ids(controller).await;
+    let listed = controller.list_volume_ids().await;
     assert!(!listed.contains(&on_c.volume_id), "{listed:?}");
     assert!(listed.contains(&on_b.volume_id), "{listed:?}");
 
@@ -558,64 +495,61 @@ async fn a_killed_agent_is_unavailable_then_served_again_after_restart() {
     cluster.node_mut("node-c").start().await;
     let controller = cluster.controller();
     until_code("GetVolume after restart", Code::Ok, || {
-        get_volume(controller, &on_c.volume_id)
+        controller.get_volume(&on_c.volume_id)
     })
     .await;
-    let back = get_volume(controller, &on_c.volume_id).await.unwrap();
+    let back = controller.get_volume(&on_c.volume_id).await.unwrap();
     assert_eq!(back.capacity_bytes, 64 * MIB);
     assert!(controller.capacity("node-c").await > 0);
-    delete_volume(controller, &on_c.volume_id).await.unwrap();
-}
-
-fn controller_of(cluster: &Cluster) -> &Proc {
-    cluster.controller()
+    controller.delete_volume(&on_c.volume_id).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stopped_agent_gives_bounded_unavailable_not_a_hang() {
     let cluster = Cluster::start(&SIZES[..2]).await;
     let controller = cluster.controller();
-    let on_b = create(
-        controller,
-        with_topology("pvc-b", 64 * MIB, Some(topology(&["node-b"], &[]))),
-    )
-    .await
-    .unwrap();
-    let on_a = create(
-        controller,
-        with_topology("pvc-a", 64 * MIB, Some(topology(&["node-a"], &[]))),
-    )
-    .await
-    .unwrap();
+    let on_b = controller
+        .create(with_topology(
+            "pvc-b",
+            64 * MIB,
+            Some(topology(&["node-b"], &[])),
+        ))
+        .await
+        .unwrap();
+    let on_a = controller
+        .create(with_topology(
+            "pvc-a",
+            64 * MIB,
+            Some(topology(&["node-a"], &[])),
+        ))
+        .await
+        .unwrap();
 
     let stopped = cluster.node("node-b");
     stopped.stop_signal();
     // The first call goes out while the controller still thinks the agent is live:
     // it must end with UNAVAILABLE once the agent is seen silent, not hang.
     let started = Instant::now();
-    let first = tokio::time::timeout(UNREACHABLE_BOUND, get_volume(controller, &on_b.volume_id))
+    let first = tokio::time::timeout(UNREACHABLE_BOUND, controller.get_volume(&on_b.volume_id))
         .await
         .expect("GetVolume on a stopped agent hung")
         .unwrap_err();
     assert_eq!(first.code(), Code::Unavailable, "{first:?}");
     eprintln!("UNAVAILABLE {:?} after SIGSTOP", started.elapsed());
-    let delete = tokio::time::timeout(
-        UNREACHABLE_BOUND,
-        delete_volume(controller, &on_b.volume_id),
-    )
-    .await
-    .expect("DeleteVolume on a stopped agent hung")
-    .unwrap_err();
+    let delete = tokio::time::timeout(UNREACHABLE_BOUND, controller.delete_volume(&on_b.volume_id))
+        .await
+        .expect("DeleteVolume on a stopped agent hung")
+        .unwrap_err();
     assert_eq!(delete.code(), Code::Unavailable, "{delete:?}");
     assert_eq!(controller.capacity("node-b").await, 0);
-    get_volume(controller, &on_a.volume_id).await.unwrap();
+    controller.get_volume(&on_a.volume_id).await.unwrap();
 
     stopped.continue_signal();
     until_code("GetVolume after SIGCONT", Code::Ok, || {
-        get_volume(controller, &on_b.volume_id)
+        controller.get_volume(&on_b.volume_id)
     })
     .await;
-    delete_volume(controller, &on_b.volume_id).await.unwrap();
+    controller.delete_volume(&on_b.volume_id).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -624,17 +558,19 @@ async fn two_controllers_serve_the_same_nodes() {
     cluster.add_controller().await;
     let (one, two) = (&cluster.controllers[0], &cluster.controllers[1]);
 
-    let made = create(one, with_topology("pvc-shared", 64 * MIB, None))
+    let made = one
+        .create(with_topology("pvc-shared", 64 * MIB, None))
         .await
         .unwrap();
-    let seen = get_volume(two, &made.volume_id).await.unwrap();
+    let seen = two.get_volume(&made.volume_id).await.unwrap();
     assert_eq!(seen.volume_id, made.volume_id);
     // The same create through the other controller finds it rather than making one.
-    let again = create(two, with_topology("pvc-shared", 64 * MIB, None))
+    let again = two
+        .create(with_topology("pvc-shared", 64 * MIB, None))
         .await
         .unwrap();
     assert_eq!(again.volume_id, made.volume_id);
-    assert_eq!(list_volume_ids(two).await, vec![made.volume_id.clone()]);
+    assert_eq!(two.list_volume_ids().await, vec![made.volume_id.clone()]);
 
     // Identical creates through both at once, as two replicas might after a
     // failover, with a preferred node: one volume.
@@ -643,7 +579,7 @@ async fn two_controllers_serve_the_same_nodes() {
         64 * MIB,
         Some(topology(&["node-a", "node-b"], &["node-b"])),
     );
-    let (x, y) = tokio::join!(create(one, request.clone()), create(two, request.clone()));
+    let (x, y) = tokio::join!(one.create(request.clone()), two.create(request.clone()));
     let mut ids = HashSet::new();
     for outcome in [x, y] {
         match outcome {
@@ -653,13 +589,13 @@ async fn two_controllers_serve_the_same_nodes() {
             Err(status) => assert_eq!(status.code(), Code::Aborted, "{status:?}"),
         }
     }
-    ids.insert(create(one, request).await.unwrap().volume_id);
+    ids.insert(one.create(request).await.unwrap().volume_id);
     assert_eq!(ids.len(), 1, "{ids:?}");
     let on_disk: usize = cluster.nodes.iter().map(volumes_on_disk).sum();
     assert_eq!(on_disk, 2);
 
-    delete_volume(two, &made.volume_id).await.unwrap();
-    let gone = get_volume(one, &made.volume_id).await.unwrap_err();
+    two.delete_volume(&made.volume_id).await.unwrap();
+    let gone = one.get_volume(&made.volume_id).await.unwrap_err();
     assert_eq!(gone.code(), Code::NotFound);
 }
 
@@ -766,16 +702,18 @@ async fn the_agent_refuses_every_credential_but_the_controllers() {
         .into_inner();
     assert_eq!(probe.ready, Some(false));
     assert_eq!(lost.capacity("node-a").await, 0);
-    let nowhere = create(&lost, with_topology("pvc-nowhere", MIB, None))
+    let nowhere = lost
+        .create(with_topology("pvc-nowhere", MIB, None))
         .await
         .unwrap_err();
     assert_eq!(nowhere.code(), Code::ResourceExhausted, "{nowhere:?}");
-    let unreachable = get_volume(
-        &lost,
-        kura::pool::VolumeId::derive("pvc-x", &kura::pool::NodeToken::for_node("node-a")).as_str(),
-    )
-    .await
-    .unwrap_err();
+    let unreachable = lost
+        .get_volume(
+            kura::pool::VolumeId::derive("pvc-x", &kura::pool::NodeToken::for_node("node-a"))
+                .as_str(),
+        )
+        .await
+        .unwrap_err();
     assert_eq!(unreachable.code(), Code::Unavailable, "{unreachable:?}");
     assert!(lost.logs().contains("agent"), "the refusal is logged");
 
@@ -829,7 +767,8 @@ async fn a_clone_through_the_agent_holds_its_source_against_the_node_service() {
     let owner = &cluster.nodes[0];
     // Several of the copy's chunks, so a copy held after its first is half done.
     let size = 256 * MIB;
-    let source = create(controller, with_topology("pvc-source", size, None))
+    let source = controller
+        .create(with_topology("pvc-source", size, None))
         .await
         .unwrap()
         .volume_id;
@@ -849,18 +788,12 @@ async fn a_clone_through_the_agent_holds_its_source_against_the_node_service() {
     tokio::task::spawn_blocking(move || fill(&written, size as usize))
         .await
         .unwrap();
-    node.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
-        volume_id: source.clone(),
-        target_path: device.display().to_string(),
-    })
-    .await
-    .unwrap();
-    node.node_unstage_volume(proto::NodeUnstageVolumeRequest {
-        volume_id: source.clone(),
-        staging_target_path: staging.display().to_string(),
-    })
-    .await
-    .unwrap();
+    node.node_unpublish_volume(unpublish_request(&source, &device))
+        .await
+        .unwrap();
+    node.node_unstage_volume(unstage_request(&source, &staging))
+        .await
+        .unwrap();
 
     // The clone copies through the agent in the node process...
     let clone_id =
@@ -887,15 +820,11 @@ async fn a_clone_through_the_agent_holds_its_source_against_the_node_service() {
     assert!(stage.message().contains(&source), "{}", stage.message());
     let snapshot = controller
         .controller()
-        .create_snapshot(proto::CreateSnapshotRequest {
-            source_volume_id: source.clone(),
-            name: "snap-during-clone".into(),
-            ..Default::default()
-        })
+        .create_snapshot(snapshot_request("snap-during-clone", &source))
         .await
         .unwrap_err();
     assert_eq!(snapshot.code(), Code::Aborted, "{snapshot:?}");
-    let delete = delete_volume(controller, &source).await.unwrap_err();
+    let delete = controller.delete_volume(&source).await.unwrap_err();
     assert_eq!(delete.code(), Code::Aborted, "{delete:?}");
     assert!(
         copying.is_held() && !first.is_finished() && partial.exists(),
@@ -912,10 +841,7 @@ async fn a_clone_through_the_agent_holds_its_source_against_the_node_service() {
     node.node_stage_volume(stage_request(&source, &staging, &cap))
         .await
         .expect("stage after the clone");
-    node.node_unstage_volume(proto::NodeUnstageVolumeRequest {
-        volume_id: source.clone(),
-        staging_target_path: staging.display().to_string(),
-    })
-    .await
-    .unwrap();
+    node.node_unstage_volume(unstage_request(&source, &staging))
+        .await
+        .unwrap();
 }

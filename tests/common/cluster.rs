@@ -14,7 +14,7 @@ use kura::csi::proto;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use super::process::Proc;
-use super::{RemoveOnDrop, test_dir};
+use super::{RemoveOnDrop, SOCKET, TOPOLOGY_KEY, node_topology, test_dir};
 
 /// A `kura node` process: its ID and its agent's address.
 pub struct NodeProc {
@@ -24,6 +24,12 @@ pub struct NodeProc {
 }
 
 is_a_proc!(NodeProc);
+
+impl NodeProc {
+    pub fn pool_root(&self) -> PathBuf {
+        self.dir.join("state/pool")
+    }
+}
 
 /// A run: certificates, nodes and controllers under one temporary directory.
 pub struct Cluster {
@@ -85,7 +91,7 @@ impl Cluster {
         std::fs::create_dir_all(&dir).unwrap();
         let args = node_args(&id, &dir, size, agent, &self.certs.join("node"));
         self.nodes.push(NodeProc {
-            proc: Proc::new(&id, &dir, dir.join("csi.sock"), args),
+            proc: Proc::new(&id, &dir, dir.join(SOCKET), args),
             id,
             agent,
         });
@@ -167,7 +173,7 @@ pub fn node_args(id: &str, dir: &Path, size: &str, agent: SocketAddr, tls: &Path
     [
         "node",
         "--endpoint",
-        &format!("unix://{}", dir.join("csi.sock").display()),
+        &format!("unix://{}", dir.join(SOCKET).display()),
         "--node-id",
         id,
         "--state-dir",
@@ -189,20 +195,14 @@ pub fn node_args(id: &str, dir: &Path, size: &str, agent: SocketAddr, tls: &Path
 /// A topology requirement naming nodes: `requisite` and `preferred` in order.
 pub fn topology(requisite: &[&str], preferred: &[&str]) -> proto::TopologyRequirement {
     proto::TopologyRequirement {
-        requisite: requisite
-            .iter()
-            .map(|n| kura::csi::node_topology(n))
-            .collect(),
-        preferred: preferred
-            .iter()
-            .map(|n| kura::csi::node_topology(n))
-            .collect(),
+        requisite: requisite.iter().map(|n| node_topology(n)).collect(),
+        preferred: preferred.iter().map(|n| node_topology(n)).collect(),
     }
 }
 
 /// The node a volume is accessible on.
 pub fn volume_node(volume: &proto::Volume) -> String {
-    volume.accessible_topology[0].segments[kura::csi::TOPOLOGY_KEY].clone()
+    volume.accessible_topology[0].segments[TOPOLOGY_KEY].clone()
 }
 
 /// A TLS client to an agent trusting `ca`, with the identity in `identity` if any.

@@ -15,7 +15,8 @@ use nix::unistd::Pid;
 use tonic::transport::Channel;
 
 use super::{
-    Csi, PausePoints, PoolKind, RemoveOnDrop, all_in_one_args, lazy_channel, pool_root, test_dir,
+    Csi, PausePoints, PoolKind, RemoveOnDrop, SOCKET, all_in_one_args, lazy_channel, node_topology,
+    pool_root, test_dir,
 };
 
 /// How long a process may take to come up or to stop.
@@ -157,7 +158,7 @@ impl Proc {
     pub async fn capacity(&self, node_id: &str) -> i64 {
         self.controller()
             .get_capacity(proto::GetCapacityRequest {
-                accessible_topology: Some(kura::csi::node_topology(node_id)),
+                accessible_topology: Some(node_topology(node_id)),
                 ..Default::default()
             })
             .await
@@ -217,9 +218,19 @@ impl Drop for Proc {
 }
 
 /// Makes `$role`, a struct with a `proc` field, a [`Proc`] with more: it derefs to
-/// its process.
+/// its process, and is [`Csi`] as its process is.
 macro_rules! is_a_proc {
     ($role:ty) => {
+        impl $crate::common::Csi for $role {
+            fn channel(&self) -> tonic::transport::Channel {
+                self.proc.channel()
+            }
+
+            fn path(&self, name: &str) -> std::path::PathBuf {
+                self.proc.path(name)
+            }
+        }
+
         impl std::ops::Deref for $role {
             type Target = $crate::common::process::Proc;
 
@@ -254,7 +265,7 @@ impl Kura {
     /// Like [`Kura::new`], with more flags after the harness's own.
     pub fn with_args(pool: PoolKind, extra: &[&str]) -> Kura {
         let dir = test_dir();
-        let socket = dir.join("csi.sock");
+        let socket = dir.join(SOCKET);
         let mut args = all_in_one_args(&dir, &socket, &pool);
         args.extend(extra.iter().map(|s| s.to_string()));
         Kura {
