@@ -5,9 +5,10 @@
 //! under the test directory, and every path the request names are the same after the
 //! call as before it.
 //!
-//! The classes covered: names with the control characters CSI bans; sizes no pool can
-//! serve (OUT_OF_RANGE) against a pool that is merely too full (RESOURCE_EXHAUSTED);
-//! mutable parameters kura does not offer; access types as part of a name's
+//! Every bad input of the suite is a row here. The classes covered: missing fields,
+//! for volumes that exist and for IDs that name nothing; names with the control
+//! characters CSI bans; sizes no pool can serve (OUT_OF_RANGE) against a pool that is
+//! merely too full (RESOURCE_EXHAUSTED); mutable parameters kura does not offer; access types as part of a name's
 //! compatibility; capabilities kura cannot serve, also in expansion; paths that cannot
 //! be right (relative, NUL, too long, `..`, system trees, kura's own directories, the
 //! wrong kind of file, symbolic links, missing parents); mount flags beyond 4 KiB or
@@ -150,25 +151,35 @@ impl Call {
 /// Drops an OK response: a row looks only at the code.
 fn ok<T>(_: T) {}
 
-/// One row: a request, the code it must get, and (for errors) a word the message must
-/// contain: the field at fault, or the object.
+/// One row: a request, the code it must get, and (for errors) the words the message
+/// must contain: the field at fault, or the object.
 struct Row {
     what: String,
     call: Call,
     want: Code,
-    names: Option<String>,
+    names: Vec<String>,
 }
 
 #[derive(Default)]
 struct Table(Vec<Row>);
 
 impl Table {
+    /// A row whose message must name `names` (nothing, if it is empty).
     fn add(&mut self, what: impl Into<String>, call: Call, want: Code, names: &str) {
+        self.add_naming(what, call, want, &[names]);
+    }
+
+    /// A row whose message must name every one of `names`.
+    fn add_naming(&mut self, what: impl Into<String>, call: Call, want: Code, names: &[&str]) {
         self.0.push(Row {
             what: what.into(),
             call,
             want,
-            names: (!names.is_empty()).then(|| names.to_owned()),
+            names: names
+                .iter()
+                .filter(|n| !n.is_empty())
+                .map(|n| n.to_string())
+                .collect(),
         });
     }
 }
@@ -377,9 +388,7 @@ async fn run_table(driver: &Driver, table: Table) -> usize {
             if message.is_empty() {
                 failures.push(format!("{}: {code:?} without a message", row.what));
             }
-            if let Some(needle) = &row.names
-                && !message.contains(needle.as_str())
-            {
+            for needle in row.names.iter().filter(|n| !message.contains(n.as_str())) {
                 failures.push(format!(
                     "{}: message {message:?} does not name {needle:?}",
                     row.what
@@ -451,6 +460,10 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
         .create_snapshot("fx-snap", &mount_vol)
         .await
         .snapshot_id;
+    // Leaves 6 of the pool's 16 GiB free: too little for 8 GiB, thin or thick.
+    driver
+        .create_volume("fx-filler", 10 * GIB, &[(PROVISIONING, "thick")])
+        .await;
 
     let mut t = Table::default();
     use Code::*;
@@ -511,7 +524,11 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
         "volume_capabilities",
     );
     for (what, cap, names) in [
-        ("no access_type", no_access_type(), "access_type"),
+        (
+            "no access_type",
+            no_access_type(),
+            "volume_capabilities[0].access_type",
+        ),
         ("no access_mode", no_access_mode(), "access_mode"),
         (
             "access mode UNKNOWN",
@@ -520,11 +537,6 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
         ),
         ("access mode 99", raw_mode(99), "access_mode"),
         ("access mode -1", raw_mode(-1), "access_mode"),
-        (
-            "MULTI_NODE_MULTI_WRITER",
-            cap_with_mode(mount_access("", &[]), Mode::MultiNodeMultiWriter),
-            "MULTI_NODE_MULTI_WRITER",
-        ),
         (
             "MULTI_NODE_READER_ONLY block",
             cap_with_mode(block_access(), Mode::MultiNodeReaderOnly),
@@ -623,6 +635,17 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
             names,
         );
     }
+    t.add_naming(
+        "CreateVolume: MULTI_NODE_MULTI_WRITER",
+        Call::CreateVolume(create_with("pvc-cap", |r| {
+            r.volume_capabilities = vec![cap_with_mode(
+                mount_access("", &[]),
+                Mode::MultiNodeMultiWriter,
+            )]
+        })),
+        InvalidArgument,
+        &["volume_capabilities", "MULTI_NODE_MULTI_WRITER"],
+    );
     t.add(
         "second capability bad",
         Call::CreateVolume(create_with("pvc-cap2", |r| {
@@ -650,7 +673,7 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
         ("required 2^62", 1 << 62, 0, OutOfRange),
         ("required 2^63 - 1 MiB", i64::MAX / MIB * MIB, 0, OutOfRange),
         ("required 1 PiB", 1 << 50, 0, OutOfRange),
-        ("more than the 16 GiB pool", 17 * GIB, 0, OutOfRange),
+        ("more than the 16 GiB pool", POOL_SIZE + GIB, 0, OutOfRange),
     ] {
         t.add(
             format!("CreateVolume: {what}"),
@@ -664,12 +687,32 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
     t.add(
         "more than the pool, thick",
         Call::CreateVolume(create_with("pvc-size", |r| {
-            r.capacity_range = range(17 * GIB, 0);
+            r.capacity_range = range(POOL_SIZE + GIB, 0);
             r.parameters = string_map(&[(PROVISIONING, "thick")]);
         })),
         OutOfRange,
         "capacity_range",
     );
+    // What no pool could hold is OUT_OF_RANGE; what this one cannot hold now, beside
+    // the filler, is RESOURCE_EXHAUSTED.
+    for (name, size, provisioning, code) in [
+        ("pvc-huge-thick", 64 * GIB, "thick", OutOfRange),
+        ("pvc-huge-thin", 64 * GIB, "thin", OutOfRange),
+        ("pvc-full-thick", 8 * GIB, "thick", ResourceExhausted),
+        ("pvc-full-thin", 8 * GIB, "thin", ResourceExhausted),
+    ] {
+        t.add(
+            format!("CreateVolume: {name}"),
+            Call::CreateVolume(create_request(
+                name,
+                size,
+                &[(PROVISIONING, provisioning)],
+                None,
+            )),
+            code,
+            "",
+        );
+    }
 
     // CreateVolume: parameters, mutable parameters, secrets.
     for (what, params, names) in [
@@ -677,11 +720,6 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
             "unknown parameter",
             string_map(&[("colour", "blue")]),
             "colour",
-        ),
-        (
-            "provisioning fat",
-            string_map(&[(PROVISIONING, "fat")]),
-            "fat",
         ),
         (
             "provisioning empty",
@@ -703,6 +741,14 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
             names,
         );
     }
+    t.add_naming(
+        "CreateVolume: provisioning fat",
+        Call::CreateVolume(create_with("pvc-param", |r| {
+            r.parameters = string_map(&[(PROVISIONING, "fat")])
+        })),
+        InvalidArgument,
+        &[PROVISIONING, "fat"],
+    );
     t.add(
         "an unknown mutable parameter",
         Call::CreateVolume(create_with("pvc-mutable", |r| {
@@ -768,6 +814,12 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
             "snap-x",
         ),
         (
+            "snapshot ID of no form of kura's",
+            snapshot_source(MALFORMED_ID),
+            NotFound,
+            MALFORMED_ID,
+        ),
+        (
             "a volume ID as snapshot",
             snapshot_source(&mount_vol),
             NotFound,
@@ -784,6 +836,12 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
             volume_source(FOREIGN_VOLUME),
             NotFound,
             FOREIGN_VOLUME,
+        ),
+        (
+            "volume ID of no form of kura's",
+            volume_source(MALFORMED_ID),
+            NotFound,
+            MALFORMED_ID,
         ),
         (
             "path as volume",
@@ -1099,6 +1157,20 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
         NotFound,
         "volume_id",
     );
+    for id in [UNKNOWN_VOLUME, MALFORMED_ID, FOREIGN_VOLUME] {
+        t.add(
+            format!("Validate {id:?}, two capabilities"),
+            Call::Validate(validate_request(id, vec![mount_cap("ext4"), mount_cap("")])),
+            NotFound,
+            "",
+        );
+    }
+    t.add(
+        "Validate without capabilities, a volume that exists",
+        Call::Validate(validate_request(&mount_vol, vec![])),
+        InvalidArgument,
+        "volume_capabilities",
+    );
     for (what, request) in [
         (
             "multi-node mode",
@@ -1145,6 +1217,7 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
     for (what, max, token, code) in [
         ("negative max_entries", -1, "", InvalidArgument),
         ("garbage token", 0, "garbage", Aborted),
+        ("garbage token, two a page", 2, "garbage", Aborted),
         ("token with a NUL", 0, "vol-\0", Aborted),
         ("snapshot ID as token", 0, snap.as_str(), Aborted),
         ("path as token", 0, "../../etc/passwd", Aborted),
@@ -1176,6 +1249,12 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
     t.add(
         "GetCapacity: unknown parameter",
         capacity(vec![], &[("colour", "x")]),
+        InvalidArgument,
+        "colour",
+    );
+    t.add(
+        "GetCapacity: unknown parameter, with a capability",
+        capacity(vec![mount_cap("")], &[("colour", "blue")]),
         InvalidArgument,
         "colour",
     );
@@ -1487,7 +1566,7 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
         ),
         (
             "more than the pool",
-            expand_request(&mount_vol, 17 * GIB, 0),
+            expand_request(&mount_vol, POOL_SIZE + GIB, 0),
             OutOfRange,
             "capacity_range",
         ),
@@ -1556,6 +1635,7 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
         ("", InvalidArgument, "volume_id"),
         (UNKNOWN_VOLUME, NotFound, UNKNOWN_VOLUME),
         (FOREIGN_VOLUME, NotFound, FOREIGN_VOLUME),
+        (MALFORMED_ID, NotFound, ""),
         ("vol-../../etc/passwd", NotFound, "volume_id"),
         ("\0", NotFound, "volume_id"),
     ] {
@@ -1722,27 +1802,6 @@ async fn node_refuses_bad_input_and_changes_nothing() {
             "volume_id",
         ),
         (
-            "no staging path",
-            stage_request(&u, "", &single),
-            InvalidArgument,
-            "staging_target_path",
-        ),
-        (
-            "no capability",
-            proto::NodeStageVolumeRequest {
-                volume_capability: None,
-                ..stage_request(&u, &adir, &single)
-            },
-            InvalidArgument,
-            "volume_capability",
-        ),
-        (
-            "no access type",
-            stage_request(&u, &adir, &no_access_type()),
-            InvalidArgument,
-            "access_type",
-        ),
-        (
             "flag suid",
             stage_request(&u, &adir, &flags_cap(&["suid"])),
             InvalidArgument,
@@ -1845,12 +1904,6 @@ async fn node_refuses_bad_input_and_changes_nothing() {
             UNKNOWN_VOLUME,
         ),
         (
-            "foreign volume",
-            stage_request(FOREIGN_VOLUME, &adir, &single),
-            NotFound,
-            FOREIGN_VOLUME,
-        ),
-        (
             "malformed volume",
             stage_request("vol-../x", &adir, &single),
             NotFound,
@@ -1925,12 +1978,6 @@ async fn node_refuses_bad_input_and_changes_nothing() {
         (
             "no staging path",
             unstage_request(&m, ""),
-            InvalidArgument,
-            "staging_target_path",
-        ),
-        (
-            "no staging path, unknown volume",
-            unstage_request(UNKNOWN_VOLUME, ""),
             InvalidArgument,
             "staging_target_path",
         ),
@@ -2014,12 +2061,6 @@ async fn node_refuses_bad_input_and_changes_nothing() {
         (
             "no staging path",
             publish_request(&m, "", &new_target, &multi, false),
-            FailedPrecondition,
-            "staging_target_path",
-        ),
-        (
-            "no staging path, unknown volume",
-            publish_request(UNKNOWN_VOLUME, "", &new_target, &multi, false),
             FailedPrecondition,
             "staging_target_path",
         ),
@@ -2249,12 +2290,6 @@ async fn node_refuses_bad_input_and_changes_nothing() {
             "target_path",
         ),
         (
-            "no target, unknown volume",
-            unpublish_request(UNKNOWN_VOLUME, ""),
-            InvalidArgument,
-            "target_path",
-        ),
-        (
             "unknown volume",
             unpublish_request(UNKNOWN_VOLUME, &tm),
             NotFound,
@@ -2339,12 +2374,6 @@ async fn node_refuses_bad_input_and_changes_nothing() {
         (
             "no volume path",
             stats_request(&m, ""),
-            InvalidArgument,
-            "volume_path",
-        ),
-        (
-            "no volume path, unknown volume",
-            stats_request(UNKNOWN_VOLUME, ""),
             InvalidArgument,
             "volume_path",
         ),
@@ -2558,6 +2587,102 @@ async fn node_refuses_bad_input_and_changes_nothing() {
             code,
             names,
         );
+    }
+
+    // Missing fields, whether the volume exists or not: INVALID_ARGUMENT naming them,
+    // but FAILED_PRECONDITION for a publish without a staging path (this node stages).
+    for id in [u.as_str(), UNKNOWN_VOLUME] {
+        let missing_rows = [
+            (
+                "NodeStageVolume without a staging path",
+                Call::Stage(stage_request(id, "", &single)),
+                InvalidArgument,
+                "staging_target_path",
+            ),
+            (
+                "NodeStageVolume without a capability",
+                Call::Stage(proto::NodeStageVolumeRequest {
+                    volume_capability: None,
+                    ..stage_request(id, &adir, &single)
+                }),
+                InvalidArgument,
+                "volume_capability",
+            ),
+            (
+                "NodeStageVolume without an access type",
+                Call::Stage(stage_request(id, &adir, &no_access_type())),
+                InvalidArgument,
+                "volume_capability.access_type",
+            ),
+            (
+                "NodePublishVolume without a target",
+                Call::Publish(publish_request(id, &adir, "", &single, false)),
+                InvalidArgument,
+                "target_path",
+            ),
+            (
+                "NodePublishVolume without a staging path",
+                Call::Publish(publish_request(id, "", &new_target, &multi, false)),
+                FailedPrecondition,
+                "staging_target_path",
+            ),
+            (
+                "NodePublishVolume without a capability",
+                Call::Publish(proto::NodePublishVolumeRequest {
+                    volume_capability: None,
+                    ..publish_request(id, &adir, &new_target, &single, false)
+                }),
+                InvalidArgument,
+                "volume_capability",
+            ),
+            (
+                "NodeUnpublishVolume without a target",
+                Call::Unpublish(unpublish_request(id, "")),
+                InvalidArgument,
+                "target_path",
+            ),
+            (
+                "NodeUnstageVolume without a staging path",
+                Call::Unstage(unstage_request(id, "")),
+                InvalidArgument,
+                "staging_target_path",
+            ),
+            (
+                "NodeGetVolumeStats without a volume path",
+                Call::Stats(stats_request(id, "")),
+                InvalidArgument,
+                "volume_path",
+            ),
+        ];
+        for (what, call, code, names) in missing_rows {
+            t.add(format!("{what}, volume {id:?}"), call, code, names);
+        }
+    }
+
+    // Volumes that do not exist, whatever the form of their ID: NOT_FOUND.
+    for id in [MALFORMED_ID, FOREIGN_VOLUME] {
+        let unknown_rows = [
+            (
+                "NodeStageVolume",
+                Call::Stage(stage_request(id, &adir, &single)),
+            ),
+            (
+                "NodePublishVolume",
+                Call::Publish(publish_request(id, &adir, &new_target, &single, false)),
+            ),
+            (
+                "NodeUnpublishVolume",
+                Call::Unpublish(unpublish_request(id, &missing)),
+            ),
+            (
+                "NodeUnstageVolume",
+                Call::Unstage(unstage_request(id, &adir)),
+            ),
+            ("NodeGetVolumeStats", Call::Stats(stats_request(id, &adir))),
+        ];
+        for (what, call) in unknown_rows {
+            t.add(format!("{what} of {id:?}"), call, NotFound, id);
+        }
     }
 
     t.add("NodeGetCapabilities", Call::NodeCapabilities, Ok, "");
