@@ -859,12 +859,7 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
     }
     t.add(
         "clone smaller than its source",
-        Call::CreateVolume(create_request(
-            "pvc-small-clone",
-            SIZE / 2,
-            &[],
-            Some(volume_source(&mount_vol)),
-        )),
+        Call::CreateVolume(clone_request("pvc-small-clone", SIZE / 2, &mount_vol)),
         OutOfRange,
         "capacity_range",
     );
@@ -952,12 +947,7 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
     );
     t.add(
         "existing empty volume asked from a snapshot",
-        Call::CreateVolume(create_request(
-            "fx-mount",
-            SIZE,
-            &[],
-            Some(snapshot_source(&snap)),
-        )),
+        Call::CreateVolume(restore_request("fx-mount", SIZE, &snap)),
         AlreadyExists,
         "fx-mount",
     );

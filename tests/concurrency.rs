@@ -207,7 +207,7 @@ async fn a_clone_being_copied_holds_its_volume() {
     let clone_id = volume_id("pvc-clone");
     let key = clone_id.as_str();
     let partial = partial_image(&root, &clone_id);
-    let request = create_request("pvc-clone", VOLUME, &[], Some(volume_source(&source)));
+    let request = clone_request("pvc-clone", VOLUME, &source);
     let copying = driver.pause.arm("copying");
     let first = tokio::spawn({
         let mut controller = driver.controller();
@@ -565,7 +565,7 @@ async fn a_clone_being_copied_holds_its_source() {
 
     let clone_id = volume_id("pvc-clone");
     let partial = partial_image(&root, &clone_id);
-    let request = create_request("pvc-clone", VOLUME, &[], Some(volume_source(&source)));
+    let request = clone_request("pvc-clone", VOLUME, &source);
     let copying = driver.pause.arm("copying");
     let first = tokio::spawn({
         let mut controller = driver.controller();

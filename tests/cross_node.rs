@@ -20,6 +20,22 @@ use tonic::Code;
 const SIZES: [&str; 2] = ["2Gi", "2Gi"];
 const COPY_DEADLINE: Duration = Duration::from_secs(180);
 
+/// A new empty volume on `node`; its ID.
+async fn volume_on(
+    controller: &Proc,
+    name: &str,
+    size: i64,
+    node: &str,
+    cap: &proto::VolumeCapability,
+) -> String {
+    let request = on_node(name, size, node, cap.clone(), None);
+    controller
+        .create(request)
+        .await
+        .expect("CreateVolume")
+        .volume_id
+}
+
 /// CreateVolume as the provisioner calls it: again while the answer is ABORTED (a
 /// copy in progress), until it is something else.
 async fn create_until_copied(
@@ -89,10 +105,7 @@ async fn block_source(cluster: &Cluster, name: &str, size: i64, data: usize) -> 
     let controller = cluster.controller();
     let node = cluster.node("node-a");
     let cap = block_cap();
-    let id = create_until_copied(controller, on_node(name, size, "node-a", cap.clone(), None))
-        .await
-        .unwrap()
-        .volume_id;
+    let id = volume_on(controller, name, size, "node-a", &cap).await;
     let (staging, device) = node.stage_and_publish(&id, &cap, name).await;
     let at = (size as u64) / 4 * 3;
     let written = device.clone();
@@ -114,13 +127,7 @@ async fn restores_across_nodes_keep_data_and_sparseness_fs_and_block() {
 
     // Filesystem: a file written on node-a reads back on node-b.
     let cap = mount_cap("ext4");
-    let fs = create_until_copied(
-        controller,
-        on_node("pvc-fs", 256 * MIB, "node-a", cap.clone(), None),
-    )
-    .await
-    .unwrap()
-    .volume_id;
+    let fs = volume_on(controller, "pvc-fs", 256 * MIB, "node-a", &cap).await;
     let (staging, target) = a.stage_and_publish(&fs, &cap, "fs").await;
     let data = pattern(5, 3 << 20);
     write_file(&target.join("data"), &data);
@@ -195,13 +202,7 @@ async fn a_clone_across_nodes_of_a_volume_in_use_holds_one_moment() {
     let controller = cluster.controller();
     let (a, b) = (cluster.node("node-a"), cluster.node("node-b"));
     let cap = mount_cap("ext4");
-    let source = create_until_copied(
-        controller,
-        on_node("pvc-live", 256 * MIB, "node-a", cap.clone(), None),
-    )
-    .await
-    .unwrap()
-    .volume_id;
+    let source = volume_on(controller, "pvc-live", 256 * MIB, "node-a", &cap).await;
     let (staging, target) = a.stage_and_publish(&source, &cap, "live").await;
     let before = pattern(1, 2 << 20);
     write_file(&target.join("data"), &before);

@@ -440,11 +440,10 @@ async fn the_disk_holds_ciphertext_and_the_key_brings_the_data_back() {
     }
     // A restore without the encryption parameter is refused, naming why.
     let err = c
-        .create_volume(create_request(
+        .create_volume(restore_request(
             "pvc-plain-restore",
             2 * SIZE,
-            &[],
-            Some(snapshot_source(&snapshot.snapshot_id)),
+            &snapshot.snapshot_id,
         ))
         .await
         .unwrap_err();
@@ -582,12 +581,12 @@ async fn bad_inputs_are_refused_and_change_nothing() {
         ),
         (
             "a plain restore of an encrypted snapshot",
-            create_request("pvc-x5", SIZE, &[], Some(snapshot_source(&snapshot))),
+            restore_request("pvc-x5", SIZE, &snapshot),
             "parameters",
         ),
         (
             "a plain clone of an encrypted volume",
-            create_request("pvc-x6", SIZE, &[], Some(volume_source(&encrypted))),
+            clone_request("pvc-x6", SIZE, &encrypted),
             "parameters",
         ),
         (
@@ -845,12 +844,7 @@ async fn the_split_roles_carry_the_encryption_to_the_node() {
         .unwrap()
         .snapshot_id;
     let plain = c
-        .create_volume(create_request(
-            "pvc-split-plain",
-            SIZE,
-            &[],
-            Some(snapshot_source(&snapshot)),
-        ))
+        .create_volume(restore_request("pvc-split-plain", SIZE, &snapshot))
         .await
         .unwrap_err();
     assert_eq!(plain.code(), Code::InvalidArgument, "{plain:?}");

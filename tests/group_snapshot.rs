@@ -90,6 +90,20 @@ fn writer(logs: [Log; 2], stop: Arc<AtomicBool>, written: Arc<AtomicU64>) {
     }
 }
 
+/// CreateVolumeGroupSnapshot, expected to succeed: the group.
+async fn cut_group(
+    group: &mut GroupControllerClient<Channel>,
+    request: proto::CreateVolumeGroupSnapshotRequest,
+) -> proto::VolumeGroupSnapshot {
+    group
+        .create_volume_group_snapshot(request)
+        .await
+        .expect("CreateVolumeGroupSnapshot")
+        .into_inner()
+        .group_snapshot
+        .expect("group in response")
+}
+
 fn group_request(name: &str, sources: &[&str]) -> proto::CreateVolumeGroupSnapshotRequest {
     proto::CreateVolumeGroupSnapshotRequest {
         name: name.into(),
@@ -154,12 +168,7 @@ async fn restore(
     cap: &proto::VolumeCapability,
     tag: &str,
 ) -> Vec<u64> {
-    let mut request = create_request(
-        tag,
-        64 * MIB,
-        &[],
-        Some(snapshot_source(&snapshot.snapshot_id)),
-    );
+    let mut request = restore_request(tag, 64 * MIB, &snapshot.snapshot_id);
     request.volume_capabilities = vec![cap.clone()];
     let id = side
         .controller
@@ -211,13 +220,7 @@ async fn consistent_group(
     }
 
     // A retry returns the same group.
-    let again = group
-        .create_volume_group_snapshot(request)
-        .await
-        .unwrap()
-        .into_inner()
-        .group_snapshot
-        .unwrap();
+    let again = cut_group(group, request).await;
     assert_eq!(again, cut, "CreateVolumeGroupSnapshot is idempotent");
     assert_eq!(cut.snapshots.len(), 2);
     assert!(cut.ready_to_use);
@@ -424,13 +427,7 @@ async fn errors_and_delete(
         assert!(left.entries.is_empty(), "member {member} is gone");
     }
     // The name is free again: a new cut of both volumes.
-    let fresh = group
-        .create_volume_group_snapshot(group_request("group-1", &[b, a]))
-        .await
-        .unwrap()
-        .into_inner()
-        .group_snapshot
-        .unwrap();
+    let fresh = cut_group(group, group_request("group-1", &[b, a])).await;
     assert_eq!(fresh.group_snapshot_id, cut.group_snapshot_id);
 }
 
@@ -504,13 +501,7 @@ async fn two_block_members_in_use_are_refused() {
     side.node
         .unpublish_and_unstage(&a, &a_staging, &target)
         .await;
-    let cut = group
-        .create_volume_group_snapshot(request)
-        .await
-        .unwrap()
-        .into_inner()
-        .group_snapshot
-        .unwrap();
+    let cut = cut_group(&mut group, request).await;
     assert_eq!(cut.snapshots.len(), 2);
 }
 
@@ -577,13 +568,7 @@ async fn a_crash_while_frozen_thaws_at_restart() {
         "start-up thawed both"
     );
     let mut group = GroupControllerClient::new(channel);
-    let cut = group
-        .create_volume_group_snapshot(group_request("group-crash", &[&a, &b]))
-        .await
-        .unwrap()
-        .into_inner()
-        .group_snapshot
-        .unwrap();
+    let cut = cut_group(&mut group, group_request("group-crash", &[&a, &b])).await;
     assert_eq!(cut.snapshots.len(), 2);
     assert!(!is_frozen(&a_staging) && !is_frozen(&b_staging));
 }
@@ -641,13 +626,7 @@ async fn a_failing_member_thaws_every_node() {
     drop(held);
     snapshot.await.unwrap().unwrap();
     assert!(!is_frozen(&b_staging));
-    let cut = group
-        .create_volume_group_snapshot(group_request("group-busy", &[&a, &b]))
-        .await
-        .unwrap()
-        .into_inner()
-        .group_snapshot
-        .unwrap();
+    let cut = cut_group(&mut group, group_request("group-busy", &[&a, &b])).await;
     assert_eq!(cut.snapshots.len(), 2);
     assert!(!is_frozen(&a_staging) && !is_frozen(&b_staging));
 }

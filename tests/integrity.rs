@@ -70,6 +70,21 @@ async fn stats_total(driver: &Driver, volume_id: &str, path: &Path) -> i64 {
     stats.usage.first().expect("usage reported").total
 }
 
+/// ControllerExpandVolume to `size`, which the node then has to finish.
+async fn expand_on_controller(driver: &Driver, volume_id: &str, size: i64) {
+    let expanded = driver
+        .controller()
+        .controller_expand_volume(expand_request(volume_id, size, 0))
+        .await
+        .expect("ControllerExpandVolume")
+        .into_inner();
+    assert_eq!(expanded.capacity_bytes, size);
+    assert!(
+        expanded.node_expansion_required,
+        "the node must grow the filesystem, or its loop device re-read its size"
+    );
+}
+
 /// A NodeExpandVolume as the kubelet sends it: with the staging path and capability.
 fn node_expand_staged(
     volume_id: &str,
@@ -457,14 +472,7 @@ async fn xfs_volume_grows_online() {
     write_file(&target.join("data"), &data);
     let old_total = fs_total(&target);
 
-    let expanded = driver
-        .controller()
-        .controller_expand_volume(expand_request(&id, GIB, 0))
-        .await
-        .expect("ControllerExpandVolume")
-        .into_inner();
-    assert_eq!(expanded.capacity_bytes, GIB);
-    assert!(expanded.node_expansion_required);
+    expand_on_controller(&driver, &id, GIB).await;
 
     for _ in 0..2 {
         let node = driver
@@ -494,17 +502,7 @@ async fn block_volume_grows_online() {
     let (staging, device) = driver.stage_and_publish(&id, &cap, "grow").await;
     write_blocks(&device, 70);
 
-    let expanded = driver
-        .controller()
-        .controller_expand_volume(expand_request(&id, GIB, 0))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(expanded.capacity_bytes, GIB);
-    assert!(
-        expanded.node_expansion_required,
-        "the loop device must re-read its size on the node"
-    );
+    expand_on_controller(&driver, &id, GIB).await;
     let node = driver
         .node()
         .node_expand_volume(node_expand_staged(&id, &device, &staging, GIB, &cap))
@@ -531,14 +529,7 @@ async fn ext4_volume_grows_online_or_at_next_stage() {
     write_file(&target.join("data"), &data);
     let old_total = fs_total(&target);
 
-    let expanded = driver
-        .controller()
-        .controller_expand_volume(expand_request(&id, GIB, 0))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(expanded.capacity_bytes, GIB);
-    assert!(expanded.node_expansion_required);
+    expand_on_controller(&driver, &id, GIB).await;
 
     let online = driver
         .node()
@@ -791,11 +782,10 @@ async fn snapshot_rpcs_follow_the_contract() {
 
     // A restore must hold the whole snapshot.
     let small = controller
-        .create_volume(create_request(
+        .create_volume(restore_request(
             "pvc-too-small",
             256 * MIB,
-            &[],
-            Some(snapshot_source(&first.snapshot_id)),
+            &first.snapshot_id,
         ))
         .await
         .unwrap_err();
@@ -824,11 +814,10 @@ async fn snapshot_rpcs_follow_the_contract() {
     .unwrap();
     assert!(listed.entries.is_empty());
     let restore_gone = controller
-        .create_volume(create_request(
+        .create_volume(restore_request(
             "pvc-from-deleted",
             512 * MIB,
-            &[],
-            Some(snapshot_source(&third.snapshot_id)),
+            &third.snapshot_id,
         ))
         .await
         .unwrap_err();
@@ -921,12 +910,7 @@ async fn non_reflink_pool_copies_snapshots_in_the_background() {
     // So would a clone, which is the same copy made at once.
     let clone_in_use = driver
         .controller()
-        .create_volume(create_request(
-            "pvc-copied-clone",
-            512 * MIB,
-            &[],
-            Some(volume_source(&id)),
-        ))
+        .create_volume(clone_request("pvc-copied-clone", 512 * MIB, &id))
         .await
         .unwrap_err();
     assert_eq!(

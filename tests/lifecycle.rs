@@ -14,18 +14,7 @@ async fn lifecycle(cap: proto::VolumeCapability, tag: &str) {
     let mut controller = driver.controller();
     let mut node = driver.node();
     let request = create_request(&format!("pvc-{tag}"), 512 * MIB, &[], None);
-    let first = controller
-        .create_volume(request.clone())
-        .await
-        .unwrap()
-        .into_inner();
-    let second = controller
-        .create_volume(request)
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(first, second, "CreateVolume is idempotent");
-    let volume = first.volume.unwrap();
+    let volume = driver.create_twice(request).await;
     assert_eq!(volume.capacity_bytes, 512 * MIB);
     let id = volume.volume_id.clone();
 

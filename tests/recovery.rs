@@ -167,12 +167,7 @@ async fn killed_mid_copy_leaves_nothing_and_the_retry_succeeds() {
     let image = volumes.join(format!("{restored_id}.img"));
     let partial = volumes.join(format!("{restored_id}.img.partial"));
     let meta = volumes.join(format!("{restored_id}.json"));
-    let request = create_request(
-        "restored",
-        2 * GIB,
-        &[],
-        Some(snapshot_source(&snapshot.snapshot_id)),
-    );
+    let request = restore_request("restored", 2 * GIB, &snapshot.snapshot_id);
     let mut controller = kura.controller();
     let copying = kura.pause.arm("copying");
     let in_flight = {
@@ -375,11 +370,10 @@ async fn restart_removes_planted_leftovers_and_keeps_live_objects() {
         .await
         .expect("NodeStageVolume again");
     let restored = driver
-        .create(create_request(
+        .create(restore_request(
             "from-keep-snap",
             256 * MIB,
-            &[],
-            Some(snapshot_source(&snapshot.snapshot_id)),
+            &snapshot.snapshot_id,
         ))
         .await
         .expect("restore from the kept snapshot");
@@ -588,11 +582,10 @@ async fn killed_while_a_freeze_is_held_restarts_thawed() {
 
     // The snapshot holds what was written and fsynced before it was cut.
     controller
-        .create_volume(create_request(
+        .create_volume(restore_request(
             "from-frozen",
             256 * MIB,
-            &[],
-            Some(snapshot_source(&snapshot.snapshot_id)),
+            &snapshot.snapshot_id,
         ))
         .await
         .expect("restore the snapshot");

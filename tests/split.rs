@@ -31,6 +31,16 @@ fn with_topology(
     }
 }
 
+/// A volume only `node` may hold, and it is preferred (WaitForFirstConsumer's request).
+fn strictly_on(name: &str, size: i64, node: &str) -> proto::CreateVolumeRequest {
+    with_topology(name, size, Some(topology(&[node], &[node])))
+}
+
+/// A 64 MiB volume only `node` may hold.
+fn requiring(name: &str, node: &str) -> proto::CreateVolumeRequest {
+    with_topology(name, 64 * MIB, Some(topology(&[node], &[])))
+}
+
 /// Metadata documents in a node's pool: the volumes it really holds.
 fn volumes_on_disk(node: &NodeProc) -> usize {
     let dir = node.pool_root().join("volumes");
@@ -126,29 +136,26 @@ async fn placement_capacity_and_listing() {
     assert_eq!(volume_node(&v), "node-b");
 
     // Strict topology (WaitForFirstConsumer): the one selected node...
-    let strict = |name: &str, size: i64, node: &str| {
-        with_topology(name, size, Some(topology(&[node], &[node])))
-    };
     let v = controller
-        .create(strict("pvc-strict", 64 * MIB, "node-a"))
+        .create(strictly_on("pvc-strict", 64 * MIB, "node-a"))
         .await
         .unwrap();
     assert_eq!(volume_node(&v), "node-a");
     // ... and when it is full, RESOURCE_EXHAUSTED so the scheduler picks again.
     let full = controller
-        .create(strict("pvc-too-big", 3 * GIB, "node-a"))
+        .create(strictly_on("pvc-too-big", 3 * GIB, "node-a"))
         .await
         .unwrap_err();
     assert_eq!(full.code(), Code::ResourceExhausted, "{full:?}");
     // The same on the big node fits.
     let v = controller
-        .create(strict("pvc-too-big", 3 * GIB, "node-c"))
+        .create(strictly_on("pvc-too-big", 3 * GIB, "node-c"))
         .await
         .unwrap();
     assert_eq!(volume_node(&v), "node-c");
     // A requisite naming no kura node.
     let none = controller
-        .create(strict("pvc-nowhere", 64 * MIB, "node-x"))
+        .create(strictly_on("pvc-nowhere", 64 * MIB, "node-x"))
         .await
         .unwrap_err();
     assert_eq!(none.code(), Code::ResourceExhausted, "{none:?}");
@@ -162,11 +169,7 @@ async fn placement_capacity_and_listing() {
         .unwrap();
     assert_eq!(volume_node(&again), "node-a");
     let excluded = controller
-        .create(with_topology(
-            "pvc-preferred",
-            64 * MIB,
-            Some(topology(&["node-b"], &[])),
-        ))
+        .create(requiring("pvc-preferred", "node-b"))
         .await
         .unwrap_err();
     assert_eq!(excluded.code(), Code::AlreadyExists, "{excluded:?}");
@@ -183,27 +186,13 @@ async fn placement_capacity_and_listing() {
         .collect();
     assert_eq!(nodes.len(), 3, "{ids:?}");
     let mut paged = Vec::new();
-    let mut token = String::new();
-    loop {
-        let page = controller
-            .controller()
-            .list_volumes(proto::ListVolumesRequest {
-                max_entries: 2,
-                starting_token: token.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+    for page in controller.list_volume_pages(2).await {
         assert!(page.entries.len() <= 2);
         paged.extend(
             page.entries
                 .into_iter()
                 .map(|e| e.volume.unwrap().volume_id),
         );
-        if page.next_token.is_empty() {
-            break;
-        }
-        token = page.next_token;
     }
     assert_eq!(paged, ids);
 
@@ -253,11 +242,7 @@ async fn snapshots_clones_and_stage_stay_on_the_owning_node() {
     let controller = cluster.controller();
     let owner = cluster.node("node-b");
     let volume = controller
-        .create(with_topology(
-            "pvc-data",
-            64 * MIB,
-            Some(topology(&["node-b"], &["node-b"])),
-        ))
+        .create(strictly_on("pvc-data", 64 * MIB, "node-b"))
         .await
         .unwrap();
     let id = volume.volume_id.clone();
@@ -303,11 +288,7 @@ async fn snapshots_clones_and_stage_stay_on_the_owning_node() {
     assert!(snapshot.ready_to_use);
     // The same name for another volume is refused, even on another node.
     let other = controller
-        .create(with_topology(
-            "pvc-other",
-            64 * MIB,
-            Some(topology(&["node-a"], &["node-a"])),
-        ))
+        .create(strictly_on("pvc-other", 64 * MIB, "node-a"))
         .await
         .unwrap();
     let reused = client
@@ -317,21 +298,15 @@ async fn snapshots_clones_and_stage_stay_on_the_owning_node() {
     assert_eq!(reused.code(), Code::AlreadyExists, "{reused:?}");
 
     let clone = controller
-        .create(create_request(
-            "pvc-clone",
-            64 * MIB,
-            &[],
-            Some(volume_source(&id)),
-        ))
+        .create(clone_request("pvc-clone", 64 * MIB, &id))
         .await
         .unwrap();
     assert_eq!(volume_node(&clone), "node-b");
     let restore = controller
-        .create(create_request(
+        .create(restore_request(
             "pvc-restore",
             64 * MIB,
-            &[],
-            Some(snapshot_source(&snapshot.snapshot_id)),
+            &snapshot.snapshot_id,
         ))
         .await
         .unwrap();
@@ -430,11 +405,7 @@ async fn a_killed_agent_is_unavailable_then_served_again_after_restart() {
     assert_eq!(volume_node(&on_c), "node-c");
     let on_b = cluster
         .controller()
-        .create(with_topology(
-            "pvc-b",
-            64 * MIB,
-            Some(topology(&["node-b"], &[])),
-        ))
+        .create(requiring("pvc-b", "node-b"))
         .await
         .unwrap();
 
@@ -458,11 +429,7 @@ async fn a_killed_agent_is_unavailable_then_served_again_after_restart() {
     assert_eq!(volume_node(&placed), "node-b");
     // Strict topology on the dead node: RESOURCE_EXHAUSTED, the scheduler picks again.
     let strict = controller
-        .create(with_topology(
-            "pvc-strict-down",
-            64 * MIB,
-            Some(topology(&["node-c"], &["node-c"])),
-        ))
+        .create(strictly_on("pvc-strict-down", 64 * MIB, "node-c"))
         .await
         .unwrap_err();
     assert_eq!(strict.code(), Code::ResourceExhausted, "{strict:?}");
@@ -509,19 +476,11 @@ async fn a_stopped_agent_gives_bounded_unavailable_not_a_hang() {
     let cluster = Cluster::start(&SIZES[..2]).await;
     let controller = cluster.controller();
     let on_b = controller
-        .create(with_topology(
-            "pvc-b",
-            64 * MIB,
-            Some(topology(&["node-b"], &[])),
-        ))
+        .create(requiring("pvc-b", "node-b"))
         .await
         .unwrap();
     let on_a = controller
-        .create(with_topology(
-            "pvc-a",
-            64 * MIB,
-            Some(topology(&["node-a"], &[])),
-        ))
+        .create(requiring("pvc-a", "node-a"))
         .await
         .unwrap();
 
@@ -806,7 +765,7 @@ async fn a_clone_through_the_agent_holds_its_source_against_the_node_service() {
     let copying = owner.pause.arm("copying");
     let first = tokio::spawn({
         let mut client = controller.controller();
-        let request = create_request("pvc-clone", size, &[], Some(volume_source(&source)));
+        let request = clone_request("pvc-clone", size, &source);
         async move { client.create_volume(request).await }
     });
     copying.held(|| first.is_finished()).await;

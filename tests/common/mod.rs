@@ -215,6 +215,37 @@ pub trait Csi {
         Ok(response.into_inner().volume.expect("volume in response"))
     }
 
+    /// CreateVolume twice with the same request: the same answer both times.
+    async fn create_twice(&self, request: proto::CreateVolumeRequest) -> proto::Volume {
+        let first = self.create(request.clone()).await.expect("CreateVolume");
+        let second = self.create(request).await.expect("CreateVolume repeated");
+        assert_eq!(first, second, "CreateVolume is idempotent");
+        first
+    }
+
+    /// Every page of ListVolumes at `max_entries` a page, following the tokens.
+    async fn list_volume_pages(&self, max_entries: i32) -> Vec<proto::ListVolumesResponse> {
+        let mut pages: Vec<proto::ListVolumesResponse> = Vec::new();
+        loop {
+            let starting_token = pages.last().map(|p| p.next_token.clone());
+            let page = self
+                .controller()
+                .list_volumes(proto::ListVolumesRequest {
+                    max_entries,
+                    starting_token: starting_token.unwrap_or_default(),
+                })
+                .await
+                .expect("ListVolumes")
+                .into_inner();
+            let last = page.next_token.is_empty();
+            pages.push(page);
+            if last {
+                return pages;
+            }
+            assert!(pages.len() < 1000, "paging does not end");
+        }
+    }
+
     /// The IDs of every volume, in the order ListVolumes gives them.
     async fn list_volume_ids(&self) -> Vec<String> {
         self.controller()

@@ -108,6 +108,16 @@ pub fn create_request(
     }
 }
 
+/// A mount volume restored from a snapshot.
+pub fn restore_request(name: &str, size: i64, snapshot_id: &str) -> proto::CreateVolumeRequest {
+    create_request(name, size, &[], Some(snapshot_source(snapshot_id)))
+}
+
+/// A mount volume cloned from another.
+pub fn clone_request(name: &str, size: i64, volume_id: &str) -> proto::CreateVolumeRequest {
+    create_request(name, size, &[], Some(volume_source(volume_id)))
+}
+
 pub fn delete_volume_request(volume_id: &str) -> proto::DeleteVolumeRequest {
     proto::DeleteVolumeRequest {
         volume_id: volume_id.into(),
