@@ -77,6 +77,8 @@ pub struct Driver {
     pub channel: Channel,
     /// The driver's test pause points.
     pub pause: PausePoints,
+    // Last: the server is stopped before its directory is removed.
+    _dir: RemoveOnDrop,
 }
 
 impl Driver {
@@ -93,6 +95,7 @@ impl Driver {
         let pause = PausePoints::new(&dir.join("pause"));
         let mut driver = Driver {
             pause,
+            _dir: RemoveOnDrop(dir.clone()),
             dir,
             socket,
             args,
@@ -368,7 +371,6 @@ impl Drop for Driver {
         if let Some(task) = self.task.take() {
             task.abort();
         }
-        cleanup(&self.dir);
     }
 }
 
