@@ -5,9 +5,10 @@
 //! under the test directory, and every path the request names are the same after the
 //! call as before it.
 //!
-//! The classes covered: names with the control characters CSI bans; sizes no pool can
-//! serve (OUT_OF_RANGE) against a pool that is merely too full (RESOURCE_EXHAUSTED);
-//! mutable parameters kura does not offer; access types as part of a name's
+//! Every bad input of the suite is a row here. The classes covered: missing fields,
+//! for volumes that exist and for IDs that name nothing; names with the control
+//! characters CSI bans; sizes no pool can serve (OUT_OF_RANGE) against a pool that is
+//! merely too full (RESOURCE_EXHAUSTED); mutable parameters kura does not offer; access types as part of a name's
 //! compatibility; capabilities kura cannot serve, also in expansion; paths that cannot
 //! be right (relative, NUL, too long, `..`, system trees, kura's own directories, the
 //! wrong kind of file, symbolic links, missing parents); mount flags beyond 4 KiB or
@@ -31,15 +32,9 @@ use kura::csi::proto::{self, volume_capability};
 use tonic::{Code, Status};
 use volume_capability::access_mode::Mode;
 
-const PROVISIONING: &str = "kura.csi.dev/provisioning";
-/// Well formed, on this node, naming nothing.
-const UNKNOWN_VOLUME: &str = "vol-0123456789abcdef0123456789abcdef-test-node";
-const UNKNOWN_SNAPSHOT: &str = "snap-0123456789abcdef0123456789abcdef-test-node";
-/// Well formed, on a node kura does not know.
-const FOREIGN_VOLUME: &str = "vol-0123456789abcdef0123456789abcdef-other-node";
 /// Volume IDs kura could not have issued.
 const MALFORMED_IDS: [&str; 8] = [
-    "not-a-kura-id",
+    MALFORMED_ID,
     "vol-../../etc/passwd",
     "vol-0123456789abcdef0123456789abcdef-../x",
     "vol-0123456789ABCDEF0123456789abcdef-test-node",
@@ -48,7 +43,6 @@ const MALFORMED_IDS: [&str; 8] = [
     "/etc/passwd",
     "vol-0123456789abcdef0123456789abcdef-test-node\n",
 ];
-const SIZE: i64 = 64 * MIB;
 
 // ---------------------------------------------------------------------------------
 // Requests
@@ -157,47 +151,41 @@ impl Call {
 /// Drops an OK response: a row looks only at the code.
 fn ok<T>(_: T) {}
 
-/// One row: a request, the code it must get, and (for errors) a word the message must
-/// contain: the field at fault, or the object.
+/// One row: a request, the code it must get, and (for errors) the words the message
+/// must contain: the field at fault, or the object.
 struct Row {
     what: String,
     call: Call,
     want: Code,
-    names: Option<String>,
+    names: Vec<String>,
 }
 
 #[derive(Default)]
 struct Table(Vec<Row>);
 
 impl Table {
+    /// A row whose message must name `names` (nothing, if it is empty).
     fn add(&mut self, what: impl Into<String>, call: Call, want: Code, names: &str) {
+        self.add_naming(what, call, want, &[names]);
+    }
+
+    /// A row whose message must name every one of `names`.
+    fn add_naming(&mut self, what: impl Into<String>, call: Call, want: Code, names: &[&str]) {
         self.0.push(Row {
             what: what.into(),
             call,
             want,
-            names: (!names.is_empty()).then(|| names.to_owned()),
+            names: names
+                .iter()
+                .filter(|n| !n.is_empty())
+                .map(|n| n.to_string())
+                .collect(),
         });
     }
 }
 
-fn mode_cap(access: volume_capability::AccessType, mode: Mode) -> proto::VolumeCapability {
-    cap_with_mode(access, mode)
-}
-
-fn mount_access(fs: &str, flags: &[&str]) -> volume_capability::AccessType {
-    volume_capability::AccessType::Mount(volume_capability::MountVolume {
-        fs_type: fs.into(),
-        mount_flags: flags.iter().map(|f| f.to_string()).collect(),
-        volume_mount_group: String::new(),
-    })
-}
-
-fn block_access() -> volume_capability::AccessType {
-    volume_capability::AccessType::Block(volume_capability::BlockVolume {})
-}
-
 fn flags_cap(flags: &[&str]) -> proto::VolumeCapability {
-    mode_cap(mount_access("", flags), Mode::SingleNodeWriter)
+    cap_with_mode(mount_access("", flags), Mode::SingleNodeWriter)
 }
 
 fn owned_flags_cap(flags: Vec<String>) -> proto::VolumeCapability {
@@ -231,118 +219,18 @@ fn raw_mode(mode: i32) -> proto::VolumeCapability {
     }
 }
 
-fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
 /// A map of more than CSI's 4 KiB.
 fn big_map() -> HashMap<String, String> {
-    map(&[("csi.storage.k8s.io/big", &"v".repeat(5000))])
-}
-
-fn range(required: i64, limit: i64) -> Option<proto::CapacityRange> {
-    Some(proto::CapacityRange {
-        required_bytes: required,
-        limit_bytes: limit,
-    })
-}
-
-fn create(name: &str) -> proto::CreateVolumeRequest {
-    create_request(name, SIZE, &[], None)
+    string_map(&[("csi.storage.k8s.io/big", &"v".repeat(5000))])
 }
 
 fn create_with(
     name: &str,
     edit: impl FnOnce(&mut proto::CreateVolumeRequest),
 ) -> proto::CreateVolumeRequest {
-    let mut request = create(name);
+    let mut request = create_request(name, SIZE, &[], None);
     edit(&mut request);
     request
-}
-
-fn snapshot(name: &str, source: &str) -> proto::CreateSnapshotRequest {
-    proto::CreateSnapshotRequest {
-        source_volume_id: source.into(),
-        name: name.into(),
-        ..Default::default()
-    }
-}
-
-fn controller_expand(id: &str, required: i64, limit: i64) -> proto::ControllerExpandVolumeRequest {
-    proto::ControllerExpandVolumeRequest {
-        volume_id: id.into(),
-        capacity_range: range(required, limit),
-        ..Default::default()
-    }
-}
-
-fn validate(
-    id: &str,
-    caps: Vec<proto::VolumeCapability>,
-) -> proto::ValidateVolumeCapabilitiesRequest {
-    proto::ValidateVolumeCapabilitiesRequest {
-        volume_id: id.into(),
-        volume_capabilities: caps,
-        ..Default::default()
-    }
-}
-
-fn stage(id: &str, staging: &str, cap: proto::VolumeCapability) -> proto::NodeStageVolumeRequest {
-    proto::NodeStageVolumeRequest {
-        volume_id: id.into(),
-        staging_target_path: staging.into(),
-        volume_capability: Some(cap),
-        ..Default::default()
-    }
-}
-
-fn unstage(id: &str, staging: &str) -> proto::NodeUnstageVolumeRequest {
-    proto::NodeUnstageVolumeRequest {
-        volume_id: id.into(),
-        staging_target_path: staging.into(),
-    }
-}
-
-fn publish(
-    id: &str,
-    staging: &str,
-    target: &str,
-    cap: proto::VolumeCapability,
-) -> proto::NodePublishVolumeRequest {
-    proto::NodePublishVolumeRequest {
-        volume_id: id.into(),
-        staging_target_path: staging.into(),
-        target_path: target.into(),
-        volume_capability: Some(cap),
-        ..Default::default()
-    }
-}
-
-fn unpublish(id: &str, target: &str) -> proto::NodeUnpublishVolumeRequest {
-    proto::NodeUnpublishVolumeRequest {
-        volume_id: id.into(),
-        target_path: target.into(),
-    }
-}
-
-fn stats(id: &str, path: &str) -> proto::NodeGetVolumeStatsRequest {
-    proto::NodeGetVolumeStatsRequest {
-        volume_id: id.into(),
-        volume_path: path.into(),
-        ..Default::default()
-    }
-}
-
-fn node_expand(id: &str, path: &str, required: i64, limit: i64) -> proto::NodeExpandVolumeRequest {
-    proto::NodeExpandVolumeRequest {
-        volume_id: id.into(),
-        volume_path: path.into(),
-        capacity_range: range(required, limit),
-        ..Default::default()
-    }
 }
 
 fn p(path: &Path) -> String {
@@ -500,9 +388,7 @@ async fn run_table(driver: &Driver, table: Table) -> usize {
             if message.is_empty() {
                 failures.push(format!("{}: {code:?} without a message", row.what));
             }
-            if let Some(needle) = &row.names
-                && !message.contains(needle.as_str())
-            {
+            for needle in row.names.iter().filter(|n| !message.contains(n.as_str())) {
                 failures.push(format!(
                     "{}: message {message:?} does not name {needle:?}",
                     row.what
@@ -563,26 +449,21 @@ fn diff(a: &World, b: &World) -> Vec<String> {
 async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
     let driver = Driver::start().await;
     let mount_vol = driver.create_volume("fx-mount", SIZE, &[]).await.volume_id;
-    let mut block_request = create("fx-block");
+    let mut block_request = create_request("fx-block", SIZE, &[], None);
     block_request.volume_capabilities = vec![block_cap()];
     let block_vol = driver
-        .controller()
-        .create_volume(block_request.clone())
+        .create(block_request.clone())
         .await
-        .unwrap()
-        .into_inner()
-        .volume
         .unwrap()
         .volume_id;
     let snap = driver
-        .controller()
-        .create_snapshot(snapshot("fx-snap", &mount_vol))
+        .create_snapshot("fx-snap", &mount_vol)
         .await
-        .unwrap()
-        .into_inner()
-        .snapshot
-        .unwrap()
         .snapshot_id;
+    // Leaves 6 of the pool's 16 GiB free: too little for 8 GiB, thin or thick.
+    driver
+        .create_volume("fx-filler", 10 * GIB, &[(PROVISIONING, "thick")])
+        .await;
 
     let mut t = Table::default();
     use Code::*;
@@ -601,19 +482,19 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
     // CreateVolume: names.
     t.add(
         "name empty",
-        Call::CreateVolume(create("")),
+        Call::CreateVolume(create_request("", SIZE, &[], None)),
         InvalidArgument,
         "name",
     );
     t.add(
         "name of 129 bytes",
-        Call::CreateVolume(create(&"n".repeat(129))),
+        Call::CreateVolume(create_request(&"n".repeat(129), SIZE, &[], None)),
         InvalidArgument,
         "name",
     );
     t.add(
         "name of 43 crabs (172 bytes)",
-        Call::CreateVolume(create(&"🦀".repeat(43))),
+        Call::CreateVolume(create_request(&"🦀".repeat(43), SIZE, &[], None)),
         InvalidArgument,
         "name",
     );
@@ -623,7 +504,7 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
     ] {
         t.add(
             format!("name with U+{:04X}", c as u32),
-            Call::CreateVolume(create(&format!("pvc-{c}-bad"))),
+            Call::CreateVolume(create_request(&format!("pvc-{c}-bad"), SIZE, &[], None)),
             InvalidArgument,
             "name",
         );
@@ -643,7 +524,11 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
         "volume_capabilities",
     );
     for (what, cap, names) in [
-        ("no access_type", no_access_type(), "access_type"),
+        (
+            "no access_type",
+            no_access_type(),
+            "volume_capabilities[0].access_type",
+        ),
         ("no access_mode", no_access_mode(), "access_mode"),
         (
             "access mode UNKNOWN",
@@ -653,33 +538,28 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
         ("access mode 99", raw_mode(99), "access_mode"),
         ("access mode -1", raw_mode(-1), "access_mode"),
         (
-            "MULTI_NODE_MULTI_WRITER",
-            mode_cap(mount_access("", &[]), Mode::MultiNodeMultiWriter),
-            "MULTI_NODE_MULTI_WRITER",
-        ),
-        (
             "MULTI_NODE_READER_ONLY block",
-            mode_cap(block_access(), Mode::MultiNodeReaderOnly),
+            cap_with_mode(block_access(), Mode::MultiNodeReaderOnly),
             "MULTI_NODE_READER_ONLY",
         ),
         (
             "MULTI_NODE_SINGLE_WRITER",
-            mode_cap(mount_access("", &[]), Mode::MultiNodeSingleWriter),
+            cap_with_mode(mount_access("", &[]), Mode::MultiNodeSingleWriter),
             "MULTI_NODE_SINGLE_WRITER",
         ),
         (
             "fs_type ntfs",
-            mode_cap(mount_access("ntfs", &[]), Mode::SingleNodeWriter),
+            cap_with_mode(mount_access("ntfs", &[]), Mode::SingleNodeWriter),
             "ntfs",
         ),
         (
             "fs_type a path",
-            mode_cap(mount_access("../../bin/sh", &[]), Mode::SingleNodeWriter),
+            cap_with_mode(mount_access("../../bin/sh", &[]), Mode::SingleNodeWriter),
             "fs_type",
         ),
         (
             "volume_mount_group",
-            mode_cap(
+            cap_with_mode(
                 volume_capability::AccessType::Mount(volume_capability::MountVolume {
                     volume_mount_group: "1000".into(),
                     ..Default::default()
@@ -734,12 +614,12 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
         ("flag with a NUL", flags_cap(&["noatime\0"]), "mount_flags"),
         (
             "nouuid for ext4",
-            mode_cap(mount_access("ext4", &["nouuid"]), Mode::SingleNodeWriter),
+            cap_with_mode(mount_access("ext4", &["nouuid"]), Mode::SingleNodeWriter),
             "ext4",
         ),
         (
             "data=journal for xfs",
-            mode_cap(
+            cap_with_mode(
                 mount_access("xfs", &["data=journal"]),
                 Mode::SingleNodeWriter,
             ),
@@ -755,6 +635,17 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
             names,
         );
     }
+    t.add_naming(
+        "CreateVolume: MULTI_NODE_MULTI_WRITER",
+        Call::CreateVolume(create_with("pvc-cap", |r| {
+            r.volume_capabilities = vec![cap_with_mode(
+                mount_access("", &[]),
+                Mode::MultiNodeMultiWriter,
+            )]
+        })),
+        InvalidArgument,
+        &["volume_capabilities", "MULTI_NODE_MULTI_WRITER"],
+    );
     t.add(
         "second capability bad",
         Call::CreateVolume(create_with("pvc-cap2", |r| {
@@ -782,7 +673,7 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
         ("required 2^62", 1 << 62, 0, OutOfRange),
         ("required 2^63 - 1 MiB", i64::MAX / MIB * MIB, 0, OutOfRange),
         ("required 1 PiB", 1 << 50, 0, OutOfRange),
-        ("more than the 16 GiB pool", 17 * GIB, 0, OutOfRange),
+        ("more than the 16 GiB pool", POOL_SIZE + GIB, 0, OutOfRange),
     ] {
         t.add(
             format!("CreateVolume: {what}"),
@@ -796,26 +687,49 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
     t.add(
         "more than the pool, thick",
         Call::CreateVolume(create_with("pvc-size", |r| {
-            r.capacity_range = range(17 * GIB, 0);
-            r.parameters = map(&[(PROVISIONING, "thick")]);
+            r.capacity_range = range(POOL_SIZE + GIB, 0);
+            r.parameters = string_map(&[(PROVISIONING, "thick")]);
         })),
         OutOfRange,
         "capacity_range",
     );
+    // What no pool could hold is OUT_OF_RANGE; what this one cannot hold now, beside
+    // the filler, is RESOURCE_EXHAUSTED.
+    for (name, size, provisioning, code) in [
+        ("pvc-huge-thick", 64 * GIB, "thick", OutOfRange),
+        ("pvc-huge-thin", 64 * GIB, "thin", OutOfRange),
+        ("pvc-full-thick", 8 * GIB, "thick", ResourceExhausted),
+        ("pvc-full-thin", 8 * GIB, "thin", ResourceExhausted),
+    ] {
+        t.add(
+            format!("CreateVolume: {name}"),
+            Call::CreateVolume(create_request(
+                name,
+                size,
+                &[(PROVISIONING, provisioning)],
+                None,
+            )),
+            code,
+            "",
+        );
+    }
 
     // CreateVolume: parameters, mutable parameters, secrets.
     for (what, params, names) in [
-        ("unknown parameter", map(&[("colour", "blue")]), "colour"),
-        ("provisioning fat", map(&[(PROVISIONING, "fat")]), "fat"),
+        (
+            "unknown parameter",
+            string_map(&[("colour", "blue")]),
+            "colour",
+        ),
         (
             "provisioning empty",
-            map(&[(PROVISIONING, "")]),
+            string_map(&[(PROVISIONING, "")]),
             PROVISIONING,
         ),
-        ("key with a NUL", map(&[("a\0b", "x")]), "parameters"),
+        ("key with a NUL", string_map(&[("a\0b", "x")]), "parameters"),
         (
             "key that is a path",
-            map(&[("../../etc", "x")]),
+            string_map(&[("../../etc", "x")]),
             "parameters",
         ),
         ("map over 4 KiB", big_map(), "parameters"),
@@ -827,10 +741,18 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
             names,
         );
     }
+    t.add_naming(
+        "CreateVolume: provisioning fat",
+        Call::CreateVolume(create_with("pvc-param", |r| {
+            r.parameters = string_map(&[(PROVISIONING, "fat")])
+        })),
+        InvalidArgument,
+        &[PROVISIONING, "fat"],
+    );
     t.add(
         "an unknown mutable parameter",
         Call::CreateVolume(create_with("pvc-mutable", |r| {
-            r.mutable_parameters = map(&[("iops", "100")])
+            r.mutable_parameters = string_map(&[("iops", "100")])
         })),
         InvalidArgument,
         "mutable_parameters",
@@ -838,7 +760,7 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
     t.add(
         "mutable_parameters with a sidecar key",
         Call::CreateVolume(create_with("pvc-mutable", |r| {
-            r.mutable_parameters = map(&[("csi.storage.k8s.io/pvc/name", "x")])
+            r.mutable_parameters = string_map(&[("csi.storage.k8s.io/pvc/name", "x")])
         })),
         InvalidArgument,
         "mutable_parameters",
@@ -846,7 +768,7 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
     t.add(
         "mutable_parameters on an existing name",
         Call::CreateVolume(create_with("fx-mount", |r| {
-            r.mutable_parameters = map(&[("iops", "100")])
+            r.mutable_parameters = string_map(&[("iops", "100")])
         })),
         InvalidArgument,
         "mutable_parameters",
@@ -892,6 +814,12 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
             "snap-x",
         ),
         (
+            "snapshot ID of no form of kura's",
+            snapshot_source(MALFORMED_ID),
+            NotFound,
+            MALFORMED_ID,
+        ),
+        (
             "a volume ID as snapshot",
             snapshot_source(&mount_vol),
             NotFound,
@@ -910,6 +838,12 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
             FOREIGN_VOLUME,
         ),
         (
+            "volume ID of no form of kura's",
+            volume_source(MALFORMED_ID),
+            NotFound,
+            MALFORMED_ID,
+        ),
+        (
             "path as volume",
             volume_source("../../etc/passwd"),
             NotFound,
@@ -925,12 +859,7 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
     }
     t.add(
         "clone smaller than its source",
-        Call::CreateVolume(create_request(
-            "pvc-small-clone",
-            SIZE / 2,
-            &[],
-            Some(volume_source(&mount_vol)),
-        )),
+        Call::CreateVolume(clone_request("pvc-small-clone", SIZE / 2, &mount_vol)),
         OutOfRange,
         "capacity_range",
     );
@@ -946,7 +875,7 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
 
     // CreateVolume: topology.
     let topology = |key: &str, value: &str| proto::Topology {
-        segments: map(&[(key, value)]),
+        segments: string_map(&[(key, value)]),
     };
     for (what, requisite) in [
         (
@@ -987,7 +916,7 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
     );
     t.add(
         "existing block volume asked as mount",
-        Call::CreateVolume(create("fx-block")),
+        Call::CreateVolume(create_request("fx-block", SIZE, &[], None)),
         AlreadyExists,
         "fx-block",
     );
@@ -1018,18 +947,13 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
     );
     t.add(
         "existing empty volume asked from a snapshot",
-        Call::CreateVolume(create_request(
-            "fx-mount",
-            SIZE,
-            &[],
-            Some(snapshot_source(&snap)),
-        )),
+        Call::CreateVolume(restore_request("fx-mount", SIZE, &snap)),
         AlreadyExists,
         "fx-mount",
     );
     t.add(
         "existing volume asked the same",
-        Call::CreateVolume(create("fx-mount")),
+        Call::CreateVolume(create_request("fx-mount", SIZE, &[], None)),
         Ok,
         "",
     );
@@ -1042,7 +966,7 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
     t.add(
         "request over the gRPC message limit",
         Call::CreateVolume(create_with("pvc-huge-message", |r| {
-            r.parameters = map(&[("csi.storage.k8s.io/x", &"x".repeat(5 << 20))])
+            r.parameters = string_map(&[("csi.storage.k8s.io/x", &"x".repeat(5 << 20))])
         })),
         ResourceExhausted,
         "too large",
@@ -1061,10 +985,7 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
     {
         t.add(
             format!("DeleteVolume of {id:?}: gone already"),
-            Call::DeleteVolume(proto::DeleteVolumeRequest {
-                volume_id: id.into(),
-                ..Default::default()
-            }),
+            Call::DeleteVolume(delete_volume_request(id)),
             Ok,
             "",
         );
@@ -1101,7 +1022,7 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
         "Validate with a volume_context over 4 KiB",
         Call::Validate(proto::ValidateVolumeCapabilitiesRequest {
             volume_context: big_map(),
-            ..validate(&mount_vol, vec![mount_cap("")])
+            ..validate_request(&mount_vol, vec![mount_cap("")])
         }),
         InvalidArgument,
         "volume_context",
@@ -1148,7 +1069,7 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
         "ControllerModifyVolume",
         Call::Modify(proto::ControllerModifyVolumeRequest {
             volume_id: mount_vol.clone(),
-            mutable_parameters: map(&[("iops", "1")]),
+            mutable_parameters: string_map(&[("iops", "1")]),
             ..Default::default()
         }),
         InvalidArgument,
@@ -1192,68 +1113,85 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
     // ValidateVolumeCapabilities.
     t.add(
         "Validate without an ID",
-        Call::Validate(validate("", vec![mount_cap("")])),
+        Call::Validate(validate_request("", vec![mount_cap("")])),
         InvalidArgument,
         "volume_id",
     );
     t.add(
         "Validate without capabilities, unknown ID",
-        Call::Validate(validate(UNKNOWN_VOLUME, vec![])),
+        Call::Validate(validate_request(UNKNOWN_VOLUME, vec![])),
         InvalidArgument,
         "volume_capabilities",
     );
     t.add(
         "Validate a capability without access_type",
-        Call::Validate(validate(&mount_vol, vec![no_access_type()])),
+        Call::Validate(validate_request(&mount_vol, vec![no_access_type()])),
         InvalidArgument,
         "access_type",
     );
     t.add(
         "Validate a refused flag",
-        Call::Validate(validate(&mount_vol, vec![flags_cap(&["suid"])])),
+        Call::Validate(validate_request(&mount_vol, vec![flags_cap(&["suid"])])),
         InvalidArgument,
         "mount_flags",
     );
     t.add(
         "Validate an unknown volume",
-        Call::Validate(validate(UNKNOWN_VOLUME, vec![mount_cap("")])),
+        Call::Validate(validate_request(UNKNOWN_VOLUME, vec![mount_cap("")])),
         NotFound,
         UNKNOWN_VOLUME,
     );
     t.add(
         "Validate a malformed volume",
-        Call::Validate(validate("vol-../x", vec![mount_cap("")])),
+        Call::Validate(validate_request("vol-../x", vec![mount_cap("")])),
         NotFound,
         "volume_id",
+    );
+    for id in [UNKNOWN_VOLUME, MALFORMED_ID, FOREIGN_VOLUME] {
+        t.add(
+            format!("Validate {id:?}, two capabilities"),
+            Call::Validate(validate_request(id, vec![mount_cap("ext4"), mount_cap("")])),
+            NotFound,
+            "",
+        );
+    }
+    t.add(
+        "Validate without capabilities, a volume that exists",
+        Call::Validate(validate_request(&mount_vol, vec![])),
+        InvalidArgument,
+        "volume_capabilities",
     );
     for (what, request) in [
         (
             "multi-node mode",
-            validate(
+            validate_request(
                 &mount_vol,
-                vec![mode_cap(mount_access("", &[]), Mode::MultiNodeMultiWriter)],
+                vec![cap_with_mode(
+                    mount_access("", &[]),
+                    Mode::MultiNodeMultiWriter,
+                )],
             ),
         ),
         (
             "block for a mount volume",
-            validate(&mount_vol, vec![block_cap()]),
+            validate_request(&mount_vol, vec![block_cap()]),
         ),
         (
             "mount for a block volume",
-            validate(&block_vol, vec![mount_cap("")]),
+            validate_request(&block_vol, vec![mount_cap("")]),
         ),
         (
             "mutable parameters",
             proto::ValidateVolumeCapabilitiesRequest {
-                mutable_parameters: map(&[("iops", "1")]),
-                ..validate(&mount_vol, vec![mount_cap("")])
+                mutable_parameters: string_map(&[("iops", "1")]),
+                ..validate_request(&mount_vol, vec![mount_cap("")])
             },
         ),
         (
             "unknown parameter",
             proto::ValidateVolumeCapabilitiesRequest {
-                parameters: map(&[("colour", "blue")]),
-                ..validate(&mount_vol, vec![mount_cap("")])
+                parameters: string_map(&[("colour", "blue")]),
+                ..validate_request(&mount_vol, vec![mount_cap("")])
             },
         ),
     ] {
@@ -1269,6 +1207,7 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
     for (what, max, token, code) in [
         ("negative max_entries", -1, "", InvalidArgument),
         ("garbage token", 0, "garbage", Aborted),
+        ("garbage token, two a page", 2, "garbage", Aborted),
         ("token with a NUL", 0, "vol-\0", Aborted),
         ("snapshot ID as token", 0, snap.as_str(), Aborted),
         ("path as token", 0, "../../etc/passwd", Aborted),
@@ -1293,13 +1232,19 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
     let capacity = |caps: Vec<proto::VolumeCapability>, params: &[(&str, &str)]| {
         Call::GetCapacity(proto::GetCapacityRequest {
             volume_capabilities: caps,
-            parameters: map(params),
+            parameters: string_map(params),
             accessible_topology: None,
         })
     };
     t.add(
         "GetCapacity: unknown parameter",
         capacity(vec![], &[("colour", "x")]),
+        InvalidArgument,
+        "colour",
+    );
+    t.add(
+        "GetCapacity: unknown parameter, with a capability",
+        capacity(vec![mount_cap("")], &[("colour", "blue")]),
         InvalidArgument,
         "colour",
     );
@@ -1312,7 +1257,7 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
     t.add(
         "GetCapacity: multi-node (none available)",
         capacity(
-            vec![mode_cap(block_access(), Mode::MultiNodeMultiWriter)],
+            vec![cap_with_mode(block_access(), Mode::MultiNodeMultiWriter)],
             &[],
         ),
         Ok,
@@ -1329,82 +1274,87 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
     for (what, request, code, names) in [
         (
             "no source",
-            snapshot("s", ""),
+            snapshot_request("s", ""),
             InvalidArgument,
             "source_volume_id",
         ),
-        ("no name", snapshot("", &mount_vol), InvalidArgument, "name"),
+        (
+            "no name",
+            snapshot_request("", &mount_vol),
+            InvalidArgument,
+            "name",
+        ),
         (
             "no name, unknown source",
-            snapshot("", UNKNOWN_VOLUME),
+            snapshot_request("", UNKNOWN_VOLUME),
             InvalidArgument,
             "name",
         ),
         (
             "name with NUL",
-            snapshot("snap\0", &mount_vol),
+            snapshot_request("snap\0", &mount_vol),
             InvalidArgument,
             "name",
         ),
         (
             "name with U+0001, unknown source",
-            snapshot("s\u{1}", UNKNOWN_VOLUME),
+            snapshot_request("s\u{1}", UNKNOWN_VOLUME),
             InvalidArgument,
             "name",
         ),
         (
             "name with U+009F",
-            snapshot("s\u{9f}", &mount_vol),
+            snapshot_request("s\u{9f}", &mount_vol),
             InvalidArgument,
             "U+009F",
         ),
         (
             "name of 129 bytes",
-            snapshot(&"s".repeat(129), &mount_vol),
+            snapshot_request(&"s".repeat(129), &mount_vol),
             InvalidArgument,
             "name",
         ),
         (
             "unknown source",
-            snapshot("s", UNKNOWN_VOLUME),
+            snapshot_request("s", UNKNOWN_VOLUME),
             NotFound,
             UNKNOWN_VOLUME,
         ),
         (
             "malformed source",
-            snapshot("s", "vol-../x"),
+            snapshot_request("s", "vol-../x"),
             NotFound,
             "source_volume_id",
         ),
         (
             "foreign source",
-            snapshot("s", FOREIGN_VOLUME),
+            snapshot_request("s", FOREIGN_VOLUME),
             NotFound,
             FOREIGN_VOLUME,
         ),
         (
             "a snapshot as source",
-            snapshot("s", &snap),
+            snapshot_request("s", &snap),
             NotFound,
             "source_volume_id",
         ),
         (
             "existing name, other source",
-            snapshot("fx-snap", &block_vol),
+            snapshot_request("fx-snap", &block_vol),
             AlreadyExists,
             "fx-snap",
         ),
         (
             "existing name, same source",
-            snapshot("fx-snap", &mount_vol),
+            snapshot_request("fx-snap", &mount_vol),
             Ok,
             "",
         ),
         (
             "unknown parameter",
             proto::CreateSnapshotRequest {
-                parameters: map(&[("colour", "blue")]),
-                ..snapshot("s", &mount_vol)
+                parameters: string_map(&[("colour", "blue")]),
+                ..snapshot_request("s", &mount_vol)
             },
             InvalidArgument,
             "colour",
@@ -1413,7 +1363,7 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
             "parameters over 4 KiB",
             proto::CreateSnapshotRequest {
                 parameters: big_map(),
-                ..snapshot("s", &mount_vol)
+                ..snapshot_request("s", &mount_vol)
             },
             InvalidArgument,
             "parameters",
@@ -1422,7 +1372,7 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
             "secrets over 4 KiB",
             proto::CreateSnapshotRequest {
                 secrets: big_map(),
-                ..snapshot("s", &mount_vol)
+                ..snapshot_request("s", &mount_vol)
             },
             InvalidArgument,
             "secrets",
@@ -1452,10 +1402,7 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
     ] {
         t.add(
             format!("DeleteSnapshot of {id:?}: gone already"),
-            Call::DeleteSnapshot(proto::DeleteSnapshotRequest {
-                snapshot_id: id.into(),
-                ..Default::default()
-            }),
+            Call::DeleteSnapshot(delete_snapshot_request(id)),
             Ok,
             "",
         );
@@ -1529,12 +1476,12 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
     // ControllerExpandVolume.
     let with_cap = |cap: proto::VolumeCapability, id: &str| proto::ControllerExpandVolumeRequest {
         volume_capability: Some(cap),
-        ..controller_expand(id, 2 * SIZE, 0)
+        ..expand_request(id, 2 * SIZE, 0)
     };
     for (what, request, code, names) in [
         (
             "no ID",
-            controller_expand("", SIZE, 0),
+            expand_request("", SIZE, 0),
             InvalidArgument,
             "volume_id",
         ),
@@ -1549,74 +1496,74 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
         ),
         (
             "empty range",
-            controller_expand(&mount_vol, 0, 0),
+            expand_request(&mount_vol, 0, 0),
             InvalidArgument,
             "capacity_range",
         ),
         (
             "negative required",
-            controller_expand(&mount_vol, -1, 0),
+            expand_request(&mount_vol, -1, 0),
             InvalidArgument,
             "required_bytes",
         ),
         (
             "negative limit",
-            controller_expand(&mount_vol, 0, -1),
+            expand_request(&mount_vol, 0, -1),
             InvalidArgument,
             "limit_bytes",
         ),
         (
             "unknown volume",
-            controller_expand(UNKNOWN_VOLUME, 2 * SIZE, 0),
+            expand_request(UNKNOWN_VOLUME, 2 * SIZE, 0),
             NotFound,
             UNKNOWN_VOLUME,
         ),
         (
             "malformed volume",
-            controller_expand("vol-x", 2 * SIZE, 0),
+            expand_request("vol-x", 2 * SIZE, 0),
             NotFound,
             "volume_id",
         ),
         (
             "foreign volume",
-            controller_expand(FOREIGN_VOLUME, 2 * SIZE, 0),
+            expand_request(FOREIGN_VOLUME, 2 * SIZE, 0),
             NotFound,
             FOREIGN_VOLUME,
         ),
         (
             "a shrink",
-            controller_expand(&mount_vol, 0, SIZE / 2),
+            expand_request(&mount_vol, 0, SIZE / 2),
             OutOfRange,
             "capacity_range",
         ),
         (
             "required above limit",
-            controller_expand(&mount_vol, 4 * SIZE, 2 * SIZE),
+            expand_request(&mount_vol, 4 * SIZE, 2 * SIZE),
             OutOfRange,
             "capacity_range",
         ),
         (
             "required i64::MAX",
-            controller_expand(&mount_vol, i64::MAX, 0),
+            expand_request(&mount_vol, i64::MAX, 0),
             OutOfRange,
             "capacity_range",
         ),
         (
             "required 2^62",
-            controller_expand(&mount_vol, 1 << 62, 0),
+            expand_request(&mount_vol, 1 << 62, 0),
             OutOfRange,
             "capacity_range",
         ),
         (
             "more than the pool",
-            controller_expand(&mount_vol, 17 * GIB, 0),
+            expand_request(&mount_vol, POOL_SIZE + GIB, 0),
             OutOfRange,
             "capacity_range",
         ),
         (
             "MULTI_NODE_MULTI_WRITER capability",
             with_cap(
-                mode_cap(mount_access("", &[]), Mode::MultiNodeMultiWriter),
+                cap_with_mode(mount_access("", &[]), Mode::MultiNodeMultiWriter),
                 &mount_vol,
             ),
             InvalidArgument,
@@ -1625,7 +1572,7 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
         (
             "MULTI_NODE_READER_ONLY capability, unknown volume",
             with_cap(
-                mode_cap(block_access(), Mode::MultiNodeReaderOnly),
+                cap_with_mode(block_access(), Mode::MultiNodeReaderOnly),
                 UNKNOWN_VOLUME,
             ),
             InvalidArgument,
@@ -1647,20 +1594,20 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
             "secrets over 4 KiB",
             proto::ControllerExpandVolumeRequest {
                 secrets: big_map(),
-                ..controller_expand(&mount_vol, 2 * SIZE, 0)
+                ..expand_request(&mount_vol, 2 * SIZE, 0)
             },
             InvalidArgument,
             "secrets",
         ),
         (
             "to the size it has",
-            controller_expand(&mount_vol, SIZE, 0),
+            expand_request(&mount_vol, SIZE, 0),
             Ok,
             "",
         ),
         (
             "to less than it has",
-            controller_expand(&mount_vol, SIZE / 2, 0),
+            expand_request(&mount_vol, SIZE / 2, 0),
             Ok,
             "",
         ),
@@ -1678,14 +1625,13 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
         ("", InvalidArgument, "volume_id"),
         (UNKNOWN_VOLUME, NotFound, UNKNOWN_VOLUME),
         (FOREIGN_VOLUME, NotFound, FOREIGN_VOLUME),
+        (MALFORMED_ID, NotFound, ""),
         ("vol-../../etc/passwd", NotFound, "volume_id"),
         ("\0", NotFound, "volume_id"),
     ] {
         t.add(
             format!("ControllerGetVolume {id:?}"),
-            Call::GetVolume(proto::ControllerGetVolumeRequest {
-                volume_id: id.into(),
-            }),
+            Call::GetVolume(get_volume_request(id)),
             code,
             names,
         );
@@ -1709,9 +1655,9 @@ async fn node_refuses_bad_input_and_changes_nothing() {
 
     // Volumes in every state: staged and published (two modes, and block), and not
     // staged at all.
-    let multi = mode_cap(mount_access("ext4", &[]), Mode::SingleNodeMultiWriter);
-    let single = mode_cap(mount_access("ext4", &[]), Mode::SingleNodeWriter);
-    let block = mode_cap(block_access(), Mode::SingleNodeMultiWriter);
+    let multi = cap_with_mode(mount_access("ext4", &[]), Mode::SingleNodeMultiWriter);
+    let single = cap_with_mode(mount_access("ext4", &[]), Mode::SingleNodeWriter);
+    let block = cap_with_mode(block_access(), Mode::SingleNodeMultiWriter);
     let mut fixtures = Vec::new();
     for (name, cap) in [
         ("n-multi", &multi),
@@ -1786,25 +1732,25 @@ async fn node_refuses_bad_input_and_changes_nothing() {
     for (what, path) in &bad_paths {
         t.add(
             format!("NodeStageVolume, staging path {what}"),
-            Call::Stage(stage(&u, path, single.clone())),
+            Call::Stage(stage_request(&u, path, &single)),
             InvalidArgument,
             "staging_target_path",
         );
         t.add(
             format!("NodeStageVolume, staging path {what}, unknown volume"),
-            Call::Stage(stage(UNKNOWN_VOLUME, path, single.clone())),
+            Call::Stage(stage_request(UNKNOWN_VOLUME, path, &single)),
             InvalidArgument,
             "staging_target_path",
         );
         t.add(
             format!("NodePublishVolume, target path {what}"),
-            Call::Publish(publish(&m, &sm, path, multi.clone())),
+            Call::Publish(publish_request(&m, &sm, path, &multi, false)),
             InvalidArgument,
             "target_path",
         );
         t.add(
             format!("NodeUnpublishVolume, target path {what}"),
-            Call::Unpublish(unpublish(&m, path)),
+            Call::Unpublish(unpublish_request(&m, path)),
             InvalidArgument,
             "target_path",
         );
@@ -1812,26 +1758,26 @@ async fn node_refuses_bad_input_and_changes_nothing() {
     for (what, path) in bad_paths.iter().take(6) {
         t.add(
             format!("NodePublishVolume, staging path {what}"),
-            Call::Publish(publish(&m, path, &p(&at("t-new")), multi.clone())),
+            Call::Publish(publish_request(&m, path, p(&at("t-new")), &multi, false)),
             InvalidArgument,
             "staging_target_path",
         );
         t.add(
             format!("NodeUnstageVolume, staging path {what}"),
-            Call::Unstage(unstage(&m, path)),
+            Call::Unstage(unstage_request(&m, path)),
             InvalidArgument,
             "staging_target_path",
         );
         // Stats and expansion: a path that cannot be one is not where the volume is.
         t.add(
             format!("NodeGetVolumeStats, volume path {what}"),
-            Call::Stats(stats(&m, path)),
+            Call::Stats(stats_request(&m, path)),
             NotFound,
             "volume_path",
         );
         t.add(
             format!("NodeExpandVolume, volume path {what}"),
-            Call::NodeExpand(node_expand(&m, path, 0, 0)),
+            Call::NodeExpand(node_expand_request(&m, path, 0, 0)),
             NotFound,
             "volume_path",
         );
@@ -1841,172 +1787,145 @@ async fn node_refuses_bad_input_and_changes_nothing() {
     let stage_rows: Vec<(&str, proto::NodeStageVolumeRequest, Code, &str)> = vec![
         (
             "no volume ID",
-            stage("", &adir, single.clone()),
+            stage_request("", &adir, &single),
             InvalidArgument,
             "volume_id",
         ),
         (
-            "no staging path",
-            stage(&u, "", single.clone()),
-            InvalidArgument,
-            "staging_target_path",
-        ),
-        (
-            "no capability",
-            proto::NodeStageVolumeRequest {
-                volume_capability: None,
-                ..stage(&u, &adir, single.clone())
-            },
-            InvalidArgument,
-            "volume_capability",
-        ),
-        (
-            "no access type",
-            stage(&u, &adir, no_access_type()),
-            InvalidArgument,
-            "access_type",
-        ),
-        (
             "flag suid",
-            stage(&u, &adir, flags_cap(&["suid"])),
+            stage_request(&u, &adir, &flags_cap(&["suid"])),
             InvalidArgument,
             "mount_flags",
         ),
         (
             "flags over 4 KiB",
-            stage(&u, &adir, owned_flags_cap(vec!["sync".into(); 1000])),
+            stage_request(&u, &adir, &owned_flags_cap(vec!["sync".into(); 1000])),
             InvalidArgument,
             "mount_flags",
         ),
         (
             "an XFS-only flag for the default ext4",
-            stage(&u, &adir, flags_cap(&["nouuid"])),
+            stage_request(&u, &adir, &flags_cap(&["nouuid"])),
             InvalidArgument,
             "mount_flags",
         ),
         (
             "multi-node mode",
-            stage(
+            stage_request(
                 &u,
                 &adir,
-                mode_cap(mount_access("", &[]), Mode::MultiNodeMultiWriter),
+                &cap_with_mode(mount_access("", &[]), Mode::MultiNodeMultiWriter),
             ),
             FailedPrecondition,
             "volume_capability",
         ),
         (
             "fs_type ntfs",
-            stage(
+            stage_request(
                 &u,
                 &adir,
-                mode_cap(mount_access("ntfs", &[]), Mode::SingleNodeWriter),
+                &cap_with_mode(mount_access("ntfs", &[]), Mode::SingleNodeWriter),
             ),
             FailedPrecondition,
             "ntfs",
         ),
         (
             "XFS on a volume too small for it",
-            stage(
+            stage_request(
                 &u,
                 &adir,
-                mode_cap(mount_access("xfs", &[]), Mode::SingleNodeWriter),
+                &cap_with_mode(mount_access("xfs", &[]), Mode::SingleNodeWriter),
             ),
             FailedPrecondition,
             "too small",
         ),
         (
             "staging path a file",
-            stage(&u, &afile, single.clone()),
+            stage_request(&u, &afile, &single),
             FailedPrecondition,
             "staging_target_path",
         ),
         (
             "staging path a FIFO",
-            stage(&u, &fifo, single.clone()),
+            stage_request(&u, &fifo, &single),
             FailedPrecondition,
             "staging_target_path",
         ),
         (
             "staging path a directory that is not empty",
-            stage(&u, &fulldir, single.clone()),
+            stage_request(&u, &fulldir, &single),
             FailedPrecondition,
             "not empty",
         ),
         (
             "staging path a symlink",
-            stage(&u, &link_dir, single.clone()),
+            stage_request(&u, &link_dir, &single),
             FailedPrecondition,
             "symbolic link",
         ),
         (
             "block staging path a file",
-            stage(&u, &afile, block.clone()),
+            stage_request(&u, &afile, &block),
             FailedPrecondition,
             "staging_target_path",
         ),
         (
             "staging path without a parent",
-            stage(&u, &no_parent, single.clone()),
+            stage_request(&u, &no_parent, &single),
             FailedPrecondition,
             "parent",
         ),
         (
             "staging path through a link to /proc",
-            stage(&u, &via_proc, single.clone()),
+            stage_request(&u, &via_proc, &single),
             InvalidArgument,
             "/proc",
         ),
         (
             "staging path through a link into kura's state",
-            stage(&u, &via_state, single.clone()),
+            stage_request(&u, &via_state, &single),
             InvalidArgument,
             "staging_target_path",
         ),
         (
             "unknown volume",
-            stage(UNKNOWN_VOLUME, &adir, single.clone()),
+            stage_request(UNKNOWN_VOLUME, &adir, &single),
             NotFound,
             UNKNOWN_VOLUME,
         ),
         (
-            "foreign volume",
-            stage(FOREIGN_VOLUME, &adir, single.clone()),
-            NotFound,
-            FOREIGN_VOLUME,
-        ),
-        (
             "malformed volume",
-            stage("vol-../x", &adir, single.clone()),
+            stage_request("vol-../x", &adir, &single),
             NotFound,
             "volume_id",
         ),
         (
             "staged volume, other path",
-            stage(&m, &adir, multi.clone()),
+            stage_request(&m, &adir, &multi),
             AlreadyExists,
             "already staged",
         ),
         (
             "staged volume, other capability",
-            stage(&m, &sm, block.clone()),
+            stage_request(&m, &sm, &block),
             AlreadyExists,
             "volume_capability",
         ),
         (
             "staged volume, other flags",
-            stage(&m, &sm, flags_cap(&["noatime"])),
+            stage_request(&m, &sm, &flags_cap(&["noatime"])),
             AlreadyExists,
             "",
         ),
         (
             "staged volume, same arguments",
-            stage(&m, &sm, multi.clone()),
+            stage_request(&m, &sm, &multi),
             Ok,
             "",
         ),
         (
             "staged block volume, same arguments",
-            stage(&b, &sb, block.clone()),
+            stage_request(&b, &sb, &block),
             Ok,
             "",
         ),
@@ -2014,7 +1933,7 @@ async fn node_refuses_bad_input_and_changes_nothing() {
             "secrets over 4 KiB",
             proto::NodeStageVolumeRequest {
                 secrets: big_map(),
-                ..stage(&u, &adir, single.clone())
+                ..stage_request(&u, &adir, &single)
             },
             InvalidArgument,
             "secrets",
@@ -2023,7 +1942,7 @@ async fn node_refuses_bad_input_and_changes_nothing() {
             "volume_context over 4 KiB",
             proto::NodeStageVolumeRequest {
                 volume_context: big_map(),
-                ..stage(&u, &adir, single.clone())
+                ..stage_request(&u, &adir, &single)
             },
             InvalidArgument,
             "volume_context",
@@ -2042,62 +1961,56 @@ async fn node_refuses_bad_input_and_changes_nothing() {
     let unstage_rows: Vec<(&str, proto::NodeUnstageVolumeRequest, Code, &str)> = vec![
         (
             "no volume ID",
-            unstage("", &sm),
+            unstage_request("", &sm),
             InvalidArgument,
             "volume_id",
         ),
         (
             "no staging path",
-            unstage(&m, ""),
-            InvalidArgument,
-            "staging_target_path",
-        ),
-        (
-            "no staging path, unknown volume",
-            unstage(UNKNOWN_VOLUME, ""),
+            unstage_request(&m, ""),
             InvalidArgument,
             "staging_target_path",
         ),
         (
             "unknown volume",
-            unstage(UNKNOWN_VOLUME, &adir),
+            unstage_request(UNKNOWN_VOLUME, &adir),
             NotFound,
             UNKNOWN_VOLUME,
         ),
         (
             "malformed volume",
-            unstage("vol-\0", &adir),
+            unstage_request("vol-\0", &adir),
             NotFound,
             "volume_id",
         ),
         (
             "staged volume, another path: not staged there",
-            unstage(&m, &adir),
+            unstage_request(&m, &adir),
             Ok,
             "",
         ),
         (
             "staged volume, another volume's staging path",
-            unstage(&b, &sm),
+            unstage_request(&b, &sm),
             Ok,
             "",
         ),
         (
             "staged volume, a non-empty directory",
-            unstage(&s, &fulldir),
+            unstage_request(&s, &fulldir),
             Ok,
             "",
         ),
-        ("unstaged volume", unstage(&u, &adir), Ok, ""),
+        ("unstaged volume", unstage_request(&u, &adir), Ok, ""),
         (
             "staged volume still published",
-            unstage(&m, &sm),
+            unstage_request(&m, &sm),
             FailedPrecondition,
             "published",
         ),
         (
             "staged block volume still published",
-            unstage(&b, &sb),
+            unstage_request(&b, &sb),
             FailedPrecondition,
             "published",
         ),
@@ -2116,13 +2029,13 @@ async fn node_refuses_bad_input_and_changes_nothing() {
     let publish_rows: Vec<(&str, proto::NodePublishVolumeRequest, Code, &str)> = vec![
         (
             "no volume ID",
-            publish("", &sm, &new_target, multi.clone()),
+            publish_request("", &sm, &new_target, &multi, false),
             InvalidArgument,
             "volume_id",
         ),
         (
             "no target",
-            publish(&m, &sm, "", multi.clone()),
+            publish_request(&m, &sm, "", &multi, false),
             InvalidArgument,
             "target_path",
         ),
@@ -2130,168 +2043,164 @@ async fn node_refuses_bad_input_and_changes_nothing() {
             "no capability",
             proto::NodePublishVolumeRequest {
                 volume_capability: None,
-                ..publish(&m, &sm, &new_target, multi.clone())
+                ..publish_request(&m, &sm, &new_target, &multi, false)
             },
             InvalidArgument,
             "volume_capability",
         ),
         (
             "no staging path",
-            publish(&m, "", &new_target, multi.clone()),
-            FailedPrecondition,
-            "staging_target_path",
-        ),
-        (
-            "no staging path, unknown volume",
-            publish(UNKNOWN_VOLUME, "", &new_target, multi.clone()),
+            publish_request(&m, "", &new_target, &multi, false),
             FailedPrecondition,
             "staging_target_path",
         ),
         (
             "target is the staging path",
-            publish(&m, &sm, &sm, multi.clone()),
+            publish_request(&m, &sm, &sm, &multi, false),
             InvalidArgument,
             "target_path",
         ),
         (
             "target inside the staging path",
-            publish(&m, &sm, &format!("{sm}/sub"), multi.clone()),
+            publish_request(&m, &sm, format!("{sm}/sub"), &multi, false),
             InvalidArgument,
             "target_path",
         ),
         (
             "staging path inside the target",
-            publish(&m, &sm, &p(&co), multi.clone()),
+            publish_request(&m, &sm, p(&co), &multi, false),
             InvalidArgument,
             "target_path",
         ),
         (
             "target a file, mount access",
-            publish(&m, &sm, &afile, multi.clone()),
+            publish_request(&m, &sm, &afile, &multi, false),
             FailedPrecondition,
             "target_path",
         ),
         (
             "target a directory, block access",
-            publish(&b, &sb, &adir, block.clone()),
+            publish_request(&b, &sb, &adir, &block, false),
             FailedPrecondition,
             "directory",
         ),
         (
             "target a FIFO",
-            publish(&m, &sm, &fifo, multi.clone()),
+            publish_request(&m, &sm, &fifo, &multi, false),
             FailedPrecondition,
             "target_path",
         ),
         (
             "target a directory that is not empty",
-            publish(&m, &sm, &fulldir, multi.clone()),
+            publish_request(&m, &sm, &fulldir, &multi, false),
             FailedPrecondition,
             "not empty",
         ),
         (
             "block target a file that is not empty",
-            publish(&b, &sb, &afile, block.clone()),
+            publish_request(&b, &sb, &afile, &block, false),
             FailedPrecondition,
             "not empty",
         ),
         (
             "target a FIFO, block",
-            publish(&b, &sb, &fifo, block.clone()),
+            publish_request(&b, &sb, &fifo, &block, false),
             FailedPrecondition,
             "target_path",
         ),
         (
             "target a symlink",
-            publish(&m, &sm, &link_dir, multi.clone()),
+            publish_request(&m, &sm, &link_dir, &multi, false),
             FailedPrecondition,
             "symbolic link",
         ),
         (
             "target without a parent",
-            publish(&m, &sm, &no_parent, multi.clone()),
+            publish_request(&m, &sm, &no_parent, &multi, false),
             FailedPrecondition,
             "parent",
         ),
         (
             "block target without a parent",
-            publish(&b, &sb, &no_parent, block.clone()),
+            publish_request(&b, &sb, &no_parent, &block, false),
             FailedPrecondition,
             "parent",
         ),
         (
             "target through a link to /proc",
-            publish(&m, &sm, &via_proc, multi.clone()),
+            publish_request(&m, &sm, &via_proc, &multi, false),
             InvalidArgument,
             "/proc",
         ),
         (
             "target through a link into kura's state",
-            publish(&m, &sm, &via_state, multi.clone()),
+            publish_request(&m, &sm, &via_state, &multi, false),
             InvalidArgument,
             "target_path",
         ),
         (
             "target is another volume's publication",
-            publish(&m, &sm, &tb, multi.clone()),
+            publish_request(&m, &sm, &tb, &multi, false),
             FailedPrecondition,
             "mount point",
         ),
         (
             "volume not staged",
-            publish(&u, &adir, &new_target, single.clone()),
+            publish_request(&u, &adir, &new_target, &single, false),
             FailedPrecondition,
             "not staged",
         ),
         (
             "other staging path",
-            publish(&m, &ss, &new_target, multi.clone()),
+            publish_request(&m, &ss, &new_target, &multi, false),
             FailedPrecondition,
             "staged at",
         ),
         (
             "mount volume as block",
-            publish(&m, &sm, &new_target, block.clone()),
+            publish_request(&m, &sm, &new_target, &block, false),
             FailedPrecondition,
             "cannot be published",
         ),
         (
             "block volume as mount",
-            publish(&b, &sb, &new_target, multi.clone()),
+            publish_request(&b, &sb, &new_target, &multi, false),
             FailedPrecondition,
             "cannot be published",
         ),
         (
             "another fs_type",
-            publish(
+            publish_request(
                 &m,
                 &sm,
                 &new_target,
-                mode_cap(mount_access("xfs", &[]), Mode::SingleNodeMultiWriter),
+                &cap_with_mode(mount_access("xfs", &[]), Mode::SingleNodeMultiWriter),
+                false,
             ),
             FailedPrecondition,
             "cannot be published",
         ),
         (
             "multi-node mode",
-            publish(
+            publish_request(
                 &m,
                 &sm,
                 &new_target,
-                mode_cap(mount_access("", &[]), Mode::MultiNodeMultiWriter),
+                &cap_with_mode(mount_access("", &[]), Mode::MultiNodeMultiWriter),
+                false,
             ),
             FailedPrecondition,
             "volume_capability",
         ),
         (
             "flag suid",
-            publish(&m, &sm, &new_target, flags_cap(&["suid"])),
+            publish_request(&m, &sm, &new_target, &flags_cap(&["suid"]), false),
             InvalidArgument,
             "mount_flags",
         ),
         (
             "second target of a single-writer volume",
-            publish(&s, &ss, &new_target, single.clone()),
+            publish_request(&s, &ss, &new_target, &single, false),
             FailedPrecondition,
             "one target",
         ),
@@ -2299,32 +2208,32 @@ async fn node_refuses_bad_input_and_changes_nothing() {
             "same target, read-only this time",
             proto::NodePublishVolumeRequest {
                 readonly: true,
-                ..publish(&m, &sm, &tm, multi.clone())
+                ..publish_request(&m, &sm, &tm, &multi, false)
             },
             AlreadyExists,
             "other arguments",
         ),
         (
             "same target, same arguments",
-            publish(&m, &sm, &tm, multi.clone()),
+            publish_request(&m, &sm, &tm, &multi, false),
             Ok,
             "",
         ),
         (
             "same block target, same arguments",
-            publish(&b, &sb, &tb, block.clone()),
+            publish_request(&b, &sb, &tb, &block, false),
             Ok,
             "",
         ),
         (
             "unknown volume",
-            publish(UNKNOWN_VOLUME, &sm, &new_target, multi.clone()),
+            publish_request(UNKNOWN_VOLUME, &sm, &new_target, &multi, false),
             NotFound,
             UNKNOWN_VOLUME,
         ),
         (
             "malformed volume",
-            publish("vol-🦀", &sm, &new_target, multi.clone()),
+            publish_request("vol-🦀", &sm, &new_target, &multi, false),
             NotFound,
             "volume_id",
         ),
@@ -2332,7 +2241,7 @@ async fn node_refuses_bad_input_and_changes_nothing() {
             "secrets over 4 KiB",
             proto::NodePublishVolumeRequest {
                 secrets: big_map(),
-                ..publish(&m, &sm, &new_target, multi.clone())
+                ..publish_request(&m, &sm, &new_target, &multi, false)
             },
             InvalidArgument,
             "secrets",
@@ -2341,7 +2250,7 @@ async fn node_refuses_bad_input_and_changes_nothing() {
             "publish_context over 4 KiB",
             proto::NodePublishVolumeRequest {
                 publish_context: big_map(),
-                ..publish(&m, &sm, &new_target, multi.clone())
+                ..publish_request(&m, &sm, &new_target, &multi, false)
             },
             InvalidArgument,
             "publish_context",
@@ -2360,71 +2269,80 @@ async fn node_refuses_bad_input_and_changes_nothing() {
     let unpublish_rows: Vec<(&str, proto::NodeUnpublishVolumeRequest, Code, &str)> = vec![
         (
             "no volume ID",
-            unpublish("", &tm),
+            unpublish_request("", &tm),
             InvalidArgument,
             "volume_id",
         ),
         (
             "no target",
-            unpublish(&m, ""),
-            InvalidArgument,
-            "target_path",
-        ),
-        (
-            "no target, unknown volume",
-            unpublish(UNKNOWN_VOLUME, ""),
+            unpublish_request(&m, ""),
             InvalidArgument,
             "target_path",
         ),
         (
             "unknown volume",
-            unpublish(UNKNOWN_VOLUME, &tm),
+            unpublish_request(UNKNOWN_VOLUME, &tm),
             NotFound,
             UNKNOWN_VOLUME,
         ),
         (
             "malformed volume",
-            unpublish("vol-x", &tm),
+            unpublish_request("vol-x", &tm),
             NotFound,
             "volume_id",
         ),
-        ("the volume's staging path", unpublish(&m, &sm), Ok, ""),
+        (
+            "the volume's staging path",
+            unpublish_request(&m, &sm),
+            Ok,
+            "",
+        ),
         (
             "the block volume's staging path",
-            unpublish(&b, &sb),
+            unpublish_request(&b, &sb),
             Ok,
             "",
         ),
         (
             "a non-empty directory kura did not make",
-            unpublish(&m, &fulldir),
+            unpublish_request(&m, &fulldir),
             Ok,
             "",
         ),
         (
             "an empty directory kura did not make",
-            unpublish(&m, &adir),
+            unpublish_request(&m, &adir),
             Ok,
             "",
         ),
-        ("a file", unpublish(&b, &afile), Ok, ""),
-        ("a FIFO", unpublish(&m, &fifo), Ok, ""),
-        ("a symlink", unpublish(&m, &link_dir), Ok, ""),
-        ("another volume's publication", unpublish(&m, &tb), Ok, ""),
+        ("a file", unpublish_request(&b, &afile), Ok, ""),
+        ("a FIFO", unpublish_request(&m, &fifo), Ok, ""),
+        ("a symlink", unpublish_request(&m, &link_dir), Ok, ""),
+        (
+            "another volume's publication",
+            unpublish_request(&m, &tb),
+            Ok,
+            "",
+        ),
         (
             "another volume's publication, same mode",
-            unpublish(&m, &ts),
+            unpublish_request(&m, &ts),
             Ok,
             "",
         ),
-        ("another volume's staging path", unpublish(&m, &ss), Ok, ""),
+        (
+            "another volume's staging path",
+            unpublish_request(&m, &ss),
+            Ok,
+            "",
+        ),
         (
             "a path that does not exist",
-            unpublish(&m, &missing),
+            unpublish_request(&m, &missing),
             Ok,
             "",
         ),
-        ("an unstaged volume", unpublish(&u, &tm), Ok, ""),
+        ("an unstaged volume", unpublish_request(&u, &tm), Ok, ""),
     ];
     for (what, request, code, names) in unpublish_rows {
         t.add(
@@ -2437,52 +2355,51 @@ async fn node_refuses_bad_input_and_changes_nothing() {
 
     // NodeGetVolumeStats.
     let stats_rows: Vec<(&str, proto::NodeGetVolumeStatsRequest, Code, &str)> = vec![
-        ("no volume ID", stats("", &tm), InvalidArgument, "volume_id"),
         (
-            "no volume path",
-            stats(&m, ""),
+            "no volume ID",
+            stats_request("", &tm),
             InvalidArgument,
-            "volume_path",
+            "volume_id",
         ),
         (
-            "no volume path, unknown volume",
-            stats(UNKNOWN_VOLUME, ""),
+            "no volume path",
+            stats_request(&m, ""),
             InvalidArgument,
             "volume_path",
         ),
         (
             "unknown volume",
-            stats(UNKNOWN_VOLUME, &tm),
+            stats_request(UNKNOWN_VOLUME, &tm),
             NotFound,
             UNKNOWN_VOLUME,
         ),
         (
             "malformed volume",
-            stats("vol-x", &tm),
+            stats_request("vol-x", &tm),
             NotFound,
             "volume_id",
         ),
         (
             "csi-sanity's some/path",
-            stats(&m, "some/path"),
+            stats_request(&m, "some/path"),
             NotFound,
             "volume_path",
         ),
         (
             "another volume's target",
-            stats(&m, &tb),
+            stats_request(&m, &tb),
             NotFound,
             "volume path",
         ),
         (
             "a directory kura did not make",
-            stats(&m, &fulldir),
+            stats_request(&m, &fulldir),
             NotFound,
             "volume path",
         ),
         (
             "under /proc",
-            stats(&m, "/proc/self"),
+            stats_request(&m, "/proc/self"),
             NotFound,
             "volume_path",
         ),
@@ -2490,17 +2407,17 @@ async fn node_refuses_bad_input_and_changes_nothing() {
             "a malformed staging path",
             proto::NodeGetVolumeStatsRequest {
                 staging_target_path: "relative".into(),
-                ..stats(&m, &tm)
+                ..stats_request(&m, &tm)
             },
             InvalidArgument,
             "staging_target_path",
         ),
-        ("the volume's target", stats(&m, &tm), Ok, ""),
-        ("the volume's staging path", stats(&m, &sm), Ok, ""),
-        ("the block volume's target", stats(&b, &tb), Ok, ""),
+        ("the volume's target", stats_request(&m, &tm), Ok, ""),
+        ("the volume's staging path", stats_request(&m, &sm), Ok, ""),
+        ("the block volume's target", stats_request(&b, &tb), Ok, ""),
         (
             "the block volume's staging path: nothing of it is there",
-            stats(&b, &sb),
+            stats_request(&b, &sb),
             NotFound,
             "volume path",
         ),
@@ -2517,90 +2434,93 @@ async fn node_refuses_bad_input_and_changes_nothing() {
     // NodeExpandVolume.
     let expand_cap = |cap: proto::VolumeCapability| proto::NodeExpandVolumeRequest {
         volume_capability: Some(cap),
-        ..node_expand(&m, &tm, 0, 0)
+        ..node_expand_request(&m, &tm, 0, 0)
     };
     let expand_rows: Vec<(&str, proto::NodeExpandVolumeRequest, Code, &str)> = vec![
         (
             "no volume ID",
-            node_expand("", &tm, 0, 0),
+            node_expand_request("", &tm, 0, 0),
             InvalidArgument,
             "volume_id",
         ),
         (
             "no volume path",
-            node_expand(&m, "", 0, 0),
+            node_expand_request(&m, "", 0, 0),
             InvalidArgument,
             "volume_path",
         ),
         (
             "unknown volume",
-            node_expand(UNKNOWN_VOLUME, &tm, 0, 0),
+            node_expand_request(UNKNOWN_VOLUME, &tm, 0, 0),
             NotFound,
             UNKNOWN_VOLUME,
         ),
         (
             "malformed volume",
-            node_expand("vol-x", &tm, 0, 0),
+            node_expand_request("vol-x", &tm, 0, 0),
             NotFound,
             "volume_id",
         ),
         (
             "csi-sanity's some/path",
-            node_expand(&m, "some/path", 0, 0),
+            node_expand_request(&m, "some/path", 0, 0),
             NotFound,
             "volume_path",
         ),
         (
             "another volume's target",
-            node_expand(&m, &tb, 0, 0),
+            node_expand_request(&m, &tb, 0, 0),
             NotFound,
             "volume path",
         ),
         (
             "negative required",
-            node_expand(&m, &tm, -1, 0),
+            node_expand_request(&m, &tm, -1, 0),
             InvalidArgument,
             "required_bytes",
         ),
         (
             "negative limit",
-            node_expand(&m, &tm, 0, -1),
+            node_expand_request(&m, &tm, 0, -1),
             InvalidArgument,
             "limit_bytes",
         ),
         (
             "beyond the volume's size",
-            node_expand(&m, &tm, 2 * SIZE, 0),
+            node_expand_request(&m, &tm, 2 * SIZE, 0),
             OutOfRange,
             "capacity_range",
         ),
         (
             "required i64::MAX",
-            node_expand(&m, &tm, i64::MAX, 0),
+            node_expand_request(&m, &tm, i64::MAX, 0),
             OutOfRange,
             "capacity_range",
         ),
         (
             "block beyond its size",
-            node_expand(&b, &tb, SIZE + 1, 0),
+            node_expand_request(&b, &tb, SIZE + 1, 0),
             OutOfRange,
             "capacity_range",
         ),
         (
             "limit below the size",
-            node_expand(&m, &tm, 0, SIZE / 2),
+            node_expand_request(&m, &tm, 0, SIZE / 2),
             OutOfRange,
             "capacity_range",
         ),
         (
             "required above limit",
-            node_expand(&m, &tm, SIZE, SIZE / 2),
+            node_expand_request(&m, &tm, SIZE, SIZE / 2),
             OutOfRange,
             "capacity_range",
         ),
         (
             "multi-node capability",
-            expand_cap(mode_cap(mount_access("", &[]), Mode::MultiNodeMultiWriter)),
+            expand_cap(cap_with_mode(
+                mount_access("", &[]),
+                Mode::MultiNodeMultiWriter,
+            )),
             InvalidArgument,
             "volume_capability",
         ),
@@ -2608,7 +2528,7 @@ async fn node_refuses_bad_input_and_changes_nothing() {
             "multi-node capability, unknown volume",
             proto::NodeExpandVolumeRequest {
                 volume_id: UNKNOWN_VOLUME.into(),
-                ..expand_cap(mode_cap(block_access(), Mode::MultiNodeSingleWriter))
+                ..expand_cap(cap_with_mode(block_access(), Mode::MultiNodeSingleWriter))
             },
             InvalidArgument,
             "volume_capability",
@@ -2623,7 +2543,7 @@ async fn node_refuses_bad_input_and_changes_nothing() {
             "a malformed staging path",
             proto::NodeExpandVolumeRequest {
                 staging_target_path: "/proc/1".into(),
-                ..node_expand(&m, &tm, 0, 0)
+                ..node_expand_request(&m, &tm, 0, 0)
             },
             InvalidArgument,
             "staging_target_path",
@@ -2632,15 +2552,20 @@ async fn node_refuses_bad_input_and_changes_nothing() {
             "secrets over 4 KiB",
             proto::NodeExpandVolumeRequest {
                 secrets: big_map(),
-                ..node_expand(&m, &tm, 0, 0)
+                ..node_expand_request(&m, &tm, 0, 0)
             },
             InvalidArgument,
             "secrets",
         ),
-        ("to the size it has", node_expand(&m, &tm, SIZE, 0), Ok, ""),
+        (
+            "to the size it has",
+            node_expand_request(&m, &tm, SIZE, 0),
+            Ok,
+            "",
+        ),
         (
             "the block volume's staging path",
-            node_expand(&b, &sb, 0, 0),
+            node_expand_request(&b, &sb, 0, 0),
             NotFound,
             "volume path",
         ),
@@ -2654,21 +2579,114 @@ async fn node_refuses_bad_input_and_changes_nothing() {
         );
     }
 
+    // Missing fields, whether the volume exists or not: INVALID_ARGUMENT naming them,
+    // but FAILED_PRECONDITION for a publish without a staging path (this node stages).
+    for id in [u.as_str(), UNKNOWN_VOLUME] {
+        let missing_rows = [
+            (
+                "NodeStageVolume without a staging path",
+                Call::Stage(stage_request(id, "", &single)),
+                InvalidArgument,
+                "staging_target_path",
+            ),
+            (
+                "NodeStageVolume without a capability",
+                Call::Stage(proto::NodeStageVolumeRequest {
+                    volume_capability: None,
+                    ..stage_request(id, &adir, &single)
+                }),
+                InvalidArgument,
+                "volume_capability",
+            ),
+            (
+                "NodeStageVolume without an access type",
+                Call::Stage(stage_request(id, &adir, &no_access_type())),
+                InvalidArgument,
+                "volume_capability.access_type",
+            ),
+            (
+                "NodePublishVolume without a target",
+                Call::Publish(publish_request(id, &adir, "", &single, false)),
+                InvalidArgument,
+                "target_path",
+            ),
+            (
+                "NodePublishVolume without a staging path",
+                Call::Publish(publish_request(id, "", &new_target, &multi, false)),
+                FailedPrecondition,
+                "staging_target_path",
+            ),
+            (
+                "NodePublishVolume without a capability",
+                Call::Publish(proto::NodePublishVolumeRequest {
+                    volume_capability: None,
+                    ..publish_request(id, &adir, &new_target, &single, false)
+                }),
+                InvalidArgument,
+                "volume_capability",
+            ),
+            (
+                "NodeUnpublishVolume without a target",
+                Call::Unpublish(unpublish_request(id, "")),
+                InvalidArgument,
+                "target_path",
+            ),
+            (
+                "NodeUnstageVolume without a staging path",
+                Call::Unstage(unstage_request(id, "")),
+                InvalidArgument,
+                "staging_target_path",
+            ),
+            (
+                "NodeGetVolumeStats without a volume path",
+                Call::Stats(stats_request(id, "")),
+                InvalidArgument,
+                "volume_path",
+            ),
+        ];
+        for (what, call, code, names) in missing_rows {
+            t.add(format!("{what}, volume {id:?}"), call, code, names);
+        }
+    }
+
+    // Volumes that do not exist, whatever the form of their ID: NOT_FOUND.
+    for id in [MALFORMED_ID, FOREIGN_VOLUME] {
+        let unknown_rows = [
+            (
+                "NodeStageVolume",
+                Call::Stage(stage_request(id, &adir, &single)),
+            ),
+            (
+                "NodePublishVolume",
+                Call::Publish(publish_request(id, &adir, &new_target, &single, false)),
+            ),
+            (
+                "NodeUnpublishVolume",
+                Call::Unpublish(unpublish_request(id, &missing)),
+            ),
+            (
+                "NodeUnstageVolume",
+                Call::Unstage(unstage_request(id, &adir)),
+            ),
+            ("NodeGetVolumeStats", Call::Stats(stats_request(id, &adir))),
+        ];
+        for (what, call) in unknown_rows {
+            t.add(format!("{what} of {id:?}"), call, NotFound, id);
+        }
+    }
+
     t.add("NodeGetCapabilities", Call::NodeCapabilities, Ok, "");
     t.add("NodeGetInfo", Call::NodeInfo, Ok, "");
     // The controller side of a volume in use on the node.
     t.add(
         "DeleteVolume of a staged volume",
-        Call::DeleteVolume(proto::DeleteVolumeRequest {
-            volume_id: m.clone(),
-            ..Default::default()
-        }),
+        Call::DeleteVolume(delete_volume_request(&m)),
         FailedPrecondition,
         &m,
     );
     t.add(
         "CreateSnapshot with a banned name, of a staged volume",
-        Call::CreateSnapshot(snapshot("snap\u{2}", &m)),
+        Call::CreateSnapshot(snapshot_request("snap\u{2}", &m)),
         InvalidArgument,
         "name",
     );
@@ -2726,12 +2744,9 @@ async fn concurrent_identical_publishes_make_one_publication() {
         node.node_stage_volume(stage_request(&id, &staging, &cap))
             .await
             .unwrap();
-        node.node_unstage_volume(proto::NodeUnstageVolumeRequest {
-            volume_id: id.clone(),
-            staging_target_path: p(&driver.path("elsewhere")),
-        })
-        .await
-        .expect("an unstage at another path is OK");
+        node.node_unstage_volume(unstage_request(&id, driver.path("elsewhere")))
+            .await
+            .expect("an unstage at another path is OK");
         let calls: Vec<_> = (0..16)
             .map(|_| {
                 let mut node = driver.node();
@@ -2782,7 +2797,7 @@ async fn mounts_are_hardened_and_paths_left_as_found() {
         .create_volume("pvc-hardened", SIZE, &[])
         .await
         .volume_id;
-    let cap = mode_cap(
+    let cap = cap_with_mode(
         mount_access("ext4", &["noatime", "exec", "nosuid", "lazytime"]),
         Mode::SingleNodeMultiWriter,
     );
@@ -2816,12 +2831,9 @@ async fn mounts_are_hardened_and_paths_left_as_found() {
         assert_eq!(bind.is_read_only(), readonly, "{bind:?}");
     }
     for target in [&rw, &ro] {
-        node.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
-            volume_id: id.clone(),
-            target_path: p(target),
-        })
-        .await
-        .unwrap();
+        node.node_unpublish_volume(unpublish_request(&id, target))
+            .await
+            .unwrap();
         assert!(!target.exists());
     }
     // A target the CO made stays after unpublish; one kura made whose mount is gone
@@ -2836,12 +2848,9 @@ async fn mounts_are_hardened_and_paths_left_as_found() {
     }
     kura::sys::mount::unmount(&crashed).unwrap();
     for target in [&by_the_co, &crashed] {
-        node.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
-            volume_id: id.clone(),
-            target_path: p(target),
-        })
-        .await
-        .unwrap();
+        node.node_unpublish_volume(unpublish_request(&id, target))
+            .await
+            .unwrap();
         assert!(mounts_at(target).is_empty());
     }
     assert!(by_the_co.is_dir(), "unpublish removed the CO's target");
@@ -2858,12 +2867,9 @@ async fn mounts_are_hardened_and_paths_left_as_found() {
         .await
         .unwrap();
     kura::sys::mount::unmount(&left_over).unwrap();
-    node.node_unstage_volume(proto::NodeUnstageVolumeRequest {
-        volume_id: id.clone(),
-        staging_target_path: p(&staging),
-    })
-    .await
-    .unwrap();
+    node.node_unstage_volume(unstage_request(&id, &staging))
+        .await
+        .unwrap();
     assert_eq!(
         describe(&staging),
         before,
@@ -2878,12 +2884,9 @@ async fn mounts_are_hardened_and_paths_left_as_found() {
         .await
         .unwrap();
     assert!(!mounts_at(&made).is_empty());
-    node.node_unstage_volume(proto::NodeUnstageVolumeRequest {
-        volume_id: id.clone(),
-        staging_target_path: p(&made),
-    })
-    .await
-    .unwrap();
+    node.node_unstage_volume(unstage_request(&id, &made))
+        .await
+        .unwrap();
     assert!(!made.exists(), "kura left the staging directory it made");
 
     // A stage whose mount fails (ext4 refuses journal_async_commit in its default
@@ -2893,7 +2896,7 @@ async fn mounts_are_hardened_and_paths_left_as_found() {
         .node_stage_volume(stage_request(
             &id,
             &failing,
-            &mode_cap(
+            &cap_with_mode(
                 mount_access("ext4", &["journal_async_commit"]),
                 Mode::SingleNodeWriter,
             ),
@@ -2932,14 +2935,14 @@ async fn node_expansion_stops_at_the_controllers_size() {
     let (staging, target) = driver.stage_and_publish(&id, &cap, "grow").await;
     let grown = driver
         .controller()
-        .controller_expand_volume(controller_expand(&id, 2 * SIZE, 0))
+        .controller_expand_volume(expand_request(&id, 2 * SIZE, 0))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(grown.capacity_bytes, 2 * SIZE);
     let mut node = driver.node();
     let beyond = node
-        .node_expand_volume(node_expand(&id, &p(&target), 3 * SIZE, 0))
+        .node_expand_volume(node_expand_request(&id, p(&target), 3 * SIZE, 0))
         .await
         .unwrap_err();
     assert_eq!(beyond.code(), Code::OutOfRange, "{}", beyond.message());
@@ -2949,7 +2952,7 @@ async fn node_expansion_stops_at_the_controllers_size() {
         "a refused node expansion grew the device"
     );
     let done = node
-        .node_expand_volume(node_expand(&id, &p(&target), 2 * SIZE, 0))
+        .node_expand_volume(node_expand_request(&id, p(&target), 2 * SIZE, 0))
         .await
         .unwrap()
         .into_inner();

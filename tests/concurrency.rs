@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use kura::csi::proto;
-use kura::pool::{NodeToken, SnapshotId, VolumeId};
+use kura::pool::VolumeId;
 use tokio::task::{AbortHandle, JoinHandle};
 use tonic::{Code, Response, Status};
 
@@ -123,14 +123,6 @@ async fn assert_volume_filled(driver: &Driver, id: &str, tag: &str) {
     driver.unpublish_and_unstage(id, &staging, &device).await;
 }
 
-fn derived_volume_id(name: &str) -> VolumeId {
-    VolumeId::derive(name, &NodeToken::for_node(NODE_ID))
-}
-
-fn derived_snapshot_id(name: &str) -> SnapshotId {
-    SnapshotId::derive(name, &NodeToken::for_node(NODE_ID))
-}
-
 /// The file a volume image is built in until it is complete.
 fn partial_image(root: &Path, id: &VolumeId) -> PathBuf {
     root.join("volumes").join(format!("{id}.img.partial"))
@@ -156,82 +148,6 @@ fn assert_aborted<T: Debug>(result: Result<Response<T>, Status>, key: &str, what
         "{what}: the message names {key}: {}",
         status.message()
     );
-}
-
-fn is_mounted(path: &Path) -> bool {
-    let table = kura::sys::mountinfo::read().expect("read mountinfo");
-    kura::sys::mountinfo::find_mount(&table, path).is_some()
-}
-
-fn delete_volume_request(id: &str) -> proto::DeleteVolumeRequest {
-    proto::DeleteVolumeRequest {
-        volume_id: id.into(),
-        ..Default::default()
-    }
-}
-
-fn delete_snapshot_request(id: &str) -> proto::DeleteSnapshotRequest {
-    proto::DeleteSnapshotRequest {
-        snapshot_id: id.into(),
-        ..Default::default()
-    }
-}
-
-fn snapshot_request(name: &str, source: &str) -> proto::CreateSnapshotRequest {
-    proto::CreateSnapshotRequest {
-        source_volume_id: source.into(),
-        name: name.into(),
-        ..Default::default()
-    }
-}
-
-fn expand_request(id: &str, size: i64) -> proto::ControllerExpandVolumeRequest {
-    proto::ControllerExpandVolumeRequest {
-        volume_id: id.into(),
-        capacity_range: Some(proto::CapacityRange {
-            required_bytes: size,
-            limit_bytes: 0,
-        }),
-        ..Default::default()
-    }
-}
-
-fn node_expand_request(id: &str, path: &Path, size: i64) -> proto::NodeExpandVolumeRequest {
-    proto::NodeExpandVolumeRequest {
-        volume_id: id.into(),
-        volume_path: path.display().to_string(),
-        capacity_range: Some(proto::CapacityRange {
-            required_bytes: size,
-            limit_bytes: 0,
-        }),
-        ..Default::default()
-    }
-}
-
-fn unstage_request(id: &str, staging: &Path) -> proto::NodeUnstageVolumeRequest {
-    proto::NodeUnstageVolumeRequest {
-        volume_id: id.into(),
-        staging_target_path: staging.display().to_string(),
-    }
-}
-
-fn unpublish_request(id: &str, target: &Path) -> proto::NodeUnpublishVolumeRequest {
-    proto::NodeUnpublishVolumeRequest {
-        volume_id: id.into(),
-        target_path: target.display().to_string(),
-    }
-}
-
-/// The snapshot CreateSnapshot returns for `name` now (the CO's poll).
-async fn poll_snapshot(driver: &Driver, name: &str, source: &str) -> proto::Snapshot {
-    driver
-        .controller()
-        .create_snapshot(snapshot_request(name, source))
-        .await
-        .expect("CreateSnapshot")
-        .into_inner()
-        .snapshot
-        .expect("snapshot in response")
 }
 
 /// Waits, when dropped, until the server has no operation running in the test
@@ -288,10 +204,10 @@ async fn a_clone_being_copied_holds_its_volume() {
     let mut settle = Settle::new(&driver);
     let source = filled_volume(&driver, "pvc-source").await;
 
-    let clone_id = derived_volume_id("pvc-clone");
+    let clone_id = volume_id("pvc-clone");
     let key = clone_id.as_str();
     let partial = partial_image(&root, &clone_id);
-    let request = create_request("pvc-clone", VOLUME, &[], Some(volume_source(&source)));
+    let request = clone_request("pvc-clone", VOLUME, &source);
     let copying = driver.pause.arm("copying");
     let first = tokio::spawn({
         let mut controller = driver.controller();
@@ -320,7 +236,7 @@ async fn a_clone_being_copied_holds_its_volume() {
     assert_in_flight(&first, running(), "DeleteVolume");
     assert_aborted(
         controller
-            .controller_expand_volume(expand_request(key, 2 * VOLUME))
+            .controller_expand_volume(expand_request(key, 2 * VOLUME, 0))
             .await,
         key,
         "ControllerExpandVolume",
@@ -348,7 +264,7 @@ async fn a_clone_being_copied_holds_its_volume() {
         "NodePublishVolume",
     );
     assert_aborted(
-        node.node_expand_volume(node_expand_request(key, &target, 2 * VOLUME))
+        node.node_expand_volume(node_expand_request(key, &target, 2 * VOLUME, 0))
             .await,
         key,
         "NodeExpandVolume",
@@ -439,9 +355,9 @@ async fn a_background_snapshot_copy_holds_its_source_and_itself() {
     let source = filled_volume(&driver, "pvc-snapped").await;
 
     let copying = driver.pause.arm("copying");
-    let first = poll_snapshot(&driver, "snap-copied", &source).await;
+    let first = driver.create_snapshot("snap-copied", &source).await;
     let id = first.snapshot_id.clone();
-    assert_eq!(id, derived_snapshot_id("snap-copied").as_str());
+    assert_eq!(id, snapshot_id("snap-copied").as_str());
     assert!(
         !first.ready_to_use,
         "a snapshot on a pool without reflink is a background copy"
@@ -471,7 +387,7 @@ async fn a_background_snapshot_copy_holds_its_source_and_itself() {
     );
     // The CO's poll is answered, with the same snapshot, still not ready: the refusals
     // above came while the copy ran.
-    let polled = poll_snapshot(&driver, "snap-copied", &source).await;
+    let polled = driver.create_snapshot("snap-copied", &source).await;
     assert_eq!(polled, first);
     assert!(copying.is_held() && !image.exists());
 
@@ -484,7 +400,7 @@ async fn a_background_snapshot_copy_holds_its_source_and_itself() {
             "the background copy did not finish in {COPY_DEADLINE:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-        snapshot = poll_snapshot(&driver, "snap-copied", &source).await;
+        snapshot = driver.create_snapshot("snap-copied", &source).await;
     }
     eprintln!("snapshot ready after {:?}", started.elapsed());
     assert_eq!(snapshot.snapshot_id, id);
@@ -579,7 +495,7 @@ async fn a_stage_in_progress_holds_its_volume() {
     );
     assert_aborted(
         controller
-            .controller_expand_volume(expand_request(&id, 2 * GIB))
+            .controller_expand_volume(expand_request(&id, 2 * GIB, 0))
             .await,
         &id,
         "ControllerExpandVolume",
@@ -647,9 +563,9 @@ async fn a_clone_being_copied_holds_its_source() {
     let mut settle = Settle::new(&driver);
     let source = filled_volume(&driver, "pvc-source").await;
 
-    let clone_id = derived_volume_id("pvc-clone");
+    let clone_id = volume_id("pvc-clone");
     let partial = partial_image(&root, &clone_id);
-    let request = create_request("pvc-clone", VOLUME, &[], Some(volume_source(&source)));
+    let request = clone_request("pvc-clone", VOLUME, &source);
     let copying = driver.pause.arm("copying");
     let first = tokio::spawn({
         let mut controller = driver.controller();

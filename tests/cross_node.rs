@@ -6,48 +6,45 @@
 mod common;
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use cluster::*;
-use common::{
-    MIB, block_cap, create_request, mount_cap, pattern, publish_request, snapshot_source,
-    stage_request, volume_source, write_at, write_file,
-};
+use common::cluster::*;
+use common::process::Proc;
+use common::*;
 use kura::csi::proto;
 use kura::pool::{NodeToken, VolumeId};
 use sha2::{Digest, Sha256};
 use tonic::Code;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-
-#[path = "common/cluster.rs"]
-mod cluster;
 
 const SIZES: [&str; 2] = ["2Gi", "2Gi"];
 const COPY_DEADLINE: Duration = Duration::from_secs(180);
 
-/// One CreateVolume call.
-async fn create_once(
-    controller: &ControllerProc,
-    request: proto::CreateVolumeRequest,
-) -> Result<proto::Volume, tonic::Status> {
+/// A new empty volume on `node`; its ID.
+async fn volume_on(
+    controller: &Proc,
+    name: &str,
+    size: i64,
+    node: &str,
+    cap: &proto::VolumeCapability,
+) -> String {
+    let request = on_node(name, size, node, cap.clone(), None);
     controller
-        .controller()
+        .create(request)
         .await
-        .create_volume(request)
-        .await
-        .map(|r| r.into_inner().volume.expect("volume in response"))
+        .expect("CreateVolume")
+        .volume_id
 }
 
 /// CreateVolume as the provisioner calls it: again while the answer is ABORTED (a
 /// copy in progress), until it is something else.
-async fn create(
-    controller: &ControllerProc,
+async fn create_until_copied(
+    controller: &Proc,
     request: proto::CreateVolumeRequest,
 ) -> Result<proto::Volume, tonic::Status> {
     let started = Instant::now();
     loop {
-        match create_once(controller, request.clone()).await {
+        match controller.create(request.clone()).await {
             Err(status) if status.code() == Code::Aborted => {
                 assert!(
                     started.elapsed() < COPY_DEADLINE,
@@ -74,34 +71,6 @@ fn on_node(
     }
 }
 
-async fn snapshot(controller: &ControllerProc, volume: &str, name: &str) -> proto::Snapshot {
-    controller
-        .controller()
-        .await
-        .create_snapshot(proto::CreateSnapshotRequest {
-            source_volume_id: volume.into(),
-            name: name.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("CreateSnapshot")
-        .into_inner()
-        .snapshot
-        .unwrap()
-}
-
-fn pool_root(node: &NodeProc) -> PathBuf {
-    node.dir.join("state/pool")
-}
-
-fn volume_image(node: &NodeProc, id: &str) -> PathBuf {
-    pool_root(node).join("volumes").join(format!("{id}.img"))
-}
-
-fn snapshot_image(node: &NodeProc, id: &str) -> PathBuf {
-    pool_root(node).join("snapshots").join(format!("{id}.img"))
-}
-
 fn sha256(path: &Path) -> String {
     let mut hasher = Sha256::new();
     let mut file = std::fs::File::open(path).unwrap();
@@ -117,7 +86,7 @@ fn allocated(path: &Path) -> u64 {
 fn transfer_leftovers(node: &NodeProc) -> Vec<String> {
     let mut found = Vec::new();
     for dir in ["volumes", "exports"] {
-        let Ok(entries) = std::fs::read_dir(pool_root(node).join(dir)) else {
+        let Ok(entries) = std::fs::read_dir(node.pool_root().join(dir)) else {
             continue;
         };
         for entry in entries.flatten() {
@@ -130,60 +99,23 @@ fn transfer_leftovers(node: &NodeProc) -> Vec<String> {
     found
 }
 
-/// Stages and publishes a volume on `node`; returns the target path.
-async fn publish(node: &NodeProc, id: &str, cap: &proto::VolumeCapability, tag: &str) -> PathBuf {
-    let staging = node.path(&format!("stage-{tag}"));
-    std::fs::create_dir_all(&staging).unwrap();
-    let target = node.path(&format!("target-{tag}"));
-    let mut client = node.node().await;
-    client
-        .node_stage_volume(stage_request(id, &staging, cap))
-        .await
-        .expect("stage");
-    client
-        .node_publish_volume(publish_request(id, &staging, &target, cap, false))
-        .await
-        .expect("publish");
-    target
-}
-
-async fn unpublish(node: &NodeProc, id: &str, tag: &str) {
-    let mut client = node.node().await;
-    client
-        .node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
-            volume_id: id.into(),
-            target_path: node.path(&format!("target-{tag}")).display().to_string(),
-        })
-        .await
-        .expect("unpublish");
-    client
-        .node_unstage_volume(proto::NodeUnstageVolumeRequest {
-            volume_id: id.into(),
-            staging_target_path: node.path(&format!("stage-{tag}")).display().to_string(),
-        })
-        .await
-        .expect("unstage");
-}
-
 /// A block volume on node-a with `data` MiB of pattern at its start and 1 MiB at 3/4
 /// of it, the rest never written; returns its ID.
 async fn block_source(cluster: &Cluster, name: &str, size: i64, data: usize) -> String {
     let controller = cluster.controller();
     let node = cluster.node("node-a");
     let cap = block_cap();
-    let id = create(controller, on_node(name, size, "node-a", cap.clone(), None))
-        .await
-        .unwrap()
-        .volume_id;
-    let device = publish(node, &id, &cap, name).await;
+    let id = volume_on(controller, name, size, "node-a", &cap).await;
+    let (staging, device) = node.stage_and_publish(&id, &cap, name).await;
     let at = (size as u64) / 4 * 3;
+    let written = device.clone();
     tokio::task::spawn_blocking(move || {
-        write_at(&device, 0, &pattern(7, data << 20));
-        write_at(&device, at, &pattern(9, 1 << 20));
+        write_at(&written, 0, &pattern(7, data << 20));
+        write_at(&written, at, &pattern(9, 1 << 20));
     })
     .await
     .unwrap();
-    unpublish(node, &id, name).await;
+    node.unpublish_and_unstage(&id, &staging, &device).await;
     id
 }
 
@@ -195,19 +127,13 @@ async fn restores_across_nodes_keep_data_and_sparseness_fs_and_block() {
 
     // Filesystem: a file written on node-a reads back on node-b.
     let cap = mount_cap("ext4");
-    let fs = create(
-        controller,
-        on_node("pvc-fs", 256 * MIB, "node-a", cap.clone(), None),
-    )
-    .await
-    .unwrap()
-    .volume_id;
-    let target = publish(a, &fs, &cap, "fs").await;
+    let fs = volume_on(controller, "pvc-fs", 256 * MIB, "node-a", &cap).await;
+    let (staging, target) = a.stage_and_publish(&fs, &cap, "fs").await;
     let data = pattern(5, 3 << 20);
     write_file(&target.join("data"), &data);
-    unpublish(a, &fs, "fs").await;
-    let snap = snapshot(controller, &fs, "snap-fs").await;
-    let restored = create(
+    a.unpublish_and_unstage(&fs, &staging, &target).await;
+    let snap = controller.create_snapshot("snap-fs", &fs).await;
+    let restored = create_until_copied(
         controller,
         on_node(
             "pvc-fs-restored",
@@ -221,17 +147,20 @@ async fn restores_across_nodes_keep_data_and_sparseness_fs_and_block() {
     .expect("restore across nodes");
     assert_eq!(volume_node(&restored), "node-b");
     assert!(restored.content_source.is_some());
-    let source_image = snapshot_image(a, &snap.snapshot_id);
-    let copy_image = volume_image(b, &restored.volume_id);
+    let source_image = snapshot_image(&a.pool_root(), &snap.snapshot_id);
+    let copy_image = volume_image(&b.pool_root(), &restored.volume_id);
     assert_eq!(sha256(&source_image), sha256(&copy_image));
-    let target = publish(b, &restored.volume_id, &cap, "fs-restored").await;
+    let (staging, target) = b
+        .stage_and_publish(&restored.volume_id, &cap, "fs-restored")
+        .await;
     assert_eq!(std::fs::read(target.join("data")).unwrap(), data);
-    unpublish(b, &restored.volume_id, "fs-restored").await;
+    b.unpublish_and_unstage(&restored.volume_id, &staging, &target)
+        .await;
 
     // Block: the image is the same, and no more allocated than the source's.
     let block = block_source(&cluster, "pvc-block", 256 * MIB, 40).await;
-    let snap = snapshot(controller, &block, "snap-block").await;
-    let restored = create(
+    let snap = controller.create_snapshot("snap-block", &block).await;
+    let restored = create_until_copied(
         controller,
         on_node(
             "pvc-block-restored",
@@ -243,8 +172,8 @@ async fn restores_across_nodes_keep_data_and_sparseness_fs_and_block() {
     )
     .await
     .expect("restore across nodes");
-    let source_image = snapshot_image(a, &snap.snapshot_id);
-    let copy_image = volume_image(b, &restored.volume_id);
+    let source_image = snapshot_image(&a.pool_root(), &snap.snapshot_id);
+    let copy_image = volume_image(&b.pool_root(), &restored.volume_id);
     assert_eq!(sha256(&source_image), sha256(&copy_image));
     let (source_alloc, copy_alloc) = (allocated(&source_image), allocated(&copy_image));
     assert!(
@@ -252,18 +181,16 @@ async fn restores_across_nodes_keep_data_and_sparseness_fs_and_block() {
         "the copy allocates {copy_alloc} bytes, the source {source_alloc}"
     );
     // A repeated call returns the same volume, and nothing of the transfer is left.
-    let again = create_once(
-        controller,
-        on_node(
+    let again = controller
+        .create(on_node(
             "pvc-block-restored",
             256 * MIB,
             "node-b",
             block_cap(),
             Some(snapshot_source(&snap.snapshot_id)),
-        ),
-    )
-    .await
-    .unwrap();
+        ))
+        .await
+        .unwrap();
     assert_eq!(again.volume_id, restored.volume_id);
     let left: Vec<String> = [a, b].iter().flat_map(|n| transfer_leftovers(n)).collect();
     assert!(left.is_empty(), "{left:?}");
@@ -275,19 +202,13 @@ async fn a_clone_across_nodes_of_a_volume_in_use_holds_one_moment() {
     let controller = cluster.controller();
     let (a, b) = (cluster.node("node-a"), cluster.node("node-b"));
     let cap = mount_cap("ext4");
-    let source = create(
-        controller,
-        on_node("pvc-live", 256 * MIB, "node-a", cap.clone(), None),
-    )
-    .await
-    .unwrap()
-    .volume_id;
-    let target = publish(a, &source, &cap, "live").await;
+    let source = volume_on(controller, "pvc-live", 256 * MIB, "node-a", &cap).await;
+    let (staging, target) = a.stage_and_publish(&source, &cap, "live").await;
     let before = pattern(1, 2 << 20);
     write_file(&target.join("data"), &before);
 
     // Held after its first checkpoint: the clone is pinned and half copied.
-    let held = b.proc.pause.arm("transfer-checkpoint");
+    let held = b.pause.arm("transfer-checkpoint");
     let request = on_node(
         "pvc-live-clone",
         256 * MIB,
@@ -295,7 +216,7 @@ async fn a_clone_across_nodes_of_a_volume_in_use_holds_one_moment() {
         cap.clone(),
         Some(volume_source(&source)),
     );
-    let first = create_once(controller, request.clone()).await.unwrap_err();
+    let first = controller.create(request.clone()).await.unwrap_err();
     assert_eq!(first.code(), Code::Aborted, "{first:?}");
     assert!(first.message().contains("being copied"), "{first}");
     held.held(|| false).await;
@@ -303,15 +224,16 @@ async fn a_clone_across_nodes_of_a_volume_in_use_holds_one_moment() {
     write_file(&target.join("data"), &pattern(2, 2 << 20));
     write_file(&target.join("later"), b"after the clone");
     held.release();
-    let clone = create(controller, request)
+    let clone = create_until_copied(controller, request)
         .await
         .expect("clone across nodes");
     assert_eq!(volume_node(&clone), "node-b");
-    let copy = publish(b, &clone.volume_id, &cap, "clone").await;
+    let (copy_staging, copy) = b.stage_and_publish(&clone.volume_id, &cap, "clone").await;
     assert_eq!(std::fs::read(copy.join("data")).unwrap(), before);
     assert!(!copy.join("later").exists());
-    unpublish(b, &clone.volume_id, "clone").await;
-    unpublish(a, &source, "live").await;
+    b.unpublish_and_unstage(&clone.volume_id, &copy_staging, &copy)
+        .await;
+    a.unpublish_and_unstage(&source, &staging, &target).await;
     let left: Vec<String> = [a, b].iter().flat_map(|n| transfer_leftovers(n)).collect();
     assert!(left.is_empty(), "{left:?}");
 }
@@ -338,7 +260,10 @@ fn without_colours(text: &str) -> String {
 async fn a_killed_destination_resumes_from_its_checkpoint() {
     let mut cluster = Cluster::start(&SIZES).await;
     let block = block_source(&cluster, "pvc-big", 256 * MIB, 128).await;
-    let snap = snapshot(cluster.controller(), &block, "snap-big").await;
+    let snap = cluster
+        .controller()
+        .create_snapshot("snap-big", &block)
+        .await;
     let request = on_node(
         "pvc-big-restored",
         256 * MIB,
@@ -347,17 +272,21 @@ async fn a_killed_destination_resumes_from_its_checkpoint() {
         Some(snapshot_source(&snap.snapshot_id)),
     );
     let id = VolumeId::derive("pvc-big-restored", &NodeToken::for_node("node-b"));
-    let checkpoint = pool_root(cluster.node("node-b"))
+    let checkpoint = cluster
+        .node("node-b")
+        .pool_root()
         .join("volumes")
         .join(format!("{id}.transfer"));
     {
-        let held = cluster.node("node-b").proc.pause.arm("transfer-checkpoint");
-        let first = create_once(cluster.controller(), request.clone())
+        let held = cluster.node("node-b").pause.arm("transfer-checkpoint");
+        let first = cluster
+            .controller()
+            .create(request.clone())
             .await
             .unwrap_err();
         assert_eq!(first.code(), Code::Aborted, "{first:?}");
         held.held(|| false).await;
-        cluster.node_mut("node-b").proc.kill();
+        cluster.node_mut("node-b").kill();
     }
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&checkpoint).unwrap()).unwrap();
@@ -369,11 +298,11 @@ async fn a_killed_destination_resumes_from_its_checkpoint() {
         .controller()
         .wait_for_nodes(&["node-a", "node-b"])
         .await;
-    let restored = create(cluster.controller(), request)
+    let restored = create_until_copied(cluster.controller(), request)
         .await
         .expect("the restore resumes");
     assert_eq!(restored.volume_id, id.as_str());
-    let logs = without_colours(&cluster.node("node-b").proc.logs());
+    let logs = without_colours(&cluster.node("node-b").logs());
     let resumed = logs
         .split("--- node-b run 2 ---")
         .nth(1)
@@ -384,8 +313,14 @@ async fn a_killed_destination_resumes_from_its_checkpoint() {
         .to_owned();
     assert!(resumed.contains(&format!("offset={offset}")), "{resumed}");
     assert_eq!(
-        sha256(&snapshot_image(cluster.node("node-a"), &snap.snapshot_id)),
-        sha256(&volume_image(cluster.node("node-b"), id.as_str()))
+        sha256(&snapshot_image(
+            &cluster.node("node-a").pool_root(),
+            &snap.snapshot_id
+        )),
+        sha256(&volume_image(
+            &cluster.node("node-b").pool_root(),
+            id.as_str()
+        ))
     );
     assert!(!checkpoint.exists());
 }
@@ -396,7 +331,7 @@ async fn a_chunk_damaged_in_flight_is_refused_and_nothing_is_kept() {
     let controller = cluster.controller();
     let (a, b) = (cluster.node("node-a"), cluster.node("node-b"));
     let block = block_source(&cluster, "pvc-src", 128 * MIB, 8).await;
-    let snap = snapshot(controller, &block, "snap-src").await;
+    let snap = controller.create_snapshot("snap-src", &block).await;
     let request = on_node(
         "pvc-damaged",
         128 * MIB,
@@ -404,18 +339,19 @@ async fn a_chunk_damaged_in_flight_is_refused_and_nothing_is_kept() {
         block_cap(),
         Some(snapshot_source(&snap.snapshot_id)),
     );
-    let damage = a.proc.pause.arm("damage-chunk");
-    let refused = create(controller, request.clone()).await.unwrap_err();
+    let damage = a.pause.arm("damage-chunk");
+    let refused = create_until_copied(controller, request.clone())
+        .await
+        .unwrap_err();
     assert_eq!(refused.code(), Code::DataLoss, "{refused:?}");
     assert!(refused.message().contains("checksum"), "{refused}");
     drop(damage);
     let id = VolumeId::derive("pvc-damaged", &NodeToken::for_node("node-b"));
-    assert!(!volume_image(b, id.as_str()).exists());
+    assert!(!volume_image(&b.pool_root(), id.as_str()).exists());
     let left: Vec<String> = [a, b].iter().flat_map(|n| transfer_leftovers(n)).collect();
     assert!(left.is_empty(), "{left:?}");
     let listed = controller
         .controller()
-        .await
         .list_volumes(proto::ListVolumesRequest::default())
         .await
         .unwrap()
@@ -427,10 +363,12 @@ async fn a_chunk_damaged_in_flight_is_refused_and_nothing_is_kept() {
             .any(|e| e.volume.as_ref().unwrap().volume_id == id.as_str())
     );
     // The hook fired once: the CO's next try copies whole data.
-    let copied = create(controller, request).await.expect("a retry copies");
+    let copied = create_until_copied(controller, request)
+        .await
+        .expect("a retry copies");
     assert_eq!(
-        sha256(&snapshot_image(a, &snap.snapshot_id)),
-        sha256(&volume_image(b, &copied.volume_id))
+        sha256(&snapshot_image(&a.pool_root(), &snap.snapshot_id)),
+        sha256(&volume_image(&b.pool_root(), &copied.volume_id))
     );
 }
 
@@ -440,7 +378,7 @@ async fn the_source_snapshot_deleted_mid_transfer_does_not_stop_it() {
     let controller = cluster.controller();
     let (a, b) = (cluster.node("node-a"), cluster.node("node-b"));
     let block = block_source(&cluster, "pvc-orig", 256 * MIB, 64).await;
-    let snap = snapshot(controller, &block, "snap-gone").await;
+    let snap = controller.create_snapshot("snap-gone", &block).await;
     let request = on_node(
         "pvc-from-gone",
         256 * MIB,
@@ -448,53 +386,27 @@ async fn the_source_snapshot_deleted_mid_transfer_does_not_stop_it() {
         block_cap(),
         Some(snapshot_source(&snap.snapshot_id)),
     );
-    let held = b.proc.pause.arm("transfer-checkpoint");
-    let first = create_once(controller, request.clone()).await.unwrap_err();
+    let held = b.pause.arm("transfer-checkpoint");
+    let first = controller.create(request.clone()).await.unwrap_err();
     assert_eq!(first.code(), Code::Aborted, "{first:?}");
     held.held(|| false).await;
     controller
         .controller()
-        .await
-        .delete_snapshot(proto::DeleteSnapshotRequest {
-            snapshot_id: snap.snapshot_id.clone(),
-            ..Default::default()
-        })
+        .delete_snapshot(delete_snapshot_request(&snap.snapshot_id))
         .await
         .expect("DeleteSnapshot during the transfer");
-    assert!(!snapshot_image(a, &snap.snapshot_id).exists());
+    assert!(!snapshot_image(&a.pool_root(), &snap.snapshot_id).exists());
     held.release();
-    let restored = create(controller, request)
+    let restored = create_until_copied(controller, request)
         .await
         .expect("the transfer completes");
     // The source volume has not changed since the snapshot.
     assert_eq!(
-        sha256(&volume_image(a, &block)),
-        sha256(&volume_image(b, &restored.volume_id))
+        sha256(&volume_image(&a.pool_root(), &block)),
+        sha256(&volume_image(&b.pool_root(), &restored.volume_id))
     );
     let left: Vec<String> = [a, b].iter().flat_map(|n| transfer_leftovers(n)).collect();
     assert!(left.is_empty(), "{left:?}");
-}
-
-async fn agent_client(
-    address: std::net::SocketAddr,
-    identity: &Path,
-) -> kura::agent::proto::agent_client::AgentClient<tonic::transport::Channel> {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(
-            std::fs::read(identity.join("ca.crt")).unwrap(),
-        ))
-        .domain_name(kura::agent::tls::NODE_NAME)
-        .identity(Identity::from_pem(
-            std::fs::read(identity.join("tls.crt")).unwrap(),
-            std::fs::read(identity.join("tls.key")).unwrap(),
-        ));
-    let channel = Endpoint::from_shared(format!("https://{address}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect_lazy();
-    kura::agent::proto::agent_client::AgentClient::new(channel)
-        .max_decoding_message_size(kura::agent::transfer::MAX_MESSAGE)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -504,8 +416,9 @@ async fn a_node_identity_reads_only_what_a_grant_names() {
     let a = cluster.node("node-a");
     let block = block_source(&cluster, "pvc-secret", 64 * MIB, 4).await;
     let node_identity = cluster.certs.join("node");
-    let mut as_node = agent_client(a.agent, &node_identity).await;
-    let mut as_controller = agent_client(a.agent, &cluster.certs.join("controller")).await;
+    let ca = cluster.certs.join("ca.crt");
+    let mut as_node = agent_client(a.agent, &ca, Some(&node_identity));
+    let mut as_controller = agent_client(a.agent, &ca, Some(&cluster.certs.join("controller")));
 
     // A node may not ask for an export itself.
     let source = Some(agent::ContentSource {

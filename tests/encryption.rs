@@ -12,8 +12,6 @@
 //! to TRACE (tonic, h2, hyper included), is captured into one buffer, which each test
 //! searches for its keys in hex, base64, raw bytes and Rust's `Debug` of the bytes.
 
-#[path = "common/cluster.rs"]
-mod cluster;
 mod common;
 
 use std::collections::HashMap;
@@ -21,14 +19,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use common::cluster::*;
 use common::process::Kura;
 use common::*;
 use kura::csi::proto;
-use kura::csi::proto::controller_client::ControllerClient;
-use kura::csi::proto::node_client::NodeClient;
 use kura::sys::fscrypt::{self, KeyStatus, Policy};
 use tonic::Code;
-use tonic::transport::Channel;
 
 const ENCRYPTION: (&str, &str) = ("kura.csi.dev/encryption", "fscrypt");
 const SIZE: i64 = 64 * MIB;
@@ -184,6 +180,18 @@ fn encrypted_request(
     create_request(name, SIZE, &[ENCRYPTION], source)
 }
 
+/// Creates an encrypted volume (from `source`, if any); returns its ID.
+async fn encrypted_volume(
+    kura: &impl Csi,
+    name: &str,
+    source: Option<proto::VolumeContentSource>,
+) -> String {
+    kura.create(encrypted_request(name, source))
+        .await
+        .expect("CreateVolume")
+        .volume_id
+}
+
 fn stage_with(
     id: &str,
     staging: &Path,
@@ -196,52 +204,11 @@ fn stage_with(
     }
 }
 
-fn snapshot_request(name: &str, source: &str) -> proto::CreateSnapshotRequest {
-    proto::CreateSnapshotRequest {
-        source_volume_id: source.into(),
-        name: name.into(),
-        ..Default::default()
-    }
-}
-
-async fn create(c: &mut ControllerClient<Channel>, request: proto::CreateVolumeRequest) -> String {
-    c.create_volume(request)
-        .await
-        .expect("CreateVolume")
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id
-}
-
-async fn stage(n: &mut NodeClient<Channel>, id: &str, staging: &Path, key: &TestKey) {
-    n.node_stage_volume(stage_with(id, staging, &mount_cap(""), key.secrets()))
+async fn stage_with_key(node: &impl Csi, id: &str, staging: &Path, key: &TestKey) {
+    node.node()
+        .node_stage_volume(stage_with(id, staging, &mount_cap(""), key.secrets()))
         .await
         .expect("NodeStageVolume with the volume's key");
-}
-
-async fn publish(n: &mut NodeClient<Channel>, id: &str, staging: &Path, target: &Path) {
-    n.node_publish_volume(publish_request(id, staging, target, &mount_cap(""), false))
-        .await
-        .expect("NodePublishVolume");
-}
-
-async fn unpublish(n: &mut NodeClient<Channel>, id: &str, target: &Path) {
-    n.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
-        volume_id: id.into(),
-        target_path: target.display().to_string(),
-    })
-    .await
-    .expect("NodeUnpublishVolume");
-}
-
-async fn unstage(n: &mut NodeClient<Channel>, id: &str, staging: &Path) {
-    n.node_unstage_volume(proto::NodeUnstageVolumeRequest {
-        volume_id: id.into(),
-        staging_target_path: staging.display().to_string(),
-    })
-    .await
-    .expect("NodeUnstageVolume");
 }
 
 fn marker_name() -> String {
@@ -274,16 +241,8 @@ fn key_status(staging: &Path) -> KeyStatus {
     fscrypt::key_status(staging, &key).unwrap()
 }
 
-fn is_mounted(path: &Path) -> bool {
-    kura::sys::mountinfo::find_mount(&kura::sys::mountinfo::read().unwrap(), path).is_some()
-}
-
-fn image(pool: &Path, id: &str) -> PathBuf {
-    pool.join(format!("volumes/{id}.img"))
-}
-
 fn attached(pool: &Path, id: &str) -> bool {
-    kura::sys::loopdev::find_by_backing(&image(pool, id))
+    kura::sys::loopdev::find_by_backing(&volume_image(pool, id))
         .unwrap()
         .is_some()
 }
@@ -303,14 +262,14 @@ async fn the_disk_holds_ciphertext_and_the_key_brings_the_data_back() {
     let pool = driver.pool_root();
     let key = TestKey::new(32);
 
-    let id = create(&mut c, encrypted_request("pvc-enc", None)).await;
+    let id = encrypted_volume(&driver, "pvc-enc", None).await;
     let staging = driver.path("stage");
     let target = driver.path("target");
     for _ in 0..2 {
-        stage(&mut n, &id, &staging, &key).await;
+        stage_with_key(&driver, &id, &staging, &key).await;
     }
     for _ in 0..2 {
-        publish(&mut n, &id, &staging, &target).await;
+        driver.publish(&id, &staging, &target, &mount_cap("")).await;
     }
     assert_eq!(key_status(&staging), KeyStatus::Present);
     // The pod sees the encrypted directory only, not the filesystem's root.
@@ -341,11 +300,7 @@ async fn the_disk_holds_ciphertext_and_the_key_brings_the_data_back() {
     }
 
     // Stats and online expansion at the publication.
-    let stats = |path: &Path| proto::NodeGetVolumeStatsRequest {
-        volume_id: id.clone(),
-        volume_path: path.display().to_string(),
-        ..Default::default()
-    };
+    let stats = |path: &Path| stats_request(&id, path);
     let before = n
         .node_get_volume_stats(stats(&target))
         .await
@@ -388,15 +343,15 @@ async fn the_disk_holds_ciphertext_and_the_key_brings_the_data_back() {
     assert_marker(&target);
 
     for _ in 0..2 {
-        unpublish(&mut n, &id, &target).await;
+        driver.unpublish(&id, &target).await;
     }
     for _ in 0..2 {
-        unstage(&mut n, &id, &staging).await;
+        driver.unstage(&id, &staging).await;
     }
     assert!(!attached(&pool, &id));
 
     // The image, read directly: no marker in any form, no key.
-    let bytes = std::fs::read(image(&pool, &id)).unwrap();
+    let bytes = std::fs::read(volume_image(&pool, &id)).unwrap();
     assert!(
         find(&bytes, MARKER.as_bytes()).is_none(),
         "the plaintext marker is in the image"
@@ -405,7 +360,7 @@ async fn the_disk_holds_ciphertext_and_the_key_brings_the_data_back() {
 
     // The image mounted elsewhere without the key: names are ciphertext, contents
     // cannot be read.
-    let device = kura::sys::loopdev::attach_with_block_size(&image(&pool, &id), true, 4096)
+    let device = kura::sys::loopdev::attach_with_block_size(&volume_image(&pool, &id), true, 4096)
         .expect("attach the image read-only");
     let elsewhere = driver.path("elsewhere");
     std::fs::create_dir(&elsewhere).unwrap();
@@ -431,8 +386,8 @@ async fn the_disk_holds_ciphertext_and_the_key_brings_the_data_back() {
     kura::sys::loopdev::detach(&device).unwrap();
 
     // The right key again: the data is back, and the filesystem has its new size.
-    stage(&mut n, &id, &staging, &key).await;
-    publish(&mut n, &id, &staging, &target).await;
+    stage_with_key(&driver, &id, &staging, &key).await;
+    driver.publish(&id, &staging, &target, &mount_cap("")).await;
     assert_marker(&target);
     let grown = n
         .node_get_volume_stats(stats(&target))
@@ -454,23 +409,30 @@ async fn the_disk_holds_ciphertext_and_the_key_brings_the_data_back() {
         .unwrap();
     // The volume is twice its first size now.
     let copy_of = |name: &str, source| create_request(name, 2 * SIZE, &[ENCRYPTION], Some(source));
-    let restored = create(
-        &mut c,
-        copy_of("pvc-restored", snapshot_source(&snapshot.snapshot_id)),
-    )
-    .await;
-    let clone = create(&mut c, copy_of("pvc-clone", volume_source(&id))).await;
+    let restored = driver
+        .create(copy_of(
+            "pvc-restored",
+            snapshot_source(&snapshot.snapshot_id),
+        ))
+        .await
+        .expect("CreateVolume")
+        .volume_id;
+    let clone = driver
+        .create(copy_of("pvc-clone", volume_source(&id)))
+        .await
+        .expect("CreateVolume")
+        .volume_id;
     for (copy, tag) in [(&restored, "restored"), (&clone, "clone")] {
         let (s, t) = (
             driver.path(&format!("stage-{tag}")),
             driver.path(&format!("target-{tag}")),
         );
-        stage(&mut n, copy, &s, &key).await;
-        publish(&mut n, copy, &s, &t).await;
+        stage_with_key(&driver, copy, &s, &key).await;
+        driver.publish(copy, &s, &t, &mount_cap("")).await;
         assert_marker(&t);
-        unpublish(&mut n, copy, &t).await;
-        unstage(&mut n, copy, &s).await;
-        let bytes = std::fs::read(image(&pool, copy)).unwrap();
+        driver.unpublish(copy, &t).await;
+        driver.unstage(copy, &s).await;
+        let bytes = std::fs::read(volume_image(&pool, copy)).unwrap();
         assert!(
             find(&bytes, MARKER.as_bytes()).is_none(),
             "plaintext in the {tag} image"
@@ -478,33 +440,26 @@ async fn the_disk_holds_ciphertext_and_the_key_brings_the_data_back() {
     }
     // A restore without the encryption parameter is refused, naming why.
     let err = c
-        .create_volume(create_request(
+        .create_volume(restore_request(
             "pvc-plain-restore",
             2 * SIZE,
-            &[],
-            Some(snapshot_source(&snapshot.snapshot_id)),
+            &snapshot.snapshot_id,
         ))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("encrypted"), "{}", err.message());
 
-    unpublish(&mut n, &id, &target).await;
-    unstage(&mut n, &id, &staging).await;
+    driver.unpublish(&id, &target).await;
+    driver.unstage(&id, &staging).await;
     for volume in [&restored, &clone, &id] {
-        c.delete_volume(proto::DeleteVolumeRequest {
-            volume_id: volume.to_string(),
-            ..Default::default()
-        })
+        c.delete_volume(delete_volume_request(volume))
+            .await
+            .unwrap();
+    }
+    c.delete_snapshot(delete_snapshot_request(&snapshot.snapshot_id))
         .await
         .unwrap();
-    }
-    c.delete_snapshot(proto::DeleteSnapshotRequest {
-        snapshot_id: snapshot.snapshot_id.clone(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
     assert_eq!(leftovers(&driver.dir, &pool), Vec::<String>::new());
 
     // kura wrote the key nowhere (its state directory: records, metadata, pool) and
@@ -526,16 +481,16 @@ async fn the_disk_holds_ciphertext_and_the_key_brings_the_data_back() {
 async fn a_wrong_key_is_refused_and_leaves_nothing_mounted() {
     let logs = logs();
     let driver = Driver::start().await;
-    let (mut c, mut n) = (driver.controller(), driver.node());
+    let mut n = driver.node();
     let pool = driver.pool_root();
     let (key, wrong) = (TestKey::new(64), TestKey::new(48));
-    let id = create(&mut c, encrypted_request("pvc-wrong", None)).await;
+    let id = encrypted_volume(&driver, "pvc-wrong", None).await;
     let (staging, target) = (driver.path("stage"), driver.path("target"));
-    stage(&mut n, &id, &staging, &key).await;
-    publish(&mut n, &id, &staging, &target).await;
+    stage_with_key(&driver, &id, &staging, &key).await;
+    driver.publish(&id, &staging, &target, &mount_cap("")).await;
     write_marker(&target);
-    unpublish(&mut n, &id, &target).await;
-    unstage(&mut n, &id, &staging).await;
+    driver.unpublish(&id, &target).await;
+    driver.unstage(&id, &staging).await;
 
     let refused = |err: tonic::Status| {
         assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
@@ -560,7 +515,7 @@ async fn a_wrong_key_is_refused_and_leaves_nothing_mounted() {
     }
 
     // Staged with the right key, a stage with the wrong one changes nothing.
-    stage(&mut n, &id, &staging, &key).await;
+    stage_with_key(&driver, &id, &staging, &key).await;
     let err = n
         .node_stage_volume(stage_with(&id, &staging, &mount_cap(""), wrong.secrets()))
         .await
@@ -568,10 +523,10 @@ async fn a_wrong_key_is_refused_and_leaves_nothing_mounted() {
     refused(err);
     assert!(is_mounted(&staging));
     assert_eq!(key_status(&staging), KeyStatus::Present);
-    publish(&mut n, &id, &staging, &target).await;
+    driver.publish(&id, &staging, &target, &mount_cap("")).await;
     assert_marker(&target);
-    unpublish(&mut n, &id, &target).await;
-    unstage(&mut n, &id, &staging).await;
+    driver.unpublish(&id, &target).await;
+    driver.unstage(&id, &staging).await;
     assert!(!is_mounted(&staging) && !attached(&pool, &id));
     let captured = logs.lock().unwrap().clone();
     key.assert_absent(&captured, "the logs");
@@ -587,8 +542,11 @@ async fn bad_inputs_are_refused_and_change_nothing() {
     let (mut c, mut n) = (driver.controller(), driver.node());
     let pool = driver.pool_root();
     let key = TestKey::new(32);
-    let encrypted = create(&mut c, encrypted_request("pvc-bad-enc", None)).await;
-    let plain = create(&mut c, create_request("pvc-bad-plain", SIZE, &[], None)).await;
+    let encrypted = encrypted_volume(&driver, "pvc-bad-enc", None).await;
+    let plain = driver
+        .create_volume("pvc-bad-plain", SIZE, &[])
+        .await
+        .volume_id;
     let snapshot = c
         .create_snapshot(snapshot_request("snap-bad", &encrypted))
         .await
@@ -618,17 +576,17 @@ async fn bad_inputs_are_refused_and_change_nothing() {
         ),
         (
             "an unknown value",
-            create_request("pvc-x4", SIZE, &[("kura.csi.dev/encryption", "luks")], None),
+            create_request("pvc-x4", SIZE, &[(ENCRYPTION.0, "luks")], None),
             param,
         ),
         (
             "a plain restore of an encrypted snapshot",
-            create_request("pvc-x5", SIZE, &[], Some(snapshot_source(&snapshot))),
+            restore_request("pvc-x5", SIZE, &snapshot),
             "parameters",
         ),
         (
             "a plain clone of an encrypted volume",
-            create_request("pvc-x6", SIZE, &[], Some(volume_source(&encrypted))),
+            clone_request("pvc-x6", SIZE, &encrypted),
             "parameters",
         ),
         (
@@ -777,8 +735,8 @@ async fn bad_inputs_are_refused_and_change_nothing() {
     .expect("a plain volume stages whatever the secrets hold");
     // The control: a plain volume's image shows the marker the encrypted ones hide.
     write_marker(&plain_staging);
-    unstage(&mut n, &plain, &plain_staging).await;
-    let bytes = std::fs::read(image(&pool, &plain)).unwrap();
+    driver.unstage(&plain, &plain_staging).await;
+    let bytes = std::fs::read(volume_image(&pool, &plain)).unwrap();
     assert!(
         find(&bytes, MARKER.as_bytes()).is_some(),
         "the search finds plaintext"
@@ -796,19 +754,15 @@ async fn bad_inputs_are_refused_and_change_nothing() {
 #[tokio::test]
 async fn kills_mid_stage_and_while_staged_are_repaired() {
     let mut kura = Kura::new(PoolKind::Image);
-    let channel = kura.start().await;
+    kura.start().await;
     let pool = kura.pool_root();
     let key = TestKey::new(32);
-    let id = create(
-        &mut ControllerClient::new(channel.clone()),
-        encrypted_request("pvc-kill", None),
-    )
-    .await;
+    let id = encrypted_volume(&kura, "pvc-kill", None).await;
     let (staging, target) = (kura.path("stage"), kura.path("target"));
 
     let held = kura.pause.arm("fscrypt-dir-made");
     let in_flight = {
-        let mut n = NodeClient::new(channel.clone());
+        let mut n = kura.node();
         let request = stage_with(&id, &staging, &mount_cap(""), key.secrets());
         tokio::spawn(async move { n.node_stage_volume(request).await })
     };
@@ -822,39 +776,37 @@ async fn kills_mid_stage_and_while_staged_are_repaired() {
     let _ = in_flight.await;
     drop(held);
 
-    let channel = kura.start().await;
-    let mut n = NodeClient::new(channel.clone());
-    stage(&mut n, &id, &staging, &key).await;
-    publish(&mut n, &id, &staging, &target).await;
+    kura.start().await;
+    stage_with_key(&kura, &id, &staging, &key).await;
+    kura.publish(&id, &staging, &target, &mount_cap("")).await;
     write_marker(&target);
     kura.kill();
 
-    let channel = kura.start().await;
-    let mut n = NodeClient::new(channel.clone());
+    kura.start().await;
     assert_eq!(
         key_status(&staging),
         KeyStatus::Present,
         "a kill leaves the key loaded"
     );
-    unpublish(&mut n, &id, &target).await;
+    kura.unpublish(&id, &target).await;
     let removed = kura.pause.arm("fscrypt-key-removed");
     let in_flight = {
-        let (mut n, id, staging) = (n.clone(), id.clone(), staging.clone());
-        tokio::spawn(async move { unstage(&mut n, &id, &staging).await })
+        let (mut n, request) = (kura.node(), unstage_request(&id, &staging));
+        tokio::spawn(async move { n.node_unstage_volume(request).await })
     };
     removed.held(|| in_flight.is_finished()).await;
     assert!(is_mounted(&staging), "the key goes before the unmount");
     assert_eq!(key_status(&staging), KeyStatus::Absent);
     removed.release();
-    in_flight.await.unwrap();
+    in_flight.await.unwrap().expect("NodeUnstageVolume");
     assert!(!is_mounted(&staging) && !attached(&pool, &id));
 
     // The data survived it all.
-    stage(&mut n, &id, &staging, &key).await;
-    publish(&mut n, &id, &staging, &target).await;
+    stage_with_key(&kura, &id, &staging, &key).await;
+    kura.publish(&id, &staging, &target, &mount_cap("")).await;
     assert_marker(&target);
-    unpublish(&mut n, &id, &target).await;
-    unstage(&mut n, &id, &staging).await;
+    kura.unpublish(&id, &target).await;
+    kura.unstage(&id, &staging).await;
     key.assert_absent(kura.logs().as_bytes(), "the child's logs");
     for (path, bytes) in files_under(&kura.dir.join("state")) {
         key.assert_absent(&bytes, &path.display().to_string());
@@ -867,21 +819,21 @@ async fn kills_mid_stage_and_while_staged_are_repaired() {
 /// every process are free of the key.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_split_roles_carry_the_encryption_to_the_node() {
-    let cluster = cluster::Cluster::start(&["2Gi"]).await;
-    let mut c = cluster.controller().controller().await;
+    let cluster = Cluster::start(&["2Gi"]).await;
+    let mut c = cluster.controller().controller();
     let node = cluster.node("node-a");
-    let mut n = node.node().await;
+    let mut n = node.node();
     let key = TestKey::new(40);
-    let id = create(&mut c, encrypted_request("pvc-split", None)).await;
+    let id = encrypted_volume(cluster.controller(), "pvc-split", None).await;
     let (staging, target) = (node.path("stage"), node.path("target"));
     let err = n
         .node_stage_volume(stage_with(&id, &staging, &mount_cap(""), HashMap::new()))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    stage(&mut n, &id, &staging, &key).await;
+    stage_with_key(node, &id, &staging, &key).await;
     assert_eq!(key_status(&staging), KeyStatus::Present);
-    publish(&mut n, &id, &staging, &target).await;
+    node.publish(&id, &staging, &target, &mount_cap("")).await;
     write_marker(&target);
     let snapshot = c
         .create_snapshot(snapshot_request("snap-split", &id))
@@ -892,27 +844,19 @@ async fn the_split_roles_carry_the_encryption_to_the_node() {
         .unwrap()
         .snapshot_id;
     let plain = c
-        .create_volume(create_request(
-            "pvc-split-plain",
-            SIZE,
-            &[],
-            Some(snapshot_source(&snapshot)),
-        ))
+        .create_volume(restore_request("pvc-split-plain", SIZE, &snapshot))
         .await
         .unwrap_err();
     assert_eq!(plain.code(), Code::InvalidArgument, "{plain:?}");
-    let restored = create(
-        &mut c,
-        encrypted_request("pvc-split-restored", Some(snapshot_source(&snapshot))),
-    )
-    .await;
+    let source = Some(snapshot_source(&snapshot));
+    let restored = encrypted_volume(cluster.controller(), "pvc-split-restored", source).await;
     let (s, t) = (node.path("stage-restored"), node.path("target-restored"));
-    stage(&mut n, &restored, &s, &key).await;
-    publish(&mut n, &restored, &s, &t).await;
+    stage_with_key(node, &restored, &s, &key).await;
+    node.publish(&restored, &s, &t, &mount_cap("")).await;
     assert_marker(&t);
     for (volume, s, t) in [(&restored, &s, &t), (&id, &staging, &target)] {
-        unpublish(&mut n, volume, t).await;
-        unstage(&mut n, volume, s).await;
+        node.unpublish(volume, t).await;
+        node.unstage(volume, s).await;
     }
     key.assert_absent(cluster.logs().as_bytes(), "the logs of the split roles");
 }

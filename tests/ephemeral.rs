@@ -4,13 +4,12 @@
 //! nothing; a crash between create and mount is cleaned at restart, and a restart
 //! keeps an inline volume that is still mounted.
 
-#[path = "common/cluster.rs"]
-mod cluster;
 mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use common::cluster::*;
 use common::process::Kura;
 use common::*;
 use kura::csi::proto;
@@ -22,34 +21,22 @@ use tonic::transport::Channel;
 const INLINE_ID: &str = "csi-5c1b0d0f5b5e4a6c9f0e2d6b8a7c4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d";
 
 fn context(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-    let mut map: HashMap<String, String> = pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    let mut map = string_map(pairs);
     map.insert("csi.storage.k8s.io/ephemeral".into(), "true".into());
     map.insert("csi.storage.k8s.io/pod.name".into(), "app-0".into());
     map
 }
 
-fn publish(
+/// A NodePublishVolume of an inline volume with these attributes.
+fn inline_publish_request(
     id: &str,
     target: &Path,
     cap: &proto::VolumeCapability,
     pairs: &[(&str, &str)],
 ) -> proto::NodePublishVolumeRequest {
     proto::NodePublishVolumeRequest {
-        volume_id: id.into(),
-        target_path: target.display().to_string(),
-        volume_capability: Some(cap.clone()),
         volume_context: context(pairs),
-        ..Default::default()
-    }
-}
-
-fn unpublish(id: &str, target: &Path) -> proto::NodeUnpublishVolumeRequest {
-    proto::NodeUnpublishVolumeRequest {
-        volume_id: id.into(),
-        target_path: target.display().to_string(),
+        ..publish_request(id, "", target, cap, false)
     }
 }
 
@@ -65,7 +52,7 @@ fn made(dir: &Path, pool: &Path) -> Vec<String> {
 async fn publish_write_unpublish(node: &mut NodeClient<Channel>, dir: &Path, pool: &Path) {
     let target = dir.join("target");
     let cap = mount_cap("");
-    let request = publish(
+    let request = inline_publish_request(
         INLINE_ID,
         &target,
         &cap,
@@ -87,24 +74,20 @@ async fn publish_write_unpublish(node: &mut NodeClient<Channel>, dir: &Path, poo
 
     // The kubelet asks for stats with its own ID.
     let stats = node
-        .node_get_volume_stats(proto::NodeGetVolumeStatsRequest {
-            volume_id: INLINE_ID.into(),
-            volume_path: target.display().to_string(),
-            ..Default::default()
-        })
+        .node_get_volume_stats(stats_request(INLINE_ID, &target))
         .await
         .unwrap()
         .into_inner();
     let total = stats.usage[0].total;
     assert!(total > 64 * MIB && total <= 96 * MIB, "{total}");
 
-    node.node_unpublish_volume(unpublish(INLINE_ID, &target))
+    node.node_unpublish_volume(unpublish_request(INLINE_ID, &target))
         .await
         .unwrap();
     assert!(!target.exists(), "unpublish removes the target");
     // Once deleted, the kubelet's ID names nothing, as any unknown ID.
     let again = node
-        .node_unpublish_volume(unpublish(INLINE_ID, &target))
+        .node_unpublish_volume(unpublish_request(INLINE_ID, &target))
         .await
         .unwrap_err();
     assert_eq!(again.code(), Code::NotFound, "{}", again.message());
@@ -119,17 +102,17 @@ async fn publish_write_unpublish_deletes_the_volume() {
 
     // Block access too: the target is the device.
     let target = driver.path("block-target");
-    node.node_publish_volume(publish(
+    node.node_publish_volume(inline_publish_request(
         INLINE_ID,
         &target,
         &block_cap(),
-        &[("size", "8Mi"), ("kura.csi.dev/provisioning", "thick")],
+        &[("size", "8Mi"), (PROVISIONING, "thick")],
     ))
     .await
     .unwrap();
     write_at(&target, 4096, &pattern(9, 4096));
     assert_eq!(read_at(&target, 4096, 4096), pattern(9, 4096));
-    node.node_unpublish_volume(unpublish(INLINE_ID, &target))
+    node.node_unpublish_volume(unpublish_request(INLINE_ID, &target))
         .await
         .unwrap();
     assert!(!target.exists());
@@ -189,7 +172,7 @@ async fn bad_attributes_create_nothing() {
         (
             INLINE_ID.into(),
             mount_cap(""),
-            vec![("kura.csi.dev/provisioning", "fat")],
+            vec![(PROVISIONING, "fat")],
             "provisioning",
         ),
         (
@@ -204,7 +187,7 @@ async fn bad_attributes_create_nothing() {
     ];
     for (id, cap, pairs, needle) in cases {
         let status = node
-            .node_publish_volume(publish(&id, &target, &cap, &pairs))
+            .node_publish_volume(inline_publish_request(&id, &target, &cap, &pairs))
             .await
             .unwrap_err();
         assert_eq!(
@@ -220,7 +203,7 @@ async fn bad_attributes_create_nothing() {
 
     // A pool too small: RESOURCE_EXHAUSTED, nothing left behind.
     let status = node
-        .node_publish_volume(publish(
+        .node_publish_volume(inline_publish_request(
             INLINE_ID,
             &target,
             &mount_cap(""),
@@ -236,7 +219,7 @@ async fn bad_attributes_create_nothing() {
     // names nothing.
     std::fs::create_dir(&target).unwrap();
     let status = node
-        .node_unpublish_volume(unpublish(INLINE_ID, &target))
+        .node_unpublish_volume(unpublish_request(INLINE_ID, &target))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound, "{}", status.message());
@@ -253,7 +236,7 @@ async fn a_crash_between_create_and_mount_is_cleaned_at_restart() {
     let channel = kura.start().await;
     let target = target_of(&kura);
     let created = kura.pause.arm("inline-created");
-    let request = publish(INLINE_ID, &target, &mount_cap(""), &[("size", "64Mi")]);
+    let request = inline_publish_request(INLINE_ID, &target, &mount_cap(""), &[("size", "64Mi")]);
     let call = tokio::spawn({
         let mut node = NodeClient::new(channel.clone());
         let request = request.clone();
@@ -282,7 +265,7 @@ async fn a_crash_between_create_and_mount_is_cleaned_at_restart() {
     kura.kill();
     let mut node = NodeClient::new(kura.start().await);
     assert_eq!(std::fs::read(target.join("kept")).unwrap(), b"still here");
-    node.node_unpublish_volume(unpublish(INLINE_ID, &target))
+    node.node_unpublish_volume(unpublish_request(INLINE_ID, &target))
         .await
         .unwrap();
     assert_eq!(made(&kura.dir, &kura.pool_root()), Vec::<String>::new());
@@ -291,8 +274,8 @@ async fn a_crash_between_create_and_mount_is_cleaned_at_restart() {
 /// The node role serves inline volumes the same way (the controller is not involved).
 #[tokio::test]
 async fn the_node_role_serves_inline_volumes() {
-    let cluster = cluster::Cluster::start(&["2Gi"]).await;
+    let cluster = Cluster::start(&["2Gi"]).await;
     let node = cluster.node("node-a");
-    let mut client = node.node().await;
-    publish_write_unpublish(&mut client, &node.dir, &node.dir.join("state/pool")).await;
+    let mut client = node.node();
+    publish_write_unpublish(&mut client, &node.dir, &node.pool_root()).await;
 }

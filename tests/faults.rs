@@ -26,7 +26,6 @@ use common::*;
 use kura::csi::proto;
 use kura::csi::proto::controller_client::ControllerClient;
 use kura::csi::proto::node_client::NodeClient;
-use kura::pool::{NodeToken, SnapshotId, VolumeId};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -133,11 +132,11 @@ impl Lane {
     }
 
     fn volume_id(&self, what: &str) -> String {
-        VolumeId::derive(&self.name(what), &NodeToken::for_node(NODE_ID)).to_string()
+        volume_id(&self.name(what)).to_string()
     }
 
     fn snapshot_id(&self) -> String {
-        SnapshotId::derive(&self.name("snap"), &NodeToken::for_node(NODE_ID)).to_string()
+        snapshot_id(&self.name("snap")).to_string()
     }
 
     fn staging(&self, what: &str) -> PathBuf {
@@ -155,7 +154,7 @@ impl Lane {
         )
     }
 
-    fn create(
+    fn create_request(
         &self,
         what: &str,
         source: Option<proto::VolumeContentSource>,
@@ -171,31 +170,29 @@ impl Lane {
         let mut node = NodeClient::new(channel.clone());
         let vol = self.volume_id("vol");
         let restored = self.volume_id("restored");
-        let grpc = |e: tonic::Status| format!("{:?}: {}", e.code(), e.message());
         match step {
-            Step::Create => controller
-                .create_volume(self.create("vol", None))
-                .await
-                .map(drop)
-                .map_err(grpc),
+            Step::Create => outcome(
+                controller
+                    .create_volume(self.create_request("vol", None))
+                    .await,
+            ),
             Step::Stage => {
                 std::fs::create_dir_all(self.staging("vol")).unwrap();
-                node.node_stage_volume(stage_request(&vol, &self.staging("vol"), &xfs()))
-                    .await
-                    .map(drop)
-                    .map_err(grpc)
+                outcome(
+                    node.node_stage_volume(stage_request(&vol, self.staging("vol"), &xfs()))
+                        .await,
+                )
             }
-            Step::Publish => node
-                .node_publish_volume(publish_request(
+            Step::Publish => outcome(
+                node.node_publish_volume(publish_request(
                     &vol,
-                    &self.staging("vol"),
-                    &self.target(),
+                    self.staging("vol"),
+                    self.target(),
                     &xfs(),
                     false,
                 ))
-                .await
-                .map(drop)
-                .map_err(grpc),
+                .await,
+            ),
             Step::Write => {
                 let (path, data) = (self.target().join("data"), self.data());
                 // Blocks while the filesystem is frozen: a kill mid-snapshot holds it
@@ -206,13 +203,9 @@ impl Lane {
             }
             Step::Snapshot => {
                 let snapshot = controller
-                    .create_snapshot(proto::CreateSnapshotRequest {
-                        source_volume_id: vol,
-                        name: self.name("snap"),
-                        ..Default::default()
-                    })
+                    .create_snapshot(snapshot_request(&self.name("snap"), &vol))
                     .await
-                    .map_err(grpc)?
+                    .map_err(refusal)?
                     .into_inner()
                     .snapshot
                     .unwrap();
@@ -221,17 +214,20 @@ impl Lane {
                     false => Err("a reflink snapshot was not ready".into()),
                 }
             }
-            Step::Restore => controller
-                .create_volume(self.create("restored", Some(snapshot_source(&self.snapshot_id()))))
-                .await
-                .map(drop)
-                .map_err(grpc),
+            Step::Restore => outcome(
+                controller
+                    .create_volume(
+                        self.create_request("restored", Some(snapshot_source(&self.snapshot_id()))),
+                    )
+                    .await,
+            ),
             Step::StageRestored => {
                 std::fs::create_dir_all(self.staging("restored")).unwrap();
-                node.node_stage_volume(stage_request(&restored, &self.staging("restored"), &xfs()))
-                    .await
-                    .map(drop)
-                    .map_err(grpc)
+                let staging = self.staging("restored");
+                outcome(
+                    node.node_stage_volume(stage_request(&restored, staging, &xfs()))
+                        .await,
+                )
             }
             Step::CheckRestored => {
                 let path = self.staging("restored").join("data");
@@ -245,76 +241,55 @@ impl Lane {
                     Err(e) => Err(format!("reading the restored data: {e}")),
                 }
             }
-            Step::UnstageRestored => node
-                .node_unstage_volume(proto::NodeUnstageVolumeRequest {
-                    volume_id: restored,
-                    staging_target_path: self.staging("restored").display().to_string(),
-                })
-                .await
-                .map(drop)
-                .map_err(grpc),
-            Step::DeleteRestored => delete_volume(&mut controller, restored).await.map_err(grpc),
-            Step::Clone => controller
-                .create_volume(self.create("clone", Some(volume_source(&vol))))
-                .await
-                .map(drop)
-                .map_err(grpc),
-            Step::DeleteClone => delete_volume(&mut controller, self.volume_id("clone"))
-                .await
-                .map_err(grpc),
-            Step::Expand => controller
-                .controller_expand_volume(proto::ControllerExpandVolumeRequest {
-                    volume_id: vol,
-                    capacity_range: Some(proto::CapacityRange {
-                        required_bytes: GROWN,
-                        limit_bytes: 0,
-                    }),
-                    volume_capability: Some(xfs()),
-                    ..Default::default()
-                })
-                .await
-                .map(drop)
-                .map_err(grpc),
-            Step::NodeExpand => node
-                .node_expand_volume(proto::NodeExpandVolumeRequest {
-                    volume_id: vol,
-                    volume_path: self.target().display().to_string(),
-                    capacity_range: Some(proto::CapacityRange {
-                        required_bytes: GROWN,
-                        limit_bytes: 0,
-                    }),
+            Step::UnstageRestored => outcome(
+                node.node_unstage_volume(unstage_request(&restored, self.staging("restored")))
+                    .await,
+            ),
+            Step::DeleteRestored => outcome(
+                controller
+                    .delete_volume(delete_volume_request(&restored))
+                    .await,
+            ),
+            Step::Clone => outcome(
+                controller
+                    .create_volume(self.create_request("clone", Some(volume_source(&vol))))
+                    .await,
+            ),
+            Step::DeleteClone => outcome(
+                controller
+                    .delete_volume(delete_volume_request(&self.volume_id("clone")))
+                    .await,
+            ),
+            Step::Expand => outcome(
+                controller
+                    .controller_expand_volume(proto::ControllerExpandVolumeRequest {
+                        volume_capability: Some(xfs()),
+                        ..expand_request(&vol, GROWN, 0)
+                    })
+                    .await,
+            ),
+            Step::NodeExpand => outcome(
+                node.node_expand_volume(proto::NodeExpandVolumeRequest {
                     staging_target_path: self.staging("vol").display().to_string(),
                     volume_capability: Some(xfs()),
-                    ..Default::default()
+                    ..node_expand_request(&vol, self.target(), GROWN, 0)
                 })
-                .await
-                .map(drop)
-                .map_err(grpc),
-            Step::Unpublish => node
-                .node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
-                    volume_id: vol,
-                    target_path: self.target().display().to_string(),
-                })
-                .await
-                .map(drop)
-                .map_err(grpc),
-            Step::Unstage => node
-                .node_unstage_volume(proto::NodeUnstageVolumeRequest {
-                    volume_id: vol,
-                    staging_target_path: self.staging("vol").display().to_string(),
-                })
-                .await
-                .map(drop)
-                .map_err(grpc),
-            Step::DeleteSnapshot => controller
-                .delete_snapshot(proto::DeleteSnapshotRequest {
-                    snapshot_id: self.snapshot_id(),
-                    ..Default::default()
-                })
-                .await
-                .map(drop)
-                .map_err(grpc),
-            Step::Delete => delete_volume(&mut controller, vol).await.map_err(grpc),
+                .await,
+            ),
+            Step::Unpublish => outcome(
+                node.node_unpublish_volume(unpublish_request(&vol, self.target()))
+                    .await,
+            ),
+            Step::Unstage => outcome(
+                node.node_unstage_volume(unstage_request(&vol, self.staging("vol")))
+                    .await,
+            ),
+            Step::DeleteSnapshot => outcome(
+                controller
+                    .delete_snapshot(delete_snapshot_request(&self.snapshot_id()))
+                    .await,
+            ),
+            Step::Delete => outcome(controller.delete_volume(delete_volume_request(&vol)).await),
         }
     }
 
@@ -330,9 +305,7 @@ impl Lane {
         ] {
             let id = self.volume_id(what);
             let found = controller
-                .controller_get_volume(proto::ControllerGetVolumeRequest {
-                    volume_id: id.clone(),
-                })
+                .controller_get_volume(get_volume_request(&id))
                 .await;
             match (live(made, gone), found) {
                 (true, Ok(found)) => {
@@ -390,17 +363,13 @@ impl Lane {
     }
 }
 
-async fn delete_volume(
-    controller: &mut ControllerClient<Channel>,
-    volume_id: String,
-) -> Result<(), tonic::Status> {
-    controller
-        .delete_volume(proto::DeleteVolumeRequest {
-            volume_id,
-            ..Default::default()
-        })
-        .await
-        .map(drop)
+/// A call's outcome as a step's: a refusal's code and message.
+fn outcome<T>(result: Result<tonic::Response<T>, tonic::Status>) -> Result<(), String> {
+    result.map(drop).map_err(refusal)
+}
+
+fn refusal(status: tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
 }
 
 /// Runs the lane's steps until `stop` is set or a step fails (the process was killed

@@ -8,8 +8,6 @@
 //! error cases, members refused by DeleteSnapshot, and members on two nodes of the
 //! split roles.
 
-#[path = "common/cluster.rs"]
-mod cluster;
 mod common;
 
 use std::io::Write;
@@ -18,11 +16,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use common::cluster::*;
+use common::process::Kura;
 use common::*;
 use kura::csi::proto;
 use kura::csi::proto::controller_client::ControllerClient;
 use kura::csi::proto::group_controller_client::GroupControllerClient;
-use kura::csi::proto::node_client::NodeClient;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -91,6 +90,20 @@ fn writer(logs: [Log; 2], stop: Arc<AtomicBool>, written: Arc<AtomicU64>) {
     }
 }
 
+/// CreateVolumeGroupSnapshot, expected to succeed: the group.
+async fn cut_group(
+    group: &mut GroupControllerClient<Channel>,
+    request: proto::CreateVolumeGroupSnapshotRequest,
+) -> proto::VolumeGroupSnapshot {
+    group
+        .create_volume_group_snapshot(request)
+        .await
+        .expect("CreateVolumeGroupSnapshot")
+        .into_inner()
+        .group_snapshot
+        .expect("group in response")
+}
+
 fn group_request(name: &str, sources: &[&str]) -> proto::CreateVolumeGroupSnapshotRequest {
     proto::CreateVolumeGroupSnapshotRequest {
         name: name.into(),
@@ -99,27 +112,35 @@ fn group_request(name: &str, sources: &[&str]) -> proto::CreateVolumeGroupSnapsh
     }
 }
 
-fn expect_code<T: std::fmt::Debug>(result: Result<tonic::Response<T>, tonic::Status>, code: Code) {
-    match result {
-        Ok(r) => panic!("expected {code:?}, got {:?}", r.get_ref()),
-        Err(s) => {
-            assert_eq!(s.code(), code, "{}", s.message());
-            assert!(!s.message().is_empty());
+/// Where a member lives: the controller that makes it, and the node (or all-in-one
+/// driver) it is staged on.
+struct Side<'a, N: Csi> {
+    controller: ControllerClient<Channel>,
+    node: &'a N,
+}
+
+impl<'a, N: Csi> Side<'a, N> {
+    /// A side whose controller is `node` itself.
+    fn new(node: &'a N) -> Self {
+        Side {
+            controller: node.controller(),
+            node,
         }
     }
 }
 
-/// One node's CSI clients and where its paths go.
-struct Side {
-    controller: ControllerClient<Channel>,
-    node: NodeClient<Channel>,
-    dir: PathBuf,
+/// The log the writer keeps at a publication.
+fn log_at(target: PathBuf, cap: &proto::VolumeCapability) -> Log {
+    match is_block(cap) {
+        true => Log::Device(target),
+        false => Log::File(target.join("log")),
+    }
 }
 
 /// Creates a volume on `topology`'s node (any, if none), stages and publishes it;
-/// returns its ID and its log.
+/// returns its ID, its log and its staging path.
 async fn make_volume(
-    side: &mut Side,
+    side: &mut Side<'_, impl Csi>,
     name: &str,
     cap: &proto::VolumeCapability,
     topology: Option<proto::TopologyRequirement>,
@@ -136,47 +157,18 @@ async fn make_volume(
         .volume
         .unwrap()
         .volume_id;
-    let (log, staging) = publish(side, &id, cap, name).await;
-    (id, log, staging)
-}
-
-async fn publish(
-    side: &mut Side,
-    id: &str,
-    cap: &proto::VolumeCapability,
-    tag: &str,
-) -> (Log, PathBuf) {
-    let staging = side.dir.join(format!("stage-{tag}"));
-    std::fs::create_dir_all(&staging).unwrap();
-    let target = side.dir.join(format!("target-{tag}"));
-    side.node
-        .node_stage_volume(stage_request(id, &staging, cap))
-        .await
-        .unwrap();
-    side.node
-        .node_publish_volume(publish_request(id, &staging, &target, cap, false))
-        .await
-        .unwrap();
-    let log = match cap.access_type {
-        Some(proto::volume_capability::AccessType::Block(_)) => Log::Device(target),
-        _ => Log::File(target.join("log")),
-    };
-    (log, staging)
+    let (staging, target) = side.node.stage_and_publish(&id, cap, name).await;
+    (id, log_at(target, cap), staging)
 }
 
 /// Restores a member snapshot into a new volume on `side` and reads its log.
 async fn restore(
-    side: &mut Side,
+    side: &mut Side<'_, impl Csi>,
     snapshot: &proto::Snapshot,
     cap: &proto::VolumeCapability,
     tag: &str,
 ) -> Vec<u64> {
-    let mut request = create_request(
-        tag,
-        64 * MIB,
-        &[],
-        Some(snapshot_source(&snapshot.snapshot_id)),
-    );
+    let mut request = restore_request(tag, 64 * MIB, &snapshot.snapshot_id);
     request.volume_capabilities = vec![cap.clone()];
     let id = side
         .controller
@@ -187,14 +179,14 @@ async fn restore(
         .volume
         .unwrap()
         .volume_id;
-    let (log, _) = publish(side, &id, cap, tag).await;
-    read_log(&log)
+    let (_, target) = side.node.stage_and_publish(&id, cap, tag).await;
+    read_log(&log_at(target, cap))
 }
 
 /// The writer runs; a group snapshot is taken mid-stream; both members restored hold
 /// a prefix of the records between them. Returns the group.
 async fn consistent_group(
-    sides: &mut [Side; 2],
+    sides: &mut [Side<'_, impl Csi>; 2],
     group: &mut GroupControllerClient<Channel>,
     caps: [&proto::VolumeCapability; 2],
     topologies: [Option<proto::TopologyRequirement>; 2],
@@ -222,19 +214,13 @@ async fn consistent_group(
     let total = written.load(Ordering::SeqCst);
     let cut = cut.unwrap().into_inner().group_snapshot.unwrap();
     for (staging, cap) in [(&a_staging, caps[0]), (&b_staging, caps[1])] {
-        if is_mount(cap) {
+        if !is_block(cap) {
             assert!(!is_frozen(staging), "every member is thawed");
         }
     }
 
     // A retry returns the same group.
-    let again = group
-        .create_volume_group_snapshot(request)
-        .await
-        .unwrap()
-        .into_inner()
-        .group_snapshot
-        .unwrap();
+    let again = cut_group(group, request).await;
     assert_eq!(again, cut, "CreateVolumeGroupSnapshot is idempotent");
     assert_eq!(cut.snapshots.len(), 2);
     assert!(cut.ready_to_use);
@@ -295,48 +281,55 @@ async fn errors_and_delete(
     let a = sources[0].as_str();
     let b = sources[1].as_str();
     let unknown = a.replace(&a[4..12], "00000000");
-    expect_code(
+    assert_code(
         group
             .create_volume_group_snapshot(group_request("", &[a]))
             .await,
         Code::InvalidArgument,
+        &[],
     );
-    expect_code(
+    assert_code(
         group
             .create_volume_group_snapshot(group_request("g", &[]))
             .await,
         Code::InvalidArgument,
+        &[],
     );
-    expect_code(
+    assert_code(
         group
             .create_volume_group_snapshot(group_request("g", &[a, a]))
             .await,
         Code::InvalidArgument,
+        &[],
     );
-    expect_code(
+    assert_code(
         group
             .create_volume_group_snapshot(group_request("g", &[a, &unknown]))
             .await,
         Code::NotFound,
+        &[],
     );
-    expect_code(
+    assert_code(
         group
-            .create_volume_group_snapshot(group_request("g", &[a, "not-a-kura-id"]))
+            .create_volume_group_snapshot(group_request("g", &[a, MALFORMED_ID]))
             .await,
         Code::NotFound,
+        &[],
     );
     let mut bad_param = group_request("g", &[a]);
     bad_param.parameters.insert("color".into(), "blue".into());
-    expect_code(
+    assert_code(
         group.create_volume_group_snapshot(bad_param).await,
         Code::InvalidArgument,
+        &[],
     );
     // The same name with other sources.
-    expect_code(
+    assert_code(
         group
             .create_volume_group_snapshot(group_request("group-1", &[a]))
             .await,
         Code::AlreadyExists,
+        &[],
     );
 
     let members: Vec<String> = cut
@@ -356,15 +349,17 @@ async fn errors_and_delete(
         .into_inner();
     assert_eq!(got.group_snapshot.as_ref(), Some(cut));
     group.get_volume_group_snapshot(get(&[])).await.unwrap();
-    expect_code(
+    assert_code(
         group.get_volume_group_snapshot(get(&members[..1])).await,
         Code::InvalidArgument,
+        &[],
     );
-    expect_code(
+    assert_code(
         group
             .get_volume_group_snapshot(proto::GetVolumeGroupSnapshotRequest::default())
             .await,
         Code::InvalidArgument,
+        &[],
     );
 
     // Members are listed with their group, and cannot be deleted alone.
@@ -384,14 +379,12 @@ async fn errors_and_delete(
             .group_snapshot_id,
         cut.group_snapshot_id
     );
-    expect_code(
+    assert_code(
         controller
-            .delete_snapshot(proto::DeleteSnapshotRequest {
-                snapshot_id: members[0].clone(),
-                ..Default::default()
-            })
+            .delete_snapshot(delete_snapshot_request(&members[0]))
             .await,
         Code::InvalidArgument,
+        &[],
     );
 
     // Delete: a wrong member list changes nothing; then the whole group goes, twice.
@@ -400,11 +393,12 @@ async fn errors_and_delete(
         snapshot_ids: ids.to_vec(),
         ..Default::default()
     };
-    expect_code(
+    assert_code(
         group
             .delete_volume_group_snapshot(delete(&members[1..]))
             .await,
         Code::InvalidArgument,
+        &[],
     );
     group
         .get_volume_group_snapshot(get(&members))
@@ -416,9 +410,10 @@ async fn errors_and_delete(
             .await
             .unwrap();
     }
-    expect_code(
+    assert_code(
         group.get_volume_group_snapshot(get(&[])).await,
         Code::NotFound,
+        &[],
     );
     for member in &members {
         let left = controller
@@ -432,35 +427,14 @@ async fn errors_and_delete(
         assert!(left.entries.is_empty(), "member {member} is gone");
     }
     // The name is free again: a new cut of both volumes.
-    let fresh = group
-        .create_volume_group_snapshot(group_request("group-1", &[b, a]))
-        .await
-        .unwrap()
-        .into_inner()
-        .group_snapshot
-        .unwrap();
+    let fresh = cut_group(group, group_request("group-1", &[b, a])).await;
     assert_eq!(fresh.group_snapshot_id, cut.group_snapshot_id);
-}
-
-fn local_side(driver: &Driver) -> Side {
-    Side {
-        controller: driver.controller(),
-        node: driver.node(),
-        dir: driver.dir.clone(),
-    }
-}
-
-fn is_mount(cap: &proto::VolumeCapability) -> bool {
-    matches!(
-        cap.access_type,
-        Some(proto::volume_capability::AccessType::Mount(_))
-    )
 }
 
 async fn all_in_one(members: [proto::VolumeCapability; 2]) {
     let driver = Driver::start().await;
-    let mut sides = [local_side(&driver), local_side(&driver)];
-    let mut group = GroupControllerClient::new(driver.channel.clone());
+    let mut sides = [Side::new(&driver), Side::new(&driver)];
+    let mut group = driver.group_controller();
     let caps = group
         .group_controller_get_capabilities(proto::GroupControllerGetCapabilitiesRequest {})
         .await
@@ -496,8 +470,8 @@ async fn a_block_member_beside_a_frozen_one_holds_one_point_in_time() {
 #[tokio::test]
 async fn two_block_members_in_use_are_refused() {
     let driver = Driver::start().await;
-    let mut side = local_side(&driver);
-    let mut group = GroupControllerClient::new(driver.channel.clone());
+    let mut side = Side::new(&driver);
+    let mut group = driver.group_controller();
     let cap = block_cap();
     let (a, _, a_staging) = make_volume(&mut side, "pvc-a", &cap, None).await;
     let (b, _, _) = make_volume(&mut side, "pvc-b", &cap, None).await;
@@ -523,60 +497,30 @@ async fn two_block_members_in_use_are_refused() {
         "no member left: {snapshots:?}"
     );
 
-    let target = side.dir.join("target-pvc-a");
+    let target = side.node.path("target-pvc-a");
     side.node
-        .node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
-            volume_id: a.clone(),
-            target_path: target.display().to_string(),
-        })
-        .await
-        .unwrap();
-    side.node
-        .node_unstage_volume(proto::NodeUnstageVolumeRequest {
-            volume_id: a.clone(),
-            staging_target_path: a_staging.display().to_string(),
-        })
-        .await
-        .unwrap();
-    let cut = group
-        .create_volume_group_snapshot(request)
-        .await
-        .unwrap()
-        .into_inner()
-        .group_snapshot
-        .unwrap();
+        .unpublish_and_unstage(&a, &a_staging, &target)
+        .await;
+    let cut = cut_group(&mut group, request).await;
     assert_eq!(cut.snapshots.len(), 2);
 }
 
 #[tokio::test]
 async fn split_members_on_two_nodes() {
-    let cluster = cluster::Cluster::start(&["2Gi", "2Gi"]).await;
-    let controller = cluster.controller().controller().await;
-    let channel = kura::csi::client::connect(&cluster.controller().socket)
-        .await
-        .unwrap();
-    let mut group = GroupControllerClient::new(channel);
-    let side = |id: &str| {
-        let node = cluster.node(id);
-        (node.dir.clone(), node.socket.clone())
-    };
-    let mut sides = Vec::new();
-    for id in ["node-a", "node-b"] {
-        let (dir, socket) = side(id);
-        sides.push(Side {
-            controller: controller.clone(),
-            node: NodeClient::new(kura::csi::client::connect(&socket).await.unwrap()),
-            dir,
-        });
-    }
-    let mut sides: [Side; 2] = sides.try_into().ok().unwrap();
+    let cluster = Cluster::start(&["2Gi", "2Gi"]).await;
+    let controller = cluster.controller().controller();
+    let mut group = cluster.controller().group_controller();
+    let mut sides = ["node-a", "node-b"].map(|id| Side {
+        controller: controller.clone(),
+        node: cluster.node(id),
+    });
     let cut = consistent_group(
         &mut sides,
         &mut group,
         [&mount_cap("ext4"), &block_cap()],
         [
-            Some(cluster::topology(&["node-a"], &["node-a"])),
-            Some(cluster::topology(&["node-b"], &["node-b"])),
+            Some(topology(&["node-a"], &["node-a"])),
+            Some(topology(&["node-b"], &["node-b"])),
         ],
     )
     .await;
@@ -596,13 +540,9 @@ async fn split_members_on_two_nodes() {
 /// nothing frozen once kura starts again, and no group; the retry cuts it.
 #[tokio::test]
 async fn a_crash_while_frozen_thaws_at_restart() {
-    let mut kura = common::process::Kura::new(PoolKind::Image);
+    let mut kura = Kura::new(PoolKind::Image);
     let channel = kura.start().await;
-    let mut side = Side {
-        controller: ControllerClient::new(channel.clone()),
-        node: NodeClient::new(channel.clone()),
-        dir: kura.dir.clone(),
-    };
+    let mut side = Side::new(&kura);
     let cap = mount_cap("ext4");
     let (a, _, a_staging) = make_volume(&mut side, "pvc-a", &cap, None).await;
     let (b, _, b_staging) = make_volume(&mut side, "pvc-b", &cap, None).await;
@@ -628,13 +568,7 @@ async fn a_crash_while_frozen_thaws_at_restart() {
         "start-up thawed both"
     );
     let mut group = GroupControllerClient::new(channel);
-    let cut = group
-        .create_volume_group_snapshot(group_request("group-crash", &[&a, &b]))
-        .await
-        .unwrap()
-        .into_inner()
-        .group_snapshot
-        .unwrap();
+    let cut = cut_group(&mut group, group_request("group-crash", &[&a, &b])).await;
     assert_eq!(cut.snapshots.len(), 2);
     assert!(!is_frozen(&a_staging) && !is_frozen(&b_staging));
 }
@@ -644,44 +578,37 @@ async fn a_crash_while_frozen_thaws_at_restart() {
 /// members; once the volume is free the same request cuts the group.
 #[tokio::test]
 async fn a_failing_member_thaws_every_node() {
-    let cluster = cluster::Cluster::start(&["2Gi", "2Gi"]).await;
-    let mut controller = cluster.controller().controller().await;
-    let channel = kura::csi::client::connect(&cluster.controller().socket)
-        .await
-        .unwrap();
-    let mut group = GroupControllerClient::new(channel);
+    let cluster = Cluster::start(&["2Gi", "2Gi"]).await;
+    let mut controller = cluster.controller().controller();
+    let mut group = cluster.controller().group_controller();
     let cap = mount_cap("ext4");
     let mut made = Vec::new();
     for id in ["node-a", "node-b"] {
         let node = cluster.node(id);
         let mut side = Side {
             controller: controller.clone(),
-            node: NodeClient::new(kura::csi::client::connect(&node.socket).await.unwrap()),
-            dir: node.dir.clone(),
+            node,
         };
-        let topology = Some(cluster::topology(&[id], &[id]));
+        let topology = Some(topology(&[id], &[id]));
         made.push(make_volume(&mut side, &format!("pvc-{id}"), &cap, topology).await);
     }
     let (a, _, a_staging) = made[0].clone();
     let (b, _, b_staging) = made[1].clone();
     let _thaw = [ThawOnDrop(a_staging.clone()), ThawOnDrop(b_staging.clone())];
 
-    let held = cluster.node("node-b").proc.pause.arm("quiesced");
+    let held = cluster.node("node-b").pause.arm("quiesced");
     let snapshot = tokio::spawn({
         let mut controller = controller.clone();
-        let request = proto::CreateSnapshotRequest {
-            name: "snap-b".into(),
-            source_volume_id: b.clone(),
-            ..Default::default()
-        };
+        let request = snapshot_request("snap-b", &b);
         async move { controller.create_snapshot(request).await }
     });
     held.held(|| snapshot.is_finished()).await;
-    expect_code(
+    assert_code(
         group
             .create_volume_group_snapshot(group_request("group-busy", &[&a, &b]))
             .await,
         Code::Aborted,
+        &[],
     );
     assert!(
         !is_frozen(&a_staging),
@@ -699,13 +626,7 @@ async fn a_failing_member_thaws_every_node() {
     drop(held);
     snapshot.await.unwrap().unwrap();
     assert!(!is_frozen(&b_staging));
-    let cut = group
-        .create_volume_group_snapshot(group_request("group-busy", &[&a, &b]))
-        .await
-        .unwrap()
-        .into_inner()
-        .group_snapshot
-        .unwrap();
+    let cut = cut_group(&mut group, group_request("group-busy", &[&a, &b])).await;
     assert_eq!(cut.snapshots.len(), 2);
     assert!(!is_frozen(&a_staging) && !is_frozen(&b_staging));
 }
@@ -716,29 +637,26 @@ async fn a_failing_member_thaws_every_node() {
 #[tokio::test]
 async fn a_freeze_nobody_ends_is_ended_by_the_deadline() {
     let driver = Driver::start().await;
-    let mut side = local_side(&driver);
+    let mut side = Side::new(&driver);
     let cap = mount_cap("ext4");
     let (a, _, a_staging) = make_volume(&mut side, "pvc-a", &cap, None).await;
     let (b, _, b_staging) = make_volume(&mut side, "pvc-b", &cap, None).await;
     let _thaw = [ThawOnDrop(a_staging.clone()), ThawOnDrop(b_staging.clone())];
     let cut = driver.pause.arm("group-cut");
     let call = tokio::spawn({
-        let mut group = GroupControllerClient::new(driver.channel.clone());
+        let mut group = driver.group_controller();
         let request = group_request("group-late", &[&a, &b]);
         async move { group.create_volume_group_snapshot(request).await }
     });
     cut.held(|| call.is_finished()).await;
     assert!(is_frozen(&a_staging) && is_frozen(&b_staging));
-    let snapshot = |name: &str| proto::CreateSnapshotRequest {
-        name: name.into(),
-        source_volume_id: a.clone(),
-        ..Default::default()
-    };
-    expect_code(
+    let snapshot = |name: &str| snapshot_request(name, &a);
+    assert_code(
         side.controller
             .create_snapshot(snapshot("snap-early"))
             .await,
         Code::Aborted,
+        &[],
     );
     tokio::time::sleep(kura::node::GROUP_HOLD_DEADLINE + Duration::from_secs(2)).await;
     assert!(

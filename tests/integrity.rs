@@ -12,30 +12,9 @@ use common::*;
 use kura::csi::proto;
 use tonic::Code;
 
-const PROVISIONING: &str = "kura.csi.dev/provisioning";
-
 // ---------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------
-
-fn snapshot_request(name: &str, source: &str) -> proto::CreateSnapshotRequest {
-    proto::CreateSnapshotRequest {
-        source_volume_id: source.into(),
-        name: name.into(),
-        ..Default::default()
-    }
-}
-
-async fn create_snapshot(driver: &Driver, name: &str, source: &str) -> proto::Snapshot {
-    driver
-        .controller()
-        .create_snapshot(snapshot_request(name, source))
-        .await
-        .expect("CreateSnapshot")
-        .into_inner()
-        .snapshot
-        .expect("snapshot in response")
-}
 
 /// Creates a volume of `size` filled from `source`.
 async fn create_from(
@@ -46,13 +25,9 @@ async fn create_from(
     source: proto::VolumeContentSource,
 ) -> proto::Volume {
     let volume = driver
-        .controller()
-        .create_volume(create_request(name, size, params, Some(source.clone())))
+        .create(create_request(name, size, params, Some(source.clone())))
         .await
-        .expect("CreateVolume from a content source")
-        .into_inner()
-        .volume
-        .expect("volume in response");
+        .expect("CreateVolume from a content source");
     assert_eq!(volume.capacity_bytes, size);
     assert_eq!(
         volume.content_source,
@@ -60,35 +35,6 @@ async fn create_from(
         "the response names the content source"
     );
     volume
-}
-
-async fn delete_volume(driver: &Driver, id: &str) {
-    driver
-        .controller()
-        .delete_volume(proto::DeleteVolumeRequest {
-            volume_id: id.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("DeleteVolume");
-}
-
-async fn delete_snapshot(driver: &Driver, id: &str) -> Result<(), tonic::Status> {
-    driver
-        .controller()
-        .delete_snapshot(proto::DeleteSnapshotRequest {
-            snapshot_id: id.into(),
-            ..Default::default()
-        })
-        .await
-        .map(|_| ())
-}
-
-/// Creates (or truncates) a file, writes `data` and makes it durable.
-fn write_file(path: &Path, data: &[u8]) {
-    let file = std::fs::File::create(path).expect("create file");
-    file.write_all_at(data, 0).expect("write");
-    file.sync_all().expect("fsync");
 }
 
 /// Writes a file and leaves it in the page cache: only a freeze (or a sync) puts it on
@@ -117,33 +63,30 @@ fn fs_total(path: &Path) -> u64 {
 async fn stats_total(driver: &Driver, volume_id: &str, path: &Path) -> i64 {
     let stats = driver
         .node()
-        .node_get_volume_stats(proto::NodeGetVolumeStatsRequest {
-            volume_id: volume_id.into(),
-            volume_path: path.display().to_string(),
-            ..Default::default()
-        })
+        .node_get_volume_stats(stats_request(volume_id, path))
         .await
         .expect("NodeGetVolumeStats")
         .into_inner();
     stats.usage.first().expect("usage reported").total
 }
 
-fn expand_request(
-    volume_id: &str,
-    required: i64,
-    limit: i64,
-) -> proto::ControllerExpandVolumeRequest {
-    proto::ControllerExpandVolumeRequest {
-        volume_id: volume_id.into(),
-        capacity_range: Some(proto::CapacityRange {
-            required_bytes: required,
-            limit_bytes: limit,
-        }),
-        ..Default::default()
-    }
+/// ControllerExpandVolume to `size`, which the node then has to finish.
+async fn expand_on_controller(driver: &Driver, volume_id: &str, size: i64) {
+    let expanded = driver
+        .controller()
+        .controller_expand_volume(expand_request(volume_id, size, 0))
+        .await
+        .expect("ControllerExpandVolume")
+        .into_inner();
+    assert_eq!(expanded.capacity_bytes, size);
+    assert!(
+        expanded.node_expansion_required,
+        "the node must grow the filesystem, or its loop device re-read its size"
+    );
 }
 
-fn node_expand_request(
+/// A NodeExpandVolume as the kubelet sends it: with the staging path and capability.
+fn node_expand_staged(
     volume_id: &str,
     target: &Path,
     staging: &Path,
@@ -151,15 +94,9 @@ fn node_expand_request(
     cap: &proto::VolumeCapability,
 ) -> proto::NodeExpandVolumeRequest {
     proto::NodeExpandVolumeRequest {
-        volume_id: volume_id.into(),
-        volume_path: target.display().to_string(),
         staging_target_path: staging.display().to_string(),
-        capacity_range: Some(proto::CapacityRange {
-            required_bytes: required,
-            limit_bytes: 0,
-        }),
         volume_capability: Some(cap.clone()),
-        ..Default::default()
+        ..node_expand_request(volume_id, target, required, 0)
     }
 }
 
@@ -196,13 +133,6 @@ fn can_grow_ext4_online() -> bool {
     effective & (1 << CAP_SYS_RESOURCE) != 0
 }
 
-fn is_block(cap: &proto::VolumeCapability) -> bool {
-    matches!(
-        cap.access_type,
-        Some(proto::volume_capability::AccessType::Block(_))
-    )
-}
-
 // ---------------------------------------------------------------------------------
 // a) A snapshot of a mounted filesystem, restored larger
 // ---------------------------------------------------------------------------------
@@ -225,7 +155,9 @@ async fn snapshot_mounted_and_restore_larger(fs: &str) {
     let cached = pattern(9, 1 << 20);
     write_unsynced(&target.join("cached"), &cached);
 
-    let snapshot = create_snapshot(&driver, &format!("snap-{fs}"), &source.volume_id).await;
+    let snapshot = driver
+        .create_snapshot(&format!("snap-{fs}"), &source.volume_id)
+        .await;
     assert!(snapshot.ready_to_use, "a reflink snapshot is ready at once");
     assert_eq!(snapshot.source_volume_id, source.volume_id);
     assert_eq!(snapshot.size_bytes, 512 * MIB);
@@ -307,7 +239,7 @@ async fn small_ext4_volume_mounts_after_a_snapshot() {
     let (staging, target) = driver.stage_and_publish(&id, &cap, "src").await;
     let data = pattern(7, 1 << 20);
     write_file(&target.join("data"), &data);
-    let snapshot = create_snapshot(&driver, "snap-small", &id).await;
+    let snapshot = driver.create_snapshot("snap-small", &id).await;
     driver.unpublish_and_unstage(&id, &staging, &target).await;
     let (_, target) = driver.stage_and_publish(&id, &cap, "src-again").await;
     assert!(std::fs::read(target.join("data")).unwrap() == data);
@@ -426,18 +358,21 @@ async fn snapshot_survives_deletion_of_its_source() {
         .await;
     let data = pattern(5, 8 << 20);
     write_file(&target.join("data"), &data);
-    let snapshot = create_snapshot(&driver, "snap-orphan", &source.volume_id).await;
+    let snapshot = driver
+        .create_snapshot("snap-orphan", &source.volume_id)
+        .await;
     driver
         .unpublish_and_unstage(&source.volume_id, &staging, &target)
         .await;
 
     // Deleting a volume that has snapshots is allowed, and the snapshot stays.
-    delete_volume(&driver, &source.volume_id).await;
+    driver
+        .delete_volume(&source.volume_id)
+        .await
+        .expect("DeleteVolume");
     let gone = driver
         .controller()
-        .controller_get_volume(proto::ControllerGetVolumeRequest {
-            volume_id: source.volume_id.clone(),
-        })
+        .controller_get_volume(get_volume_request(&source.volume_id))
         .await
         .unwrap_err();
     assert_eq!(gone.code(), Code::NotFound);
@@ -474,9 +409,7 @@ async fn snapshot_survives_deletion_of_its_source() {
     assert!(std::fs::read(restored_target.join("data")).unwrap() == data);
 
     // And the snapshot can go while its restore lives on.
-    delete_snapshot(&driver, &snapshot.snapshot_id)
-        .await
-        .unwrap();
+    driver.delete_snapshot(&snapshot.snapshot_id).await.unwrap();
     assert!(std::fs::read(restored_target.join("data")).unwrap() == data);
 }
 
@@ -494,7 +427,9 @@ async fn block_snapshot_restores_the_data_of_snapshot_time() {
         .await;
     write_blocks(&device, 40);
 
-    let snapshot = create_snapshot(&driver, "snap-block", &source.volume_id).await;
+    let snapshot = driver
+        .create_snapshot("snap-block", &source.volume_id)
+        .await;
     assert!(snapshot.ready_to_use);
     write_blocks(&device, 50);
 
@@ -537,19 +472,12 @@ async fn xfs_volume_grows_online() {
     write_file(&target.join("data"), &data);
     let old_total = fs_total(&target);
 
-    let expanded = driver
-        .controller()
-        .controller_expand_volume(expand_request(&id, GIB, 0))
-        .await
-        .expect("ControllerExpandVolume")
-        .into_inner();
-    assert_eq!(expanded.capacity_bytes, GIB);
-    assert!(expanded.node_expansion_required);
+    expand_on_controller(&driver, &id, GIB).await;
 
     for _ in 0..2 {
         let node = driver
             .node()
-            .node_expand_volume(node_expand_request(&id, &target, &staging, GIB, &cap))
+            .node_expand_volume(node_expand_staged(&id, &target, &staging, GIB, &cap))
             .await
             .expect("NodeExpandVolume on a mounted xfs volume")
             .into_inner();
@@ -574,20 +502,10 @@ async fn block_volume_grows_online() {
     let (staging, device) = driver.stage_and_publish(&id, &cap, "grow").await;
     write_blocks(&device, 70);
 
-    let expanded = driver
-        .controller()
-        .controller_expand_volume(expand_request(&id, GIB, 0))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(expanded.capacity_bytes, GIB);
-    assert!(
-        expanded.node_expansion_required,
-        "the loop device must re-read its size on the node"
-    );
+    expand_on_controller(&driver, &id, GIB).await;
     let node = driver
         .node()
-        .node_expand_volume(node_expand_request(&id, &device, &staging, GIB, &cap))
+        .node_expand_volume(node_expand_staged(&id, &device, &staging, GIB, &cap))
         .await
         .expect("NodeExpandVolume on a block volume")
         .into_inner();
@@ -611,18 +529,11 @@ async fn ext4_volume_grows_online_or_at_next_stage() {
     write_file(&target.join("data"), &data);
     let old_total = fs_total(&target);
 
-    let expanded = driver
-        .controller()
-        .controller_expand_volume(expand_request(&id, GIB, 0))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(expanded.capacity_bytes, GIB);
-    assert!(expanded.node_expansion_required);
+    expand_on_controller(&driver, &id, GIB).await;
 
     let online = driver
         .node()
-        .node_expand_volume(node_expand_request(&id, &target, &staging, GIB, &cap))
+        .node_expand_volume(node_expand_staged(&id, &target, &staging, GIB, &cap))
         .await;
     let target = if can_grow_ext4_online() {
         online.expect("NodeExpandVolume grows a mounted ext4 filesystem");
@@ -688,11 +599,15 @@ async fn expansion_never_shrinks_and_repeats_cleanly() {
         .await
         .unwrap_err();
     assert_eq!(shrink.code(), Code::OutOfRange, "{shrink:?}");
-    let image = driver.pool_root().join(format!("volumes/{id}.img"));
+    let image = volume_image(&driver.pool_root(), &id);
     assert_eq!(std::fs::metadata(image).unwrap().len(), 640 * MIB as u64);
 
     let unknown = controller
-        .controller_expand_volume(expand_request(&unknown_volume_id(), GIB, 0))
+        .controller_expand_volume(expand_request(
+            &volume_id("never-created").to_string(),
+            GIB,
+            0,
+        ))
         .await
         .unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
@@ -701,17 +616,6 @@ async fn expansion_never_shrinks_and_repeats_cleanly() {
 // ---------------------------------------------------------------------------------
 // f) The snapshot RPCs' contract
 // ---------------------------------------------------------------------------------
-
-/// A well-formed volume ID of this node that names no volume.
-/// The ID a CreateVolume named `name` gets on the test node.
-fn derived_clone_id(name: &str) -> String {
-    kura::pool::VolumeId::derive(name, &kura::pool::NodeToken::for_node(NODE_ID)).to_string()
-}
-
-fn unknown_volume_id() -> String {
-    kura::pool::VolumeId::derive("never-created", &kura::pool::NodeToken::for_node(NODE_ID))
-        .to_string()
-}
 
 async fn list_snapshots(
     driver: &Driver,
@@ -746,9 +650,9 @@ async fn snapshot_rpcs_follow_the_contract() {
     let mut controller = driver.controller();
 
     // Idempotent by name and source.
-    let first = create_snapshot(&driver, "snap-1", &a).await;
+    let first = driver.create_snapshot("snap-1", &a).await;
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let again = create_snapshot(&driver, "snap-1", &a).await;
+    let again = driver.create_snapshot("snap-1", &a).await;
     assert_eq!(first.snapshot_id, again.snapshot_id);
     assert_eq!(
         first.creation_time, again.creation_time,
@@ -762,7 +666,10 @@ async fn snapshot_rpcs_follow_the_contract() {
         .await
         .unwrap_err();
     assert_eq!(taken.code(), Code::AlreadyExists, "{taken:?}");
-    for unknown in [unknown_volume_id(), "not-a-kura-id".to_owned()] {
+    for unknown in [
+        volume_id("never-created").to_string(),
+        MALFORMED_ID.to_owned(),
+    ] {
         let missing = controller
             .create_snapshot(snapshot_request("snap-x", &unknown))
             .await
@@ -774,9 +681,9 @@ async fn snapshot_rpcs_follow_the_contract() {
         );
     }
 
-    let second = create_snapshot(&driver, "snap-2", &a).await;
-    let third = create_snapshot(&driver, "snap-3", &a).await;
-    let of_b = create_snapshot(&driver, "snap-b", &b).await;
+    let second = driver.create_snapshot("snap-2", &a).await;
+    let third = driver.create_snapshot("snap-3", &a).await;
+    let of_b = driver.create_snapshot("snap-b", &b).await;
     let mut all = vec![
         first.snapshot_id.clone(),
         second.snapshot_id.clone(),
@@ -875,11 +782,10 @@ async fn snapshot_rpcs_follow_the_contract() {
 
     // A restore must hold the whole snapshot.
     let small = controller
-        .create_volume(create_request(
+        .create_volume(restore_request(
             "pvc-too-small",
             256 * MIB,
-            &[],
-            Some(snapshot_source(&first.snapshot_id)),
+            &first.snapshot_id,
         ))
         .await
         .unwrap_err();
@@ -887,7 +793,7 @@ async fn snapshot_rpcs_follow_the_contract() {
 
     // Delete, twice; then it is gone everywhere.
     for _ in 0..2 {
-        delete_snapshot(&driver, &third.snapshot_id).await.unwrap();
+        driver.delete_snapshot(&third.snapshot_id).await.unwrap();
     }
     let gone = controller
         .get_snapshot(proto::GetSnapshotRequest {
@@ -908,11 +814,10 @@ async fn snapshot_rpcs_follow_the_contract() {
     .unwrap();
     assert!(listed.entries.is_empty());
     let restore_gone = controller
-        .create_volume(create_request(
+        .create_volume(restore_request(
             "pvc-from-deleted",
             512 * MIB,
-            &[],
-            Some(snapshot_source(&third.snapshot_id)),
+            &third.snapshot_id,
         ))
         .await
         .unwrap_err();
@@ -935,7 +840,7 @@ async fn thick_volume_snapshots_and_restores() {
     let cap = mount_cap("ext4");
     let thick = [(PROVISIONING, "thick")];
     let source = driver.create_volume("pvc-thick", 512 * MIB, &thick).await;
-    let image = |id: &str| driver.pool_root().join(format!("volumes/{id}.img"));
+    let image = |id: &str| volume_image(&driver.pool_root(), id);
     assert!(
         kura::sys::fs::allocated_bytes(&image(&source.volume_id)).unwrap() >= 512 * MIB as u64,
         "a thick volume is allocated up front"
@@ -946,7 +851,9 @@ async fn thick_volume_snapshots_and_restores() {
     let data = pattern(90, 8 << 20);
     write_file(&target.join("data"), &data);
 
-    let snapshot = create_snapshot(&driver, "snap-thick", &source.volume_id).await;
+    let snapshot = driver
+        .create_snapshot("snap-thick", &source.volume_id)
+        .await;
     assert!(snapshot.ready_to_use);
     write_file(&target.join("data"), &pattern(91, 8 << 20));
 
@@ -1003,12 +910,7 @@ async fn non_reflink_pool_copies_snapshots_in_the_background() {
     // So would a clone, which is the same copy made at once.
     let clone_in_use = driver
         .controller()
-        .create_volume(create_request(
-            "pvc-copied-clone",
-            512 * MIB,
-            &[],
-            Some(volume_source(&id)),
-        ))
+        .create_volume(clone_request("pvc-copied-clone", 512 * MIB, &id))
         .await
         .unwrap_err();
     assert_eq!(
@@ -1026,13 +928,13 @@ async fn non_reflink_pool_copies_snapshots_in_the_background() {
                 .unwrap()
                 .file_name()
                 .to_string_lossy()
-                .contains(&derived_clone_id("pvc-copied-clone"))),
+                .contains(&volume_id("pvc-copied-clone").to_string())),
         "a refused clone leaves nothing behind"
     );
     driver.unpublish_and_unstage(&id, &staging, &target).await;
 
     let started = Instant::now();
-    let first = create_snapshot(&driver, "snap-copied", &id).await;
+    let first = driver.create_snapshot("snap-copied", &id).await;
     eprintln!(
         "first CreateSnapshot answered in {:?} with ready_to_use={}",
         started.elapsed(),
@@ -1053,14 +955,11 @@ async fn non_reflink_pool_copies_snapshots_in_the_background() {
         }
         Ok(_) => {
             // Staging is refused until the copy is recorded as done, so it is done.
-            let now = create_snapshot(&driver, "snap-copied", &id).await;
+            let now = driver.create_snapshot("snap-copied", &id).await;
             assert!(now.ready_to_use, "the source was staged while its copy ran");
             driver
                 .node()
-                .node_unstage_volume(proto::NodeUnstageVolumeRequest {
-                    volume_id: id.clone(),
-                    staging_target_path: staging.display().to_string(),
-                })
+                .node_unstage_volume(unstage_request(&id, &staging))
                 .await
                 .unwrap();
         }
@@ -1074,7 +973,7 @@ async fn non_reflink_pool_copies_snapshots_in_the_background() {
             "the background copy did not finish in 2 minutes"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
-        snapshot = create_snapshot(&driver, "snap-copied", &id).await;
+        snapshot = driver.create_snapshot("snap-copied", &id).await;
         assert_eq!(snapshot.snapshot_id, first.snapshot_id);
         assert_eq!(snapshot.creation_time, first.creation_time);
     }

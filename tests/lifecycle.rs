@@ -14,18 +14,7 @@ async fn lifecycle(cap: proto::VolumeCapability, tag: &str) {
     let mut controller = driver.controller();
     let mut node = driver.node();
     let request = create_request(&format!("pvc-{tag}"), 512 * MIB, &[], None);
-    let first = controller
-        .create_volume(request.clone())
-        .await
-        .unwrap()
-        .into_inner();
-    let second = controller
-        .create_volume(request)
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(first, second, "CreateVolume is idempotent");
-    let volume = first.volume.unwrap();
+    let volume = driver.create_twice(request).await;
     assert_eq!(volume.capacity_bytes, 512 * MIB);
     let id = volume.volume_id.clone();
 
@@ -43,7 +32,7 @@ async fn lifecycle(cap: proto::VolumeCapability, tag: &str) {
             .unwrap();
     }
 
-    let image = driver.pool_root().join(format!("volumes/{id}.img"));
+    let image = volume_image(&driver.pool_root(), &id);
     let device = kura::sys::loopdev::find_by_backing(&image)
         .unwrap()
         .expect("volume is attached");
@@ -61,9 +50,9 @@ async fn lifecycle(cap: proto::VolumeCapability, tag: &str) {
     );
 
     let data = pattern(7, 1 << 20);
-    let file = match cap.access_type {
-        Some(proto::volume_capability::AccessType::Block(_)) => target.clone(),
-        _ => target.join("data"),
+    let file = match is_block(&cap) {
+        true => target.clone(),
+        false => target.join("data"),
     };
     if !file.exists() {
         std::fs::write(&file, b"").unwrap();
@@ -72,11 +61,7 @@ async fn lifecycle(cap: proto::VolumeCapability, tag: &str) {
     assert_eq!(read_at(&file, 4096, data.len()), data);
 
     let stats = node
-        .node_get_volume_stats(proto::NodeGetVolumeStatsRequest {
-            volume_id: id.clone(),
-            volume_path: target.display().to_string(),
-            ..Default::default()
-        })
+        .node_get_volume_stats(stats_request(&id, &target))
         .await
         .unwrap()
         .into_inner();
@@ -85,21 +70,15 @@ async fn lifecycle(cap: proto::VolumeCapability, tag: &str) {
     assert!(!stats.volume_condition.unwrap().abnormal);
 
     for _ in 0..2 {
-        node.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
-            volume_id: id.clone(),
-            target_path: target.display().to_string(),
-        })
-        .await
-        .unwrap();
+        node.node_unpublish_volume(unpublish_request(&id, &target))
+            .await
+            .unwrap();
     }
     assert!(!target.exists(), "unpublish removes the target");
     for _ in 0..2 {
-        node.node_unstage_volume(proto::NodeUnstageVolumeRequest {
-            volume_id: id.clone(),
-            staging_target_path: staging.display().to_string(),
-        })
-        .await
-        .unwrap();
+        node.node_unstage_volume(unstage_request(&id, &staging))
+            .await
+            .unwrap();
     }
     assert!(
         kura::sys::loopdev::find_by_backing(&image)
@@ -110,26 +89,21 @@ async fn lifecycle(cap: proto::VolumeCapability, tag: &str) {
 
     // Staged again, the data is still there: the filesystem was not reformatted.
     let (staging, target) = driver.stage_and_publish(&id, &cap, "again").await;
-    let file = match cap.access_type {
-        Some(proto::volume_capability::AccessType::Block(_)) => target.clone(),
-        _ => target.join("data"),
+    let file = match is_block(&cap) {
+        true => target.clone(),
+        false => target.join("data"),
     };
     assert_eq!(read_at(&file, 4096, data.len()), data);
     driver.unpublish_and_unstage(&id, &staging, &target).await;
 
     for _ in 0..2 {
         controller
-            .delete_volume(proto::DeleteVolumeRequest {
-                volume_id: id.clone(),
-                ..Default::default()
-            })
+            .delete_volume(delete_volume_request(&id))
             .await
             .unwrap();
     }
     let gone = controller
-        .controller_get_volume(proto::ControllerGetVolumeRequest {
-            volume_id: id.clone(),
-        })
+        .controller_get_volume(get_volume_request(&id))
         .await
         .unwrap_err();
     assert_eq!(gone.code(), Code::NotFound);

@@ -2,24 +2,18 @@
 //! all-in-one driver (CSI histogram and pool gauges), and a `kura node` plus a
 //! `kura controller` (the agent histogram on the node, the CSI histogram on each).
 
-#[path = "common/cluster.rs"]
-mod cluster;
 mod common;
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use cluster::{Cluster, free_port};
+use common::cluster::{Cluster, free_port};
 use common::process::Kura;
-use common::{GIB, MIB, PoolKind, create_request, mount_cap, publish_request, stage_request};
-use kura::csi::proto;
-use kura::csi::proto::controller_client::ControllerClient;
-use kura::csi::proto::node_client::NodeClient;
+use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
-const DRIVER: &str = "kura.csi.dev";
 /// csi-lib-utils' buckets as Prometheus prints them, and the overflow bucket.
 const BUCKETS: [&str; 14] = [
     "0.1", "0.25", "0.5", "1", "2.5", "5", "10", "15", "25", "50", "120", "300", "600", "+Inf",
@@ -116,7 +110,7 @@ impl Scrape {
     /// How many `csi_plugin_operations_seconds` observations have this method and code.
     fn csi_count(&self, method: &str, code: &str) -> f64 {
         self.value(&format!(
-            "csi_plugin_operations_seconds_count{{driver_name=\"{DRIVER}\",method_name=\"{method}\",grpc_status_code=\"{code}\"}}"
+            "csi_plugin_operations_seconds_count{{driver_name=\"{DRIVER_NAME}\",method_name=\"{method}\",grpc_status_code=\"{code}\"}}"
         ))
         .unwrap_or(0.0)
     }
@@ -141,61 +135,32 @@ fn metrics_address() -> SocketAddr {
 async fn all_in_one_counts_calls_and_reads_its_pool() {
     let address = metrics_address();
     let mut kura = Kura::with_args(PoolKind::Image, &["--metrics-listen", &address.to_string()]);
-    let channel = kura.start().await;
-    let mut controller = ControllerClient::new(channel.clone());
-    let mut node = NodeClient::new(channel);
+    kura.start().await;
+    let mut controller = kura.controller();
 
     // Two identical creates (both OK), a malformed one, and a lookup of nothing.
     let request = create_request("metrics-volume", 64 * MIB, &[], None);
-    let volume = controller
-        .create_volume(request.clone())
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
-    controller.create_volume(request).await.unwrap();
+    let volume = kura.create(request.clone()).await.unwrap();
+    kura.create(request).await.unwrap();
     let unnamed = controller
         .create_volume(create_request("", 64 * MIB, &[], None))
         .await
         .unwrap_err();
     assert_eq!(unnamed.code(), Code::InvalidArgument);
     let missing = controller
-        .controller_get_volume(proto::ControllerGetVolumeRequest {
-            volume_id: "vol-never-made".into(),
-        })
+        .controller_get_volume(get_volume_request("vol-never-made"))
         .await
         .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
 
     // Attach it (one loop device) and snapshot it.
     let cap = mount_cap("ext4");
-    let staging = kura.path("stage");
-    let target = kura.path("target");
-    std::fs::create_dir_all(&staging).unwrap();
-    node.node_stage_volume(stage_request(&volume.volume_id, &staging, &cap))
-        .await
-        .unwrap();
-    node.node_publish_volume(publish_request(
-        &volume.volume_id,
-        &staging,
-        &target,
-        &cap,
-        false,
-    ))
-    .await
-    .unwrap();
-    let snapshot = controller
-        .create_snapshot(proto::CreateSnapshotRequest {
-            source_volume_id: volume.volume_id.clone(),
-            name: "metrics-snapshot".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .snapshot
-        .unwrap();
+    let (staging, target) = kura
+        .stage_and_publish(&volume.volume_id, &cap, "metrics")
+        .await;
+    let snapshot = kura
+        .create_snapshot("metrics-snapshot", &volume.volume_id)
+        .await;
 
     let scrape = Scrape::of(address).await;
     let create = "/csi.v1.Controller/CreateVolume";
@@ -218,7 +183,7 @@ async fn all_in_one_counts_calls_and_reads_its_pool() {
     assert!(scrape.csi_count("/csi.v1.Identity/Probe", "OK") >= 1.0);
     // Every bucket of csi-lib-utils, cumulative, ending in the count.
     let labels =
-        format!("driver_name=\"{DRIVER}\",method_name=\"{create}\",grpc_status_code=\"OK\"");
+        format!("driver_name=\"{DRIVER_NAME}\",method_name=\"{create}\",grpc_status_code=\"OK\"");
     let mut previous = 0.0;
     for le in BUCKETS {
         let value = scrape.get(&format!(
@@ -260,32 +225,10 @@ async fn all_in_one_counts_calls_and_reads_its_pool() {
     assert!(!scrape.has_metric("kura_agent_operations_seconds"));
 
     // The gauges are read at each scrape: detached and deleted, they say so.
-    node.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
-        volume_id: volume.volume_id.clone(),
-        target_path: target.display().to_string(),
-    })
-    .await
-    .unwrap();
-    node.node_unstage_volume(proto::NodeUnstageVolumeRequest {
-        volume_id: volume.volume_id.clone(),
-        staging_target_path: staging.display().to_string(),
-    })
-    .await
-    .unwrap();
-    controller
-        .delete_snapshot(proto::DeleteSnapshotRequest {
-            snapshot_id: snapshot.snapshot_id,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    controller
-        .delete_volume(proto::DeleteVolumeRequest {
-            volume_id: volume.volume_id,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    kura.unpublish_and_unstage(&volume.volume_id, &staging, &target)
+        .await;
+    kura.delete_snapshot(&snapshot.snapshot_id).await.unwrap();
+    kura.delete_volume(&volume.volume_id).await.unwrap();
     let scrape = Scrape::of(address).await;
     assert_eq!(
         scrape.get("kura_attached_loop_devices{node=\"test-node\"}"),
@@ -321,7 +264,6 @@ async fn node_counts_agent_calls_and_controller_counts_csi_calls() {
     let mut cluster = Cluster::new(&["2Gi"]);
     let node_metrics = metrics_address();
     cluster.nodes[0]
-        .proc
         .args
         .extend(["--metrics-listen".into(), node_metrics.to_string()]);
     cluster.nodes[0].start().await;
@@ -334,7 +276,7 @@ async fn node_counts_agent_calls_and_controller_counts_csi_calls() {
         .await;
     controller.wait_for_nodes(&["node-a"]).await;
 
-    let mut client = controller.controller().await;
+    let mut client = controller.controller();
     let volume = client
         .create_volume(create_request("split-metrics", 64 * MIB, &[], None))
         .await
@@ -346,9 +288,7 @@ async fn node_counts_agent_calls_and_controller_counts_csi_calls() {
     let never =
         kura::pool::VolumeId::derive("never-made", &kura::pool::NodeToken::for_node("node-a"));
     let missing = client
-        .controller_get_volume(proto::ControllerGetVolumeRequest {
-            volume_id: never.to_string(),
-        })
+        .controller_get_volume(get_volume_request(never.as_str()))
         .await
         .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
@@ -393,10 +333,7 @@ async fn node_counts_agent_calls_and_controller_counts_csi_calls() {
     assert!(on_node.get("kura_pool_size_bytes{node=\"node-a\"}") > GIB as f64);
 
     client
-        .delete_volume(proto::DeleteVolumeRequest {
-            volume_id: volume.volume_id,
-            ..Default::default()
-        })
+        .delete_volume(delete_volume_request(&volume.volume_id))
         .await
         .unwrap();
     let on_node = Scrape::of(node_metrics).await;

@@ -3,33 +3,22 @@
 //! repeats change nothing, and every refusal (unknown key, bad value, a pool too small)
 //! leaves the volume as it was. Also over the split roles.
 
-#[path = "common/cluster.rs"]
-mod cluster;
 mod common;
 
-use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use common::cluster::*;
 use common::*;
 use kura::csi::proto;
 use kura::csi::proto::controller_client::ControllerClient;
 use tonic::Code;
 use tonic::transport::Channel;
 
-const PROVISIONING: &str = "kura.csi.dev/provisioning";
-
-fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
 fn modify(id: &str, pairs: &[(&str, &str)]) -> proto::ControllerModifyVolumeRequest {
     proto::ControllerModifyVolumeRequest {
         volume_id: id.into(),
-        mutable_parameters: params(pairs),
+        mutable_parameters: string_map(pairs),
         ..Default::default()
     }
 }
@@ -45,20 +34,6 @@ fn state(image: &Path) -> (u64, String) {
     (allocated(image), std::fs::read_to_string(meta).unwrap())
 }
 
-fn image(root: &Path, id: &str) -> PathBuf {
-    root.join(format!("volumes/{id}.img"))
-}
-
-fn expect_code(result: Result<tonic::Response<impl std::fmt::Debug>, tonic::Status>, code: Code) {
-    match result {
-        Ok(r) => panic!("expected {code:?}, got {:?}", r.get_ref()),
-        Err(s) => {
-            assert_eq!(s.code(), code, "{}", s.message());
-            assert!(!s.message().is_empty());
-        }
-    }
-}
-
 /// Thin -> thick -> thin on one volume, with the refusals in between; `root` is the
 /// pool the volume lands in.
 async fn modify_round_trip(controller: &mut ControllerClient<Channel>, root: &Path) {
@@ -71,7 +46,7 @@ async fn modify_round_trip(controller: &mut ControllerClient<Channel>, root: &Pa
         .volume
         .unwrap();
     let id = volume.volume_id;
-    let image = image(root, &id);
+    let image = volume_image(root, &id);
     let thin = state(&image);
     assert!(thin.0 < 64 * MIB as u64, "a new thin volume is sparse");
     assert!(thin.1.contains(r#""provisioning": "thin""#), "{}", thin.1);
@@ -94,18 +69,20 @@ async fn modify_round_trip(controller: &mut ControllerClient<Channel>, root: &Pa
         assert!(status.message().contains(needle), "{}", status.message());
         assert_eq!(state(&image), thin, "{pairs:?} changed nothing");
     }
-    expect_code(
+    assert_code(
         controller
             .controller_modify_volume(modify("", &[(PROVISIONING, "thick")]))
             .await,
         Code::InvalidArgument,
+        &[],
     );
     for unknown in ["non-existing-volume-id", &id.replace("vol-", "vol-f")] {
-        expect_code(
+        assert_code(
             controller
                 .controller_modify_volume(modify(unknown, &[(PROVISIONING, "thick")]))
                 .await,
             Code::NotFound,
+            &[],
         );
     }
 
@@ -123,18 +100,16 @@ async fn modify_round_trip(controller: &mut ControllerClient<Channel>, root: &Pa
         .into_inner()
         .volume
         .unwrap();
-    expect_code(
+    assert_code(
         controller
             .controller_modify_volume(modify(&id, &[(PROVISIONING, "thick")]))
             .await,
         Code::ResourceExhausted,
+        &[],
     );
     assert_eq!(state(&image), thin, "a refused thickening changed nothing");
     controller
-        .delete_volume(proto::DeleteVolumeRequest {
-            volume_id: filler.volume_id,
-            ..Default::default()
-        })
+        .delete_volume(delete_volume_request(&filler.volume_id))
         .await
         .unwrap();
 
@@ -181,10 +156,7 @@ async fn modify_round_trip(controller: &mut ControllerClient<Channel>, root: &Pa
         assert!(now.1.contains(r#""provisioning": "thin""#), "{}", now.1);
     }
     controller
-        .delete_volume(proto::DeleteVolumeRequest {
-            volume_id: id,
-            ..Default::default()
-        })
+        .delete_volume(delete_volume_request(&id))
         .await
         .unwrap();
 }
@@ -217,7 +189,7 @@ async fn create_honours_mutable_parameters() {
 
     // Mutable parameters beat the StorageClass's.
     let mut request = create_request("pvc-vac", 256 * MIB, &[(PROVISIONING, "thin")], None);
-    request.mutable_parameters = params(&[(PROVISIONING, "thick")]);
+    request.mutable_parameters = string_map(&[(PROVISIONING, "thick")]);
     for _ in 0..2 {
         let volume = controller
             .create_volume(request.clone())
@@ -226,16 +198,17 @@ async fn create_honours_mutable_parameters() {
             .into_inner()
             .volume
             .unwrap();
-        assert!(allocated(&image(&root, &volume.volume_id)) >= 256 * MIB as u64);
+        assert!(allocated(&volume_image(&root, &volume.volume_id)) >= 256 * MIB as u64);
     }
 
     // An unknown key or value: INVALID_ARGUMENT, nothing created.
     for pairs in [&[("XXX_FakeKey", "v")][..], &[(PROVISIONING, "fat")]] {
         let mut request = create_request("pvc-vac-bad", 256 * MIB, &[], None);
-        request.mutable_parameters = params(pairs);
-        expect_code(
+        request.mutable_parameters = string_map(pairs);
+        assert_code(
             controller.create_volume(request).await,
             Code::InvalidArgument,
+            &[],
         );
         let files: Vec<_> = std::fs::read_dir(root.join("volumes"))
             .unwrap()
@@ -251,7 +224,7 @@ async fn create_honours_mutable_parameters() {
     let validate = |pairs: &[(&str, &str)]| proto::ValidateVolumeCapabilitiesRequest {
         volume_id: volume_id.to_string(),
         volume_capabilities: vec![mount_cap("")],
-        mutable_parameters: params(pairs),
+        mutable_parameters: string_map(pairs),
         ..Default::default()
     };
     let ok = controller
@@ -271,8 +244,8 @@ async fn create_honours_mutable_parameters() {
 
 #[tokio::test]
 async fn split_roles_modify_through_the_agent() {
-    let cluster = cluster::Cluster::start(&["16Gi"]).await;
-    let mut controller = cluster.controller().controller().await;
+    let cluster = Cluster::start(&["16Gi"]).await;
+    let mut controller = cluster.controller().controller();
     let root = cluster.node("node-a").dir.join("state/pool");
     modify_round_trip(&mut controller, &root).await;
 }
@@ -290,7 +263,7 @@ async fn a_published_volume_is_thickened_in_place() {
         .await;
     let data = pattern(5, 4 << 20);
     write_file(&target.join("before"), &data);
-    let image = image(&driver.pool_root(), &volume.volume_id);
+    let image = volume_image(&driver.pool_root(), &volume.volume_id);
     assert!(allocated(&image) < 256 * MIB as u64);
     controller
         .controller_modify_volume(modify(&volume.volume_id, &[(PROVISIONING, "thick")]))

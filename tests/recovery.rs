@@ -13,15 +13,7 @@ use std::time::{Duration, Instant};
 use common::process::{DEADLINE, Kura};
 use common::*;
 use kura::csi::proto;
-use kura::csi::proto::controller_client::ControllerClient;
 use kura::csi::proto::identity_client::IdentityClient;
-use kura::csi::proto::node_client::NodeClient;
-use kura::pool::{NodeToken, SnapshotId, VolumeId};
-use tonic::transport::Channel;
-
-fn node_token() -> NodeToken {
-    NodeToken::for_node(NODE_ID)
-}
 
 /// Names of the files in a directory.
 fn names(dir: &Path) -> BTreeSet<String> {
@@ -40,20 +32,12 @@ fn unfinished(pool: &Path) -> Vec<String> {
         .collect()
 }
 
-async fn volume_ids(channel: &Channel) -> BTreeSet<String> {
-    ControllerClient::new(channel.clone())
-        .list_volumes(proto::ListVolumesRequest::default())
-        .await
-        .expect("ListVolumes")
-        .into_inner()
-        .entries
-        .into_iter()
-        .map(|e| e.volume.unwrap().volume_id)
-        .collect()
+async fn volume_ids(kura: &impl Csi) -> BTreeSet<String> {
+    kura.list_volume_ids().await.into_iter().collect()
 }
 
-async fn snapshots(channel: &Channel) -> Vec<proto::Snapshot> {
-    ControllerClient::new(channel.clone())
+async fn snapshots(kura: &impl Csi) -> Vec<proto::Snapshot> {
+    kura.controller()
         .list_snapshots(proto::ListSnapshotsRequest::default())
         .await
         .expect("ListSnapshots")
@@ -64,40 +48,17 @@ async fn snapshots(channel: &Channel) -> Vec<proto::Snapshot> {
         .collect()
 }
 
-async fn stage(channel: &Channel, volume_id: &str, staging: &Path) {
+/// Stages a volume as ext4 at `staging`, a directory made here.
+async fn stage_ext4(kura: &impl Csi, volume_id: &str, staging: &Path) {
     std::fs::create_dir_all(staging).unwrap();
-    NodeClient::new(channel.clone())
-        .node_stage_volume(stage_request(volume_id, staging, &mount_cap("ext4")))
-        .await
-        .expect("NodeStageVolume");
+    kura.stage(volume_id, staging, &mount_cap("ext4")).await;
 }
-
-async fn unstage(channel: &Channel, volume_id: &str, staging: &Path) {
-    NodeClient::new(channel.clone())
-        .node_unstage_volume(proto::NodeUnstageVolumeRequest {
-            volume_id: volume_id.into(),
-            staging_target_path: staging.display().to_string(),
-        })
-        .await
-        .expect("NodeUnstageVolume");
-}
-
 /// Cuts a snapshot and waits until it is ready to use (a background copy on a pool
 /// without reflink).
-async fn ready_snapshot(channel: &Channel, name: &str, source: &str) -> proto::Snapshot {
+async fn ready_snapshot(kura: &impl Csi, name: &str, source: &str) -> proto::Snapshot {
     let started = Instant::now();
     loop {
-        let snapshot = ControllerClient::new(channel.clone())
-            .create_snapshot(proto::CreateSnapshotRequest {
-                source_volume_id: source.into(),
-                name: name.into(),
-                ..Default::default()
-            })
-            .await
-            .expect("CreateSnapshot")
-            .into_inner()
-            .snapshot
-            .unwrap();
+        let snapshot = kura.create_snapshot(name, source).await;
         if snapshot.ready_to_use {
             return snapshot;
         }
@@ -150,7 +111,7 @@ fn assert_big_file(path: &Path, chunks: u64) {
 async fn killed_mid_copy_leaves_nothing_and_the_retry_succeeds() {
     const CHUNKS: u64 = 256;
     let mut kura = Kura::new(PoolKind::Dir);
-    let channel = kura.start().await;
+    kura.start().await;
     let pool = kura.pool_root();
     let volumes = pool.join("volumes");
     assert!(
@@ -159,35 +120,22 @@ async fn killed_mid_copy_leaves_nothing_and_the_retry_succeeds() {
     );
 
     // A source volume holding 256 MiB of data, and a snapshot of it.
-    let source = ControllerClient::new(channel.clone())
-        .create_volume(create_request("source", 2 * GIB, &[], None))
+    let source = kura
+        .create(create_request("source", 2 * GIB, &[], None))
         .await
-        .expect("CreateVolume source")
-        .into_inner()
-        .volume
-        .unwrap();
+        .expect("CreateVolume source");
     let staging = kura.path("stage-source");
-    stage(&channel, &source.volume_id, &staging).await;
+    stage_ext4(&kura, &source.volume_id, &staging).await;
     write_big_file(&staging.join("data"), CHUNKS);
-    unstage(&channel, &source.volume_id, &staging).await;
+    kura.unstage(&source.volume_id, &staging).await;
 
     // A snapshot is a background copy here: kill kura while it is held mid-copy.
     let copying = kura.pause.arm("copying");
     let snapshots_dir = pool.join("snapshots");
-    let snap_id = SnapshotId::derive("source-snap", &node_token()).to_string();
+    let snap_id = snapshot_id("source-snap").to_string();
     let snap_meta = snapshots_dir.join(format!("{snap_id}.json"));
     let snap_partial = snapshots_dir.join(format!("{snap_id}.img.partial"));
-    let first = ControllerClient::new(channel.clone())
-        .create_snapshot(proto::CreateSnapshotRequest {
-            source_volume_id: source.volume_id.clone(),
-            name: "source-snap".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("CreateSnapshot")
-        .into_inner()
-        .snapshot
-        .unwrap();
+    let first = kura.create_snapshot("source-snap", &source.volume_id).await;
     assert_eq!(first.snapshot_id, snap_id);
     assert!(
         !first.ready_to_use,
@@ -198,7 +146,6 @@ async fn killed_mid_copy_leaves_nothing_and_the_retry_succeeds() {
         .await;
     kura.kill();
     copying.release();
-    drop(channel);
     let record: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&snap_meta).unwrap()).unwrap();
     assert_eq!(record["ready"], false, "the kill left a record not ready");
@@ -208,25 +155,20 @@ async fn killed_mid_copy_leaves_nothing_and_the_retry_succeeds() {
     );
 
     // Restarted, the unfinished snapshot is gone; the CO's retry cuts it anew.
-    let channel = kura.start().await;
+    kura.start().await;
     assert!(!snap_meta.exists() && !snap_partial.exists());
     assert_eq!(unfinished(&pool), Vec::<String>::new());
-    assert!(snapshots(&channel).await.is_empty());
-    let snapshot = ready_snapshot(&channel, "source-snap", &source.volume_id).await;
+    assert!(snapshots(&kura).await.is_empty());
+    let snapshot = ready_snapshot(&kura, "source-snap", &source.volume_id).await;
     assert_eq!(snapshot.snapshot_id, snap_id);
 
     // Restore it, and kill kura once the copy has written some of the new image.
-    let restored_id = VolumeId::derive("restored", &node_token()).to_string();
+    let restored_id = volume_id("restored").to_string();
     let image = volumes.join(format!("{restored_id}.img"));
     let partial = volumes.join(format!("{restored_id}.img.partial"));
     let meta = volumes.join(format!("{restored_id}.json"));
-    let request = create_request(
-        "restored",
-        2 * GIB,
-        &[],
-        Some(snapshot_source(&snapshot.snapshot_id)),
-    );
-    let mut controller = ControllerClient::new(channel.clone());
+    let request = restore_request("restored", 2 * GIB, &snapshot.snapshot_id);
+    let mut controller = kura.controller();
     let copying = kura.pause.arm("copying");
     let in_flight = {
         let request = request.clone();
@@ -243,7 +185,6 @@ async fn killed_mid_copy_leaves_nothing_and_the_retry_succeeds() {
         in_flight.await.unwrap().is_err(),
         "CreateVolume must not have succeeded: the process was killed"
     );
-    drop(channel);
 
     // What the crash left: a half-copied image and no volume.
     let left = std::fs::metadata(&partial).expect("the kill left a partial image");
@@ -262,22 +203,20 @@ async fn killed_mid_copy_leaves_nothing_and_the_retry_succeeds() {
     );
 
     // Restart: the leftover is gone and the volume does not exist.
-    let channel = kura.start().await;
+    kura.start().await;
     assert!(!partial.exists(), "partial image survived the restart");
     assert!(!image.exists() && !meta.exists());
     assert_eq!(unfinished(&pool), Vec::<String>::new());
     assert_eq!(
-        volume_ids(&channel).await,
+        volume_ids(&kura).await,
         BTreeSet::from([source.volume_id.clone()])
     );
-    let listed = snapshots(&channel).await;
+    let listed = snapshots(&kura).await;
     assert_eq!(listed.len(), 1);
     assert!(listed[0].ready_to_use);
-    let mut controller = ControllerClient::new(channel.clone());
+    let mut controller = kura.controller();
     let missing = controller
-        .controller_get_volume(proto::ControllerGetVolumeRequest {
-            volume_id: restored_id.clone(),
-        })
+        .controller_get_volume(get_volume_request(&restored_id))
         .await
         .unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
@@ -298,9 +237,9 @@ async fn killed_mid_copy_leaves_nothing_and_the_retry_succeeds() {
     );
     assert!(image.exists() && meta.exists() && !partial.exists());
     let staging = kura.path("stage-restored");
-    stage(&channel, &restored_id, &staging).await;
+    stage_ext4(&kura, &restored_id, &staging).await;
     assert_big_file(&staging.join("data"), CHUNKS);
-    unstage(&channel, &restored_id, &staging).await;
+    kura.unstage(&restored_id, &staging).await;
 }
 
 /// Every kind of leftover an interrupted operation can leave, planted while the driver
@@ -317,18 +256,7 @@ async fn restart_removes_planted_leftovers_and_keeps_live_objects() {
     let data = pattern(9, 3 * MIB as usize);
     std::fs::File::create(target.join("data")).unwrap();
     write_at(&target.join("data"), 0, &data);
-    let snapshot = driver
-        .controller()
-        .create_snapshot(proto::CreateSnapshotRequest {
-            source_volume_id: keep.volume_id.clone(),
-            name: "keep-snap".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("CreateSnapshot")
-        .into_inner()
-        .snapshot
-        .unwrap();
+    let snapshot = driver.create_snapshot("keep-snap", &keep.volume_id).await;
     assert!(snapshot.ready_to_use);
     driver.stop().await;
 
@@ -341,9 +269,8 @@ async fn restart_removes_planted_leftovers_and_keeps_live_objects() {
     let keep_loop = kura::sys::loopdev::find_by_backing(&keep_image)
         .unwrap()
         .expect("the staged volume has a loop device");
-    let token = node_token();
-    let vol = |name: &str| VolumeId::derive(name, &token).to_string();
-    let snap = |name: &str| SnapshotId::derive(name, &token).to_string();
+    let vol = |name: &str| volume_id(name).to_string();
+    let snap = |name: &str| snapshot_id(name).to_string();
     let sparse = |path: &Path, len: u64| {
         let file = std::fs::File::create(path).unwrap();
         file.set_len(len).unwrap();
@@ -429,10 +356,10 @@ async fn restart_removes_planted_leftovers_and_keeps_live_objects() {
 
     // The live volume and its snapshot are listed and whole.
     assert_eq!(
-        volume_ids(&driver.channel).await,
+        volume_ids(&driver).await,
         BTreeSet::from([keep.volume_id.clone()])
     );
-    let listed = snapshots(&driver.channel).await;
+    let listed = snapshots(&driver).await;
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].snapshot_id, snapshot.snapshot_id);
     assert!(listed[0].ready_to_use);
@@ -443,18 +370,13 @@ async fn restart_removes_planted_leftovers_and_keeps_live_objects() {
         .await
         .expect("NodeStageVolume again");
     let restored = driver
-        .controller()
-        .create_volume(create_request(
+        .create(restore_request(
             "from-keep-snap",
             256 * MIB,
-            &[],
-            Some(snapshot_source(&snapshot.snapshot_id)),
+            &snapshot.snapshot_id,
         ))
         .await
-        .expect("restore from the kept snapshot")
-        .into_inner()
-        .volume
-        .unwrap();
+        .expect("restore from the kept snapshot");
     let (r_staging, r_target) = driver
         .stage_and_publish(&restored.volume_id, &cap, "restored")
         .await;
@@ -504,7 +426,7 @@ async fn sigterm_exits_cleanly_and_a_stale_socket_is_replaced() {
         .await
         .expect("GetPluginInfo")
         .into_inner();
-    assert_eq!(info.name, "kura.csi.dev");
+    assert_eq!(info.name, DRIVER_NAME);
 
     let status = kura.terminate().await;
     assert_eq!(status.code(), Some(0), "exit status {status}");
@@ -524,17 +446,14 @@ async fn sigterm_exits_cleanly_and_a_stale_socket_is_replaced() {
 #[tokio::test(flavor = "multi_thread")]
 async fn restart_keeps_the_pool_and_its_volumes() {
     let mut kura = Kura::new(PoolKind::Image);
-    let channel = kura.start().await;
-    let volume = ControllerClient::new(channel.clone())
-        .create_volume(create_request("kept", 512 * MIB, &[], None))
+    kura.start().await;
+    let volume = kura
+        .create(create_request("kept", 512 * MIB, &[], None))
         .await
-        .expect("CreateVolume")
-        .into_inner()
-        .volume
-        .unwrap();
+        .expect("CreateVolume");
     let id = volume.volume_id.clone();
     let staging = kura.path("stage");
-    stage(&channel, &id, &staging).await;
+    stage_ext4(&kura, &id, &staging).await;
     let data = pattern(3, 5 * MIB as usize);
     std::fs::File::create(staging.join("data")).unwrap();
     write_at(&staging.join("data"), 0, &data);
@@ -542,12 +461,11 @@ async fn restart_keeps_the_pool_and_its_volumes() {
     let pool_loop = kura::sys::loopdev::find_by_backing(&pool_image)
         .unwrap()
         .expect("the pool image is attached");
-    drop(channel);
 
     // Restart while the volume stays staged.
     let status = kura.terminate().await;
     assert!(status.success(), "exit status {status}");
-    let channel = kura.start().await;
+    kura.start().await;
     assert_eq!(
         kura::sys::loopdev::find_by_backing(&pool_image)
             .unwrap()
@@ -555,19 +473,17 @@ async fn restart_keeps_the_pool_and_its_volumes() {
         Some(pool_loop.path),
         "the pool's loop device was reused"
     );
-    assert_eq!(volume_ids(&channel).await, BTreeSet::from([id.clone()]));
-    let got = ControllerClient::new(channel.clone())
-        .controller_get_volume(proto::ControllerGetVolumeRequest {
-            volume_id: id.clone(),
-        })
+    assert_eq!(volume_ids(&kura).await, BTreeSet::from([id.clone()]));
+    let got = kura
+        .controller()
+        .controller_get_volume(get_volume_request(&id))
         .await
         .expect("ControllerGetVolume")
         .into_inner();
     assert_eq!(got.volume.unwrap().capacity_bytes, 512 * MIB);
-    stage(&channel, &id, &staging).await;
+    stage_ext4(&kura, &id, &staging).await;
     assert_eq!(read_at(&staging.join("data"), 0, data.len()), data);
-    unstage(&channel, &id, &staging).await;
-    drop(channel);
+    kura.unstage(&id, &staging).await;
 
     // A node reboot: the process, the pool's mount and its loop device all go away.
     let status = kura.terminate().await;
@@ -578,12 +494,12 @@ async fn restart_keeps_the_pool_and_its_volumes() {
         .unwrap()
         .expect("the pool image is attached");
     kura::sys::loopdev::detach(&pool_loop.path).unwrap();
-    let channel = kura.start().await;
-    assert_eq!(volume_ids(&channel).await, BTreeSet::from([id.clone()]));
-    stage(&channel, &id, &staging).await;
-    stage(&channel, &id, &staging).await;
+    kura.start().await;
+    assert_eq!(volume_ids(&kura).await, BTreeSet::from([id.clone()]));
+    stage_ext4(&kura, &id, &staging).await;
+    stage_ext4(&kura, &id, &staging).await;
     assert_eq!(read_at(&staging.join("data"), 0, data.len()), data);
-    unstage(&channel, &id, &staging).await;
+    kura.unstage(&id, &staging).await;
 }
 
 /// SIGKILL while a snapshot holds its volume's filesystem frozen (held there at a pause
@@ -595,9 +511,9 @@ async fn restart_keeps_the_pool_and_its_volumes() {
 #[tokio::test(flavor = "multi_thread")]
 async fn killed_while_a_freeze_is_held_restarts_thawed() {
     let mut kura = Kura::new(PoolKind::Image);
-    let channel = kura.start().await;
+    kura.start().await;
     let pool = kura.pool_root();
-    let mut controller = ControllerClient::new(channel.clone());
+    let mut controller = kura.controller();
     let id = controller
         .create_volume(create_request("frozen", 256 * MIB, &[], None))
         .await
@@ -607,18 +523,14 @@ async fn killed_while_a_freeze_is_held_restarts_thawed() {
         .unwrap()
         .volume_id;
     let staging = kura.path("stage-frozen");
-    stage(&channel, &id, &staging).await;
+    stage_ext4(&kura, &id, &staging).await;
     let _thaw = ThawOnDrop(staging.clone());
     let before = pattern(1, 1 << 20);
     write_file(&staging.join("before"), &before);
 
     // The snapshot freezes the volume and is held there; kura dies holding the freeze.
     let quiesced = kura.pause.arm("quiesced");
-    let request = proto::CreateSnapshotRequest {
-        source_volume_id: id.clone(),
-        name: "snap-frozen".into(),
-        ..Default::default()
-    };
+    let request = snapshot_request("snap-frozen", &id);
     let in_flight = {
         let mut controller = controller.clone();
         let request = request.clone();
@@ -629,7 +541,7 @@ async fn killed_while_a_freeze_is_held_restarts_thawed() {
     kura.kill();
     quiesced.release();
     assert!(in_flight.await.unwrap().is_err(), "the killed call failed");
-    drop((channel, controller));
+    drop(controller);
     assert!(
         is_frozen(&staging),
         "nothing thaws the volume while kura is down"
@@ -647,7 +559,7 @@ async fn killed_while_a_freeze_is_held_restarts_thawed() {
     }
 
     // The restart thaws it before it serves: the write completes.
-    let channel = kura.start().await;
+    kura.start().await;
     write_done
         .recv_timeout(DEADLINE)
         .expect("the application's write completes once kura is back");
@@ -656,7 +568,7 @@ async fn killed_while_a_freeze_is_held_restarts_thawed() {
     // A filesystem found frozen already (as if by a kura that died a moment ago) is
     // thawed and frozen again by the next snapshot, which then thaws it.
     kura::sys::fs::freeze(&staging).unwrap();
-    let mut controller = ControllerClient::new(channel.clone());
+    let mut controller = kura.controller();
     let snapshot = controller
         .create_snapshot(request)
         .await
@@ -670,17 +582,16 @@ async fn killed_while_a_freeze_is_held_restarts_thawed() {
 
     // The snapshot holds what was written and fsynced before it was cut.
     controller
-        .create_volume(create_request(
+        .create_volume(restore_request(
             "from-frozen",
             256 * MIB,
-            &[],
-            Some(snapshot_source(&snapshot.snapshot_id)),
+            &snapshot.snapshot_id,
         ))
         .await
         .expect("restore the snapshot");
-    let restored = VolumeId::derive("from-frozen", &node_token()).to_string();
+    let restored = volume_id("from-frozen").to_string();
     let restored_staging = kura.path("stage-restored");
-    stage(&channel, &restored, &restored_staging).await;
+    stage_ext4(&kura, &restored, &restored_staging).await;
     assert_eq!(
         read_at(&restored_staging.join("before"), 0, before.len()),
         before
@@ -691,22 +602,16 @@ async fn killed_while_a_freeze_is_held_restarts_thawed() {
     );
 
     // Everything comes apart cleanly.
-    unstage(&channel, &restored, &restored_staging).await;
-    unstage(&channel, &id, &staging).await;
+    kura.unstage(&restored, &restored_staging).await;
+    kura.unstage(&id, &staging).await;
     for volume in [&restored, &id] {
         controller
-            .delete_volume(proto::DeleteVolumeRequest {
-                volume_id: volume.to_string(),
-                ..Default::default()
-            })
+            .delete_volume(delete_volume_request(volume))
             .await
             .expect("DeleteVolume");
     }
     controller
-        .delete_snapshot(proto::DeleteSnapshotRequest {
-            snapshot_id: snapshot.snapshot_id.clone(),
-            ..Default::default()
-        })
+        .delete_snapshot(delete_snapshot_request(&snapshot.snapshot_id))
         .await
         .expect("DeleteSnapshot");
     assert_eq!(leftovers(&kura.dir, &pool), Vec::<String>::new());

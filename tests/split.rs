@@ -5,21 +5,15 @@
 //! owning node's socket, agents killed and stopped, two controllers, and every
 //! refused credential.
 
-#[path = "common/cluster.rs"]
-mod cluster;
 mod common;
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use cluster::*;
-use common::{
-    GIB, MIB, create_request, pattern, publish_request, read_at, snapshot_source, stage_request,
-    volume_source, write_at,
-};
+use common::cluster::*;
+use common::*;
 use kura::csi::proto;
 use tonic::Code;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 /// Three nodes with pools of different sizes, so "most free" is node-c.
 const SIZES: [&str; 3] = ["2Gi", "3Gi", "4Gi"];
@@ -37,58 +31,19 @@ fn with_topology(
     }
 }
 
-async fn create(
-    controller: &ControllerProc,
-    request: proto::CreateVolumeRequest,
-) -> Result<proto::Volume, tonic::Status> {
-    controller
-        .controller()
-        .await
-        .create_volume(request)
-        .await
-        .map(|r| r.into_inner().volume.expect("volume in response"))
+/// A volume only `node` may hold, and it is preferred (WaitForFirstConsumer's request).
+fn strictly_on(name: &str, size: i64, node: &str) -> proto::CreateVolumeRequest {
+    with_topology(name, size, Some(topology(&[node], &[node])))
 }
 
-async fn get_volume(controller: &ControllerProc, id: &str) -> Result<proto::Volume, tonic::Status> {
-    controller
-        .controller()
-        .await
-        .controller_get_volume(proto::ControllerGetVolumeRequest {
-            volume_id: id.into(),
-        })
-        .await
-        .map(|r| r.into_inner().volume.expect("volume in response"))
-}
-
-async fn delete_volume(controller: &ControllerProc, id: &str) -> Result<(), tonic::Status> {
-    controller
-        .controller()
-        .await
-        .delete_volume(proto::DeleteVolumeRequest {
-            volume_id: id.into(),
-            ..Default::default()
-        })
-        .await
-        .map(|_| ())
-}
-
-async fn list_volume_ids(controller: &ControllerProc) -> Vec<String> {
-    controller
-        .controller()
-        .await
-        .list_volumes(proto::ListVolumesRequest::default())
-        .await
-        .expect("ListVolumes")
-        .into_inner()
-        .entries
-        .into_iter()
-        .map(|e| e.volume.unwrap().volume_id)
-        .collect()
+/// A 64 MiB volume only `node` may hold.
+fn requiring(name: &str, node: &str) -> proto::CreateVolumeRequest {
+    with_topology(name, 64 * MIB, Some(topology(&[node], &[])))
 }
 
 /// Metadata documents in a node's pool: the volumes it really holds.
 fn volumes_on_disk(node: &NodeProc) -> usize {
-    let dir = node.dir.join("state/pool/volumes");
+    let dir = node.pool_root().join("volumes");
     std::fs::read_dir(&dir)
         .map(|entries| {
             entries
@@ -142,7 +97,6 @@ async fn placement_capacity_and_listing() {
     assert_eq!(controller.capacity("node-x").await, 0);
     let all = controller
         .controller()
-        .await
         .get_capacity(proto::GetCapacityRequest::default())
         .await
         .unwrap()
@@ -151,7 +105,8 @@ async fn placement_capacity_and_listing() {
     assert_eq!(all.maximum_volume_size, Some(c / MIB * MIB));
 
     // No topology: the node with the most free space.
-    let v = create(controller, with_topology("pvc-free", 64 * MIB, None))
+    let v = controller
+        .create(with_topology("pvc-free", 64 * MIB, None))
         .await
         .unwrap();
     assert_eq!(volume_node(&v), "node-c");
@@ -159,51 +114,48 @@ async fn placement_capacity_and_listing() {
 
     // The first preferred node within requisite.
     let all_nodes = ["node-a", "node-b", "node-c"];
-    let v = create(
-        controller,
-        with_topology(
+    let v = controller
+        .create(with_topology(
             "pvc-preferred",
             64 * MIB,
             Some(topology(&all_nodes, &["node-a", "node-b"])),
-        ),
-    )
-    .await
-    .unwrap();
+        ))
+        .await
+        .unwrap();
     assert_eq!(volume_node(&v), "node-a");
 
     // A preferred node outside requisite is not taken.
-    let v = create(
-        controller,
-        with_topology(
+    let v = controller
+        .create(with_topology(
             "pvc-requisite",
             64 * MIB,
             Some(topology(&["node-b"], &["node-a", "node-b"])),
-        ),
-    )
-    .await
-    .unwrap();
+        ))
+        .await
+        .unwrap();
     assert_eq!(volume_node(&v), "node-b");
 
     // Strict topology (WaitForFirstConsumer): the one selected node...
-    let strict = |name: &str, size: i64, node: &str| {
-        with_topology(name, size, Some(topology(&[node], &[node])))
-    };
-    let v = create(controller, strict("pvc-strict", 64 * MIB, "node-a"))
+    let v = controller
+        .create(strictly_on("pvc-strict", 64 * MIB, "node-a"))
         .await
         .unwrap();
     assert_eq!(volume_node(&v), "node-a");
     // ... and when it is full, RESOURCE_EXHAUSTED so the scheduler picks again.
-    let full = create(controller, strict("pvc-too-big", 3 * GIB, "node-a"))
+    let full = controller
+        .create(strictly_on("pvc-too-big", 3 * GIB, "node-a"))
         .await
         .unwrap_err();
     assert_eq!(full.code(), Code::ResourceExhausted, "{full:?}");
     // The same on the big node fits.
-    let v = create(controller, strict("pvc-too-big", 3 * GIB, "node-c"))
+    let v = controller
+        .create(strictly_on("pvc-too-big", 3 * GIB, "node-c"))
         .await
         .unwrap();
     assert_eq!(volume_node(&v), "node-c");
     // A requisite naming no kura node.
-    let none = create(controller, strict("pvc-nowhere", 64 * MIB, "node-x"))
+    let none = controller
+        .create(strictly_on("pvc-nowhere", 64 * MIB, "node-x"))
         .await
         .unwrap_err();
     assert_eq!(none.code(), Code::ResourceExhausted, "{none:?}");
@@ -211,20 +163,19 @@ async fn placement_capacity_and_listing() {
     // A retry of a create lands on the volume that exists, wherever the topology
     // would place a new one now; a requisite that excludes its node is another
     // volume (ALREADY_EXISTS).
-    let again = create(controller, with_topology("pvc-preferred", 64 * MIB, None))
+    let again = controller
+        .create(with_topology("pvc-preferred", 64 * MIB, None))
         .await
         .unwrap();
     assert_eq!(volume_node(&again), "node-a");
-    let excluded = create(
-        controller,
-        with_topology("pvc-preferred", 64 * MIB, Some(topology(&["node-b"], &[]))),
-    )
-    .await
-    .unwrap_err();
+    let excluded = controller
+        .create(requiring("pvc-preferred", "node-b"))
+        .await
+        .unwrap_err();
     assert_eq!(excluded.code(), Code::AlreadyExists, "{excluded:?}");
 
     // Listing covers every node, sorted by ID, and pages across nodes.
-    let ids = list_volume_ids(controller).await;
+    let ids = controller.list_volume_ids().await;
     assert_eq!(ids.len(), 5, "{ids:?}");
     let mut sorted = ids.clone();
     sorted.sort();
@@ -235,37 +186,22 @@ async fn placement_capacity_and_listing() {
         .collect();
     assert_eq!(nodes.len(), 3, "{ids:?}");
     let mut paged = Vec::new();
-    let mut token = String::new();
-    loop {
-        let page = controller
-            .controller()
-            .await
-            .list_volumes(proto::ListVolumesRequest {
-                max_entries: 2,
-                starting_token: token.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+    for page in controller.list_volume_pages(2).await {
         assert!(page.entries.len() <= 2);
         paged.extend(
             page.entries
                 .into_iter()
                 .map(|e| e.volume.unwrap().volume_id),
         );
-        if page.next_token.is_empty() {
-            break;
-        }
-        token = page.next_token;
     }
     assert_eq!(paged, ids);
 
     // Deleting is idempotent across nodes too.
     for id in &ids {
-        delete_volume(controller, id).await.unwrap();
-        delete_volume(controller, id).await.unwrap();
+        controller.delete_volume(id).await.unwrap();
+        controller.delete_volume(id).await.unwrap();
     }
-    assert!(list_volume_ids(controller).await.is_empty());
+    assert!(controller.list_volume_ids().await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -275,7 +211,7 @@ async fn sixteen_identical_creates_make_one_volume() {
     let request = with_topology("pvc-race", 256 * MIB, None);
     let mut calls = Vec::new();
     for _ in 0..16 {
-        let mut client = controller.controller().await;
+        let mut client = controller.controller();
         let request = request.clone();
         calls.push(tokio::spawn(
             async move { client.create_volume(request).await },
@@ -292,12 +228,12 @@ async fn sixteen_identical_creates_make_one_volume() {
         }
     }
     // The retry after the race settles on the same volume.
-    let settled = create(controller, request).await.unwrap();
+    let settled = controller.create(request).await.unwrap();
     ids.insert(settled.volume_id.clone());
     assert_eq!(ids.len(), 1, "{ids:?}");
     let on_disk: usize = cluster.nodes.iter().map(volumes_on_disk).sum();
     assert_eq!(on_disk, 1);
-    assert_eq!(list_volume_ids(controller).await, vec![settled.volume_id]);
+    assert_eq!(controller.list_volume_ids().await, vec![settled.volume_id]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -305,24 +241,18 @@ async fn snapshots_clones_and_stage_stay_on_the_owning_node() {
     let cluster = Cluster::start(&SIZES).await;
     let controller = cluster.controller();
     let owner = cluster.node("node-b");
-    let volume = create(
-        controller,
-        with_topology(
-            "pvc-data",
-            64 * MIB,
-            Some(topology(&["node-b"], &["node-b"])),
-        ),
-    )
-    .await
-    .unwrap();
+    let volume = controller
+        .create(strictly_on("pvc-data", 64 * MIB, "node-b"))
+        .await
+        .unwrap();
     let id = volume.volume_id.clone();
 
     // Stage and publish through the owning node's socket; write data.
-    let cap = common::block_cap();
+    let cap = block_cap();
     let staging = owner.path("stage");
     std::fs::create_dir_all(&staging).unwrap();
     let target = owner.path("target");
-    let mut node = owner.node().await;
+    let mut node = owner.node();
     node.node_stage_volume(stage_request(&id, &staging, &cap))
         .await
         .expect("stage on the owner");
@@ -336,24 +266,19 @@ async fn snapshots_clones_and_stage_stay_on_the_owning_node() {
     let elsewhere = cluster
         .node("node-a")
         .node()
-        .await
-        .node_stage_volume(stage_request(&id, &cluster.node("node-a").path("s"), &cap))
+        .node_stage_volume(stage_request(&id, cluster.node("node-a").path("s"), &cap))
         .await
         .unwrap_err();
     assert_eq!(elsewhere.code(), Code::NotFound, "{elsewhere:?}");
 
     // A staged volume cannot be deleted, through the controller either.
-    let staged = delete_volume(controller, &id).await.unwrap_err();
+    let staged = controller.delete_volume(&id).await.unwrap_err();
     assert_eq!(staged.code(), Code::FailedPrecondition, "{staged:?}");
 
     // Snapshot, clone and restore land on the owner.
-    let mut client = controller.controller().await;
+    let mut client = controller.controller();
     let snapshot = client
-        .create_snapshot(proto::CreateSnapshotRequest {
-            source_volume_id: id.clone(),
-            name: "snap-data".into(),
-            ..Default::default()
-        })
+        .create_snapshot(snapshot_request("snap-data", &id))
         .await
         .expect("CreateSnapshot")
         .into_inner()
@@ -362,44 +287,29 @@ async fn snapshots_clones_and_stage_stay_on_the_owning_node() {
     assert!(snapshot.snapshot_id.ends_with("-node-b"));
     assert!(snapshot.ready_to_use);
     // The same name for another volume is refused, even on another node.
-    let other = create(
-        controller,
-        with_topology(
-            "pvc-other",
-            64 * MIB,
-            Some(topology(&["node-a"], &["node-a"])),
-        ),
-    )
-    .await
-    .unwrap();
+    let other = controller
+        .create(strictly_on("pvc-other", 64 * MIB, "node-a"))
+        .await
+        .unwrap();
     let reused = client
-        .create_snapshot(proto::CreateSnapshotRequest {
-            source_volume_id: other.volume_id.clone(),
-            name: "snap-data".into(),
-            ..Default::default()
-        })
+        .create_snapshot(snapshot_request("snap-data", &other.volume_id))
         .await
         .unwrap_err();
     assert_eq!(reused.code(), Code::AlreadyExists, "{reused:?}");
 
-    let clone = create(
-        controller,
-        create_request("pvc-clone", 64 * MIB, &[], Some(volume_source(&id))),
-    )
-    .await
-    .unwrap();
+    let clone = controller
+        .create(clone_request("pvc-clone", 64 * MIB, &id))
+        .await
+        .unwrap();
     assert_eq!(volume_node(&clone), "node-b");
-    let restore = create(
-        controller,
-        create_request(
+    let restore = controller
+        .create(restore_request(
             "pvc-restore",
             64 * MIB,
-            &[],
-            Some(snapshot_source(&snapshot.snapshot_id)),
-        ),
-    )
-    .await
-    .unwrap();
+            &snapshot.snapshot_id,
+        ))
+        .await
+        .unwrap();
     assert_eq!(volume_node(&restore), "node-b");
     assert!(restore.content_source.is_some());
 
@@ -415,7 +325,7 @@ async fn snapshots_clones_and_stage_stay_on_the_owning_node() {
         )
     };
     let copied = loop {
-        match create(controller, elsewhere.clone()).await {
+        match controller.create(elsewhere.clone()).await {
             Ok(volume) => break volume,
             Err(status) if status.code() == Code::Aborted => {
                 tokio::time::sleep(Duration::from_millis(200)).await
@@ -424,7 +334,7 @@ async fn snapshots_clones_and_stage_stay_on_the_owning_node() {
         }
     };
     assert_eq!(volume_node(&copied), "node-a");
-    delete_volume(controller, &copied.volume_id).await.unwrap();
+    controller.delete_volume(&copied.volume_id).await.unwrap();
 
     // The restore holds the data, read through the owner's socket.
     let staging2 = owner.path("stage2");
@@ -463,20 +373,14 @@ async fn snapshots_clones_and_stage_stay_on_the_owning_node() {
         (&id, &staging, &target),
         (&restore.volume_id, &staging2, &target2),
     ] {
-        node.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
-            volume_id: vol.clone(),
-            target_path: target.display().to_string(),
-        })
-        .await
-        .unwrap();
-        node.node_unstage_volume(proto::NodeUnstageVolumeRequest {
-            volume_id: vol.clone(),
-            staging_target_path: stage.display().to_string(),
-        })
-        .await
-        .unwrap();
+        node.node_unpublish_volume(unpublish_request(vol, target))
+            .await
+            .unwrap();
+        node.node_unstage_volume(unstage_request(vol, stage))
+            .await
+            .unwrap();
     }
-    delete_volume(controller, &id).await.unwrap();
+    controller.delete_volume(&id).await.unwrap();
     let snapshots = client
         .list_snapshots(proto::ListSnapshotsRequest::default())
         .await
@@ -485,10 +389,7 @@ async fn snapshots_clones_and_stage_stay_on_the_owning_node() {
         .entries;
     assert_eq!(snapshots.len(), 1, "the snapshot outlives its volume");
     client
-        .delete_snapshot(proto::DeleteSnapshotRequest {
-            snapshot_id: snapshot.snapshot_id.clone(),
-            ..Default::default()
-        })
+        .delete_snapshot(delete_snapshot_request(&snapshot.snapshot_id))
         .await
         .unwrap();
 }
@@ -496,53 +397,44 @@ async fn snapshots_clones_and_stage_stay_on_the_owning_node() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_agent_is_unavailable_then_served_again_after_restart() {
     let mut cluster = Cluster::start(&SIZES).await;
-    let on_c = create(
-        controller_of(&cluster),
-        with_topology("pvc-c", 64 * MIB, None),
-    )
-    .await
-    .unwrap();
+    let on_c = cluster
+        .controller()
+        .create(with_topology("pvc-c", 64 * MIB, None))
+        .await
+        .unwrap();
     assert_eq!(volume_node(&on_c), "node-c");
-    let on_b = create(
-        controller_of(&cluster),
-        with_topology("pvc-b", 64 * MIB, Some(topology(&["node-b"], &[]))),
-    )
-    .await
-    .unwrap();
+    let on_b = cluster
+        .controller()
+        .create(requiring("pvc-b", "node-b"))
+        .await
+        .unwrap();
 
-    cluster.node_mut("node-c").proc.kill();
+    cluster.node_mut("node-c").kill();
     let controller = cluster.controller();
     let took = until_code("GetVolume on a killed node", Code::Unavailable, || {
-        get_volume(controller, &on_c.volume_id)
+        controller.get_volume(&on_c.volume_id)
     })
     .await;
     eprintln!("UNAVAILABLE {took:?} after SIGKILL");
     // Never a false success: deleting a volume on an unreachable node is UNAVAILABLE.
-    let delete = delete_volume(controller, &on_c.volume_id)
-        .await
-        .unwrap_err();
+    let delete = controller.delete_volume(&on_c.volume_id).await.unwrap_err();
     assert_eq!(delete.code(), Code::Unavailable, "{delete:?}");
     assert_eq!(controller.capacity("node-c").await, 0);
     // The other nodes serve, and placement skips the dead one.
-    get_volume(controller, &on_b.volume_id).await.unwrap();
-    let placed = create(controller, with_topology("pvc-while-down", 64 * MIB, None))
+    controller.get_volume(&on_b.volume_id).await.unwrap();
+    let placed = controller
+        .create(with_topology("pvc-while-down", 64 * MIB, None))
         .await
         .unwrap();
     assert_eq!(volume_node(&placed), "node-b");
     // Strict topology on the dead node: RESOURCE_EXHAUSTED, the scheduler picks again.
-    let strict = create(
-        controller,
-        with_topology(
-            "pvc-strict-down",
-            64 * MIB,
-            Some(topology(&["node-c"], &["node-c"])),
-        ),
-    )
-    .await
-    .unwrap_err();
+    let strict = controller
+        .create(strictly_on("pvc-strict-down", 64 * MIB, "node-c"))
+        .await
+        .unwrap_err();
     assert_eq!(strict.code(), Code::ResourceExhausted, "{strict:?}");
     // Listing shows the live nodes' volumes.
-    let listed = list_volume_ids(controller).await;
+    let listed = controller.list_volume_ids().await;
     assert!(!listed.contains(&on_c.volume_id), "{listed:?}");
     assert!(listed.contains(&on_b.volume_id), "{listed:?}");
 
@@ -570,64 +462,53 @@ async fn a_killed_agent_is_unavailable_then_served_again_after_restart() {
     cluster.node_mut("node-c").start().await;
     let controller = cluster.controller();
     until_code("GetVolume after restart", Code::Ok, || {
-        get_volume(controller, &on_c.volume_id)
+        controller.get_volume(&on_c.volume_id)
     })
     .await;
-    let back = get_volume(controller, &on_c.volume_id).await.unwrap();
+    let back = controller.get_volume(&on_c.volume_id).await.unwrap();
     assert_eq!(back.capacity_bytes, 64 * MIB);
     assert!(controller.capacity("node-c").await > 0);
-    delete_volume(controller, &on_c.volume_id).await.unwrap();
-}
-
-fn controller_of(cluster: &Cluster) -> &ControllerProc {
-    cluster.controller()
+    controller.delete_volume(&on_c.volume_id).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stopped_agent_gives_bounded_unavailable_not_a_hang() {
     let cluster = Cluster::start(&SIZES[..2]).await;
     let controller = cluster.controller();
-    let on_b = create(
-        controller,
-        with_topology("pvc-b", 64 * MIB, Some(topology(&["node-b"], &[]))),
-    )
-    .await
-    .unwrap();
-    let on_a = create(
-        controller,
-        with_topology("pvc-a", 64 * MIB, Some(topology(&["node-a"], &[]))),
-    )
-    .await
-    .unwrap();
+    let on_b = controller
+        .create(requiring("pvc-b", "node-b"))
+        .await
+        .unwrap();
+    let on_a = controller
+        .create(requiring("pvc-a", "node-a"))
+        .await
+        .unwrap();
 
     let stopped = cluster.node("node-b");
-    stopped.proc.stop_signal();
+    stopped.stop_signal();
     // The first call goes out while the controller still thinks the agent is live:
     // it must end with UNAVAILABLE once the agent is seen silent, not hang.
     let started = Instant::now();
-    let first = tokio::time::timeout(UNREACHABLE_BOUND, get_volume(controller, &on_b.volume_id))
+    let first = tokio::time::timeout(UNREACHABLE_BOUND, controller.get_volume(&on_b.volume_id))
         .await
         .expect("GetVolume on a stopped agent hung")
         .unwrap_err();
     assert_eq!(first.code(), Code::Unavailable, "{first:?}");
     eprintln!("UNAVAILABLE {:?} after SIGSTOP", started.elapsed());
-    let delete = tokio::time::timeout(
-        UNREACHABLE_BOUND,
-        delete_volume(controller, &on_b.volume_id),
-    )
-    .await
-    .expect("DeleteVolume on a stopped agent hung")
-    .unwrap_err();
+    let delete = tokio::time::timeout(UNREACHABLE_BOUND, controller.delete_volume(&on_b.volume_id))
+        .await
+        .expect("DeleteVolume on a stopped agent hung")
+        .unwrap_err();
     assert_eq!(delete.code(), Code::Unavailable, "{delete:?}");
     assert_eq!(controller.capacity("node-b").await, 0);
-    get_volume(controller, &on_a.volume_id).await.unwrap();
+    controller.get_volume(&on_a.volume_id).await.unwrap();
 
-    stopped.proc.continue_signal();
+    stopped.continue_signal();
     until_code("GetVolume after SIGCONT", Code::Ok, || {
-        get_volume(controller, &on_b.volume_id)
+        controller.get_volume(&on_b.volume_id)
     })
     .await;
-    delete_volume(controller, &on_b.volume_id).await.unwrap();
+    controller.delete_volume(&on_b.volume_id).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -636,17 +517,19 @@ async fn two_controllers_serve_the_same_nodes() {
     cluster.add_controller().await;
     let (one, two) = (&cluster.controllers[0], &cluster.controllers[1]);
 
-    let made = create(one, with_topology("pvc-shared", 64 * MIB, None))
+    let made = one
+        .create(with_topology("pvc-shared", 64 * MIB, None))
         .await
         .unwrap();
-    let seen = get_volume(two, &made.volume_id).await.unwrap();
+    let seen = two.get_volume(&made.volume_id).await.unwrap();
     assert_eq!(seen.volume_id, made.volume_id);
     // The same create through the other controller finds it rather than making one.
-    let again = create(two, with_topology("pvc-shared", 64 * MIB, None))
+    let again = two
+        .create(with_topology("pvc-shared", 64 * MIB, None))
         .await
         .unwrap();
     assert_eq!(again.volume_id, made.volume_id);
-    assert_eq!(list_volume_ids(two).await, vec![made.volume_id.clone()]);
+    assert_eq!(two.list_volume_ids().await, vec![made.volume_id.clone()]);
 
     // Identical creates through both at once, as two replicas might after a
     // failover, with a preferred node: one volume.
@@ -655,7 +538,7 @@ async fn two_controllers_serve_the_same_nodes() {
         64 * MIB,
         Some(topology(&["node-a", "node-b"], &["node-b"])),
     );
-    let (x, y) = tokio::join!(create(one, request.clone()), create(two, request.clone()));
+    let (x, y) = tokio::join!(one.create(request.clone()), two.create(request.clone()));
     let mut ids = HashSet::new();
     for outcome in [x, y] {
         match outcome {
@@ -665,37 +548,14 @@ async fn two_controllers_serve_the_same_nodes() {
             Err(status) => assert_eq!(status.code(), Code::Aborted, "{status:?}"),
         }
     }
-    ids.insert(create(one, request).await.unwrap().volume_id);
+    ids.insert(one.create(request).await.unwrap().volume_id);
     assert_eq!(ids.len(), 1, "{ids:?}");
     let on_disk: usize = cluster.nodes.iter().map(volumes_on_disk).sum();
     assert_eq!(on_disk, 2);
 
-    delete_volume(two, &made.volume_id).await.unwrap();
-    let gone = get_volume(one, &made.volume_id).await.unwrap_err();
+    two.delete_volume(&made.volume_id).await.unwrap();
+    let gone = one.get_volume(&made.volume_id).await.unwrap_err();
     assert_eq!(gone.code(), Code::NotFound);
-}
-
-/// A TLS client to an agent with the given trust root and identity.
-async fn agent_client(
-    address: std::net::SocketAddr,
-    ca: &std::path::Path,
-    identity: Option<&std::path::Path>,
-) -> kura::agent::proto::agent_client::AgentClient<tonic::transport::Channel> {
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()))
-        .domain_name(kura::agent::tls::NODE_NAME);
-    if let Some(dir) = identity {
-        tls = tls.identity(Identity::from_pem(
-            std::fs::read(dir.join("tls.crt")).unwrap(),
-            std::fs::read(dir.join("tls.key")).unwrap(),
-        ));
-    }
-    let channel = Endpoint::from_shared(format!("https://{address}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect_lazy();
-    kura::agent::proto::agent_client::AgentClient::new(channel)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -715,7 +575,7 @@ async fn the_agent_refuses_every_credential_but_the_controllers() {
     };
 
     // The controller identity may do everything.
-    let mut controller = agent_client(agent, &ca, Some(&certs.join("controller"))).await;
+    let mut controller = agent_client(agent, &ca, Some(&certs.join("controller")));
     let info = controller
         .info(kura::agent::proto::InfoRequest {})
         .await
@@ -728,7 +588,7 @@ async fn the_agent_refuses_every_credential_but_the_controllers() {
         .expect("ListVolumes as the controller");
 
     // The node identity: who-is-this only; control calls PERMISSION_DENIED.
-    let mut node = agent_client(agent, &ca, Some(&certs.join("node"))).await;
+    let mut node = agent_client(agent, &ca, Some(&certs.join("node")));
     node.info(kura::agent::proto::InfoRequest {})
         .await
         .expect("Info as a node");
@@ -753,13 +613,10 @@ async fn the_agent_refuses_every_credential_but_the_controllers() {
     // closed") or UNAVAILABLE. Never an answer.
     let closed = |code: Code| matches!(code, Code::Unavailable | Code::Cancelled | Code::Unknown);
     let refused = [
-        (
-            "no client certificate",
-            agent_client(agent, &ca, None).await,
-        ),
+        ("no client certificate", agent_client(agent, &ca, None)),
         (
             "a certificate of another CA",
-            agent_client(agent, &ca, Some(&foreign.join("controller"))).await,
+            agent_client(agent, &ca, Some(&foreign.join("controller"))),
         ),
     ];
     for (what, mut client) in refused {
@@ -778,8 +635,7 @@ async fn the_agent_refuses_every_credential_but_the_controllers() {
         agent,
         &foreign.join("ca.crt"),
         Some(&foreign.join("controller")),
-    )
-    .await;
+    );
     let error = wrong
         .info(kura::agent::proto::InfoRequest {})
         .await
@@ -797,25 +653,26 @@ async fn the_agent_refuses_every_credential_but_the_controllers() {
     tokio::time::sleep(2 * kura::agent::cluster::DISCOVERY_INTERVAL).await;
     let probe = lost
         .identity()
-        .await
         .probe(proto::ProbeRequest {})
         .await
         .unwrap()
         .into_inner();
     assert_eq!(probe.ready, Some(false));
     assert_eq!(lost.capacity("node-a").await, 0);
-    let nowhere = create(&lost, with_topology("pvc-nowhere", MIB, None))
+    let nowhere = lost
+        .create(with_topology("pvc-nowhere", MIB, None))
         .await
         .unwrap_err();
     assert_eq!(nowhere.code(), Code::ResourceExhausted, "{nowhere:?}");
-    let unreachable = get_volume(
-        &lost,
-        kura::pool::VolumeId::derive("pvc-x", &kura::pool::NodeToken::for_node("node-a")).as_str(),
-    )
-    .await
-    .unwrap_err();
+    let unreachable = lost
+        .get_volume(
+            kura::pool::VolumeId::derive("pvc-x", &kura::pool::NodeToken::for_node("node-a"))
+                .as_str(),
+        )
+        .await
+        .unwrap_err();
     assert_eq!(unreachable.code(), Code::Unavailable, "{unreachable:?}");
-    assert!(lost.proc.logs().contains("agent"), "the refusal is logged");
+    assert!(lost.logs().contains("agent"), "the refusal is logged");
 
     assert_eq!(volumes_on_disk(&cluster.nodes[0]), 0, "nothing was created");
 }
@@ -837,7 +694,7 @@ fn ext4_pool(node: &mut NodeProc) {
     std::fs::create_dir_all(&root).unwrap();
     kura::sys::mount::mount_fs(&device, &root, kura::sys::FsType::Ext4, &[])
         .expect("mount the ext4 pool");
-    let args = &mut node.proc.args;
+    let args = &mut node.args;
     let at = args.iter().position(|a| a == "--pool-image").unwrap();
     args.splice(
         at..at + 4,
@@ -869,16 +726,17 @@ async fn a_clone_through_the_agent_holds_its_source_against_the_node_service() {
     let owner = &cluster.nodes[0];
     // Several of the copy's chunks, so a copy held after its first is half done.
     let size = 256 * MIB;
-    let source = create(controller, with_topology("pvc-source", size, None))
+    let source = controller
+        .create(with_topology("pvc-source", size, None))
         .await
         .unwrap()
         .volume_id;
 
-    let cap = common::block_cap();
+    let cap = block_cap();
     let staging = owner.path("stage");
     std::fs::create_dir_all(&staging).unwrap();
     let device = owner.path("device");
-    let mut node = owner.node().await;
+    let mut node = owner.node();
     node.node_stage_volume(stage_request(&source, &staging, &cap))
         .await
         .unwrap();
@@ -889,18 +747,12 @@ async fn a_clone_through_the_agent_holds_its_source_against_the_node_service() {
     tokio::task::spawn_blocking(move || fill(&written, size as usize))
         .await
         .unwrap();
-    node.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
-        volume_id: source.clone(),
-        target_path: device.display().to_string(),
-    })
-    .await
-    .unwrap();
-    node.node_unstage_volume(proto::NodeUnstageVolumeRequest {
-        volume_id: source.clone(),
-        staging_target_path: staging.display().to_string(),
-    })
-    .await
-    .unwrap();
+    node.node_unpublish_volume(unpublish_request(&source, &device))
+        .await
+        .unwrap();
+    node.node_unstage_volume(unstage_request(&source, &staging))
+        .await
+        .unwrap();
 
     // The clone copies through the agent in the node process...
     let clone_id =
@@ -910,10 +762,10 @@ async fn a_clone_through_the_agent_holds_its_source_against_the_node_service() {
         .join("pool-dir/volumes")
         .join(format!("{clone_id}.img.partial"));
     // Held mid-copy at a pause point for as long as the checks below take.
-    let copying = owner.proc.pause.arm("copying");
+    let copying = owner.pause.arm("copying");
     let first = tokio::spawn({
-        let mut client = controller.controller().await;
-        let request = create_request("pvc-clone", size, &[], Some(volume_source(&source)));
+        let mut client = controller.controller();
+        let request = clone_request("pvc-clone", size, &source);
         async move { client.create_volume(request).await }
     });
     copying.held(|| first.is_finished()).await;
@@ -927,16 +779,11 @@ async fn a_clone_through_the_agent_holds_its_source_against_the_node_service() {
     assert!(stage.message().contains(&source), "{}", stage.message());
     let snapshot = controller
         .controller()
-        .await
-        .create_snapshot(proto::CreateSnapshotRequest {
-            source_volume_id: source.clone(),
-            name: "snap-during-clone".into(),
-            ..Default::default()
-        })
+        .create_snapshot(snapshot_request("snap-during-clone", &source))
         .await
         .unwrap_err();
     assert_eq!(snapshot.code(), Code::Aborted, "{snapshot:?}");
-    let delete = delete_volume(controller, &source).await.unwrap_err();
+    let delete = controller.delete_volume(&source).await.unwrap_err();
     assert_eq!(delete.code(), Code::Aborted, "{delete:?}");
     assert!(
         copying.is_held() && !first.is_finished() && partial.exists(),
@@ -953,10 +800,7 @@ async fn a_clone_through_the_agent_holds_its_source_against_the_node_service() {
     node.node_stage_volume(stage_request(&source, &staging, &cap))
         .await
         .expect("stage after the clone");
-    node.node_unstage_volume(proto::NodeUnstageVolumeRequest {
-        volume_id: source.clone(),
-        staging_target_path: staging.display().to_string(),
-    })
-    .await
-    .unwrap();
+    node.node_unstage_volume(unstage_request(&source, &staging))
+        .await
+        .unwrap();
 }

@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use common::*;
 use futures_util::future::join_all;
-use kura::csi::proto;
 
 /// Volumes staged and unstaged at once, per round.
 const VOLUMES: usize = 16;
@@ -80,12 +79,7 @@ async fn concurrent_unstage_detaches_before_answering_so_delete_succeeds_at_once
             let mut controller = driver.controller();
             let id = id.clone();
             async move {
-                let answer = controller
-                    .delete_volume(proto::DeleteVolumeRequest {
-                        volume_id: id.clone(),
-                        ..Default::default()
-                    })
-                    .await;
+                let answer = controller.delete_volume(delete_volume_request(&id)).await;
                 (id, answer)
             }
         }))

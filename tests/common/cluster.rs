@@ -6,265 +6,28 @@
 //! Drop kills every child this harness started (by PID), then removes the mounts,
 //! loop devices and files under the run's directory, even when the test fails.
 
-#![allow(dead_code)]
-
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
 use kura::csi::proto;
-use kura::csi::proto::controller_client::ControllerClient;
-use kura::csi::proto::identity_client::IdentityClient;
-use kura::csi::proto::node_client::NodeClient;
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::common::{PausePoints, cleanup, test_dir};
+use super::process::Proc;
+use super::{RemoveOnDrop, SOCKET, TOPOLOGY_KEY, node_topology, test_dir};
 
-/// How long a process may take to come up.
-pub const START_DEADLINE: Duration = Duration::from_secs(60);
-
-/// One `kura` child process and its logs.
-pub struct Proc {
-    pub name: String,
-    pub args: Vec<String>,
-    dir: PathBuf,
-    child: Option<Child>,
-    runs: usize,
-    /// The process's test pause points (`KURA_TEST_PAUSE_DIR` points here).
-    pub pause: PausePoints,
-}
-
-impl Proc {
-    fn new(name: &str, dir: &Path, args: Vec<String>) -> Proc {
-        Proc {
-            name: name.to_owned(),
-            args,
-            dir: dir.to_owned(),
-            child: None,
-            runs: 0,
-            pause: PausePoints::new(&dir.join(format!("{name}-pause"))),
-        }
-    }
-
-    fn log_path(&self, run: usize) -> PathBuf {
-        self.dir.join(format!("{}-{run}.log", self.name))
-    }
-
-    pub fn spawn(&mut self) {
-        assert!(self.child.is_none(), "{} is already running", self.name);
-        self.runs += 1;
-        let log = std::fs::File::create(self.log_path(self.runs)).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_kura"))
-            .args(&self.args)
-            .env("RUST_LOG", "info,kura=debug")
-            .env(kura::sys::pause::ENV, self.pause.dir())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("kura starts");
-        self.child = Some(child);
-    }
-
-    pub fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.as_ref().expect("running").id() as i32)
-    }
-
-    /// Panics with the logs if the process has exited.
-    pub fn assert_running(&mut self) {
-        if let Some(child) = self.child.as_mut()
-            && let Some(status) = child.try_wait().unwrap()
-        {
-            self.child = None;
-            panic!("{} exited ({status}):\n{}", self.name, self.logs());
-        }
-    }
-
-    /// SIGKILL, as a crash would stop it.
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// SIGSTOP, returning once every thread of the process has stopped: the signal
-    /// is delivered as each thread next runs, and a thread still running could answer
-    /// one more call.
-    pub fn stop_signal(&self) {
-        kill(self.pid(), Signal::SIGSTOP).expect("SIGSTOP");
-        let tasks = format!("/proc/{}/task", self.pid());
-        let all_stopped = || {
-            std::fs::read_dir(&tasks).unwrap().flatten().all(|task| {
-                let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-                // The state follows the parenthesised command name.
-                let state = stat
-                    .rsplit(')')
-                    .next()
-                    .and_then(|rest| rest.trim().chars().next());
-                matches!(state, Some('T') | Some('t'))
-            })
-        };
-        let started = std::time::Instant::now();
-        while !all_stopped() {
-            assert!(
-                started.elapsed() < std::time::Duration::from_secs(30),
-                "{} did not stop",
-                self.name
-            );
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-    }
-
-    pub fn continue_signal(&self) {
-        kill(self.pid(), Signal::SIGCONT).expect("SIGCONT");
-    }
-
-    pub fn logs(&self) -> String {
-        (1..=self.runs)
-            .map(|run| {
-                let text = std::fs::read_to_string(self.log_path(run)).unwrap_or_default();
-                format!("--- {} run {run} ---\n{text}", self.name)
-            })
-            .collect()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(child) = &self.child {
-            // A stopped process still dies of SIGKILL; SIGCONT first anyway so
-            // nothing lingers half-stopped.
-            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGCONT);
-        }
-        self.kill();
-    }
-}
-
+/// A `kura node` process: its ID and its agent's address.
 pub struct NodeProc {
     pub id: String,
-    pub dir: PathBuf,
-    pub socket: PathBuf,
     pub agent: SocketAddr,
-    pub proc: Proc,
+    proc: Proc,
 }
+
+is_a_proc!(NodeProc);
 
 impl NodeProc {
-    pub async fn channel(&self) -> Channel {
-        kura::csi::client::connect(&self.socket)
-            .await
-            .expect("connects to the node socket")
-    }
-
-    pub async fn node(&self) -> NodeClient<Channel> {
-        NodeClient::new(self.channel().await)
-    }
-
-    /// A fresh path under the node's directory (not created).
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-
-    /// Starts the node and waits until its CSI socket answers Probe.
-    pub async fn start(&mut self) {
-        self.proc.spawn();
-        let started = Instant::now();
-        loop {
-            self.proc.assert_running();
-            if let Ok(channel) = kura::csi::client::connect(&self.socket).await
-                && IdentityClient::new(channel)
-                    .probe(proto::ProbeRequest {})
-                    .await
-                    .is_ok()
-            {
-                return;
-            }
-            assert!(
-                started.elapsed() < START_DEADLINE,
-                "{} did not come up:\n{}",
-                self.id,
-                self.proc.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-pub struct ControllerProc {
-    pub socket: PathBuf,
-    pub proc: Proc,
-}
-
-impl ControllerProc {
-    pub async fn controller(&self) -> ControllerClient<Channel> {
-        ControllerClient::new(
-            kura::csi::client::connect(&self.socket)
-                .await
-                .expect("connects to the controller socket"),
-        )
-    }
-
-    pub async fn identity(&self) -> IdentityClient<Channel> {
-        IdentityClient::new(
-            kura::csi::client::connect(&self.socket)
-                .await
-                .expect("connects to the controller socket"),
-        )
-    }
-
-    /// Starts the controller and waits until its socket answers.
-    pub async fn start(&mut self) {
-        self.proc.spawn();
-        let started = Instant::now();
-        loop {
-            self.proc.assert_running();
-            if let Ok(channel) = kura::csi::client::connect(&self.socket).await
-                && IdentityClient::new(channel)
-                    .probe(proto::ProbeRequest {})
-                    .await
-                    .is_ok()
-            {
-                return;
-            }
-            assert!(
-                started.elapsed() < START_DEADLINE,
-                "controller did not come up:\n{}",
-                self.proc.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Available capacity the controller reports for one node's segment.
-    pub async fn capacity(&self, node_id: &str) -> i64 {
-        self.controller()
-            .await
-            .get_capacity(proto::GetCapacityRequest {
-                accessible_topology: Some(kura::csi::node_topology(node_id)),
-                ..Default::default()
-            })
-            .await
-            .expect("GetCapacity")
-            .into_inner()
-            .available_capacity
-    }
-
-    /// Waits until the controller reports capacity for every one of `nodes`.
-    pub async fn wait_for_nodes(&self, nodes: &[&str]) {
-        let started = Instant::now();
-        for node in nodes {
-            while self.capacity(node).await == 0 {
-                assert!(
-                    started.elapsed() < START_DEADLINE,
-                    "the controller did not find {node}:\n{}",
-                    self.proc.logs()
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
+    pub fn pool_root(&self) -> PathBuf {
+        self.dir.join("state/pool")
     }
 }
 
@@ -272,9 +35,10 @@ impl ControllerProc {
 pub struct Cluster {
     pub dir: PathBuf,
     pub certs: PathBuf,
-    // Dropped before `dir` is cleaned: children first.
-    pub controllers: Vec<ControllerProc>,
+    pub controllers: Vec<Proc>,
     pub nodes: Vec<NodeProc>,
+    // Last: the processes are stopped before their directory is removed.
+    _dir: RemoveOnDrop,
 }
 
 /// A free TCP port on `ip` (bound and released at once).
@@ -307,6 +71,7 @@ impl Cluster {
         let certs = dir.join("certs");
         make_certs(&certs);
         let mut cluster = Cluster {
+            _dir: RemoveOnDrop(dir.clone()),
             dir,
             certs,
             controllers: vec![],
@@ -324,13 +89,10 @@ impl Cluster {
         let agent = SocketAddr::from((ip, free_port(ip)));
         let dir = self.dir.join(&id);
         std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("csi.sock");
         let args = node_args(&id, &dir, size, agent, &self.certs.join("node"));
         self.nodes.push(NodeProc {
-            proc: Proc::new(&id, &dir, args),
+            proc: Proc::new(&id, &dir, dir.join(SOCKET), args),
             id,
-            dir,
-            socket,
             agent,
         });
     }
@@ -357,12 +119,12 @@ impl Cluster {
 
     /// Starts a controller with the identity in `tls` over the static agent list,
     /// without waiting for it to find anything; it is the caller's to keep (and drop).
-    pub async fn start_controller(&self, tls: &Path) -> ControllerProc {
+    pub async fn start_controller(&self, tls: &Path) -> Proc {
         self.start_controller_with(tls, &[]).await
     }
 
     /// [`Cluster::start_controller`] with more flags after the harness's own.
-    pub async fn start_controller_with(&self, tls: &Path, extra: &[String]) -> ControllerProc {
+    pub async fn start_controller_with(&self, tls: &Path, extra: &[String]) -> Proc {
         let name = format!("controller-{}", free_port(Ipv4Addr::LOCALHOST));
         let socket = self.dir.join(format!("{name}.sock"));
         let mut args: Vec<String> = vec![
@@ -376,15 +138,12 @@ impl Cluster {
             args.extend(["--agent".into(), node.agent.to_string()]);
         }
         args.extend(extra.iter().cloned());
-        let mut controller = ControllerProc {
-            socket,
-            proc: Proc::new(&name, &self.dir, args),
-        };
+        let mut controller = Proc::new(&name, &self.dir, socket, args);
         controller.start().await;
         controller
     }
 
-    pub fn controller(&self) -> &ControllerProc {
+    pub fn controller(&self) -> &Proc {
         &self.controllers[0]
     }
 
@@ -399,27 +158,13 @@ impl Cluster {
             .expect("known node")
     }
 
-    /// Every process's logs, for a failing test.
+    /// Every process's logs.
     pub fn logs(&self) -> String {
-        let mut all = String::new();
-        for c in &self.controllers {
-            all.push_str(&c.proc.logs());
-        }
-        for n in &self.nodes {
-            all.push_str(&n.proc.logs());
-        }
-        all
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("{}", self.logs());
-        }
-        self.controllers.clear();
-        self.nodes.clear();
-        cleanup(&self.dir);
+        let procs = self
+            .controllers
+            .iter()
+            .chain(self.nodes.iter().map(|n| &n.proc));
+        procs.map(Proc::logs).collect()
     }
 }
 
@@ -428,7 +173,7 @@ pub fn node_args(id: &str, dir: &Path, size: &str, agent: SocketAddr, tls: &Path
     [
         "node",
         "--endpoint",
-        &format!("unix://{}", dir.join("csi.sock").display()),
+        &format!("unix://{}", dir.join(SOCKET).display()),
         "--node-id",
         id,
         "--state-dir",
@@ -450,18 +195,36 @@ pub fn node_args(id: &str, dir: &Path, size: &str, agent: SocketAddr, tls: &Path
 /// A topology requirement naming nodes: `requisite` and `preferred` in order.
 pub fn topology(requisite: &[&str], preferred: &[&str]) -> proto::TopologyRequirement {
     proto::TopologyRequirement {
-        requisite: requisite
-            .iter()
-            .map(|n| kura::csi::node_topology(n))
-            .collect(),
-        preferred: preferred
-            .iter()
-            .map(|n| kura::csi::node_topology(n))
-            .collect(),
+        requisite: requisite.iter().map(|n| node_topology(n)).collect(),
+        preferred: preferred.iter().map(|n| node_topology(n)).collect(),
     }
 }
 
 /// The node a volume is accessible on.
 pub fn volume_node(volume: &proto::Volume) -> String {
-    volume.accessible_topology[0].segments[kura::csi::TOPOLOGY_KEY].clone()
+    volume.accessible_topology[0].segments[TOPOLOGY_KEY].clone()
+}
+
+/// A TLS client to an agent trusting `ca`, with the identity in `identity` if any.
+pub fn agent_client(
+    address: SocketAddr,
+    ca: &Path,
+    identity: Option<&Path>,
+) -> kura::agent::proto::agent_client::AgentClient<Channel> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()))
+        .domain_name(kura::agent::tls::NODE_NAME);
+    if let Some(dir) = identity {
+        tls = tls.identity(Identity::from_pem(
+            std::fs::read(dir.join("tls.crt")).unwrap(),
+            std::fs::read(dir.join("tls.key")).unwrap(),
+        ));
+    }
+    let channel = Endpoint::from_shared(format!("https://{address}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect_lazy();
+    kura::agent::proto::agent_client::AgentClient::new(channel)
+        .max_decoding_message_size(kura::agent::transfer::MAX_MESSAGE)
 }

@@ -1,29 +1,63 @@
-//! Test harness: a real all-in-one kura server on a temporary Unix socket, over a
-//! self-made image pool, with generated gRPC clients. Everything a test makes (mounts,
-//! loop devices, files) lives under one temporary directory and is removed on drop,
-//! even when the test fails.
+//! Test harness. [`Driver`] is a real all-in-one kura server in this process, on a
+//! temporary Unix socket over a self-made image pool; [`process`] runs the `kura`
+//! binary as child processes (all-in-one, node, controller) and [`cluster`] the split
+//! roles from them. Whichever a test talks to, it reaches it through [`Csi`]. Every
+//! test file reaches this the same way: `mod common;`, then `use common::*;` and the
+//! submodules it needs.
+//!
+//! Everything a test makes (mounts, loop devices, files) lives under one temporary
+//! directory and is removed on drop, even when the test fails.
 
 #![allow(dead_code)]
 
+#[macro_use]
 pub mod process;
+pub mod cluster;
+mod requests;
 
-use std::collections::HashMap;
+pub use requests::*;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
 use kura::cli::{Cli, Command};
+use kura::csi::proto;
 use kura::csi::proto::controller_client::ControllerClient;
+use kura::csi::proto::group_controller_client::GroupControllerClient;
 use kura::csi::proto::identity_client::IdentityClient;
 use kura::csi::proto::node_client::NodeClient;
-use kura::csi::proto::{self, volume_capability};
+use kura::pool::{NodeToken, SnapshotId, VolumeId};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Response, Status};
 
-pub const NODE_ID: &str = "test-node";
 pub const MIB: i64 = 1 << 20;
 pub const GIB: i64 = 1 << 30;
+
+/// The driver's name, as GetPluginInfo and the metrics give it.
+pub const DRIVER_NAME: &str = "kura.csi.dev";
+/// The node ID of the all-in-one driver (in-process and child).
+pub const NODE_ID: &str = "test-node";
+/// The CSI socket's name in a process's directory.
+pub const SOCKET: &str = "csi.sock";
+/// The size of the all-in-one driver's pool image.
+pub const POOL_SIZE: i64 = 16 * GIB;
+/// A volume whose size does not matter to the test.
+pub const SIZE: i64 = 64 * MIB;
+/// The topology key kura publishes, as a CO sees it.
+pub const TOPOLOGY_KEY: &str = "topology.kura.csi.dev/node";
+/// The StorageClass parameter for thin or thick volumes.
+pub const PROVISIONING: &str = "kura.csi.dev/provisioning";
+
+/// Well formed, on the test node, naming nothing.
+pub const UNKNOWN_VOLUME: &str = "vol-0123456789abcdef0123456789abcdef-test-node";
+pub const UNKNOWN_SNAPSHOT: &str = "snap-0123456789abcdef0123456789abcdef-test-node";
+/// Well formed, on a node kura does not know.
+pub const FOREIGN_VOLUME: &str = "vol-0123456789abcdef0123456789abcdef-other-node";
+/// Cannot be an ID of kura's.
+pub const MALFORMED_ID: &str = "not-a-kura-id";
 
 /// How the test pool is made.
 pub enum PoolKind {
@@ -42,6 +76,8 @@ pub struct Driver {
     pub channel: Channel,
     /// The driver's test pause points.
     pub pause: PausePoints,
+    // Last: the server is stopped before its directory is removed.
+    _dir: RemoveOnDrop,
 }
 
 impl Driver {
@@ -51,13 +87,14 @@ impl Driver {
 
     pub async fn start_with(kind: PoolKind, extra: &[&str]) -> Driver {
         let dir = test_dir();
-        let socket = dir.join("csi.sock");
+        let socket = dir.join(SOCKET);
         let mut args = vec!["kura".to_owned()];
         args.extend(all_in_one_args(&dir, &socket, &kind));
         args.extend(extra.iter().map(|s| s.to_string()));
         let pause = PausePoints::new(&dir.join("pause"));
         let mut driver = Driver {
             pause,
+            _dir: RemoveOnDrop(dir.clone()),
             dir,
             socket,
             args,
@@ -90,7 +127,9 @@ impl Driver {
             .await
             .expect("server runs");
         }));
-        self.channel = connect(&self.socket).await;
+        self.channel = kura::csi::client::connect(&self.socket)
+            .await
+            .expect("connects to the driver socket");
     }
 
     /// Stops the server (letting in-flight calls finish) and starts a new one on the
@@ -109,47 +148,175 @@ impl Driver {
         }
     }
 
-    pub fn identity(&self) -> IdentityClient<Channel> {
-        IdentityClient::new(self.channel.clone())
-    }
-
-    pub fn controller(&self) -> ControllerClient<Channel> {
-        ControllerClient::new(self.channel.clone())
-    }
-
-    pub fn node(&self) -> NodeClient<Channel> {
-        NodeClient::new(self.channel.clone())
-    }
-
     /// The pool's root directory.
     pub fn pool_root(&self) -> PathBuf {
         pool_root(&self.dir, &self.args)
     }
+}
 
-    /// A fresh path under the test directory (not created).
-    pub fn path(&self, name: &str) -> PathBuf {
+impl Csi for Driver {
+    fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
+    }
+}
+
+/// A kura the test talks to over its CSI socket: the in-process [`Driver`] or a child
+/// [`process::Proc`].
+pub trait Csi {
+    /// A channel to its CSI socket.
+    fn channel(&self) -> Channel;
+
+    /// A fresh path under its directory (not created).
+    fn path(&self, name: &str) -> PathBuf;
+
+    fn identity(&self) -> IdentityClient<Channel> {
+        IdentityClient::new(self.channel())
+    }
+
+    fn controller(&self) -> ControllerClient<Channel> {
+        ControllerClient::new(self.channel())
+    }
+
+    fn node(&self) -> NodeClient<Channel> {
+        NodeClient::new(self.channel())
+    }
+
+    fn group_controller(&self) -> GroupControllerClient<Channel> {
+        GroupControllerClient::new(self.channel())
+    }
+
+    /// CreateVolume: the volume, or the refusal.
+    async fn create(&self, request: proto::CreateVolumeRequest) -> Result<proto::Volume, Status> {
+        let response = self.controller().create_volume(request).await?;
+        Ok(response.into_inner().volume.expect("volume in response"))
     }
 
     /// Creates a volume and returns it.
-    pub async fn create_volume(
-        &self,
-        name: &str,
-        size: i64,
-        params: &[(&str, &str)],
-    ) -> proto::Volume {
-        self.controller()
-            .create_volume(create_request(name, size, params, None))
+    async fn create_volume(&self, name: &str, size: i64, params: &[(&str, &str)]) -> proto::Volume {
+        self.create(create_request(name, size, params, None))
             .await
             .expect("CreateVolume")
-            .into_inner()
-            .volume
-            .expect("volume in response")
     }
 
-    /// Stages and publishes a volume; returns the target path (a directory for mount
-    /// access, the device file for block access).
-    pub async fn stage_and_publish(
+    async fn delete_volume(&self, volume_id: &str) -> Result<(), Status> {
+        self.controller()
+            .delete_volume(delete_volume_request(volume_id))
+            .await
+            .map(drop)
+    }
+
+    async fn get_volume(&self, volume_id: &str) -> Result<proto::Volume, Status> {
+        let response = self
+            .controller()
+            .controller_get_volume(get_volume_request(volume_id))
+            .await?;
+        Ok(response.into_inner().volume.expect("volume in response"))
+    }
+
+    /// CreateVolume twice with the same request: the same answer both times.
+    async fn create_twice(&self, request: proto::CreateVolumeRequest) -> proto::Volume {
+        let first = self.create(request.clone()).await.expect("CreateVolume");
+        let second = self.create(request).await.expect("CreateVolume repeated");
+        assert_eq!(first, second, "CreateVolume is idempotent");
+        first
+    }
+
+    /// Every page of ListVolumes at `max_entries` a page, following the tokens.
+    async fn list_volume_pages(&self, max_entries: i32) -> Vec<proto::ListVolumesResponse> {
+        let mut pages: Vec<proto::ListVolumesResponse> = Vec::new();
+        loop {
+            let starting_token = pages.last().map(|p| p.next_token.clone());
+            let page = self
+                .controller()
+                .list_volumes(proto::ListVolumesRequest {
+                    max_entries,
+                    starting_token: starting_token.unwrap_or_default(),
+                })
+                .await
+                .expect("ListVolumes")
+                .into_inner();
+            let last = page.next_token.is_empty();
+            pages.push(page);
+            if last {
+                return pages;
+            }
+            assert!(pages.len() < 1000, "paging does not end");
+        }
+    }
+
+    /// The IDs of every volume, in the order ListVolumes gives them.
+    async fn list_volume_ids(&self) -> Vec<String> {
+        self.controller()
+            .list_volumes(proto::ListVolumesRequest::default())
+            .await
+            .expect("ListVolumes")
+            .into_inner()
+            .entries
+            .into_iter()
+            .map(|e| e.volume.unwrap().volume_id)
+            .collect()
+    }
+
+    /// CreateSnapshot (also the CO's poll of one being cut): the snapshot.
+    async fn create_snapshot(&self, name: &str, source_volume_id: &str) -> proto::Snapshot {
+        self.controller()
+            .create_snapshot(snapshot_request(name, source_volume_id))
+            .await
+            .expect("CreateSnapshot")
+            .into_inner()
+            .snapshot
+            .expect("snapshot in response")
+    }
+
+    async fn delete_snapshot(&self, snapshot_id: &str) -> Result<(), Status> {
+        self.controller()
+            .delete_snapshot(delete_snapshot_request(snapshot_id))
+            .await
+            .map(drop)
+    }
+
+    async fn stage(&self, volume_id: &str, staging: &Path, cap: &proto::VolumeCapability) {
+        self.node()
+            .node_stage_volume(stage_request(volume_id, staging, cap))
+            .await
+            .expect("NodeStageVolume");
+    }
+
+    async fn unstage(&self, volume_id: &str, staging: &Path) {
+        self.node()
+            .node_unstage_volume(unstage_request(volume_id, staging))
+            .await
+            .expect("NodeUnstageVolume");
+    }
+
+    async fn publish(
+        &self,
+        volume_id: &str,
+        staging: &Path,
+        target: &Path,
+        cap: &proto::VolumeCapability,
+    ) {
+        self.node()
+            .node_publish_volume(publish_request(volume_id, staging, target, cap, false))
+            .await
+            .expect("NodePublishVolume");
+    }
+
+    async fn unpublish(&self, volume_id: &str, target: &Path) {
+        self.node()
+            .node_unpublish_volume(unpublish_request(volume_id, target))
+            .await
+            .expect("NodeUnpublishVolume");
+    }
+
+    /// Stages and publishes a volume at `stage-<tag>` (made here) and `target-<tag>`;
+    /// returns the staging path and the target path (a directory for mount access,
+    /// the device file for block access).
+    async fn stage_and_publish(
         &self,
         volume_id: &str,
         cap: &proto::VolumeCapability,
@@ -158,32 +325,29 @@ impl Driver {
         let staging = self.path(&format!("stage-{tag}"));
         std::fs::create_dir_all(&staging).unwrap();
         let target = self.path(&format!("target-{tag}"));
-        self.node()
-            .node_stage_volume(stage_request(volume_id, &staging, cap))
-            .await
-            .expect("NodeStageVolume");
-        self.node()
-            .node_publish_volume(publish_request(volume_id, &staging, &target, cap, false))
-            .await
-            .expect("NodePublishVolume");
+        self.stage(volume_id, &staging, cap).await;
+        self.publish(volume_id, &staging, &target, cap).await;
         (staging, target)
     }
 
-    pub async fn unpublish_and_unstage(&self, volume_id: &str, staging: &Path, target: &Path) {
-        self.node()
-            .node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
-                volume_id: volume_id.into(),
-                target_path: target.display().to_string(),
-            })
-            .await
-            .expect("NodeUnpublishVolume");
-        self.node()
-            .node_unstage_volume(proto::NodeUnstageVolumeRequest {
-                volume_id: volume_id.into(),
-                staging_target_path: staging.display().to_string(),
-            })
-            .await
-            .expect("NodeUnstageVolume");
+    async fn unpublish_and_unstage(&self, volume_id: &str, staging: &Path, target: &Path) {
+        self.unpublish(volume_id, target).await;
+        self.unstage(volume_id, staging).await;
+    }
+}
+
+/// A channel to the CSI socket at `socket`, connected at its first call.
+pub fn lazy_channel(socket: &Path) -> Channel {
+    kura::csi::client::connect_lazy(socket)
+}
+
+/// Removes a test directory (see [`cleanup`]) when dropped: the last field of what
+/// owns the directory, so that the processes using it are stopped first.
+pub struct RemoveOnDrop(pub PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        cleanup(&self.0);
     }
 }
 
@@ -195,7 +359,6 @@ impl Drop for Driver {
         if let Some(task) = self.task.take() {
             task.abort();
         }
-        cleanup(&self.dir);
     }
 }
 
@@ -386,7 +549,7 @@ pub fn all_in_one_args(dir: &Path, socket: &Path, kind: &PoolKind) -> Vec<String
             "--pool-image".into(),
             dir.join("pool.img").display().to_string(),
             "--pool-size".into(),
-            "16Gi".into(),
+            format!("{}Gi", POOL_SIZE / GIB),
         ]),
         PoolKind::Dir => {
             let pool = dir.join("pool-dir");
@@ -436,108 +599,58 @@ pub fn cleanup(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-async fn connect(socket: &Path) -> Channel {
-    kura::csi::client::connect(socket)
-        .await
-        .expect("connects to the driver socket")
-}
-
-pub fn mount_cap(fs_type: &str) -> proto::VolumeCapability {
-    cap_with_mode(
-        volume_capability::AccessType::Mount(volume_capability::MountVolume {
-            fs_type: fs_type.into(),
-            ..Default::default()
-        }),
-        volume_capability::access_mode::Mode::SingleNodeWriter,
-    )
-}
-
-pub fn block_cap() -> proto::VolumeCapability {
-    cap_with_mode(
-        volume_capability::AccessType::Block(volume_capability::BlockVolume {}),
-        volume_capability::access_mode::Mode::SingleNodeWriter,
-    )
-}
-
-pub fn cap_with_mode(
-    access: volume_capability::AccessType,
-    mode: volume_capability::access_mode::Mode,
-) -> proto::VolumeCapability {
-    proto::VolumeCapability {
-        access_type: Some(access),
-        access_mode: Some(volume_capability::AccessMode { mode: mode as i32 }),
+/// The topology segment of one node.
+pub fn node_topology(node_id: &str) -> proto::Topology {
+    proto::Topology {
+        segments: requests::string_map(&[(TOPOLOGY_KEY, node_id)]),
     }
 }
 
-pub fn create_request(
-    name: &str,
-    size: i64,
-    params: &[(&str, &str)],
-    source: Option<proto::VolumeContentSource>,
-) -> proto::CreateVolumeRequest {
-    proto::CreateVolumeRequest {
-        name: name.into(),
-        capacity_range: Some(proto::CapacityRange {
-            required_bytes: size,
-            limit_bytes: 0,
-        }),
-        volume_capabilities: vec![mount_cap("")],
-        parameters: params
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect::<HashMap<_, _>>(),
-        volume_content_source: source,
-        ..Default::default()
-    }
+/// The ID a volume of this name gets on the test node.
+pub fn volume_id(name: &str) -> VolumeId {
+    VolumeId::derive(name, &NodeToken::for_node(NODE_ID))
 }
 
-pub fn stage_request(
-    volume_id: &str,
-    staging: &Path,
-    cap: &proto::VolumeCapability,
-) -> proto::NodeStageVolumeRequest {
-    proto::NodeStageVolumeRequest {
-        volume_id: volume_id.into(),
-        staging_target_path: staging.display().to_string(),
-        volume_capability: Some(cap.clone()),
-        ..Default::default()
-    }
+/// The ID a snapshot of this name gets on the test node.
+pub fn snapshot_id(name: &str) -> SnapshotId {
+    SnapshotId::derive(name, &NodeToken::for_node(NODE_ID))
 }
 
-pub fn publish_request(
-    volume_id: &str,
-    staging: &Path,
-    target: &Path,
-    cap: &proto::VolumeCapability,
-    readonly: bool,
-) -> proto::NodePublishVolumeRequest {
-    proto::NodePublishVolumeRequest {
-        volume_id: volume_id.into(),
-        staging_target_path: staging.display().to_string(),
-        target_path: target.display().to_string(),
-        volume_capability: Some(cap.clone()),
-        readonly,
-        ..Default::default()
-    }
+/// A volume's image in the pool at `pool`.
+pub fn volume_image(pool: &Path, volume_id: &str) -> PathBuf {
+    pool.join("volumes").join(format!("{volume_id}.img"))
 }
 
-pub fn snapshot_source(snapshot_id: &str) -> proto::VolumeContentSource {
-    proto::VolumeContentSource {
-        r#type: Some(proto::volume_content_source::Type::Snapshot(
-            proto::volume_content_source::SnapshotSource {
-                snapshot_id: snapshot_id.into(),
-            },
-        )),
-    }
+/// A snapshot's image in the pool at `pool`.
+pub fn snapshot_image(pool: &Path, snapshot_id: &str) -> PathBuf {
+    pool.join("snapshots").join(format!("{snapshot_id}.img"))
 }
 
-pub fn volume_source(volume_id: &str) -> proto::VolumeContentSource {
-    proto::VolumeContentSource {
-        r#type: Some(proto::volume_content_source::Type::Volume(
-            proto::volume_content_source::VolumeSource {
-                volume_id: volume_id.into(),
-            },
-        )),
+/// Whether something is mounted at `path`.
+pub fn is_mounted(path: &Path) -> bool {
+    let table = kura::sys::mountinfo::read().expect("read mountinfo");
+    kura::sys::mountinfo::find_mount(&table, path).is_some()
+}
+
+/// Asserts that `result` failed with `code` and a message containing every `needle`.
+#[track_caller]
+pub fn assert_code<T: std::fmt::Debug>(
+    result: Result<Response<T>, Status>,
+    code: Code,
+    needles: &[&str],
+) {
+    let status = match result {
+        Ok(response) => panic!("expected {code:?}, got OK: {:?}", response.get_ref()),
+        Err(status) => status,
+    };
+    assert_eq!(status.code(), code, "message: {}", status.message());
+    assert!(!status.message().is_empty(), "{code:?} without a message");
+    for needle in needles {
+        assert!(
+            status.message().contains(needle),
+            "{code:?} message {:?} does not name {needle:?}",
+            status.message()
+        );
     }
 }
 
