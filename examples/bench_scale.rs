@@ -150,7 +150,10 @@ async fn create(mut controller: ControllerClient<Channel>, name: String, bytes: 
 }
 
 /// Every volume's ID, following next_token, and how many calls it took.
-async fn list(mut controller: ControllerClient<Channel>, page: i32) -> Result<(Vec<String>, usize)> {
+async fn list(
+    mut controller: ControllerClient<Channel>,
+    page: i32,
+) -> Result<(Vec<String>, usize)> {
     let mut ids = Vec::new();
     let mut token = String::new();
     let mut calls = 0;
