@@ -340,7 +340,8 @@ impl Pools for LocalPools {
     }
 
     async fn list_volumes(&self) -> Result<Vec<(Volume, Condition)>> {
-        self.blocking(vec![], |p| p.list_volumes()).await
+        self.blocking(vec![], |p| Ok(p.list_volumes(None, usize::MAX)))
+            .await
     }
 
     async fn expand_volume(&self, id: VolumeId, range: size::Range) -> Result<(Volume, bool)> {
@@ -392,7 +393,8 @@ impl Pools for LocalPools {
     }
 
     async fn list_snapshots(&self) -> Result<Vec<Snapshot>> {
-        self.blocking(vec![], |p| p.list_snapshots()).await
+        self.blocking(vec![], |p| Ok(p.list_snapshots(None, usize::MAX, None)))
+            .await
     }
 
     async fn freeze_group(
