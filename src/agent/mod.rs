@@ -106,8 +106,14 @@ pub trait Pools: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Volume>> + Send;
     fn delete_volume(&self, id: VolumeId) -> impl Future<Output = Result<()>> + Send;
     fn volume(&self, id: VolumeId) -> impl Future<Output = Result<(Volume, Condition)>> + Send;
-    /// Every volume on every live node.
-    fn list_volumes(&self) -> impl Future<Output = Result<Vec<(Volume, Condition)>>> + Send;
+    /// The volumes of every live node at or after `from` in ID order, at most `limit`
+    /// from each node (an agent that predates paging sends all it has), in no order
+    /// across nodes: [`pool::listing::merge`] makes a page of them.
+    fn list_volumes(
+        &self,
+        from: Option<VolumeId>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<(Volume, Condition)>>> + Send;
     fn expand_volume(
         &self,
         id: VolumeId,
@@ -138,8 +144,14 @@ pub trait Pools: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Snapshot>> + Send;
     fn delete_snapshot(&self, id: SnapshotId) -> impl Future<Output = Result<()>> + Send;
     fn snapshot(&self, id: SnapshotId) -> impl Future<Output = Result<Snapshot>> + Send;
-    /// Every snapshot on every live node.
-    fn list_snapshots(&self) -> impl Future<Output = Result<Vec<Snapshot>>> + Send;
+    /// As [`Pools::list_volumes`], for snapshots (of the volume `source` only, if it
+    /// is given; an agent that predates paging sends those of every volume).
+    fn list_snapshots(
+        &self,
+        from: Option<SnapshotId>,
+        limit: usize,
+        source: Option<VolumeId>,
+    ) -> impl Future<Output = Result<Vec<Snapshot>>> + Send;
 
     // Group snapshots (see `pool::group`): the controller runs each step on every
     // node that holds a member.
@@ -339,8 +351,12 @@ impl Pools for LocalPools {
         self.blocking(vec![], move |p| p.volume_status(&id)).await
     }
 
-    async fn list_volumes(&self) -> Result<Vec<(Volume, Condition)>> {
-        self.blocking(vec![], |p| Ok(p.list_volumes(None, usize::MAX)))
+    async fn list_volumes(
+        &self,
+        from: Option<VolumeId>,
+        limit: usize,
+    ) -> Result<Vec<(Volume, Condition)>> {
+        self.blocking(vec![], move |p| Ok(p.list_volumes(from.as_ref(), limit)))
             .await
     }
 
@@ -392,9 +408,16 @@ impl Pools for LocalPools {
         self.blocking(vec![], move |p| p.snapshot(&id)).await
     }
 
-    async fn list_snapshots(&self) -> Result<Vec<Snapshot>> {
-        self.blocking(vec![], |p| Ok(p.list_snapshots(None, usize::MAX, None)))
-            .await
+    async fn list_snapshots(
+        &self,
+        from: Option<SnapshotId>,
+        limit: usize,
+        source: Option<VolumeId>,
+    ) -> Result<Vec<Snapshot>> {
+        self.blocking(vec![], move |p| {
+            Ok(p.list_snapshots(from.as_ref(), limit, source.as_ref()))
+        })
+        .await
     }
 
     async fn freeze_group(

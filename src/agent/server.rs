@@ -209,7 +209,14 @@ impl Agent for AgentService {
         request: Request<proto::ListVolumesRequest>,
     ) -> Result<Response<proto::ListVolumesResponse>, Status> {
         control(&request)?;
-        let volumes = self.pools.list_volumes().await.map_err(from_agent)?;
+        let req = request.into_inner();
+        let from =
+            wire::optional(&req.start_id, "start_id", wire::volume_id).map_err(from_malformed)?;
+        let volumes = self
+            .pools
+            .list_volumes(from, wire::limit(req.limit))
+            .await
+            .map_err(from_agent)?;
         Ok(Response::new(proto::ListVolumesResponse {
             volumes: volumes
                 .iter()
@@ -309,7 +316,16 @@ impl Agent for AgentService {
         request: Request<proto::ListSnapshotsRequest>,
     ) -> Result<Response<proto::ListSnapshotsResponse>, Status> {
         control(&request)?;
-        let snapshots = self.pools.list_snapshots().await.map_err(from_agent)?;
+        let req = request.into_inner();
+        let from =
+            wire::optional(&req.start_id, "start_id", wire::snapshot_id).map_err(from_malformed)?;
+        let source = wire::optional(&req.source_volume_id, "source_volume_id", wire::volume_id)
+            .map_err(from_malformed)?;
+        let snapshots = self
+            .pools
+            .list_snapshots(from, wire::limit(req.limit), source)
+            .await
+            .map_err(from_agent)?;
         Ok(Response::new(proto::ListSnapshotsResponse {
             snapshots: snapshots.iter().map(wire::snapshot_message).collect(),
         }))

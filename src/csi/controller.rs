@@ -17,6 +17,7 @@ use super::validate::{self, CapabilityError};
 use super::{TOPOLOGY_KEY, node_topology};
 use crate::agent::{Copy, Node, Pools};
 use crate::pool::attach::Capability;
+use crate::pool::listing::merge;
 use crate::pool::{
     self, AccessKind, Condition, ContentSource, Snapshot, SnapshotId, Volume, VolumeId, VolumeSpec,
 };
@@ -339,20 +340,6 @@ fn access_kinds(caps: &[Capability]) -> BTreeSet<AccessKind> {
     caps.iter().map(|c| c.access.kind()).collect()
 }
 
-/// One page of `items` (sorted by ID) starting at `start`.
-fn page<T, K: Ord>(
-    items: Vec<T>,
-    key: impl Fn(&T) -> &K,
-    start: Option<&K>,
-    max: usize,
-) -> (Vec<T>, Option<T>) {
-    let mut rest = items
-        .into_iter()
-        .filter(|item| start.is_none_or(|s| key(item) >= s));
-    let page: Vec<T> = rest.by_ref().take(max).collect();
-    (page, rest.next())
-}
-
 fn capability(
     kind: controller_service_capability::rpc::Type,
 ) -> proto::ControllerServiceCapability {
@@ -548,10 +535,14 @@ impl<P: Pools> Controller for ControllerService<P> {
         let req = request.into_inner();
         let max = validate::max_entries(req.max_entries)?;
         let start = validate::starting_token(&req.starting_token, VolumeId::parse)?;
-        let mut volumes = self.pools.list_volumes().await.map_err(from_agent)?;
-        // Tokens are IDs: one order over every node keeps paging stable.
-        volumes.sort_by(|(a, _), (b, _)| a.id.cmp(&b.id));
-        let (page, next) = page(volumes, |(v, _)| &v.id, start.as_ref(), max);
+        // Tokens are IDs: one order over every node keeps paging stable. Each node
+        // sends at most one more than a page: the one that may start the next.
+        let volumes = self
+            .pools
+            .list_volumes(start.clone(), max.saturating_add(1))
+            .await
+            .map_err(from_agent)?;
+        let (page, next) = merge(volumes, |(v, _)| &v.id, start.as_ref(), max);
         let entries = page
             .into_iter()
             .map(|(volume, condition)| proto::list_volumes_response::Entry {
@@ -702,8 +693,20 @@ impl<P: Pools> Controller for ControllerService<P> {
         validate::map_size(&req.secrets, "secrets")?;
         let start = validate::starting_token(&req.starting_token, SnapshotId::parse)?;
         let empty = || Ok(Response::new(proto::ListSnapshotsResponse::default()));
+        // A source volume ID that cannot be ours has no snapshots here.
+        let source = match req.source_volume_id.as_str() {
+            "" => None,
+            id => match VolumeId::parse(id) {
+                Some(id) => Some(id),
+                None => return empty(),
+            },
+        };
         let mut snapshots = if req.snapshot_id.is_empty() {
-            self.pools.list_snapshots().await.map_err(from_agent)?
+            let limit = max.saturating_add(1);
+            self.pools
+                .list_snapshots(start.clone(), limit, source)
+                .await
+                .map_err(from_agent)?
         } else {
             let Some(id) = SnapshotId::parse(&req.snapshot_id) else {
                 return empty();
@@ -717,8 +720,7 @@ impl<P: Pools> Controller for ControllerService<P> {
         if !req.source_volume_id.is_empty() {
             snapshots.retain(|s| s.source_volume.as_str() == req.source_volume_id);
         }
-        snapshots.sort_by(|a, b| a.id.cmp(&b.id));
-        let (page, next) = page(snapshots, |s| &s.id, start.as_ref(), max);
+        let (page, next) = merge(snapshots, |s| &s.id, start.as_ref(), max);
         Ok(Response::new(proto::ListSnapshotsResponse {
             entries: page
                 .iter()
@@ -813,25 +815,5 @@ impl<P: Pools> Controller for ControllerService<P> {
         Ok(Response::new(proto::GetSnapshotResponse {
             snapshot: Some(snapshot_message(&snapshot)),
         }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pages_resume_at_the_token() {
-        let items = vec![1, 2, 3, 4, 5];
-        assert_eq!(page(items.clone(), |x| x, None, 2), (vec![1, 2], Some(3)));
-        assert_eq!(
-            page(items.clone(), |x| x, Some(&3), 2),
-            (vec![3, 4], Some(5))
-        );
-        assert_eq!(page(items.clone(), |x| x, Some(&5), 2), (vec![5], None));
-        assert_eq!(
-            page(items, |x| x, None, usize::MAX),
-            (vec![1, 2, 3, 4, 5], None)
-        );
     }
 }
