@@ -66,8 +66,8 @@ async fn pages_under_churn(controller: ControllerClient<Channel>, nodes: &[&str]
     );
 
     let churn = Churn::start(controller.clone(), nodes);
-    for round in 0..ROUNDS {
-        let listed = churn.list_volumes(&controller, round).await;
+    for _ in 0..ROUNDS {
+        let listed = churn.list_volumes(&controller).await;
         check(&listed, &volumes, &churn.made(), "ListVolumes");
         let listed = churn.list_snapshots(&controller, None).await;
         check(&listed, &snapshots, &churn.made(), "ListSnapshots");
@@ -193,14 +193,8 @@ impl Churn {
     }
 
     /// A whole ListVolumes, page by page.
-    async fn list_volumes(
-        &self,
-        controller: &ControllerClient<Channel>,
-        round: usize,
-    ) -> HashMap<String, usize> {
-        let mut listed = HashMap::new();
-        let mut token = String::new();
-        for _ in 0..1000 {
+    async fn list_volumes(&self, controller: &ControllerClient<Channel>) -> HashMap<String, usize> {
+        self.whole_listing("ListVolumes", |token| async move {
             let page = controller
                 .clone()
                 .list_volumes(proto::ListVolumesRequest {
@@ -210,20 +204,13 @@ impl Churn {
                 .await
                 .expect("ListVolumes")
                 .into_inner();
-            assert!(
-                page.entries.len() <= PAGE as usize,
-                "round {round}: page too long"
-            );
-            for entry in page.entries {
-                *listed.entry(entry.volume.unwrap().volume_id).or_insert(0) += 1;
-            }
-            if page.next_token.is_empty() {
-                return listed;
-            }
-            token = page.next_token;
-            self.one_more_round().await;
-        }
-        panic!("ListVolumes did not end in 1000 pages");
+            let ids = page.entries.into_iter();
+            (
+                ids.map(|e| e.volume.unwrap().volume_id).collect(),
+                page.next_token,
+            )
+        })
+        .await
     }
 
     /// A whole ListSnapshots, page by page, of one volume or of all.
@@ -232,9 +219,7 @@ impl Churn {
         controller: &ControllerClient<Channel>,
         source: Option<&str>,
     ) -> HashMap<String, usize> {
-        let mut listed = HashMap::new();
-        let mut token = String::new();
-        for _ in 0..1000 {
+        self.whole_listing("ListSnapshots", |token| async move {
             let page = controller
                 .clone()
                 .list_snapshots(proto::ListSnapshotsRequest {
@@ -246,21 +231,46 @@ impl Churn {
                 .await
                 .expect("ListSnapshots")
                 .into_inner();
-            assert!(page.entries.len() <= PAGE as usize, "page too long");
+            let mut ids = Vec::new();
             for entry in page.entries {
                 let snapshot = entry.snapshot.unwrap();
                 if let Some(source) = source {
                     assert_eq!(snapshot.source_volume_id, source);
                 }
-                *listed.entry(snapshot.snapshot_id).or_insert(0) += 1;
+                ids.push(snapshot.snapshot_id);
             }
-            if page.next_token.is_empty() {
+            (ids, page.next_token)
+        })
+        .await
+    }
+
+    /// Follows the tokens through a whole listing, `page` asking for one page (its
+    /// IDs and the next token) with a churn round between pages; returns how often
+    /// each ID was listed.
+    async fn whole_listing<F, Fut>(&self, what: &str, mut page: F) -> HashMap<String, usize>
+    where
+        F: FnMut(String) -> Fut,
+        Fut: std::future::Future<Output = (Vec<String>, String)>,
+    {
+        let mut listed = HashMap::new();
+        let mut token = String::new();
+        for _ in 0..1000 {
+            let (ids, next) = page(token).await;
+            assert!(
+                ids.len() <= PAGE as usize,
+                "{what}: a page of {}",
+                ids.len()
+            );
+            for id in ids {
+                *listed.entry(id).or_insert(0) += 1;
+            }
+            if next.is_empty() {
                 return listed;
             }
-            token = page.next_token;
+            token = next;
             self.one_more_round().await;
         }
-        panic!("ListSnapshots did not end in 1000 pages");
+        panic!("{what} did not end in 1000 pages");
     }
 
     /// Stops the churn; returns how many rounds it ran.
