@@ -31,11 +31,16 @@ source bench/lib.sh
 pool_size=${POOL_SIZE:-40Gi}
 bench=target/release/examples/bench_scale
 endpoint="unix://$work/csi.sock"
-on_failure() {
-  echo "--- kura log (last 50 lines) ---" >&2
-  tail -n 50 "$work/kura.log" >&2
+# On a failure, kura's log first; then lib.sh's cleanup.
+on_exit() {
+  local status=$?
+  if [ "$status" -ne 0 ]; then
+    echo "--- kura log (last 50 lines) ---" >&2
+    tail -n 50 "$work/kura.log" >&2
+  fi
+  cleanup
 }
-trap 'status=$?; [ "$status" -eq 0 ] || on_failure; cleanup' EXIT
+trap on_exit EXIT
 
 # rss FIELD: a line of kura's /proc status (VmRSS, VmHWM) in MiB.
 rss() {
