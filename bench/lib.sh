@@ -20,9 +20,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# start_kura SIZE [extra kura flags...]: kura all-in-one on $work/pool.img of SIZE,
-# serving $work/csi.sock; waits for the socket.
-start_kura() {
+# spawn_kura SIZE [extra kura flags...]: kura all-in-one on $work/pool.img of SIZE,
+# serving $work/csi.sock (appending to $work/kura.log); does not wait.
+spawn_kura() {
   local size=$1
   shift
   "${KURA_BIN:-target/release/kura}" all-in-one \
@@ -31,8 +31,20 @@ start_kura() {
     --state-dir "$work/state" \
     --pool-image "$work/pool.img" --pool-size "$size" \
     --log-level warn "$@" \
-    >"$work/kura.log" 2>&1 &
+    >>"$work/kura.log" 2>&1 &
   kura_pid=$!
+}
+
+# stop_kura: SIGTERM, as a rolling update stops it; waits until it has exited.
+stop_kura() {
+  kill -TERM "$kura_pid"
+  wait "$kura_pid" || true
+  kura_pid=
+}
+
+# start_kura SIZE [extra kura flags...]: spawn_kura, then waits for the socket.
+start_kura() {
+  spawn_kura "$@"
   for _ in $(seq 100); do [ -S "$work/csi.sock" ] && break; sleep 0.1; done
   [ -S "$work/csi.sock" ] || { cat "$work/kura.log" >&2; echo "kura did not start" >&2; exit 1; }
 }

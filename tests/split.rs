@@ -595,7 +595,7 @@ async fn the_agent_refuses_every_credential_but_the_controllers() {
     let denied = node.create_volume(agent_create()).await.unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
     let denied = node
-        .list_volumes(kura::agent::proto::ListVolumesRequest {})
+        .list_volumes(kura::agent::proto::ListVolumesRequest::default())
         .await
         .unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");

@@ -483,12 +483,21 @@ impl Pools for Cluster {
         Ok(wire::volume_and_condition(&answer)?)
     }
 
-    async fn list_volumes(&self) -> Result<Vec<(Volume, Condition)>> {
+    async fn list_volumes(
+        &self,
+        from: Option<VolumeId>,
+        limit: usize,
+    ) -> Result<Vec<(Volume, Condition)>> {
+        let request = proto::ListVolumesRequest {
+            start_id: from.map(String::from).unwrap_or_default(),
+            limit: wire::limit_message(limit),
+        };
+        let request = &request;
         Ok(self
             .on_every_node("ListVolumes", |node| async move {
                 let answer = self
                     .call(&node.token, READ_TIMEOUT, |mut c| async move {
-                        c.list_volumes(proto::ListVolumesRequest {}).await
+                        c.list_volumes(request.clone()).await
                     })
                     .await?;
                 answer
@@ -592,12 +601,23 @@ impl Pools for Cluster {
         Ok(wire::snapshot(answer.snapshot.as_ref())?)
     }
 
-    async fn list_snapshots(&self) -> Result<Vec<Snapshot>> {
+    async fn list_snapshots(
+        &self,
+        from: Option<SnapshotId>,
+        limit: usize,
+        source: Option<VolumeId>,
+    ) -> Result<Vec<Snapshot>> {
+        let request = proto::ListSnapshotsRequest {
+            start_id: from.map(String::from).unwrap_or_default(),
+            limit: wire::limit_message(limit),
+            source_volume_id: source.map(String::from).unwrap_or_default(),
+        };
+        let request = &request;
         Ok(self
             .on_every_node("ListSnapshots", |node| async move {
                 let answer = self
                     .call(&node.token, READ_TIMEOUT, |mut c| async move {
-                        c.list_snapshots(proto::ListSnapshotsRequest {}).await
+                        c.list_snapshots(request.clone()).await
                     })
                     .await?;
                 answer

@@ -68,8 +68,12 @@ impl Pools for InProcess {
         Ok(self.local.volume(id).await?)
     }
 
-    async fn list_volumes(&self) -> Result<Vec<(Volume, Condition)>> {
-        Ok(self.local.list_volumes().await?)
+    async fn list_volumes(
+        &self,
+        from: Option<VolumeId>,
+        limit: usize,
+    ) -> Result<Vec<(Volume, Condition)>> {
+        Ok(self.local.list_volumes(from, limit).await?)
     }
 
     async fn expand_volume(&self, id: VolumeId, range: size::Range) -> Result<(Volume, bool)> {
@@ -104,8 +108,13 @@ impl Pools for InProcess {
         Ok(self.local.snapshot(id).await?)
     }
 
-    async fn list_snapshots(&self) -> Result<Vec<Snapshot>> {
-        Ok(self.local.list_snapshots().await?)
+    async fn list_snapshots(
+        &self,
+        from: Option<SnapshotId>,
+        limit: usize,
+        source: Option<VolumeId>,
+    ) -> Result<Vec<Snapshot>> {
+        Ok(self.local.list_snapshots(from, limit, source).await?)
     }
 
     async fn freeze_group(

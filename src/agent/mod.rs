@@ -114,8 +114,14 @@ pub trait Pools: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Volume>> + Send;
     fn delete_volume(&self, id: VolumeId) -> impl Future<Output = Result<()>> + Send;
     fn volume(&self, id: VolumeId) -> impl Future<Output = Result<(Volume, Condition)>> + Send;
-    /// Every volume on every live node.
-    fn list_volumes(&self) -> impl Future<Output = Result<Vec<(Volume, Condition)>>> + Send;
+    /// The volumes of every live node at or after `from` in ID order, at most `limit`
+    /// from each node (an agent that predates paging sends all it has), in no order
+    /// across nodes: [`pool::listing::merge`] makes a page of them.
+    fn list_volumes(
+        &self,
+        from: Option<VolumeId>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<(Volume, Condition)>>> + Send;
     fn expand_volume(
         &self,
         id: VolumeId,
@@ -146,8 +152,14 @@ pub trait Pools: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Snapshot>> + Send;
     fn delete_snapshot(&self, id: SnapshotId) -> impl Future<Output = Result<()>> + Send;
     fn snapshot(&self, id: SnapshotId) -> impl Future<Output = Result<Snapshot>> + Send;
-    /// Every snapshot on every live node.
-    fn list_snapshots(&self) -> impl Future<Output = Result<Vec<Snapshot>>> + Send;
+    /// As [`Pools::list_volumes`], for snapshots (of the volume `source` only, if it
+    /// is given; an agent that predates paging sends those of every volume).
+    fn list_snapshots(
+        &self,
+        from: Option<SnapshotId>,
+        limit: usize,
+        source: Option<VolumeId>,
+    ) -> impl Future<Output = Result<Vec<Snapshot>>> + Send;
 
     // Group snapshots (see `pool::group`): the controller runs each step on every
     // node that holds a member.

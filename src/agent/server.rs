@@ -206,7 +206,13 @@ impl Agent for AgentService {
         request: Request<proto::ListVolumesRequest>,
     ) -> Result<Response<proto::ListVolumesResponse>, Status> {
         control(&request)?;
-        let volumes = self.local.list_volumes().await.map_err(answer)?;
+        let req = request.into_inner();
+        let from = wire::optional(&req.start_id, "start_id", wire::volume_id).map_err(malformed)?;
+        let volumes = self
+            .local
+            .list_volumes(from, wire::limit(req.limit))
+            .await
+            .map_err(answer)?;
         Ok(Response::new(proto::ListVolumesResponse {
             volumes: volumes
                 .iter()
@@ -300,7 +306,16 @@ impl Agent for AgentService {
         request: Request<proto::ListSnapshotsRequest>,
     ) -> Result<Response<proto::ListSnapshotsResponse>, Status> {
         control(&request)?;
-        let snapshots = self.local.list_snapshots().await.map_err(answer)?;
+        let req = request.into_inner();
+        let from =
+            wire::optional(&req.start_id, "start_id", wire::snapshot_id).map_err(malformed)?;
+        let source = wire::optional(&req.source_volume_id, "source_volume_id", wire::volume_id)
+            .map_err(malformed)?;
+        let snapshots = self
+            .local
+            .list_snapshots(from, wire::limit(req.limit), source)
+            .await
+            .map_err(answer)?;
         Ok(Response::new(proto::ListSnapshotsResponse {
             snapshots: snapshots.iter().map(wire::snapshot_message).collect(),
         }))

@@ -34,6 +34,28 @@ pub fn snapshot_id(text: &str, field: &'static str) -> Result<SnapshotId, Malfor
         .ok_or_else(|| malformed(field, format!("{text:?} is not a snapshot ID")))
 }
 
+/// An optional ID: empty is none.
+pub fn optional<T>(
+    text: &str,
+    field: &'static str,
+    parse: fn(&str, &'static str) -> Result<T, Malformed>,
+) -> Result<Option<T>, Malformed> {
+    (!text.is_empty()).then(|| parse(text, field)).transpose()
+}
+
+/// A listing's limit on the wire, where 0 is none: a limit of 0 asks for one entry
+/// (a node may always send more than asked), one beyond `u32` for all.
+pub fn limit_message(limit: usize) -> u32 {
+    u32::try_from(limit.max(1)).unwrap_or(0)
+}
+
+pub fn limit(value: u32) -> usize {
+    match value {
+        0 => usize::MAX,
+        n => n as usize,
+    }
+}
+
 pub fn provisioning_message(p: Provisioning) -> proto::Provisioning {
     match p {
         Provisioning::Thin => proto::Provisioning::Thin,
@@ -285,6 +307,24 @@ pub fn spec(m: &proto::CreateVolumeRequest) -> Result<pool::VolumeSpec, Malforme
 mod tests {
     use super::*;
     use crate::pool::NodeToken;
+
+    #[test]
+    fn listing_limits_round_trip() {
+        for asked in [1, 101, u32::MAX as usize, usize::MAX] {
+            assert_eq!(limit(limit_message(asked)), asked, "{asked}");
+        }
+        // 0 on the wire is no limit; a limit of 0 asks for one entry.
+        assert_eq!(limit(0), usize::MAX);
+        assert_eq!(limit_message(0), 1);
+        assert_eq!(limit_message(u32::MAX as usize + 1), 0);
+        let id = VolumeId::derive("n", &NodeToken::for_node("node"));
+        assert_eq!(optional("", "start_id", volume_id).unwrap(), None);
+        assert_eq!(
+            optional(id.as_str(), "start_id", volume_id).unwrap(),
+            Some(id)
+        );
+        assert!(optional("vol-x", "start_id", volume_id).is_err());
+    }
 
     #[test]
     fn volumes_and_snapshots_round_trip() {

@@ -261,15 +261,18 @@ impl<P: Pools> Controller<P> {
     }
 
     /// Volumes of every live node, sorted by ID (tokens are IDs: one order over every
-    /// node keeps paging stable), from `start` on.
+    /// node keeps paging stable), from `start` on. Each node sends at most one more
+    /// than a page: the one that may start the next.
     pub async fn list_volumes(
         &self,
         start: Option<&VolumeId>,
         max: usize,
     ) -> Result<Page<(Volume, Condition)>> {
-        let mut volumes = self.pools.list_volumes().await?;
-        volumes.sort_by(|(a, _), (b, _)| a.id.cmp(&b.id));
-        Ok(page(volumes, |(v, _)| &v.id, start, max))
+        let answers = self
+            .pools
+            .list_volumes(start.cloned(), max.saturating_add(1))
+            .await?;
+        Ok(page(answers, |(v, _)| &v.id, start, max))
     }
 
     /// Grows a volume; returns it as it is now.
@@ -345,8 +348,20 @@ impl<P: Pools> Controller<P> {
         start: Option<&SnapshotId>,
         max: usize,
     ) -> Result<Page<Snapshot>> {
+        // A source volume ID that cannot be kura's has no snapshots.
+        let source = match &filter.source_volume {
+            None => None,
+            Some(text) => match VolumeId::parse(text) {
+                Some(id) => Some(id),
+                None => return Ok(page(vec![], |s: &Snapshot| &s.id, start, max)),
+            },
+        };
         let mut snapshots = match filter.id {
-            None => self.pools.list_snapshots().await?,
+            None => {
+                self.pools
+                    .list_snapshots(start.cloned(), max.saturating_add(1), source)
+                    .await?
+            }
             Some(None) => vec![],
             Some(Some(id)) => match self.pools.snapshot(id).await {
                 Ok(snapshot) => vec![snapshot],
@@ -354,45 +369,21 @@ impl<P: Pools> Controller<P> {
                 Err(e) => return Err(e.into()),
             },
         };
+        // One asked for by ID, or from an agent that predates the source filter.
         if let Some(volume) = &filter.source_volume {
             snapshots.retain(|s| s.source_volume.as_str() == volume);
         }
-        snapshots.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(page(snapshots, |s| &s.id, start, max))
     }
 }
 
-/// One page of `items` (sorted by key) starting at `start`.
+/// One page of the nodes' answers: see [`crate::pool::listing::merge`].
 fn page<T, K: Ord>(
-    items: Vec<T>,
+    answers: Vec<T>,
     key: impl Fn(&T) -> &K,
     start: Option<&K>,
     max: usize,
 ) -> Page<T> {
-    let mut rest = items
-        .into_iter()
-        .filter(|item| start.is_none_or(|s| key(item) >= s));
-    let items: Vec<T> = rest.by_ref().take(max).collect();
-    Page {
-        items,
-        next: rest.next(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pages_resume_at_the_token() {
-        let items = vec![1, 2, 3, 4, 5];
-        let p = |start: Option<&i32>, max| {
-            let Page { items, next } = page(items.clone(), |x| x, start, max);
-            (items, next)
-        };
-        assert_eq!(p(None, 2), (vec![1, 2], Some(3)));
-        assert_eq!(p(Some(&3), 2), (vec![3, 4], Some(5)));
-        assert_eq!(p(Some(&5), 2), (vec![5], None));
-        assert_eq!(p(None, usize::MAX), (vec![1, 2, 3, 4, 5], None));
-    }
+    let (items, next) = crate::pool::listing::merge(answers, key, start, max);
+    Page { items, next }
 }

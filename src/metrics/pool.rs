@@ -29,7 +29,7 @@ impl PoolFacts {
     /// Reads the pool. Blocks.
     pub fn read(pool: &Pool, root: &std::path::Path) -> Result<PoolFacts, crate::pool::Error> {
         let usage = sys::fs::usage(root)?;
-        let volumes = pool.list_volumes()?;
+        let volumes = pool.list_volumes(None, usize::MAX);
         let abnormal = volumes.iter().filter(|(_, c)| c.abnormal).count() as u64;
         let images: HashSet<(u64, u64)> = volumes
             .iter()
@@ -45,7 +45,7 @@ impl PoolFacts {
             available_bytes: usage.available_bytes,
             healthy_volumes: volumes.len() as u64 - abnormal,
             abnormal_volumes: abnormal,
-            snapshots: pool.list_snapshots()?.len() as u64,
+            snapshots: pool.list_snapshots(None, usize::MAX, None).len() as u64,
             attached,
         })
     }

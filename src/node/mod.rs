@@ -127,8 +127,14 @@ impl Local {
         self.on_pool(&[], move |p| p.volume_status(&id)).await
     }
 
-    pub async fn list_volumes(&self) -> pool::Result<Vec<(Volume, Condition)>> {
-        self.on_pool(&[], |p| p.list_volumes()).await
+    /// At most `limit` volumes at or after `from`, in ID order.
+    pub async fn list_volumes(
+        &self,
+        from: Option<VolumeId>,
+        limit: usize,
+    ) -> pool::Result<Vec<(Volume, Condition)>> {
+        self.on_pool(&[], move |p| Ok(p.list_volumes(from.as_ref(), limit)))
+            .await
     }
 
     pub async fn expand_volume(
@@ -184,8 +190,18 @@ impl Local {
         self.on_pool(&[], move |p| p.snapshot(&id)).await
     }
 
-    pub async fn list_snapshots(&self) -> pool::Result<Vec<Snapshot>> {
-        self.on_pool(&[], |p| p.list_snapshots()).await
+    /// At most `limit` snapshots (of `source` only, if given) at or after `from`, in
+    /// ID order.
+    pub async fn list_snapshots(
+        &self,
+        from: Option<SnapshotId>,
+        limit: usize,
+        source: Option<VolumeId>,
+    ) -> pool::Result<Vec<Snapshot>> {
+        self.on_pool(&[], move |p| {
+            Ok(p.list_snapshots(from.as_ref(), limit, source.as_ref()))
+        })
+        .await
     }
 }
 

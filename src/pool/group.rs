@@ -165,7 +165,7 @@ impl Pool {
             encryption: volume.encryption,
             group: Some(group.clone()),
         };
-        if let Err(e) = write_meta(&self.snapshot_meta_path(&id), &snapshot) {
+        if let Err(e) = self.write_snapshot(&snapshot) {
             let _ = sys::fs::remove(&image);
             return Err(e);
         }
@@ -177,7 +177,7 @@ impl Pool {
         if !self.is_local(&id.node()) {
             return Ok(());
         }
-        sys::fs::remove(&self.snapshot_meta_path(id))?;
+        self.remove_snapshot_meta(id)?;
         sys::fs::remove(&self.snapshot_image_path(id))?;
         Ok(())
     }

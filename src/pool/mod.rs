@@ -29,6 +29,7 @@ pub mod ephemeral;
 pub mod export;
 pub mod group;
 pub mod ids;
+pub mod listing;
 pub mod locks;
 mod modify;
 mod recovery;
@@ -169,6 +170,9 @@ pub struct Pool {
     reflink: bool,
     options: Options,
     copying: snapshot::Copying,
+    /// The IDs of the volumes and snapshots, for listings ([`listing`]).
+    volumes: listing::Index<VolumeId>,
+    snapshots: listing::Index<SnapshotId>,
 }
 
 impl Pool {
@@ -196,6 +200,8 @@ impl Pool {
             reflink,
             options,
             copying: Default::default(),
+            volumes: listing::Index::scan(&volumes, VolumeId::parse)?,
+            snapshots: listing::Index::scan(&root.join("snapshots"), SnapshotId::parse)?,
         };
         pool.recover()?;
         Ok(pool)
@@ -265,6 +271,33 @@ impl Pool {
 
     fn snapshot_meta_path(&self, id: &SnapshotId) -> PathBuf {
         self.snapshot_dir().join(format!("{id}.json"))
+    }
+
+    /// Commits a volume's metadata document: from now on the volume exists. Every
+    /// write of one goes through here, so listings know of it.
+    fn write_volume(&self, volume: &Volume) -> Result<()> {
+        self.volumes.insert(&volume.id);
+        write_meta(&self.volume_meta_path(&volume.id), volume)
+    }
+
+    /// Removes a volume's metadata document: from now on the volume is gone.
+    fn remove_volume_meta(&self, id: &VolumeId) -> Result<()> {
+        sys::fs::remove(&self.volume_meta_path(id))?;
+        self.volumes.remove(id);
+        Ok(())
+    }
+
+    /// [`Pool::write_volume`] for snapshots.
+    fn write_snapshot(&self, snapshot: &Snapshot) -> Result<()> {
+        self.snapshots.insert(&snapshot.id);
+        write_meta(&self.snapshot_meta_path(&snapshot.id), snapshot)
+    }
+
+    /// [`Pool::remove_volume_meta`] for snapshots.
+    fn remove_snapshot_meta(&self, id: &SnapshotId) -> Result<()> {
+        sys::fs::remove(&self.snapshot_meta_path(id))?;
+        self.snapshots.remove(id);
+        Ok(())
     }
 
     /// Whether an ID names this node; IDs of other nodes name nothing here.

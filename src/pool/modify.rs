@@ -19,7 +19,7 @@
 
 use super::ids::VolumeId;
 use super::volume::{Provisioning, Volume};
-use super::{Error, Pool, Result, write_meta};
+use super::{Error, Pool, Result};
 use crate::sys;
 
 impl Pool {
@@ -53,7 +53,7 @@ impl Pool {
             })?;
         }
         volume.provisioning = provisioning;
-        write_meta(&self.volume_meta_path(id), &volume)?;
+        self.write_volume(&volume)?;
         tracing::info!(volume.id = %id, volume.provisioning = ?provisioning, "volume modified");
         Ok((volume, true))
     }

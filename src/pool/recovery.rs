@@ -46,7 +46,7 @@ impl Pool {
                 }
             }
         }
-        for snapshot in self.list_snapshots()? {
+        for snapshot in self.list_snapshots(None, usize::MAX, None) {
             if !snapshot.ready {
                 self.remove_unfinished(&snapshot)?;
             }
@@ -96,7 +96,7 @@ impl Pool {
 
     fn remove_unfinished(&self, snapshot: &Snapshot) -> Result<()> {
         tracing::warn!(snapshot.id = %snapshot.id, "removing snapshot whose copy was interrupted");
-        sys::fs::remove(&self.snapshot_meta_path(&snapshot.id))?;
+        self.remove_snapshot_meta(&snapshot.id)?;
         sys::fs::remove(&self.snapshot_image_path(&snapshot.id))?;
         Ok(())
     }

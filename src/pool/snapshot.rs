@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use super::encryption::Encryption;
 use super::ids::{GroupSnapshotId, SnapshotId, VolumeId};
-use super::{Error, Pool, Result, Timestamp, list_meta, partial_path, read_meta, write_meta};
+use super::listing::walk;
+use super::{Error, Pool, Result, Timestamp, partial_path, read_meta, write_meta};
 use crate::sys;
 
 /// How long a volume's filesystem may stay frozen before it is thawed regardless.
@@ -84,7 +85,7 @@ impl Pool {
             .inspect_err(|_| {
                 let _ = sys::fs::remove(&partial);
             })?;
-        if let Err(e) = write_meta(&meta_path, &snapshot) {
+        if let Err(e) = self.write_snapshot(&snapshot) {
             let _ = sys::fs::remove(&image);
             return Err(e);
         }
@@ -104,12 +105,13 @@ impl Pool {
         let image = self.snapshot_image_path(&snapshot.id);
         let partial = partial_path(&image);
         self.check_copyable(&snapshot.source_volume, &source_image)?;
-        write_meta(&meta_path, snapshot)?;
+        self.write_snapshot(snapshot)?;
         self.copying
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(snapshot.id.clone(), Some(snapshot.source_volume.clone()));
         let copying = Arc::clone(&self.copying);
+        let index = self.snapshots.clone();
         let pause = self.options.pause.clone();
         let mut done = snapshot.clone();
         let started = sys::thread::spawn("snapshot copy", move || {
@@ -133,7 +135,9 @@ impl Pool {
                 Ok(()) => tracing::info!(snapshot.id = %done.id, "snapshot copy finished"),
                 Err(e) => {
                     tracing::error!(snapshot.id = %done.id, error = %e, "snapshot copy failed");
-                    let _ = sys::fs::remove(&meta_path);
+                    if sys::fs::remove(&meta_path).is_ok() {
+                        index.remove(&done.id);
+                    }
                     let _ = sys::fs::remove(&partial);
                     let _ = sys::fs::remove(&image);
                 }
@@ -148,7 +152,7 @@ impl Pool {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&snapshot.id);
-            let _ = sys::fs::remove(&self.snapshot_meta_path(&snapshot.id));
+            let _ = self.remove_snapshot_meta(&snapshot.id);
             return Err(e.into());
         }
         tracing::info!(snapshot.id = %snapshot.id, "snapshot copy started");
@@ -186,7 +190,7 @@ impl Pool {
         {
             return Err(Error::Busy(format!("snapshot {id} is still being copied")));
         }
-        sys::fs::remove(&self.snapshot_meta_path(id))?;
+        self.remove_snapshot_meta(id)?;
         sys::fs::remove(&self.snapshot_image_path(id))?;
         tracing::info!(snapshot.id = %id, "snapshot deleted");
         Ok(())
@@ -212,20 +216,27 @@ impl Pool {
         read_meta(&self.snapshot_meta_path(id))?.ok_or_else(not_found)
     }
 
-    /// Every snapshot in the pool, in ID order. A snapshot whose metadata cannot be
-    /// read is left out (it has no source volume or time to report) and logged; the
-    /// rest are served as ever, and deleting it still works.
-    pub fn list_snapshots(&self) -> Result<Vec<Snapshot>> {
-        let mut out = Vec::new();
-        for (path, listed) in list_meta::<Snapshot>(&self.snapshot_dir())? {
-            match listed {
-                Ok(snapshot) => out.push(snapshot),
+    /// The first `limit` snapshots of the pool at or after `from` in ID order, of the
+    /// volume `source` only if it is given; only the metadata of the snapshots looked
+    /// at is read (see [`super::listing`]). A snapshot whose metadata cannot be read is
+    /// left out (it has no source volume or time to report) and logged; the rest are
+    /// served as ever, and deleting it still works.
+    pub fn list_snapshots(
+        &self,
+        from: Option<&SnapshotId>,
+        limit: usize,
+        source: Option<&VolumeId>,
+    ) -> Vec<Snapshot> {
+        walk(&self.snapshots, from, limit, |id| {
+            let path = self.snapshot_meta_path(id);
+            match read_meta::<Snapshot>(&path) {
+                Ok(snapshot) => snapshot.filter(|s| source.is_none_or(|v| s.source_volume == *v)),
                 Err(e) => {
-                    tracing::error!(path = %path.display(), error = %e, "snapshot metadata is unreadable; leaving the snapshot out of listings")
+                    tracing::error!(path = %path.display(), error = %e, "snapshot metadata is unreadable; leaving the snapshot out of listings");
+                    None
                 }
             }
-        }
-        Ok(out)
+        })
     }
 }
 

@@ -512,7 +512,7 @@ impl Pool {
             access: spec.access.clone(),
             encryption: spec.encryption,
         };
-        if let Err(e) = write_meta(&self.volume_meta_path(&id), &volume) {
+        if let Err(e) = self.write_volume(&volume) {
             let _ = sys::fs::remove(&image);
             return Err(e);
         }

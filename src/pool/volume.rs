@@ -14,10 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use super::encryption::Encryption;
 use super::ids::{SnapshotId, VolumeId};
-use super::{
-    Condition, Error, Pool, Result, Timestamp, id_of_meta, list_meta, partial_path, read_meta,
-    size, write_meta,
-};
+use super::listing::walk;
+use super::{Condition, Error, Pool, Result, Timestamp, partial_path, read_meta, size};
 use crate::sys;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -180,7 +178,7 @@ impl Pool {
             access: spec.access.clone(),
             encryption: spec.encryption,
         };
-        if let Err(e) = write_meta(&meta_path, &volume) {
+        if let Err(e) = self.write_volume(&volume) {
             let _ = sys::fs::remove(&image);
             return Err(e);
         }
@@ -232,7 +230,7 @@ impl Pool {
             )));
         }
         // Metadata first: once it is gone the volume is gone, whatever happens next.
-        sys::fs::remove(&self.volume_meta_path(id))?;
+        self.remove_volume_meta(id)?;
         sys::fs::remove(&image)?;
         tracing::info!(volume.id = %id, "volume deleted");
         Ok(())
@@ -265,25 +263,21 @@ impl Pool {
         }
     }
 
-    /// Every volume in the pool with its condition, in ID order. A volume whose
-    /// metadata cannot be read is listed as abnormal; the rest are served as ever.
-    pub fn list_volumes(&self) -> Result<Vec<(Volume, Condition)>> {
-        let mut out = Vec::new();
-        for (path, listed) in list_meta::<Volume>(&self.volume_dir())? {
-            match listed {
-                Ok(volume) => {
+    /// The first `limit` volumes of the pool at or after `from` in ID order, each with
+    /// its condition; only their own metadata and images are read (see
+    /// [`super::listing`]). A volume whose metadata cannot be read is listed as
+    /// abnormal; the rest are served as ever.
+    pub fn list_volumes(&self, from: Option<&VolumeId>, limit: usize) -> Vec<(Volume, Condition)> {
+        walk(&self.volumes, from, limit, |id| {
+            match read_meta::<Volume>(&self.volume_meta_path(id)) {
+                Ok(None) => None,
+                Ok(Some(volume)) => {
                     let condition = self.condition(&volume);
-                    out.push((volume, condition));
+                    Some((volume, condition))
                 }
-                Err(e) => match id_of_meta(&path, VolumeId::parse) {
-                    Some(id) => out.push(self.unreadable(id, &e)),
-                    None => {
-                        tracing::warn!(path = %path.display(), "ignoring a file that names no volume")
-                    }
-                },
+                Err(e) => Some(self.unreadable(id.clone(), &e)),
             }
-        }
-        Ok(out)
+        })
     }
 
     /// What can be told of a volume whose metadata is unreadable: its ID and its
@@ -353,7 +347,7 @@ impl Pool {
         sys::fs::grow_image(&self.image_path(id), new_size, thick)
             .map_err(|e| no_space_or(e, growth, available))?;
         volume.size_bytes = new_size;
-        write_meta(&self.volume_meta_path(id), &volume)?;
+        self.write_volume(&volume)?;
         tracing::info!(volume.id = %id, volume.size = new_size, "volume expanded");
         Ok((volume, true))
     }
