@@ -502,20 +502,7 @@ impl Pool {
         sys::fs::grow_image(&partial, volume_size, thick)
             .and_then(|()| sys::fs::rename(&partial, &image))
             .map_err(|e| super::volume::no_space_or(e, volume_size, 0))?;
-        let volume = Volume {
-            id: id.clone(),
-            name: spec.name.clone(),
-            size_bytes: volume_size,
-            provisioning: spec.provisioning,
-            source: spec.source.clone(),
-            created: Timestamp::now(),
-            access: spec.access.clone(),
-            encryption: spec.encryption,
-        };
-        if let Err(e) = self.write_volume(&volume) {
-            let _ = sys::fs::remove(&image);
-            return Err(e);
-        }
+        let volume = self.commit_volume(id.clone(), &spec, volume_size, &image)?;
         sys::fs::remove(&checkpoint_path)?;
         tracing::info!(volume.id = %id, volume.size = volume_size, "volume created by a transfer");
         Ok(volume)

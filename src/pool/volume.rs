@@ -120,6 +120,32 @@ impl Volume {
 }
 
 impl Pool {
+    /// Makes `spec`'s volume of `size_bytes` exist over its finished `image`: writes
+    /// its metadata, or removes the image if that fails, so no half volume stays.
+    pub(super) fn commit_volume(
+        &self,
+        id: VolumeId,
+        spec: &VolumeSpec,
+        size_bytes: u64,
+        image: &std::path::Path,
+    ) -> Result<Volume> {
+        let volume = Volume {
+            id,
+            name: spec.name.clone(),
+            size_bytes,
+            provisioning: spec.provisioning,
+            source: spec.source.clone(),
+            created: Timestamp::now(),
+            access: spec.access.clone(),
+            encryption: spec.encryption,
+        };
+        if let Err(e) = self.write_volume(&volume) {
+            let _ = sys::fs::remove(image);
+            return Err(e);
+        }
+        Ok(volume)
+    }
+
     /// Creates the volume `spec` names, or returns it if it already exists with
     /// compatible arguments.
     pub fn create_volume(&self, spec: &VolumeSpec) -> Result<Volume> {
@@ -168,20 +194,7 @@ impl Pool {
             return Err(no_space_or(e, size_bytes, available));
         }
 
-        let volume = Volume {
-            id,
-            name: spec.name.clone(),
-            size_bytes,
-            provisioning: spec.provisioning,
-            source: spec.source.clone(),
-            created: Timestamp::now(),
-            access: spec.access.clone(),
-            encryption: spec.encryption,
-        };
-        if let Err(e) = self.write_volume(&volume) {
-            let _ = sys::fs::remove(&image);
-            return Err(e);
-        }
+        let volume = self.commit_volume(id, spec, size_bytes, &image)?;
         tracing::info!(volume.id = %volume.id, volume.size = size_bytes, "volume created");
         Ok(volume)
     }
