@@ -84,7 +84,6 @@ async fn modify_round_trip(controller: &mut ControllerClient<Channel>, root: &Pa
             "XXX_FakeKey",
         ),
         (&[(PROVISIONING, "fat")], "fat"),
-        (&[], "mutable_parameters"),
     ] {
         let status = controller
             .controller_modify_volume(modify(&id, pairs))
@@ -101,11 +100,25 @@ async fn modify_round_trip(controller: &mut ControllerClient<Channel>, root: &Pa
         Code::InvalidArgument,
     );
     for unknown in ["non-existing-volume-id", &id.replace("vol-", "vol-f")] {
-        expect_code(
-            controller
-                .controller_modify_volume(modify(unknown, &[(PROVISIONING, "thick")]))
-                .await,
-            Code::NotFound,
+        for pairs in [&[(PROVISIONING, "thick")][..], &[]] {
+            expect_code(
+                controller
+                    .controller_modify_volume(modify(unknown, pairs))
+                    .await,
+                Code::NotFound,
+            );
+        }
+    }
+    // No key at all: nothing to change (only the keys given are modified).
+    for _ in 0..2 {
+        controller
+            .controller_modify_volume(modify(&id, &[]))
+            .await
+            .unwrap();
+        assert_eq!(
+            state(&image),
+            thin,
+            "a modify naming nothing changed nothing"
         );
     }
 

@@ -213,6 +213,48 @@ async fn identity_reports_name_version_capabilities_and_readiness() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn controller_lists_exactly_the_rpcs_it_serves() {
+    use proto::controller_service_capability::{self, rpc::Type};
+    let driver = Driver::start().await;
+    let caps = driver
+        .controller()
+        .controller_get_capabilities(proto::ControllerGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities;
+    let mut listed: Vec<i32> = caps
+        .iter()
+        .map(|c| match &c.r#type {
+            Some(controller_service_capability::Type::Rpc(r)) => r.r#type,
+            other => panic!("not an RPC capability: {other:?}"),
+        })
+        .collect();
+    listed.sort();
+    // GET_SNAPSHOT included: kura serves GetSnapshot, and csi-sanity v5.5 tests it
+    // only when listed. Never PUBLISH_UNPUBLISH_VOLUME: volumes are local.
+    let mut served: Vec<i32> = [
+        Type::CreateDeleteVolume,
+        Type::ListVolumes,
+        Type::GetCapacity,
+        Type::GetVolume,
+        Type::VolumeCondition,
+        Type::SingleNodeMultiWriter,
+        Type::CreateDeleteSnapshot,
+        Type::ListSnapshots,
+        Type::GetSnapshot,
+        Type::CloneVolume,
+        Type::ExpandVolume,
+        Type::ModifyVolume,
+    ]
+    .into_iter()
+    .map(|t| t as i32)
+    .collect();
+    served.sort();
+    assert_eq!(listed, served);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn create_volume_errors_and_idempotency() {
     let driver = Driver::start().await;
     let mut controller = driver.controller();

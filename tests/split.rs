@@ -202,6 +202,17 @@ async fn placement_capacity_and_listing() {
         .await
         .unwrap();
     assert_eq!(volume_node(&v), "node-c");
+    // A size no live node's pool could ever hold: OUT_OF_RANGE, with topology or
+    // without (rescheduling cannot help), and nothing is made anywhere.
+    for (name, size) in [("pvc-beyond", i64::MAX), ("pvc-beyond-4g", 4 * GIB + MIB)] {
+        for requirements in [None, Some(topology(&["node-a"], &["node-a"]))] {
+            let beyond = create(controller, with_topology(name, size, requirements))
+                .await
+                .unwrap_err();
+            assert_eq!(beyond.code(), Code::OutOfRange, "{beyond:?}");
+            assert!(beyond.message().contains("capacity_range"), "{beyond:?}");
+        }
+    }
     // A requisite naming no kura node.
     let none = create(controller, strict("pvc-nowhere", 64 * MIB, "node-x"))
         .await

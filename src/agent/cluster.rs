@@ -546,6 +546,20 @@ impl Pools for Cluster {
         })
     }
 
+    /// From the agent's latest status: 0 (unknown) for a node that is down or unknown.
+    async fn maximum(&self, node: &Node, provisioning: Provisioning) -> Result<u64> {
+        let state = self.inner.lock();
+        let status = state
+            .agents
+            .get(&node.token)
+            .and_then(|a| a.status.as_ref());
+        Ok(match (status, provisioning) {
+            (None, _) => 0,
+            (Some(s), Provisioning::Thin) => s.maximum_thin,
+            (Some(s), Provisioning::Thick) => s.maximum_thick,
+        })
+    }
+
     async fn find_snapshot(&self, node: &Node, name: String) -> Result<Option<Snapshot>> {
         let found = self
             .call(&node.token, READ_TIMEOUT, |mut c| async move {

@@ -125,6 +125,12 @@ pub trait Pools: Send + Sync + 'static {
         node: &Node,
         provisioning: Provisioning,
     ) -> impl Future<Output = Result<u64>> + Send;
+    /// The largest volume `node` could ever hold, full or empty; 0 when unknown.
+    fn maximum(
+        &self,
+        node: &Node,
+        provisioning: Provisioning,
+    ) -> impl Future<Output = Result<u64>> + Send;
     /// The snapshot a create with this name made on `node`, if any.
     fn find_snapshot(
         &self,
@@ -361,6 +367,11 @@ impl Pools for LocalPools {
 
     async fn available(&self, _node: &Node, provisioning: Provisioning) -> Result<u64> {
         self.blocking(vec![], move |p| p.available(provisioning))
+            .await
+    }
+
+    async fn maximum(&self, _node: &Node, provisioning: Provisioning) -> Result<u64> {
+        self.blocking(vec![], move |p| p.maximum(provisioning))
             .await
     }
 

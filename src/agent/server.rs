@@ -85,6 +85,8 @@ async fn status(pools: &LocalPools) -> proto::StatusUpdate {
     let node = pools.this_node().clone();
     let thin = pools.available(&node, Provisioning::Thin).await;
     let thick = pools.available(&node, Provisioning::Thick).await;
+    let maximum_thin = pools.maximum(&node, Provisioning::Thin).await;
+    let maximum_thick = pools.maximum(&node, Provisioning::Thick).await;
     let pool = Arc::clone(pools.pool());
     let probe = match tokio::task::spawn_blocking(move || pool.probe()).await {
         Ok(result) => result,
@@ -96,6 +98,10 @@ async fn status(pools: &LocalPools) -> proto::StatusUpdate {
             available_thick: thick,
             healthy: true,
             message: "pool is usable".to_owned(),
+            // Unknown (0) if the pool cannot say: the controller then leaves the
+            // bound to the node.
+            maximum_thin: maximum_thin.unwrap_or(0),
+            maximum_thick: maximum_thick.unwrap_or(0),
         },
         (thin, thick, probe) => {
             let problem = [thin.err(), thick.err(), probe.err().map(Into::into)]
@@ -109,6 +115,8 @@ async fn status(pools: &LocalPools) -> proto::StatusUpdate {
                 available_thick: 0,
                 healthy: false,
                 message: format!("pool is not usable: {problem}"),
+                maximum_thin: 0,
+                maximum_thick: 0,
             }
         }
     }

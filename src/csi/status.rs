@@ -107,6 +107,15 @@ pub fn no_node(reason: impl std::fmt::Display) -> Status {
     Status::resource_exhausted(format!("accessibility_requirements: {reason}"))
 }
 
+/// A size above the largest volume any live node's pool could ever hold, full or
+/// empty: no node and no wait can serve it.
+pub fn beyond_every_pool(needed: u64, largest: u64) -> Status {
+    Status::out_of_range(format!(
+        "capacity_range: {needed} bytes is more than the {largest} bytes the largest pool \
+         of any live kura node could ever hold"
+    ))
+}
+
 /// A content source whose ID names a node that cannot exist.
 pub fn source_not_found(id: &str, node: &str) -> Status {
     Status::not_found(format!(
