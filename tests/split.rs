@@ -805,7 +805,9 @@ async fn the_agent_refuses_every_credential_but_the_controllers() {
     assert_eq!(error.code(), Code::Unavailable, "{error:?}");
 
     // A controller process with the other CA's identity: the agent refuses it, so it
-    // finds no node, says it is not ready, and has nowhere to place a volume.
+    // finds no node and has nowhere to place a volume. Its Probe still says ready (a
+    // controller without agents is alive: restarting it would not help), and
+    // `kura_agent_up` says what it sees.
     let lost = cluster.start_controller(&foreign.join("controller")).await;
     tokio::time::sleep(2 * kura::agent::cluster::DISCOVERY_INTERVAL).await;
     let probe = lost
@@ -815,7 +817,11 @@ async fn the_agent_refuses_every_credential_but_the_controllers() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(probe.ready, Some(false));
+    assert_eq!(probe.ready, Some(true));
+    assert!(
+        lost.proc.logs().contains("no agent is live"),
+        "the missing agents are logged"
+    );
     assert_eq!(lost.capacity("node-a").await, 0);
     let nowhere = create(&lost, with_topology("pvc-nowhere", MIB, None))
         .await
