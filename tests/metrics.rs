@@ -133,6 +133,24 @@ impl Scrape {
     }
 }
 
+/// `kura_build_info` as every role exports it: this build's version and revision.
+fn assert_build_info(scrape: &Scrape) {
+    let revision = kura::metrics::REVISION;
+    let series = format!(
+        "kura_build_info{{version=\"{}\",revision=\"{revision}\"}}",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(scrape.get(&series), 1.0);
+    // Built from this checkout, the revision is its HEAD.
+    if let Ok(out) = std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .output()
+        && out.status.success()
+    {
+        assert_eq!(revision, String::from_utf8_lossy(&out.stdout).trim());
+    }
+}
+
 fn metrics_address() -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, free_port(Ipv4Addr::LOCALHOST)))
 }
@@ -258,6 +276,9 @@ async fn all_in_one_counts_calls_and_reads_its_pool() {
         1.0
     );
     assert!(!scrape.has_metric("kura_agent_operations_seconds"));
+    // Its own pool, in-process: always up.
+    assert_eq!(scrape.get("kura_agent_up{node=\"test-node\"}"), 1.0);
+    assert_build_info(&scrape);
 
     // The gauges are read at each scrape: detached and deleted, they say so.
     node.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
@@ -368,6 +389,8 @@ async fn node_counts_agent_calls_and_controller_counts_csi_calls() {
         "the controller has no pool"
     );
     assert!(!on_controller.has_metric("kura_agent_operations_seconds"));
+    assert_eq!(on_controller.get("kura_agent_up{node=\"node-a\"}"), 1.0);
+    assert_build_info(&on_controller);
 
     let on_node = Scrape::of(node_metrics).await;
     assert_eq!(
@@ -404,5 +427,23 @@ async fn node_counts_agent_calls_and_controller_counts_csi_calls() {
         on_node.agent_count("/kura.agent.v1.Agent/DeleteVolume", "OK"),
         1.0
     );
+    assert_build_info(&on_node);
+    assert!(
+        !on_node.has_metric("kura_agent_up"),
+        "only the controller sees agents"
+    );
+
+    // The agent killed: the controller's gauge turns 0 within the liveness deadline
+    // (and the node stays listed: it is known, and down).
+    cluster.nodes[0].proc.kill();
+    let deadline = std::time::Instant::now() + 4 * kura::agent::cluster::LIVENESS_DEADLINE;
+    loop {
+        let scrape = Scrape::of(controller_metrics).await;
+        if scrape.get("kura_agent_up{node=\"node-a\"}") == 0.0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", scrape.text);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     drop(controller);
 }

@@ -119,7 +119,7 @@ impl Cluster {
         Cluster { inner }
     }
 
-    /// Whether the controller can serve: at least one agent is live.
+    /// Whether any agent is live; the error says where none was found.
     pub fn ready(&self) -> std::result::Result<(), String> {
         let state = self.inner.lock();
         if state.agents.values().any(Agent::live) {
@@ -130,6 +130,19 @@ impl Cluster {
                 self.inner.config.targets.join(", ")
             ))
         }
+    }
+
+    /// Every node whose agent was found since start, by node ID, and whether that
+    /// agent is live now.
+    pub fn agents(&self) -> Vec<(String, bool)> {
+        let state = self.inner.lock();
+        let mut agents: Vec<(String, bool)> = state
+            .agents
+            .values()
+            .map(|a| (a.node.id.clone(), a.live()))
+            .collect();
+        agents.sort();
+        agents
     }
 
     /// The client and down-signal of the live agent of `token`.

@@ -52,8 +52,8 @@ impl PoolFacts {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct NodeLabel {
-    node: String,
+pub(super) struct NodeLabel {
+    pub node: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -80,7 +80,8 @@ impl PoolCollector {
     }
 }
 
-fn gauge<S: EncodeLabelSet>(
+/// Encodes one gauge with the given series.
+pub(super) fn gauge<S: EncodeLabelSet>(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,

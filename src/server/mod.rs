@@ -127,7 +127,12 @@ impl AllInOneDriver {
             controller: ControllerService::new(local.pools(args)),
             node: local.node_service(args),
             driver_name: args.driver_name.clone(),
-            metrics: local.metrics(args).into_shared(),
+            metrics: local
+                .metrics(args)
+                .with_agents(crate::metrics::agents::AgentsCollector::Local(
+                    args.node_id.clone(),
+                ))
+                .into_shared(),
         })
     }
 
