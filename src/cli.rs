@@ -68,7 +68,8 @@ pub struct Local {
     /// How many volumes this node may hold (NodeGetInfo max_volumes_per_node).
     #[arg(long, env = "KURA_MAX_VOLUMES_PER_NODE", default_value_t = 1000)]
     pub max_volumes_per_node: i64,
-    /// Thin volumes may promise this many times the pool's free space.
+    /// Thin volumes may promise, in all, this many times the pool's size (and each no
+    /// more than this many times what is really free).
     #[arg(long, env = "KURA_OVERPROVISION_RATIO", default_value_t = 1.0, value_parser = parse_ratio)]
     pub overprovision_ratio: f64,
     /// Filesystem for mount volumes whose capability names none (ext4, xfs, btrfs).

@@ -33,7 +33,7 @@ impl Pool {
                 }
                 if name.ends_with(".partial") || name.ends_with(".tmp") || orphan_image {
                     tracing::warn!(path = %path.display(), "removing leftover of an interrupted operation");
-                    sys::fs::remove(&path)?;
+                    self.remove_image(&path)?;
                 }
             }
         }

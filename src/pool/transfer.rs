@@ -43,6 +43,7 @@ use nix::unistd::{Whence, lseek};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use super::capacity::Need;
 use super::encryption::Encryption;
 use super::ids::VolumeId;
 use super::volume::{Provisioning, Volume, VolumeSpec};
@@ -407,16 +408,11 @@ impl Pool {
             })));
         }
         // Anything else left for this volume reads another moment: start over.
-        sys::fs::remove(&partial)?;
+        self.remove_image(&partial)?;
         sys::fs::remove(&checkpoint_path)?;
-        let available = self.available(spec.provisioning)?;
-        let needed = match spec.provisioning {
-            Provisioning::Thick => volume_size,
-            Provisioning::Thin => source.size_bytes.min(volume_size),
-        };
-        if needed > available {
-            return Err(Error::NoSpace { needed, available });
-        }
+        // A thin copy promises its whole size, as a create does. (The promise is
+        // checked here, not held: the copy spans many calls.)
+        drop(self.promise(Need::New(spec.provisioning), volume_size)?);
         let created = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -477,7 +473,7 @@ impl Pool {
             };
             if !keep {
                 tracing::warn!(path = %path.display(), "removing an expired or broken transfer");
-                sys::fs::remove(&partial)?;
+                self.remove_image(&partial)?;
                 sys::fs::remove(&path)?;
             }
         }
@@ -505,7 +501,7 @@ impl Pool {
     /// and its checkpoint.
     pub fn abandon_import(&self, name: &str) -> Result<()> {
         let id = VolumeId::derive(name, &self.node);
-        sys::fs::remove(&partial_path(&self.image_path(&id)))?;
+        self.remove_image(&partial_path(&self.image_path(&id)))?;
         sys::fs::remove(&self.transfer_checkpoint_path(&id))?;
         Ok(())
     }
@@ -529,8 +525,11 @@ impl Pool {
         let image = self.image_path(&id);
         let thick = spec.provisioning == Provisioning::Thick;
         sys::fs::grow_image(&partial, volume_size, thick)
-            .and_then(|()| sys::fs::rename(&partial, &image))
             .map_err(|e| super::volume::no_space_or(e, volume_size, 0))?;
+        if thick {
+            self.back_on_host(&partial)?;
+        }
+        sys::fs::rename(&partial, &image)?;
         let volume = Volume {
             id: id.clone(),
             name: spec.name.clone(),
@@ -542,7 +541,7 @@ impl Pool {
             encryption: spec.encryption,
         };
         if let Err(e) = write_meta(&self.volume_meta_path(&id), &volume) {
-            let _ = sys::fs::remove(&image);
+            let _ = self.remove_image(&image);
             return Err(e);
         }
         sys::fs::remove(&checkpoint_path)?;

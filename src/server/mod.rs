@@ -58,6 +58,10 @@ impl LocalPool {
             overprovision_ratio: args.overprovision_ratio,
             default_volume_size: args.default_volume_size,
             mounted_root: !matches!(source, Source::Dir(_)),
+            host_image: match &source {
+                Source::Image { path, .. } => Some(path.clone()),
+                Source::Device(_) | Source::Dir(_) => None,
+            },
             pause,
         };
         let pool = Arc::new(Pool::open(&root, &args.node_id, options)?);

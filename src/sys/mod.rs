@@ -9,6 +9,7 @@ pub mod blkid;
 pub mod blockdev;
 pub mod cmd;
 pub mod copy;
+pub mod extents;
 pub mod fs;
 pub mod fscrypt;
 pub mod loopdev;
