@@ -262,6 +262,17 @@ async fn all_in_one_counts_calls_and_reads_its_pool() {
         "{size}"
     );
     assert!(available > 0.0 && available < size, "{available} of {size}");
+    // The image pool's host filesystem: the one holding the test's directory (shared
+    // with other work, so its free space is only checked to be within its size).
+    let host = kura::sys::fs::usage(&kura.dir).unwrap();
+    let host_size = scrape.get("kura_pool_host_filesystem_size_bytes{node=\"test-node\"}");
+    let host_available =
+        scrape.get("kura_pool_host_filesystem_available_bytes{node=\"test-node\"}");
+    assert_eq!(host_size, host.total_bytes as f64);
+    assert!(
+        host_available > 0.0 && host_available <= host_size,
+        "{host_available} of {host_size}"
+    );
     assert_eq!(
         scrape.get("kura_volumes{node=\"test-node\",condition=\"healthy\"}"),
         1.0
@@ -334,6 +345,21 @@ async fn all_in_one_counts_calls_and_reads_its_pool() {
     assert!(open.headers["content-type"].starts_with("application/openmetrics-text"));
     assert!(open.body.ends_with("# EOF\n"), "{}", open.body);
     assert_eq!(http_get(address, "/", None).await.status, 404);
+    assert_eq!(kura.terminate().await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn a_pool_without_an_image_has_no_host_gauges() {
+    let address = metrics_address();
+    let mut kura = Kura::with_args(PoolKind::Dir, &["--metrics-listen", &address.to_string()]);
+    kura.start().await;
+    let scrape = Scrape::of(address).await;
+    assert!(scrape.get("kura_pool_size_bytes{node=\"test-node\"}") > 0.0);
+    assert!(
+        !scrape.has_metric("kura_pool_host_filesystem_"),
+        "{}",
+        scrape.text
+    );
     assert_eq!(kura.terminate().await.code(), Some(0));
 }
 
@@ -414,6 +440,7 @@ async fn node_counts_agent_calls_and_controller_counts_csi_calls() {
         1.0
     );
     assert!(on_node.get("kura_pool_size_bytes{node=\"node-a\"}") > GIB as f64);
+    assert!(on_node.get("kura_pool_host_filesystem_size_bytes{node=\"node-a\"}") > 0.0);
 
     client
         .delete_volume(proto::DeleteVolumeRequest {

@@ -14,6 +14,9 @@
 //! - `kura_pool_size_bytes`, `kura_pool_available_bytes`, `kura_volumes{condition}`,
 //!   `kura_snapshots`, `kura_attached_loop_devices`, each with a `node` label: read
 //!   from the pool at scrape time (all-in-one and node).
+//! - `kura_pool_host_filesystem_size_bytes`, `kura_pool_host_filesystem_available_bytes`
+//!   (`node`): the host filesystem holding an image pool's image; absent for device
+//!   and directory pools.
 //! - `kura_agent_up{node}`: the agents the controller sees live (1) or down (0);
 //!   all-in-one reports its own node, always 1.
 //! - `kura_build_info{version,revision}`: always 1, on every role.
