@@ -41,6 +41,10 @@ pub enum Command {
     Controller(ControllerArgs),
     /// Writes a new CA and the controller and node identities (TLS-secret layout).
     Certs(CertsArgs),
+    /// Shows what is on this node: volumes, snapshots, group snapshots, attachments,
+    /// cross-node copies, and anything orphaned or abnormal with the reason.
+    /// Read-only: run it beside the serving `kura node`.
+    Inspect(InspectArgs),
 }
 
 /// The flags of a role that owns a pool (`all-in-one`, and `node` with more).
@@ -130,6 +134,23 @@ pub struct CertsArgs {
     /// tls.key). Existing identities are never overwritten.
     #[arg(long, env = "KURA_CERTS_OUT")]
     pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The node's state directory (its image or device pool is mounted at
+    /// `<state-dir>/pool`).
+    #[arg(long, env = "KURA_STATE_DIR", default_value = "/var/lib/kura")]
+    pub state_dir: PathBuf,
+    /// The pool of a node started with `--pool-dir`.
+    #[arg(long, env = "KURA_POOL_DIR")]
+    pub pool_dir: Option<PathBuf>,
+    /// An image pool's image, to show the host filesystem under it.
+    #[arg(long, env = "KURA_POOL_IMAGE")]
+    pub pool_image: Option<PathBuf>,
+    /// JSON for scripts, instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Where the pool lives: exactly one source.

@@ -13,6 +13,8 @@
 //! - [`pool`]: the node-local pool: volumes, snapshots, group snapshots
 //!   ([`pool::group`]), metadata, capacity, recovery, and exposing volumes on the node
 //!   ([`pool::attach`], inline volumes in [`pool::ephemeral`]).
+//! - [`inspect`]: `kura inspect`, a read-only report of what is on a node (from
+//!   [`pool::survey`]).
 //! - [`metrics`]: Prometheus metrics: a tower layer timing every gRPC call, the pool's
 //!   gauges read at scrape time, and the `/metrics` listener (`--metrics-listen`).
 //! - [`sys`]: the only code that touches the OS: loop devices, mounts, mkfs, reflink,
@@ -23,6 +25,7 @@
 pub mod agent;
 pub mod cli;
 pub mod csi;
+pub mod inspect;
 pub mod metrics;
 pub mod pool;
 pub mod server;

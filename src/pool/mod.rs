@@ -36,6 +36,7 @@ mod recovery;
 pub mod size;
 mod snapshot;
 pub mod source;
+pub mod survey;
 pub mod transfer;
 mod volume;
 

@@ -320,17 +320,17 @@ pub struct Source {
 
 /// The checkpoint document beside a `.partial` image.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Checkpoint {
+pub(super) struct Checkpoint {
     export_id: String,
     pin: String,
     /// The source image's size: what the `.partial` holds.
-    size_bytes: u64,
+    pub(super) size_bytes: u64,
     /// The next cell to receive; everything before it is on disk.
     offset: u64,
     chain: String,
     /// Data bytes written so far.
-    bytes_done: u64,
-    expires: i64,
+    pub(super) bytes_done: u64,
+    pub(super) expires: i64,
 }
 
 /// What a transfer request finds on the destination.

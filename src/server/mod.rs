@@ -4,6 +4,7 @@
 //! - [`node`]: Identity and Node on the CSI socket, plus the agent on TCP.
 //! - [`controller`]: Identity and Controller over the agents.
 //! - `certs`: writes the identities ([`crate::agent::tls::write_certs`]).
+//! - `inspect`: prints what is on the node ([`crate::inspect`]); serves nothing.
 
 pub mod controller;
 pub mod node;
@@ -246,6 +247,11 @@ pub async fn run(command: Command) -> Result<(), BoxError> {
         }
         Command::Node(args) => node::run(args, shutdown_signal()).await,
         Command::Controller(args) => controller::run(args, shutdown_signal()).await,
+        Command::Inspect(args) => {
+            let report = tokio::task::spawn_blocking(move || crate::inspect::run(&args)).await??;
+            print!("{report}");
+            Ok(())
+        }
         Command::Certs(args) => {
             let out = args.out.clone();
             tokio::task::spawn_blocking(move || crate::agent::tls::write_certs(&out)).await??;
