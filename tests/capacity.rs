@@ -50,17 +50,6 @@ async fn create(
         .map(|r| r.into_inner().volume.expect("volume"))
 }
 
-async fn delete(driver: &Driver, id: &str) {
-    driver
-        .controller()
-        .delete_volume(proto::DeleteVolumeRequest {
-            volume_id: id.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("DeleteVolume");
-}
-
 /// Bytes available on the filesystem holding `path`.
 fn free(path: &Path) -> u64 {
     kura::sys::fs::usage(path).unwrap().available_bytes
@@ -243,7 +232,7 @@ async fn an_image_pool_promises_only_what_its_host_can_back() {
                 &driver.path(&format!("target-{tag}")),
             )
             .await;
-        delete(&driver, &volume.volume_id).await;
+        driver.delete_volume(&volume.volume_id).await;
     }
     assert!(
         volume_files(&driver).is_empty(),
@@ -298,7 +287,7 @@ async fn thin_promises_add_up_to_the_pool_size_times_the_ratio() {
 
     // Creates at once never promise the same bytes: of eight quarter-sized ones,
     // exactly four fit.
-    delete(&driver, &second.volume_id).await;
+    driver.delete_volume(&second.volume_id).await;
     let quarter = capacity(&driver, "thin").await / 4 / MIB as u64 * MIB as u64;
     let creates = (0..8).map(|i| {
         let mut controller = driver.controller();
@@ -319,7 +308,7 @@ async fn thin_promises_add_up_to_the_pool_size_times_the_ratio() {
         .collect();
     assert_eq!(made.len(), 4, "{made:?}");
     for id in made.iter().chain([&first.volume_id]) {
-        delete(&driver, id).await;
+        driver.delete_volume(id).await;
     }
     // Every promise is released with its volume: what is left is the budget, or the
     // real free space times the ratio where the pool's own metadata takes some.

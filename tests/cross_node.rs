@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use cluster::*;
 use common::{
-    MIB, block_cap, create_request, mount_cap, pattern, publish_request, snapshot_source,
-    stage_request, volume_source, write_at, write_file,
+    MIB, block_cap, mount_cap, pattern, publish_request, snapshot_source, stage_request,
+    volume_source, write_at, write_file,
 };
 use kura::csi::proto;
 use kura::pool::{NodeToken, VolumeId};
@@ -58,36 +58,6 @@ async fn create(
             other => return other,
         }
     }
-}
-
-fn on_node(
-    name: &str,
-    size: i64,
-    node: &str,
-    cap: proto::VolumeCapability,
-    source: Option<proto::VolumeContentSource>,
-) -> proto::CreateVolumeRequest {
-    proto::CreateVolumeRequest {
-        accessibility_requirements: Some(topology(&[node], &[node])),
-        volume_capabilities: vec![cap],
-        ..create_request(name, size, &[], source)
-    }
-}
-
-async fn snapshot(controller: &ControllerProc, volume: &str, name: &str) -> proto::Snapshot {
-    controller
-        .controller()
-        .await
-        .create_snapshot(proto::CreateSnapshotRequest {
-            source_volume_id: volume.into(),
-            name: name.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("CreateSnapshot")
-        .into_inner()
-        .snapshot
-        .unwrap()
 }
 
 fn pool_root(node: &NodeProc) -> PathBuf {

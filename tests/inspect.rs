@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use cluster::*;
-use common::{MIB, block_cap, create_request, mount_cap, stage_request, volume_source};
+use common::{MIB, block_cap, mount_cap, stage_request, volume_source};
 use kura::csi::proto;
 use kura::pool::{NodeToken, VolumeId};
 use serde_json::Value;
@@ -22,19 +22,6 @@ use tonic::Code;
 
 #[path = "common/cluster.rs"]
 mod cluster;
-
-fn on_node(
-    name: &str,
-    node: &str,
-    cap: proto::VolumeCapability,
-    source: Option<proto::VolumeContentSource>,
-) -> proto::CreateVolumeRequest {
-    proto::CreateVolumeRequest {
-        accessibility_requirements: Some(topology(&[node], &[node])),
-        volume_capabilities: vec![cap],
-        ..create_request(name, 256 * MIB, &[], source)
-    }
-}
 
 async fn create(controller: &ControllerProc, request: proto::CreateVolumeRequest) -> String {
     controller
@@ -179,30 +166,19 @@ async fn inspect_reports_every_state_and_changes_nothing() {
     // a group snapshot of both.
     let published = create(
         controller,
-        on_node("pvc-published", "node-a", mount.clone(), None),
+        on_node("pvc-published", 256 * MIB, "node-a", mount.clone(), None),
     )
     .await;
     let staging = stage(a, &published, &mount, "published").await;
     let target = publish(a, &published, &staging, &mount, "published").await;
     let blockvol = create(
         controller,
-        on_node("pvc-block", "node-a", block.clone(), None),
+        on_node("pvc-block", 256 * MIB, "node-a", block.clone(), None),
     )
     .await;
     let block_staging = stage(a, &blockvol, &block, "block").await;
-    let snapshot = controller
-        .controller()
+    let snap = snapshot(controller, &published, "snap-inspect")
         .await
-        .create_snapshot(proto::CreateSnapshotRequest {
-            source_volume_id: published.clone(),
-            name: "snap-inspect".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("CreateSnapshot")
-        .into_inner()
-        .snapshot
-        .unwrap()
         .snapshot_id;
     let group = kura::csi::proto::group_controller_client::GroupControllerClient::new(
         kura::csi::client::connect(&controller.socket)
@@ -229,6 +205,7 @@ async fn inspect_reports_every_state_and_changes_nothing() {
         .await
         .create_volume(on_node(
             "pvc-copy",
+            256 * MIB,
             "node-b",
             mount.clone(),
             Some(volume_source(&blockvol)),
@@ -244,14 +221,14 @@ async fn inspect_reports_every_state_and_changes_nothing() {
     // Unreadable metadata.
     let corrupt = create(
         controller,
-        on_node("pvc-corrupt", "node-a", mount.clone(), None),
+        on_node("pvc-corrupt", 256 * MIB, "node-a", mount.clone(), None),
     )
     .await;
     std::fs::write(pool.join(format!("volumes/{corrupt}.json")), b"{").unwrap();
     // A stuck attachment: staged, then its mount and loop device gone behind kura's back.
     let stuck = create(
         controller,
-        on_node("pvc-stuck", "node-a", mount.clone(), None),
+        on_node("pvc-stuck", 256 * MIB, "node-a", mount.clone(), None),
     )
     .await;
     let stuck_staging = stage(a, &stuck, &mount, "stuck").await;
@@ -264,7 +241,7 @@ async fn inspect_reports_every_state_and_changes_nothing() {
     // A staging mount whose record is gone.
     let unrecorded = create(
         controller,
-        on_node("pvc-unrecorded", "node-a", mount.clone(), None),
+        on_node("pvc-unrecorded", 256 * MIB, "node-a", mount.clone(), None),
     )
     .await;
     let unrecorded_staging = stage(a, &unrecorded, &mount, "unrecorded").await;
@@ -305,7 +282,7 @@ async fn inspect_reports_every_state_and_changes_nothing() {
         .collect();
     assert_eq!(abnormal, vec![corrupt.clone()]);
     let snapshots = ids(&report, "snapshots", "id");
-    assert!(snapshots.contains(&snapshot), "{snapshots:?}");
+    assert!(snapshots.contains(&snap), "{snapshots:?}");
     assert_eq!(snapshots.len(), 3, "one snapshot and two group members");
     assert_eq!(ids(&report, "group_snapshots", "id"), vec![group.clone()]);
 
@@ -364,7 +341,7 @@ async fn inspect_reports_every_state_and_changes_nothing() {
         "{unrecorded_reasons}"
     );
     assert!(reasons(&dangling.display().to_string())[0].contains("deleted image"));
-    for healthy in [&published, &blockvol, &snapshot, &group] {
+    for healthy in [&published, &blockvol, &snap, &group] {
         assert!(
             reasons(healthy).is_empty(),
             "{healthy}: {:?}",

@@ -62,17 +62,6 @@ async fn create_from(
     volume
 }
 
-async fn delete_volume(driver: &Driver, id: &str) {
-    driver
-        .controller()
-        .delete_volume(proto::DeleteVolumeRequest {
-            volume_id: id.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("DeleteVolume");
-}
-
 async fn delete_snapshot(driver: &Driver, id: &str) -> Result<(), tonic::Status> {
     driver
         .controller()
@@ -432,7 +421,7 @@ async fn snapshot_survives_deletion_of_its_source() {
         .await;
 
     // Deleting a volume that has snapshots is allowed, and the snapshot stays.
-    delete_volume(&driver, &source.volume_id).await;
+    driver.delete_volume(&source.volume_id).await;
     let gone = driver
         .controller()
         .controller_get_volume(proto::ControllerGetVolumeRequest {

@@ -145,6 +145,12 @@ impl Cluster {
         agents
     }
 
+    /// The latest status of `node`'s agent; `None` while it is down or unknown.
+    fn latest_status(&self, node: &Node) -> Option<proto::StatusUpdate> {
+        let state = self.inner.lock();
+        state.agents.get(&node.token).and_then(|a| a.status.clone())
+    }
+
     /// The client and down-signal of the live agent of `token`.
     fn live_agent(
         &self,
@@ -546,12 +552,8 @@ impl Pools for Cluster {
 
     /// From the agent's latest status: 0 for a node that is down or unknown.
     async fn available(&self, node: &Node, provisioning: Provisioning) -> Result<u64> {
-        let state = self.inner.lock();
-        let status = state
-            .agents
-            .get(&node.token)
-            .and_then(|a| a.status.as_ref());
-        Ok(match (status, provisioning) {
+        let status = self.latest_status(node);
+        Ok(match (status.as_ref(), provisioning) {
             (None, _) => 0,
             (Some(s), _) if !s.healthy => 0,
             (Some(s), Provisioning::Thin) => s.available_thin,
@@ -561,12 +563,7 @@ impl Pools for Cluster {
 
     /// From the agent's latest status: 0 (unknown) for a node that is down or unknown.
     async fn maximum(&self, node: &Node, provisioning: Provisioning) -> Result<u64> {
-        let state = self.inner.lock();
-        let status = state
-            .agents
-            .get(&node.token)
-            .and_then(|a| a.status.as_ref());
-        Ok(match (status, provisioning) {
+        Ok(match (self.latest_status(node), provisioning) {
             (None, _) => 0,
             (Some(s), Provisioning::Thin) => s.maximum_thin,
             (Some(s), Provisioning::Thick) => s.maximum_thick,

@@ -174,6 +174,17 @@ impl Driver {
             .expect("volume in response")
     }
 
+    /// Deletes a volume, which must succeed.
+    pub async fn delete_volume(&self, id: &str) {
+        self.controller()
+            .delete_volume(proto::DeleteVolumeRequest {
+                volume_id: id.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("DeleteVolume");
+    }
+
     /// Stages and publishes a volume; returns the target path (a directory for mount
     /// access, the device file for block access).
     pub async fn stage_and_publish(
