@@ -152,9 +152,12 @@ impl Pool {
 
     /// Bytes a new volume of the given provisioning may take now.
     pub fn available(&self, provisioning: Provisioning) -> Result<u64> {
-        Ok(self
-            .capacity_facts()?
-            .available(provisioning, self.options.overprovision_ratio))
+        let facts = match provisioning {
+            Provisioning::Thin => self.capacity_facts()?,
+            // Thick volumes take real space only: no need to read the promises.
+            Provisioning::Thick => self.facts(0)?,
+        };
+        Ok(facts.available(provisioning, self.options.overprovision_ratio))
     }
 
     /// Takes room for `bytes` as `need` says, or answers NoSpace. Thin bytes stay
@@ -163,7 +166,13 @@ impl Pool {
     /// promise the same bytes.
     pub(super) fn promise(&self, need: Need, bytes: u64) -> Result<Promise<'_>> {
         let mut held = self.in_flight.lock();
-        let facts = self.facts(self.promised_thin()?.saturating_add(*held))?;
+        let promised = match need {
+            Need::New(Provisioning::Thick) => 0,
+            Need::New(Provisioning::Thin) | Need::BecomingThin => {
+                self.promised_thin()?.saturating_add(*held)
+            }
+        };
+        let facts = self.facts(promised)?;
         let ratio = self.options.overprovision_ratio;
         let available = match need {
             Need::New(provisioning) => facts.available(provisioning, ratio),
