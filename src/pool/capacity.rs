@@ -21,9 +21,9 @@
 //! (`fallocate`, keeping its size). A thick volume's writes then never need host
 //! space, and a host filesystem that fills cannot fail them. When the host cannot back
 //! it, the create fails (NoSpace) and leaves nothing. The pool is mounted with
-//! `discard`, so blocks a deleted volume wrote go back to the host; the blocks it only
-//! allocated (which discard skips) are punched out of the image before the volume's
-//! file goes ([`Pool::unback_on_host`]).
+//! `discard`; and a volume's own blocks (not those a snapshot shares) are punched out
+//! of the image just before its file goes ([`Pool::unback_on_host`]), so a deleted
+//! volume's host space comes back at once.
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -244,12 +244,13 @@ impl Pool {
         Ok(sys::fs::remove(image)?)
     }
 
-    /// Gives the host back the blocks under `image`'s allocated but never written
-    /// extents from byte `from` on, before the pool frees them: the pool's discard
-    /// skips such extents (nothing was written there), so without this a deleted
-    /// thick volume would keep its host space. Only blocks `image` alone holds are
-    /// touched, and they read as zeros either way. Nothing to do for other pools.
-    /// Failing costs host space, never data: it is logged, not returned.
+    /// Gives the host back the blocks under `image` from byte `from` on that `image`
+    /// alone holds (not those a snapshot shares), just before the pool frees them:
+    /// the file is being removed or cut, so what they read no longer matters. The
+    /// pool's `discard` would give back the written ones, but only once XFS commits
+    /// the free (up to 30 s later, capacity reading low meanwhile), and never the
+    /// allocated but unwritten ones of a thick volume. Nothing to do for other
+    /// pools. Failing costs host space, never data: it is logged, not returned.
     pub(super) fn unback_on_host(&self, image: &Path, from: u64) {
         let Some(host) = &self.options.host_image else {
             return;
@@ -257,7 +258,7 @@ impl Pool {
         let released = sys::extents::map(image, from).and_then(|extents| {
             let ranges: Vec<_> = extents
                 .into_iter()
-                .filter(|e| e.unwritten && !e.shared)
+                .filter(|e| !e.shared)
                 .map(|e| e.device)
                 .collect();
             sys::extents::punch(host, &sys::extents::merge(ranges))
