@@ -60,7 +60,9 @@ cleanup() {
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
   # Volumes csi-sanity left staged, then the pool: only what this run made.
-  grep -F " $work/" /proc/self/mountinfo | awk '{print $5}' | sort -r | while read -r m; do umount "$m" || true; done
+  # (No mount there, as when kura fails before mounting its pool, is no error: under
+  # set -e a failing grep would end the cleanup before the loop devices go.)
+  { grep -F " $work/" /proc/self/mountinfo || true; } | awk '{print $5}' | sort -r | while read -r m; do umount "$m" || true; done
   for dev in $(losetup -n -O NAME -j "$work/pool.img" 2>/dev/null); do losetup -d "$dev" || true; done
   rm -rf "$work"
 }
