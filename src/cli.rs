@@ -43,6 +43,10 @@ pub enum Command {
     Controller(ControllerArgs),
     /// Writes a new CA and the controller and node identities (TLS-secret layout).
     Certs(CertsArgs),
+    /// Shows what is on this node: volumes, snapshots, group snapshots, attachments,
+    /// cross-node copies, and anything orphaned or abnormal with the reason.
+    /// Read-only: run it beside the serving `kura node`.
+    Inspect(InspectArgs),
 }
 
 /// The flags of a role that owns a pool (`all-in-one`, and `node` with more).
@@ -70,7 +74,8 @@ pub struct Local {
     /// How many volumes this node may hold (NodeGetInfo max_volumes_per_node).
     #[arg(long, env = "KURA_MAX_VOLUMES_PER_NODE", default_value_t = 1000)]
     pub max_volumes_per_node: i64,
-    /// Thin volumes may promise this many times the pool's free space.
+    /// Thin volumes may promise, in all, this many times the pool's size (and each no
+    /// more than this many times what is really free).
     #[arg(long, env = "KURA_OVERPROVISION_RATIO", default_value_t = 1.0, value_parser = parse_ratio)]
     pub overprovision_ratio: f64,
     /// Filesystem for mount volumes whose capability names none (ext4, xfs, btrfs).
@@ -131,6 +136,23 @@ pub struct CertsArgs {
     /// tls.key). Existing identities are never overwritten.
     #[arg(long, env = "KURA_CERTS_OUT")]
     pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The node's state directory (its image or device pool is mounted at
+    /// `<state-dir>/pool`).
+    #[arg(long, env = "KURA_STATE_DIR", default_value = "/var/lib/kura")]
+    pub state_dir: PathBuf,
+    /// The pool of a node started with `--pool-dir`.
+    #[arg(long, env = "KURA_POOL_DIR")]
+    pub pool_dir: Option<PathBuf>,
+    /// An image pool's image, to show the host filesystem under it.
+    #[arg(long, env = "KURA_POOL_IMAGE")]
+    pub pool_image: Option<PathBuf>,
+    /// JSON for scripts, instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Where the pool lives: exactly one source.

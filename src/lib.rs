@@ -28,6 +28,8 @@
 //! - [`server`]: builds each role (`all-in-one`, `node`, `controller`) from the
 //!   command line ([`cli`], every flag also from a `KURA_*` variable) and serves it;
 //!   `certs` writes the agent API's identities.
+//! - [`inspect`]: `kura inspect`, a read-only report of what is on a node (from
+//!   [`pool::survey`]), run beside a serving `kura node`.
 //! - [`metrics`]: Prometheus: a tower layer timing every gRPC call, the pool's gauges
 //!   read at scrape time, and the `/metrics` listener (`--metrics-listen`).
 //!
@@ -37,6 +39,7 @@ pub mod agent;
 pub mod cli;
 pub mod control;
 pub mod csi;
+pub mod inspect;
 pub mod metrics;
 pub mod node;
 pub mod pool;

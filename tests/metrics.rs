@@ -127,6 +127,24 @@ impl Scrape {
     }
 }
 
+/// `kura_build_info` as every role exports it: this build's version and revision.
+fn assert_build_info(scrape: &Scrape) {
+    let revision = kura::metrics::REVISION;
+    let series = format!(
+        "kura_build_info{{version=\"{}\",revision=\"{revision}\"}}",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(scrape.get(&series), 1.0);
+    // Built from this checkout, the revision is its HEAD.
+    if let Ok(out) = std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .output()
+        && out.status.success()
+    {
+        assert_eq!(revision, String::from_utf8_lossy(&out.stdout).trim());
+    }
+}
+
 fn metrics_address() -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, free_port(Ipv4Addr::LOCALHOST)))
 }
@@ -209,6 +227,17 @@ async fn all_in_one_counts_calls_and_reads_its_pool() {
         "{size}"
     );
     assert!(available > 0.0 && available < size, "{available} of {size}");
+    // The image pool's host filesystem: the one holding the test's directory (shared
+    // with other work, so its free space is only checked to be within its size).
+    let host = kura::sys::fs::usage(&kura.dir).unwrap();
+    let host_size = scrape.get("kura_pool_host_filesystem_size_bytes{node=\"test-node\"}");
+    let host_available =
+        scrape.get("kura_pool_host_filesystem_available_bytes{node=\"test-node\"}");
+    assert_eq!(host_size, host.total_bytes as f64);
+    assert!(
+        host_available > 0.0 && host_available <= host_size,
+        "{host_available} of {host_size}"
+    );
     assert_eq!(
         scrape.get("kura_volumes{node=\"test-node\",condition=\"healthy\"}"),
         1.0
@@ -223,6 +252,9 @@ async fn all_in_one_counts_calls_and_reads_its_pool() {
         1.0
     );
     assert!(!scrape.has_metric("kura_agent_operations_seconds"));
+    // Its own pool, in-process: always up.
+    assert_eq!(scrape.get("kura_agent_up{node=\"test-node\"}"), 1.0);
+    assert_build_info(&scrape);
 
     // The gauges are read at each scrape: detached and deleted, they say so.
     kura.unpublish_and_unstage(&volume.volume_id, &staging, &target)
@@ -256,6 +288,21 @@ async fn all_in_one_counts_calls_and_reads_its_pool() {
     assert!(open.headers["content-type"].starts_with("application/openmetrics-text"));
     assert!(open.body.ends_with("# EOF\n"), "{}", open.body);
     assert_eq!(http_get(address, "/", None).await.status, 404);
+    assert_eq!(kura.terminate().await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn a_pool_without_an_image_has_no_host_gauges() {
+    let address = metrics_address();
+    let mut kura = Kura::with_args(PoolKind::Dir, &["--metrics-listen", &address.to_string()]);
+    kura.start().await;
+    let scrape = Scrape::of(address).await;
+    assert!(scrape.get("kura_pool_size_bytes{node=\"test-node\"}") > 0.0);
+    assert!(
+        !scrape.has_metric("kura_pool_host_filesystem_"),
+        "{}",
+        scrape.text
+    );
     assert_eq!(kura.terminate().await.code(), Some(0));
 }
 
@@ -308,6 +355,8 @@ async fn node_counts_agent_calls_and_controller_counts_csi_calls() {
         "the controller has no pool"
     );
     assert!(!on_controller.has_metric("kura_agent_operations_seconds"));
+    assert_eq!(on_controller.get("kura_agent_up{node=\"node-a\"}"), 1.0);
+    assert_build_info(&on_controller);
 
     let on_node = Scrape::of(node_metrics).await;
     assert_eq!(
@@ -331,6 +380,7 @@ async fn node_counts_agent_calls_and_controller_counts_csi_calls() {
         1.0
     );
     assert!(on_node.get("kura_pool_size_bytes{node=\"node-a\"}") > GIB as f64);
+    assert!(on_node.get("kura_pool_host_filesystem_size_bytes{node=\"node-a\"}") > 0.0);
 
     client
         .delete_volume(delete_volume_request(&volume.volume_id))
@@ -341,5 +391,23 @@ async fn node_counts_agent_calls_and_controller_counts_csi_calls() {
         on_node.agent_count("/kura.agent.v1.Agent/DeleteVolume", "OK"),
         1.0
     );
+    assert_build_info(&on_node);
+    assert!(
+        !on_node.has_metric("kura_agent_up"),
+        "only the controller sees agents"
+    );
+
+    // The agent killed: the controller's gauge turns 0 within the liveness deadline
+    // (and the node stays listed: it is known, and down).
+    cluster.nodes[0].kill();
+    let deadline = std::time::Instant::now() + 4 * kura::agent::cluster::LIVENESS_DEADLINE;
+    loop {
+        let scrape = Scrape::of(controller_metrics).await;
+        if scrape.get("kura_agent_up{node=\"node-a\"}") == 0.0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", scrape.text);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     drop(controller);
 }

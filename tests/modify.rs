@@ -59,7 +59,6 @@ async fn modify_round_trip(controller: &mut ControllerClient<Channel>, root: &Pa
             "XXX_FakeKey",
         ),
         (&[(PROVISIONING, "fat")], "fat"),
-        (&[], "mutable_parameters"),
     ] {
         let status = controller
             .controller_modify_volume(modify(&id, pairs))

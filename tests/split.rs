@@ -153,6 +153,18 @@ async fn placement_capacity_and_listing() {
         .await
         .unwrap();
     assert_eq!(volume_node(&v), "node-c");
+    // A size no live node's pool could ever hold: OUT_OF_RANGE, with topology or
+    // without (rescheduling cannot help), and nothing is made anywhere.
+    for (name, size) in [("pvc-beyond", i64::MAX), ("pvc-beyond-4g", 4 * GIB + MIB)] {
+        for requirements in [None, Some(topology(&["node-a"], &["node-a"]))] {
+            let beyond = controller
+                .create(with_topology(name, size, requirements))
+                .await
+                .unwrap_err();
+            assert_eq!(beyond.code(), Code::OutOfRange, "{beyond:?}");
+            assert!(beyond.message().contains("capacity_range"), "{beyond:?}");
+        }
+    }
     // A requisite naming no kura node.
     let none = controller
         .create(strictly_on("pvc-nowhere", 64 * MIB, "node-x"))
@@ -648,7 +660,9 @@ async fn the_agent_refuses_every_credential_but_the_controllers() {
     assert_eq!(error.code(), Code::Unavailable, "{error:?}");
 
     // A controller process with the other CA's identity: the agent refuses it, so it
-    // finds no node, says it is not ready, and has nowhere to place a volume.
+    // finds no node and has nowhere to place a volume. Its Probe still says ready (a
+    // controller without agents is alive: restarting it would not help), and
+    // `kura_agent_up` says what it sees.
     let lost = cluster.start_controller(&foreign.join("controller")).await;
     tokio::time::sleep(2 * kura::agent::cluster::DISCOVERY_INTERVAL).await;
     let probe = lost
@@ -657,7 +671,11 @@ async fn the_agent_refuses_every_credential_but_the_controllers() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(probe.ready, Some(false));
+    assert_eq!(probe.ready, Some(true));
+    assert!(
+        lost.logs().contains("no agent is live"),
+        "the missing agents are logged"
+    );
     assert_eq!(lost.capacity("node-a").await, 0);
     let nowhere = lost
         .create(with_topology("pvc-nowhere", MIB, None))

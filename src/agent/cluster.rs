@@ -119,7 +119,7 @@ impl Cluster {
         Cluster { inner }
     }
 
-    /// Whether the controller can serve: at least one agent is live.
+    /// Whether any agent is live; the error says where none was found.
     pub fn ready(&self) -> std::result::Result<(), String> {
         let state = self.inner.lock();
         if state.agents.values().any(Agent::live) {
@@ -130,6 +130,25 @@ impl Cluster {
                 self.inner.config.targets.join(", ")
             ))
         }
+    }
+
+    /// Every node whose agent was found since start, by node ID, and whether that
+    /// agent is live now.
+    pub fn agents(&self) -> Vec<(String, bool)> {
+        let state = self.inner.lock();
+        let mut agents: Vec<(String, bool)> = state
+            .agents
+            .values()
+            .map(|a| (a.node.id.clone(), a.live()))
+            .collect();
+        agents.sort();
+        agents
+    }
+
+    /// The latest status of `node`'s agent; `None` while it is down or unknown.
+    fn latest_status(&self, node: &Node) -> Option<proto::StatusUpdate> {
+        let state = self.inner.lock();
+        state.agents.get(&node.token).and_then(|a| a.status.clone())
     }
 
     /// The client and down-signal of the live agent of `token`.
@@ -542,16 +561,21 @@ impl Pools for Cluster {
 
     /// From the agent's latest status: 0 for a node that is down or unknown.
     async fn available(&self, node: &Node, provisioning: Provisioning) -> Result<u64> {
-        let state = self.inner.lock();
-        let status = state
-            .agents
-            .get(&node.token)
-            .and_then(|a| a.status.as_ref());
-        Ok(match (status, provisioning) {
+        let status = self.latest_status(node);
+        Ok(match (status.as_ref(), provisioning) {
             (None, _) => 0,
             (Some(s), _) if !s.healthy => 0,
             (Some(s), Provisioning::Thin) => s.available_thin,
             (Some(s), Provisioning::Thick) => s.available_thick,
+        })
+    }
+
+    /// From the agent's latest status: 0 (unknown) for a node that is down or unknown.
+    async fn maximum(&self, node: &Node, provisioning: Provisioning) -> Result<u64> {
+        Ok(match (self.latest_status(node), provisioning) {
+            (None, _) => 0,
+            (Some(s), Provisioning::Thin) => s.maximum_thin,
+            (Some(s), Provisioning::Thick) => s.maximum_thick,
         })
     }
 

@@ -92,6 +92,10 @@ impl Pools for InProcess {
         Ok(self.local.available(provisioning).await?)
     }
 
+    async fn maximum(&self, _node: &Node, provisioning: Provisioning) -> Result<u64> {
+        Ok(self.local.maximum(provisioning).await?)
+    }
+
     async fn find_snapshot(&self, _node: &Node, name: String) -> Result<Option<Snapshot>> {
         Ok(self.local.find_snapshot(name).await?)
     }

@@ -139,6 +139,12 @@ pub trait Pools: Send + Sync + 'static {
         node: &Node,
         provisioning: Provisioning,
     ) -> impl Future<Output = Result<u64>> + Send;
+    /// The largest volume `node` could ever hold, full or empty; 0 when unknown.
+    fn maximum(
+        &self,
+        node: &Node,
+        provisioning: Provisioning,
+    ) -> impl Future<Output = Result<u64>> + Send;
     /// The snapshot a create with this name made on `node`, if any.
     fn find_snapshot(
         &self,

@@ -93,6 +93,8 @@ fn control<T>(request: &Request<T>) -> Result<(), Status> {
 async fn status(local: &node::Local) -> proto::StatusUpdate {
     let thin = local.available(Provisioning::Thin).await;
     let thick = local.available(Provisioning::Thick).await;
+    let maximum_thin = local.maximum(Provisioning::Thin).await;
+    let maximum_thick = local.maximum(Provisioning::Thick).await;
     let probe = local.probe().await;
     match (thin, thick, probe) {
         (Ok(thin), Ok(thick), Ok(())) => proto::StatusUpdate {
@@ -100,6 +102,10 @@ async fn status(local: &node::Local) -> proto::StatusUpdate {
             available_thick: thick,
             healthy: true,
             message: "pool is usable".to_owned(),
+            // Unknown (0) if the pool cannot say: the controller then leaves the
+            // bound to the node.
+            maximum_thin: maximum_thin.unwrap_or(0),
+            maximum_thick: maximum_thick.unwrap_or(0),
         },
         (thin, thick, probe) => {
             let problem = [thin.err(), thick.err(), probe.err()]
@@ -113,6 +119,8 @@ async fn status(local: &node::Local) -> proto::StatusUpdate {
                 available_thick: 0,
                 healthy: false,
                 message: format!("pool is not usable: {problem}"),
+                maximum_thin: 0,
+                maximum_thick: 0,
             }
         }
     }

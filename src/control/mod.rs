@@ -41,6 +41,13 @@ pub enum Error {
     /// No node can take the volume within what the request allows.
     #[error(transparent)]
     NoRoom(#[from] Refusal),
+    /// A size above the largest volume any live node's pool could ever hold, full or
+    /// empty: no node and no wait can serve it.
+    #[error(
+        "{needed} bytes is more than the {largest} bytes the largest pool of any live \
+         kura node could ever hold"
+    )]
+    BeyondEveryPool { needed: u64, largest: u64 },
     /// A content source whose ID names a node that cannot exist.
     #[error("{id} does not exist (no kura node {node})")]
     SourceNotFound { id: String, node: String },
@@ -193,6 +200,7 @@ impl<P: Pools> Controller<P> {
         needed: u64,
         source: Option<&ContentSource>,
     ) -> Result<Node> {
+        self.check_satisfiable(provisioning, needed).await?;
         let source_node = match source {
             None => None,
             // A source on a node kura cannot have names nothing: NOT_FOUND, not a
@@ -216,6 +224,27 @@ impl<P: Pools> Controller<P> {
             source_node.as_ref(),
             &live,
         )?)
+    }
+
+    /// A size above the largest volume any live node could ever hold is refused
+    /// ([`Error::BeyondEveryPool`], OUT_OF_RANGE) whatever the topology asks: waiting
+    /// or placing elsewhere cannot help. Within that, a node without room is a
+    /// placement refusal (RESOURCE_EXHAUSTED: the scheduler may pick a node that can).
+    /// With no live node, or one whose bound is unknown (an older agent), the node
+    /// decides.
+    async fn check_satisfiable(&self, provisioning: Provisioning, needed: u64) -> Result<()> {
+        let mut largest = 0;
+        for node in self.pools.nodes() {
+            let most = self.pools.maximum(&node, provisioning).await?;
+            if most == 0 {
+                return Ok(());
+            }
+            largest = largest.max(most);
+        }
+        if largest > 0 && needed > largest {
+            return Err(Error::BeyondEveryPool { needed, largest });
+        }
+        Ok(())
     }
 
     /// The live node that holds a volume made by a create with this name, if any.
@@ -280,8 +309,22 @@ impl<P: Pools> Controller<P> {
         Ok(self.pools.expand_volume(id, range).await?.0)
     }
 
-    pub async fn modify_volume(&self, id: VolumeId, provisioning: Provisioning) -> Result<()> {
-        self.pools.modify_volume(id, provisioning).await?;
+    /// Gives a volume the provisioning asked for. With no key asked for there is
+    /// nothing to change (the spec: only the keys given are modified), but the volume
+    /// must still exist.
+    pub async fn modify_volume(
+        &self,
+        id: VolumeId,
+        provisioning: Option<Provisioning>,
+    ) -> Result<()> {
+        match provisioning {
+            Some(provisioning) => {
+                self.pools.modify_volume(id, provisioning).await?;
+            }
+            None => {
+                self.pools.volume(id).await?;
+            }
+        }
         Ok(())
     }
 

@@ -12,7 +12,8 @@ use crate::node;
 pub enum Readiness {
     /// A role with a pool (all-in-one, node): the pool is mounted and writable.
     Pool(node::Local),
-    /// The controller: at least one agent is live.
+    /// The controller: ready while it serves. Whether agents are live is logged here
+    /// and exported as `kura_agent_up`, not made a liveness failure.
     Agents(Cluster),
 }
 
@@ -76,8 +77,11 @@ impl Identity for IdentityService {
     }
 
     /// With a pool: ready while it is mounted and writable, FAILED_PRECONDITION
-    /// otherwise. The controller: ready once an agent is live; until then (or while
-    /// every agent is down) `ready` is false, and the call succeeds.
+    /// otherwise. The controller: ready whenever it answers. The livenessprobe
+    /// sidecar restarts a container whose Probe is not ready, and a controller with no
+    /// agent to reach (none started yet, a network partition) is alive: restarting it
+    /// would find the agents no sooner. It serves what it can meanwhile (placement
+    /// answers RESOURCE_EXHAUSTED, calls on a node's objects UNAVAILABLE).
     async fn probe(
         &self,
         _request: Request<proto::ProbeRequest>,
@@ -89,13 +93,12 @@ impl Identity for IdentityService {
                 })?;
                 true
             }
-            Readiness::Agents(cluster) => match cluster.ready() {
-                Ok(()) => true,
-                Err(reason) => {
-                    tracing::warn!(reason, "Probe: not ready");
-                    false
+            Readiness::Agents(cluster) => {
+                if let Err(reason) = cluster.ready() {
+                    tracing::warn!(reason, "Probe: serving, but no agent is live");
                 }
-            },
+                true
+            }
         };
         Ok(Response::new(proto::ProbeResponse { ready: Some(ready) }))
     }

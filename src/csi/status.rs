@@ -62,6 +62,7 @@ pub fn from_control(error: control::Error) -> Status {
         E::NoRoom(_) => {
             Status::resource_exhausted(format!("accessibility_requirements: {message}"))
         }
+        E::BeyondEveryPool { .. } => Status::out_of_range(format!("capacity_range: {message}")),
         E::SourceNotFound { .. } => Status::not_found(format!("volume_content_source: {message}")),
         E::VolumeNotFound { .. } => Status::not_found(format!("source_volume_ids: {message}")),
         E::Incompatible(_) => Status::already_exists(message),
@@ -365,6 +366,14 @@ mod tests {
                 "accessibility_requirements",
             ),
             (
+                E::BeyondEveryPool {
+                    needed: 2,
+                    largest: 1,
+                },
+                Code::OutOfRange,
+                "capacity_range",
+            ),
+            (
                 E::SourceNotFound {
                     id: "s".into(),
                     node: "n".into(),
@@ -420,6 +429,7 @@ mod tests {
             E::Agent(_)
             | E::NameBusy(_)
             | E::NoRoom(_)
+            | E::BeyondEveryPool { .. }
             | E::SourceNotFound { .. }
             | E::VolumeNotFound { .. }
             | E::Transferring { .. }
@@ -428,7 +438,7 @@ mod tests {
             | E::NotMembers { .. }
             | E::NotOneMoment { .. } => std::mem::discriminant(e),
         };
-        distinct(cases.iter().map(|(e, ..)| witness(e)), 10);
+        distinct(cases.iter().map(|(e, ..)| witness(e)), 11);
         cases
     }
 

@@ -14,10 +14,17 @@
 //! - `kura_pool_size_bytes`, `kura_pool_available_bytes`, `kura_volumes{condition}`,
 //!   `kura_snapshots`, `kura_attached_loop_devices`, each with a `node` label: read
 //!   from the pool at scrape time (all-in-one and node).
+//! - `kura_pool_host_filesystem_size_bytes`, `kura_pool_host_filesystem_available_bytes`
+//!   (`node`): the host filesystem holding an image pool's image; absent for device
+//!   and directory pools.
+//! - `kura_agent_up{node}`: the agents the controller sees live (1) or down (0);
+//!   all-in-one reports its own node, always 1.
+//! - `kura_build_info{version,revision}`: always 1, on every role.
 //!
-//! [`grpc`] is the tower layer on the tonic servers; [`pool`] the scrape-time
-//! collector; [`http`] the `/metrics` listener.
+//! [`grpc`] is the tower layer on the tonic servers; [`pool`] and [`agents`] the
+//! scrape-time collectors; [`http`] the `/metrics` listener.
 
+pub mod agents;
 pub mod grpc;
 pub mod http;
 pub mod pool;
@@ -26,6 +33,7 @@ use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -43,6 +51,15 @@ pub struct CsiLabels {
     pub method_name: String,
     pub grpc_status_code: String,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+    revision: String,
+}
+
+/// The source revision kura was built from (see build.rs).
+pub const REVISION: &str = env!("KURA_REVISION");
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AgentLabels {
@@ -70,9 +87,22 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// The CSI operations histogram; add the rest with the `with_*` methods.
+    /// The CSI operations histogram and the build information; add the rest with the
+    /// `with_*` methods.
     pub fn new() -> Self {
         let mut registry = Registry::default();
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                revision: REVISION.to_owned(),
+            })
+            .set(1);
+        registry.register(
+            "kura_build_info",
+            "kura's version and the source revision it was built from; always 1",
+            build,
+        );
         let csi = Histograms::<CsiLabels>::new_with_constructor(histogram as fn() -> Histogram);
         registry.register(
             "csi_plugin_operations_seconds",
@@ -112,6 +142,12 @@ impl Metrics {
             "Size of the source image of a running cross-node transfer",
             gauges.total,
         );
+        self
+    }
+
+    /// Adds `kura_agent_up`, read at every scrape.
+    pub fn with_agents(mut self, collector: agents::AgentsCollector) -> Self {
+        self.registry.register_collector(Box::new(collector));
         self
     }
 

@@ -23,6 +23,8 @@ pub struct PoolFacts {
     pub snapshots: u64,
     /// Loop devices bound to one of the pool's volume images (same device and inode).
     pub attached: u64,
+    /// The host filesystem holding an image pool's image: size and available bytes.
+    pub host: Option<(u64, u64)>,
 }
 
 impl PoolFacts {
@@ -47,13 +49,16 @@ impl PoolFacts {
             abnormal_volumes: abnormal,
             snapshots: pool.list_snapshots(None, usize::MAX, None).len() as u64,
             attached,
+            host: pool
+                .host_usage()?
+                .map(|u| (u.total_bytes, u.available_bytes)),
         })
     }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct NodeLabel {
-    node: String,
+pub(super) struct NodeLabel {
+    pub node: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -80,7 +85,8 @@ impl PoolCollector {
     }
 }
 
-fn gauge<S: EncodeLabelSet>(
+/// Encodes one gauge with the given series.
+pub(super) fn gauge<S: EncodeLabelSet>(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
@@ -146,6 +152,20 @@ impl Collector for PoolCollector {
             "Loop devices attached to the pool's volumes",
             &[(node(), facts.attached)],
         )?;
+        if let Some((size, available)) = facts.host {
+            gauge(
+                &mut encoder,
+                "kura_pool_host_filesystem_size_bytes",
+                "Size of the host filesystem holding the pool's image (--pool-image)",
+                &[(node(), size)],
+            )?;
+            gauge(
+                &mut encoder,
+                "kura_pool_host_filesystem_available_bytes",
+                "Bytes available on the host filesystem holding the pool's image (--pool-image)",
+                &[(node(), available)],
+            )?;
+        }
         Ok(())
     }
 }

@@ -162,6 +162,11 @@ impl Local {
         self.on_pool(&[], move |p| p.available(provisioning)).await
     }
 
+    /// The largest volume the pool could ever hold, full or empty.
+    pub async fn maximum(&self, provisioning: Provisioning) -> pool::Result<u64> {
+        self.on_pool(&[], move |p| p.maximum(provisioning)).await
+    }
+
     /// Whether the pool is usable.
     pub async fn probe(&self) -> pool::Result<()> {
         self.on_pool(&[], |p| p.probe()).await

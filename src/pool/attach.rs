@@ -110,7 +110,7 @@ fn made_by_kura() -> bool {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct Publication {
+pub(super) struct Publication {
     capability: Capability,
     readonly: bool,
     /// Whether kura created the target (then unpublish removes it).
@@ -126,10 +126,10 @@ impl Publication {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Record {
-    staging_path: PathBuf,
-    capability: Capability,
-    targets: BTreeMap<PathBuf, Publication>,
+pub(super) struct Record {
+    pub(super) staging_path: PathBuf,
+    pub(super) capability: Capability,
+    pub(super) targets: BTreeMap<PathBuf, Publication>,
     /// Whether kura created the staging directory (then unstage removes it).
     #[serde(default)]
     created_staging: bool,

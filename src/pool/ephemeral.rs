@@ -43,9 +43,9 @@ pub struct InlineSpec {
 
 /// An inline volume's record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct InlineRecord {
-    name: String,
-    target: PathBuf,
+pub(super) struct InlineRecord {
+    pub(super) name: String,
+    pub(super) target: PathBuf,
 }
 
 impl Attacher {

@@ -68,6 +68,12 @@ impl<K: Ord + Clone> Index<K> {
         Ok(Self::of(ids))
     }
 
+    /// The IDs of [`Index::scan`], or none where `dir` cannot be read (a survey of a
+    /// pool that is not mounted).
+    pub(super) fn scan_or_empty(dir: &Path, parse: impl Fn(&str) -> Option<K>) -> Self {
+        Self::scan(dir, parse).unwrap_or_else(|_| Self::of(BTreeSet::new()))
+    }
+
     fn of(ids: BTreeSet<K>) -> Self {
         Index {
             ids: Arc::new(Mutex::new(ids)),

@@ -24,6 +24,7 @@
 //! - Repeating a create with compatible arguments returns the existing object.
 
 pub mod attach;
+pub mod capacity;
 pub mod encryption;
 pub mod ephemeral;
 pub mod export;
@@ -36,6 +37,7 @@ mod recovery;
 pub mod size;
 mod snapshot;
 pub mod source;
+pub mod survey;
 pub mod transfer;
 mod volume;
 
@@ -132,13 +134,17 @@ impl Condition {
 /// Tunables of a pool.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Thin volumes may promise this many times the pool's free space.
+    /// Thin volumes may promise this many times the pool's size, in all (see
+    /// [`capacity`]).
     pub overprovision_ratio: f64,
     /// Size of a volume whose request names no capacity.
     pub default_volume_size: u64,
     /// The pool root is a mount point kura made (image and device pools); the pool is
     /// usable only while it is mounted.
     pub mounted_root: bool,
+    /// The image file of an image pool (`--pool-image`): the host filesystem holding
+    /// it bounds capacity and backs thick volumes (see [`capacity`]).
+    pub host_image: Option<PathBuf>,
     /// Test-only pause points (off in production).
     pub pause: sys::pause::Points,
 }
@@ -149,6 +155,7 @@ impl Default for Options {
             overprovision_ratio: 1.0,
             default_volume_size: 1 << 30,
             mounted_root: false,
+            host_image: None,
             pause: sys::pause::Points::off(),
         }
     }
@@ -173,6 +180,7 @@ pub struct Pool {
     /// The IDs of the volumes and snapshots, for listings ([`listing`]).
     volumes: listing::Index<VolumeId>,
     snapshots: listing::Index<SnapshotId>,
+    in_flight: capacity::InFlight,
 }
 
 impl Pool {
@@ -202,6 +210,7 @@ impl Pool {
             copying: Default::default(),
             volumes: listing::Index::scan(&volumes, VolumeId::parse)?,
             snapshots: listing::Index::scan(&root.join("snapshots"), SnapshotId::parse)?,
+            in_flight: Default::default(),
         };
         pool.recover()?;
         Ok(pool)
@@ -237,15 +246,6 @@ impl Pool {
         sys::fs::atomic_write(&path, b"ok")?;
         sys::fs::remove(&path)?;
         Ok(())
-    }
-
-    /// Bytes a new volume of the given provisioning may take now.
-    pub fn available(&self, provisioning: Provisioning) -> Result<u64> {
-        let free = sys::fs::usage(&self.root)?.available_bytes;
-        Ok(match provisioning {
-            Provisioning::Thick => free,
-            Provisioning::Thin => (free as f64 * self.options.overprovision_ratio) as u64,
-        })
     }
 
     fn volume_dir(&self) -> PathBuf {

@@ -33,7 +33,7 @@ impl Pool {
                 }
                 if name.ends_with(".partial") || name.ends_with(".tmp") || orphan_image {
                     tracing::warn!(path = %path.display(), "removing leftover of an interrupted operation");
-                    sys::fs::remove(&path)?;
+                    self.remove_image(&path)?;
                 }
             }
         }
@@ -118,7 +118,7 @@ impl Pool {
 
 /// Whether a loop device's recorded backing name (cut to 63 bytes by the kernel) lies
 /// under `prefix`.
-fn names_within(backing_name: &str, prefix: &str) -> bool {
+pub(super) fn names_within(backing_name: &str, prefix: &str) -> bool {
     const RECORDED: usize = 63;
     if backing_name.len() >= RECORDED {
         prefix.starts_with(backing_name) || backing_name.starts_with(prefix)

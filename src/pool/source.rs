@@ -35,7 +35,7 @@ pub fn prepare(source: &PoolSource, state_dir: &Path) -> Result<PathBuf> {
             Ok(dir.clone())
         }
         PoolSource::Device(device) => {
-            mount_pool_device(device, &mount_point)?;
+            mount_pool_device(device, &mount_point, &[])?;
             Ok(mount_point)
         }
         PoolSource::Image { path, size } => {
@@ -47,7 +47,9 @@ pub fn prepare(source: &PoolSource, state_dir: &Path) -> Result<PathBuf> {
             if grown {
                 sys::loopdev::refresh_capacity(&device)?;
             }
-            mount_pool_device(&device, &mount_point)?;
+            // Freed blocks go back to the host filesystem (the loop device punches
+            // them out of the image), so deleted volumes do not keep host space.
+            mount_pool_device(&device, &mount_point, &["discard"])?;
             if grown {
                 sys::mkfs::grow_online(sys::FsType::Xfs, &device, &mount_point)?;
             }
@@ -104,7 +106,9 @@ pub fn plan_device(signature: Option<&sys::blkid::Signature>) -> DevicePlan {
     }
 }
 
-fn mount_pool_device(device: &Path, mount_point: &Path) -> Result<()> {
+/// Mounts the pool's filesystem (formatting a blank device first) with `noatime` and
+/// `extra` options; one mounted there from this device already is kept as it is.
+fn mount_pool_device(device: &Path, mount_point: &Path, extra: &[&str]) -> Result<()> {
     let (major, minor) = sys::blockdev::numbers(device)?;
     let table = sys::mountinfo::read()?;
     if let Some(mount) = sys::mountinfo::find_mount(&table, mount_point) {
@@ -131,12 +135,9 @@ fn mount_pool_device(device: &Path, mount_point: &Path) -> Result<()> {
         }
     }
     std::fs::create_dir_all(mount_point).map_err(|e| sys::Error::io("mkdir", mount_point, e))?;
-    sys::mount::mount_fs(
-        device,
-        mount_point,
-        sys::FsType::Xfs,
-        &["noatime".to_owned()],
-    )?;
+    let mut options = vec!["noatime".to_owned()];
+    options.extend(extra.iter().map(|o| o.to_string()));
+    sys::mount::mount_fs(device, mount_point, sys::FsType::Xfs, &options)?;
     tracing::info!(device = %device.display(), mount_point = %mount_point.display(), "pool mounted");
     Ok(())
 }

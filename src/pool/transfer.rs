@@ -40,6 +40,7 @@ use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use super::capacity::Need;
 use super::encryption::Encryption;
 use super::ids::VolumeId;
 use super::volume::{Provisioning, Volume, VolumeSpec};
@@ -290,17 +291,17 @@ pub struct ExportRef {
 
 /// The checkpoint document beside a `.partial` image.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Checkpoint {
+pub(super) struct Checkpoint {
     export_id: String,
     pin: String,
     /// The source image's size: what the `.partial` holds.
-    size_bytes: u64,
+    pub(super) size_bytes: u64,
     /// The next cell to receive; everything before it is on disk.
     offset: u64,
     chain: String,
     /// Data bytes written so far.
-    bytes_done: u64,
-    expires: i64,
+    pub(super) bytes_done: u64,
+    pub(super) expires: i64,
 }
 
 /// What a transfer request finds on the destination.
@@ -378,16 +379,11 @@ impl Pool {
             })));
         }
         // Anything else left for this volume reads another moment: start over.
-        sys::fs::remove(&partial)?;
+        self.remove_image(&partial)?;
         sys::fs::remove(&checkpoint_path)?;
-        let available = self.available(spec.provisioning)?;
-        let needed = match spec.provisioning {
-            Provisioning::Thick => volume_size,
-            Provisioning::Thin => source.size_bytes.min(volume_size),
-        };
-        if needed > available {
-            return Err(Error::NoSpace { needed, available });
-        }
+        // A thin copy promises its whole size, as a create does. (The promise is
+        // checked here, not held: the copy spans many calls.)
+        drop(self.promise(Need::New(spec.provisioning), volume_size)?);
         let created = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -448,7 +444,7 @@ impl Pool {
             };
             if !keep {
                 tracing::warn!(path = %path.display(), "removing an expired or broken transfer");
-                sys::fs::remove(&partial)?;
+                self.remove_image(&partial)?;
                 sys::fs::remove(&path)?;
             }
         }
@@ -476,7 +472,7 @@ impl Pool {
     /// and its checkpoint.
     pub fn abandon_import(&self, name: &str) -> Result<()> {
         let id = VolumeId::derive(name, &self.node);
-        sys::fs::remove(&partial_path(&self.image_path(&id)))?;
+        self.remove_image(&partial_path(&self.image_path(&id)))?;
         sys::fs::remove(&self.transfer_checkpoint_path(&id))?;
         Ok(())
     }
@@ -500,8 +496,11 @@ impl Pool {
         let image = self.image_path(&id);
         let thick = spec.provisioning == Provisioning::Thick;
         sys::fs::grow_image(&partial, volume_size, thick)
-            .and_then(|()| sys::fs::rename(&partial, &image))
             .map_err(|e| super::volume::no_space_or(e, volume_size, 0))?;
+        if thick {
+            self.back_on_host(&partial)?;
+        }
+        sys::fs::rename(&partial, &image)?;
         let volume = self.commit_volume(id.clone(), &spec, volume_size, &image)?;
         sys::fs::remove(&checkpoint_path)?;
         tracing::info!(volume.id = %id, volume.size = volume_size, "volume created by a transfer");

@@ -5,13 +5,14 @@
 //! A volume is at most [`Pool::maximum`] bytes: what the pool's filesystem holds in all
 //! (times the overprovision ratio for thin volumes), and never more than
 //! [`size::MAX_BYTES`]. A request above that can never be served by this pool, full or
-//! empty: OUT_OF_RANGE. One within it that does not fit the free space now is
-//! NoSpace (RESOURCE_EXHAUSTED).
+//! empty: OUT_OF_RANGE. One within it that does not fit what the pool can promise now
+//! (see [`super::capacity`]) is NoSpace (RESOURCE_EXHAUSTED).
 
 use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
+use super::capacity::Need;
 use super::encryption::Encryption;
 use super::ids::{SnapshotId, VolumeId};
 use super::listing::walk;
@@ -140,7 +141,7 @@ impl Pool {
             encryption: spec.encryption,
         };
         if let Err(e) = self.write_volume(&volume) {
-            let _ = sys::fs::remove(image);
+            let _ = self.remove_image(image);
             return Err(e);
         }
         Ok(volume)
@@ -167,13 +168,9 @@ impl Pool {
             size::for_new_volume(spec.range, self.options.default_volume_size, minimum)
                 .map_err(Error::OutOfRange)?;
         self.check_maximum(size_bytes, spec.provisioning)?;
-        let available = self.available(spec.provisioning)?;
-        if size_bytes > available {
-            return Err(Error::NoSpace {
-                needed: size_bytes,
-                available,
-            });
-        }
+        // Held until the metadata is committed: a thin volume's size stays promised.
+        let promise = self.promise(Need::New(spec.provisioning), size_bytes)?;
+        let available = promise.available;
 
         let image = self.image_path(&id);
         let partial = partial_path(&image);
@@ -188,13 +185,19 @@ impl Pool {
             }
             .and_then(|()| sys::fs::grow_image(&partial, size_bytes, thick)),
         }
-        .and_then(|()| sys::fs::rename(&partial, &image));
+        .map_err(|e| no_space_or(e, size_bytes, available))
+        .and_then(|()| match thick {
+            true => self.back_on_host(&partial),
+            false => Ok(()),
+        })
+        .and_then(|()| Ok(sys::fs::rename(&partial, &image)?));
         if let Err(e) = built {
-            let _ = sys::fs::remove(&partial);
-            return Err(no_space_or(e, size_bytes, available));
+            let _ = self.remove_image(&partial);
+            return Err(e);
         }
 
         let volume = self.commit_volume(id, spec, size_bytes, &image)?;
+        drop(promise);
         tracing::info!(volume.id = %volume.id, volume.size = size_bytes, "volume created");
         Ok(volume)
     }
@@ -244,7 +247,7 @@ impl Pool {
         }
         // Metadata first: once it is gone the volume is gone, whatever happens next.
         self.remove_volume_meta(id)?;
-        sys::fs::remove(&image)?;
+        self.remove_image(&image)?;
         tracing::info!(volume.id = %id, "volume deleted");
         Ok(())
     }
@@ -349,32 +352,26 @@ impl Pool {
         };
         self.check_maximum(new_size, volume.provisioning)?;
         let growth = new_size - volume.size_bytes;
-        let available = self.available(volume.provisioning)?;
-        if growth > available {
-            return Err(Error::NoSpace {
-                needed: growth,
-                available,
-            });
-        }
+        let promise = self.promise(Need::New(volume.provisioning), growth)?;
+        let image = self.image_path(id);
         let thick = volume.provisioning == Provisioning::Thick;
-        sys::fs::grow_image(&self.image_path(id), new_size, thick)
-            .map_err(|e| no_space_or(e, growth, available))?;
+        let grown = sys::fs::grow_image(&image, new_size, thick)
+            .map_err(|e| no_space_or(e, growth, promise.available))
+            .and_then(|()| match thick {
+                true => self.back_on_host(&image),
+                false => Ok(()),
+            });
+        if let Err(e) = grown {
+            // The volume keeps its size: a refused expansion changes nothing.
+            self.unback_on_host(&image, volume.size_bytes);
+            let _ = sys::fs::truncate(&image, volume.size_bytes);
+            return Err(e);
+        }
         volume.size_bytes = new_size;
         self.write_volume(&volume)?;
+        drop(promise);
         tracing::info!(volume.id = %id, volume.size = new_size, "volume expanded");
         Ok((volume, true))
-    }
-
-    /// The largest volume of `provisioning` this pool could ever hold: its filesystem's
-    /// whole size (times the overprovision ratio for thin volumes), within
-    /// [`size::MAX_BYTES`], in whole MiB.
-    pub fn maximum(&self, provisioning: Provisioning) -> Result<u64> {
-        let total = sys::fs::usage(&self.root)?.total_bytes;
-        let bytes = match provisioning {
-            Provisioning::Thick => total,
-            Provisioning::Thin => (total as f64 * self.options.overprovision_ratio) as u64,
-        };
-        Ok(bytes.min(size::MAX_BYTES) / size::MIB * size::MIB)
     }
 
     /// A size above [`Pool::maximum`] can never be served here: OUT_OF_RANGE.

@@ -50,7 +50,11 @@ pub async fn run(
 ) -> Result<(), BoxError> {
     let socket = socket_path(&args.endpoint)?;
     let cluster = start_cluster(&args)?;
-    let metrics = Metrics::new().into_shared();
+    let metrics = Metrics::new()
+        .with_agents(crate::metrics::agents::AgentsCollector::Cluster(
+            cluster.clone(),
+        ))
+        .into_shared();
     let _metrics = MetricsServer::start(args.metrics_listen, Arc::clone(&metrics)).await?;
     let listener = bind(&socket)?;
     tracing::info!(endpoint = %socket.display(), "serving CSI (controller)");

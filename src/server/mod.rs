@@ -4,6 +4,7 @@
 //! - [`node`]: Identity and Node on the CSI socket, plus the agent on TCP.
 //! - [`controller`]: Identity and Controller over the agents.
 //! - `certs`: writes the identities ([`crate::agent::tls::write_certs`]).
+//! - `inspect`: prints what is on the node ([`crate::inspect`]); serves nothing.
 
 pub mod controller;
 pub mod node;
@@ -57,6 +58,10 @@ impl OpenedPool {
             overprovision_ratio: args.overprovision_ratio,
             default_volume_size: args.default_volume_size,
             mounted_root: !matches!(source, PoolSource::Dir(_)),
+            host_image: match &source {
+                PoolSource::Image { path, .. } => Some(path.clone()),
+                PoolSource::Device(_) | PoolSource::Dir(_) => None,
+            },
             pause,
         };
         let pool = Arc::new(Pool::open(&root, &args.node_id, options)?);
@@ -115,7 +120,12 @@ impl AllInOneDriver {
             controller: ControllerService::new(InProcess::new(opened.local.clone())),
             node: opened.node_service(args),
             driver_name: args.driver_name.clone(),
-            metrics: opened.metrics(args).into_shared(),
+            metrics: opened
+                .metrics(args)
+                .with_agents(crate::metrics::agents::AgentsCollector::Local(
+                    args.node_id.clone(),
+                ))
+                .into_shared(),
         })
     }
 
@@ -225,6 +235,11 @@ pub async fn run(command: Command) -> Result<(), BoxError> {
         }
         Command::Node(args) => node::run(args, shutdown_signal()).await,
         Command::Controller(args) => controller::run(args, shutdown_signal()).await,
+        Command::Inspect(args) => {
+            let report = tokio::task::spawn_blocking(move || crate::inspect::run(&args)).await??;
+            print!("{report}");
+            Ok(())
+        }
         Command::Certs(args) => {
             let out = args.out.clone();
             tokio::task::spawn_blocking(move || crate::agent::tls::write_certs(&out)).await??;

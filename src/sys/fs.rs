@@ -163,6 +163,17 @@ fn resize_open(file: &File, path: &Path, from: u64, to: u64, allocate: bool) -> 
     file.sync_all().map_err(|e| Error::io("fsync", path, e))
 }
 
+/// Cuts the file at `path` back to `size` bytes (its blocks beyond are freed).
+pub fn truncate(path: &Path, size: u64) -> Result<()> {
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io("open", path, e))?;
+    file.set_len(size)
+        .map_err(|e| Error::io("truncate", path, e))?;
+    file.sync_all().map_err(|e| Error::io("fsync", path, e))
+}
+
 /// Whether any byte of the file at `path` was ever written: false when `SEEK_DATA`
 /// finds no data at all (a sparse or only preallocated file, which reads as zeros).
 /// A filesystem without `SEEK_DATA` reports the whole file as data.

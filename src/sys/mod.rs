@@ -10,6 +10,7 @@ pub mod blockdev;
 pub mod cmd;
 pub mod copy;
 pub mod direct;
+pub mod extents;
 pub mod fs;
 pub mod fscrypt;
 pub mod fstype;

@@ -200,6 +200,22 @@ pub fn topology(requisite: &[&str], preferred: &[&str]) -> proto::TopologyRequir
     }
 }
 
+/// A create request for a volume on one node (the strict topology the provisioner
+/// sends with WaitForFirstConsumer).
+pub fn on_node(
+    name: &str,
+    size: i64,
+    node: &str,
+    cap: proto::VolumeCapability,
+    source: Option<proto::VolumeContentSource>,
+) -> proto::CreateVolumeRequest {
+    proto::CreateVolumeRequest {
+        accessibility_requirements: Some(topology(&[node], &[node])),
+        volume_capabilities: vec![cap],
+        ..crate::common::create_request(name, size, &[], source)
+    }
+}
+
 /// The node a volume is accessible on.
 pub fn volume_node(volume: &proto::Volume) -> String {
     volume.accessible_topology[0].segments[TOPOLOGY_KEY].clone()

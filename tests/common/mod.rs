@@ -65,6 +65,35 @@ pub enum PoolKind {
     Image,
     /// `--pool-dir` on a directory of the test's own (whatever filesystem /tmp has).
     Dir,
+    /// `--pool-image` of `pool_size` whose image lies on a small host filesystem of the
+    /// test's own: ext4 on a `host_bytes` image, mounted at `<dir>/host` (see
+    /// [`host_dir`]), so a test can fill the host under the pool.
+    OnHost {
+        host_bytes: u64,
+        pool_size: &'static str,
+    },
+}
+
+/// Where a [`PoolKind::OnHost`] driver living in `dir` has its host filesystem.
+pub fn host_dir(dir: &Path) -> PathBuf {
+    dir.join("host")
+}
+
+/// Makes and mounts the host filesystem of [`PoolKind::OnHost`]. Its image, loop
+/// device and mount live under `dir`, so [`cleanup`] removes them.
+fn make_host(dir: &Path, bytes: u64) {
+    let image = dir.join("host.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(bytes)
+        .unwrap();
+    let device = kura::sys::loopdev::attach(&image, false).expect("attach the host image");
+    kura::sys::mkfs::format(&device, kura::sys::FsType::Ext4, false)
+        .expect("mkfs.ext4 on the host image");
+    let mount = host_dir(dir);
+    std::fs::create_dir_all(&mount).unwrap();
+    kura::sys::mount::mount_fs(&device, &mount, kura::sys::FsType::Ext4, &[])
+        .expect("mount the host");
 }
 
 pub struct Driver {
@@ -555,6 +584,18 @@ pub fn all_in_one_args(dir: &Path, socket: &Path, kind: &PoolKind) -> Vec<String
             let pool = dir.join("pool-dir");
             std::fs::create_dir_all(&pool).unwrap();
             args.extend(["--pool-dir".into(), pool.display().to_string()]);
+        }
+        PoolKind::OnHost {
+            host_bytes,
+            pool_size,
+        } => {
+            make_host(dir, *host_bytes);
+            args.extend([
+                "--pool-image".into(),
+                host_dir(dir).join("pool.img").display().to_string(),
+                "--pool-size".into(),
+                pool_size.to_string(),
+            ]);
         }
     }
     args
