@@ -46,7 +46,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from check_monitoring import check_monitoring, exported_names  # noqa: E402
+from check_monitoring import check_monitoring, exported_names  # noqa: E402,F401
 
 # The oldest Kubernetes minor kura supports (README, "Install"): the CSIDriver and the
 # sidecars' needs are all GA there.
