@@ -397,7 +397,8 @@ NEEDS_CRDS = {snapshot_class_schema, snapshot_class_unknown_field, pod_monitor_u
 def run_check(args, path: Path) -> subprocess.CompletedProcess:
     crds = ["--crds", str(args.crds)] if args.crds else []
     return subprocess.run(
-        [sys.executable, str(HERE / "check.py"), *crds, "--kura", args.kura, "--promtool", args.promtool, str(path)],
+        [sys.executable, str(HERE / "check.py"), *crds, "--kura", args.kura, "--promtool", args.promtool,
+         "--src", str(args.src), str(path)],
         capture_output=True, text=True,
     )
 
@@ -416,12 +417,13 @@ def main() -> int:
     parser.add_argument("--other-namespace", type=Path, required=True, help="an install in another namespace")
     parser.add_argument("--namespace", required=True, help="that other namespace")
     parser.add_argument("--monitoring", type=Path, required=True, help="an install with deploy/monitoring")
+    parser.add_argument("--src", type=Path, default=HERE.parent / "src", help="kura's sources (the metric names it exports)")
     args = parser.parse_args()
     renderings = {"install": args.install, "pool-device": args.pool_device,
                   "other-namespace": args.other_namespace, "monitoring": args.monitoring}
     crds = check.load_crds(args.crds) if args.crds else {}
     check.cache_schemas()
-    exported = check.exported_names(HERE.parent / "src", HERE / "monitoring" / "sidecar-metrics.txt")
+    exported = check.exported_names(args.src, HERE / "monitoring" / "sidecar-metrics.txt")
     contexts = {
         key: check.Context(crds, args.kura, args.promtool, exported,
                            args.namespace if key == "other-namespace" else None)
