@@ -415,10 +415,10 @@ def env_var(flag: str) -> str:
     return "KURA_" + flag.removeprefix("--").upper().replace("-", "_")
 
 
-class Kura:
-    """A kura container: its arguments with $(VAR) expanded and its environment
-    (envFrom ConfigMaps, then env, downward-API fields), as the kubelet would give
-    them. Problems resolving them (a ConfigMap not in the rendering) are reported."""
+class Started:
+    """A container as the kubelet starts it: its arguments with $(VAR) expanded and its
+    environment (envFrom ConfigMaps, then env, downward-API fields). Problems
+    resolving them (a ConfigMap not in the rendering) are reported."""
 
     def __init__(self, obj: dict, container: dict, objects: list, problems: Problems, where: str) -> None:
         namespace = dig(obj, "metadata", "namespace")
@@ -449,7 +449,8 @@ class Kura:
         self.args = [expand(str(a), self.env) for a in container.get("args") or []]
 
     def setting(self, flag: str) -> list[str]:
-        """The flag's value(s) as kura sees them: the command line wins over the variable."""
+        """A kura flag's value(s) as kura sees them: the command line wins over the
+        KURA_* variable."""
         values = flag_values(self.args, flag)
         if values:
             return values
@@ -481,7 +482,7 @@ def run_kura_parse(kura: str, args: list[str], env: dict) -> subprocess.Complete
         return subprocess.CompletedProcess(e.cmd, -1, "", "did not exit within 20 s")
 
 
-def check_kura_flags(kura_bin: str, role: str, kura: Kura, problems: Problems, where: str) -> None:
+def check_kura_flags(kura_bin: str, role: str, kura: Started, problems: Problems, where: str) -> None:
     """Every flag and KURA_* variable is one `kura ROLE --help` lists, and the binary
     accepts the whole command line and environment (values, conflicts, requirements)."""
     help_text = kura_help(kura_bin, role)
@@ -535,7 +536,7 @@ def check_liveness(spec: dict, problems: Problems, where: str) -> None:
             problems.add(here, f"the livenessprobe watches {probe_ports[port]}, kura serves {socket}")
 
 
-def check_tls(spec: dict, kura: dict, settings: Kura, secret: str, problems: Problems, where: str) -> None:
+def check_tls(spec: dict, kura: dict, settings: Started, secret: str, problems: Problems, where: str) -> None:
     tls_dirs = settings.setting("--tls-dir")
     volumes = {v.get("name"): v for v in spec.get("volumes") or []}
     mounted = [
@@ -548,7 +549,7 @@ def check_tls(spec: dict, kura: dict, settings: Kura, secret: str, problems: Pro
         problems.add(where, f"Secret {secret} is mounted at {[m.get('mountPath') for m in mounted]}, --tls-dir is {tls_dirs}")
 
 
-def check_metrics(obj: dict, kura: dict, settings: Kura, problems: Problems, where: str) -> None:
+def check_metrics(obj: dict, kura: dict, settings: Started, problems: Problems, where: str) -> None:
     listen = settings.setting("--metrics-listen")
     annotations = dig(obj, "spec", "template", "metadata", "annotations", default={}) or {}
     named = {p.get("name"): p.get("containerPort") for p in kura.get("ports") or []}
@@ -564,12 +565,12 @@ def check_metrics(obj: dict, kura: dict, settings: Kura, problems: Problems, whe
         problems.add(where, "prometheus.io/path is not /metrics")
 
 
-def check_driver_name(settings: Kura, role: str, problems: Problems, where: str) -> None:
+def check_driver_name(settings: Started, role: str, problems: Problems, where: str) -> None:
     if settings.setting("--driver-name") != [DRIVER]:
         problems.add(where, f"kura {role} --driver-name is {settings.setting('--driver-name')}, not {DRIVER}")
 
 
-def check_pool(settings: Kura, state: str, problems: Problems, where: str) -> None:
+def check_pool(settings: Started, state: str, problems: Problems, where: str) -> None:
     """One pool source, where the pod sees it: an image under the state directory's
     mount, a device under the host's /dev. A pool size with anything but an image is
     a mistake kura does not refuse when it comes from the environment (it ignores it)."""
@@ -598,7 +599,7 @@ def check_node(obj: dict, objects: list, kura_bin: str, problems: Problems):
         problems.add(where, f"expected one kura container, found {len(kuras)}")
         return
     kura = kuras[0]
-    settings = Kura(obj, kura, objects, problems, where)
+    settings = Started(obj, kura, objects, problems, where)
     check_kura_flags(kura_bin, "node", settings, problems, f"{where} container kura")
     check_driver_name(settings, "node", problems, where)
     volumes = {v.get("name"): v for v in spec.get("volumes") or []}
@@ -635,7 +636,7 @@ def check_node(obj: dict, objects: list, kura_bin: str, problems: Problems):
     if len(registrars) != 1:
         problems.add(where, "expected one node-driver-registrar")
     for r in registrars:
-        paths = flag_values(r.get("args") or [], "--kubelet-registration-path")
+        paths = flag_values(Started(obj, r, objects, problems, where).args, "--kubelet-registration-path")
         if paths != [f"{socket_dir}/csi.sock"]:
             problems.add(where, f"registrar --kubelet-registration-path is {paths}, not {socket_dir}/csi.sock")
         if not r.get("livenessProbe"):
@@ -678,7 +679,7 @@ def check_controller(obj: dict, objects: list, node_info, kura_bin: str, problem
         problems.add(where, f"expected one kura container, found {len(kuras)}")
         return
     kura = kuras[0]
-    settings = Kura(obj, kura, objects, problems, where)
+    settings = Started(obj, kura, objects, problems, where)
     check_kura_flags(kura_bin, "controller", settings, problems, f"{where} container kura")
     check_driver_name(settings, "controller", problems, where)
     if dig(obj, "spec", "replicas") != 2:

@@ -94,6 +94,11 @@ def registrar_path(objects):
     ]
 
 
+def registrar_variable(objects):
+    c = container(objects, "DaemonSet", "kura-node", "node-driver-registrar")
+    c["env"][0]["value"] = "/var/lib/kubelet/plugins/kura/csi.sock"
+
+
 def not_bidirectional(objects):
     del mount(container(objects, "DaemonSet", "kura-node", "kura"), "/var/lib/kura")["mountPropagation"]
 
@@ -343,6 +348,7 @@ MUTATIONS = [
     (snapshot_class_schema, "install", "'Remove' is not one of"),
     (snapshot_class_unknown_field, "install", "'parameter' was unexpected"),
     (registrar_path, "install", "--kubelet-registration-path"),
+    (registrar_variable, "install", "registrar --kubelet-registration-path is ['/var/lib/kubelet/plugins/kura/csi.sock']"),
     (not_bidirectional, "install", "the pool mount /var/lib/kura needs mountPropagation: Bidirectional"),
     (propagation_enum, "install", "'BiDirectional' is not one of"),
     (privileged_controller, "install", "only the node plugin's kura container may be"),
