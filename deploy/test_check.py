@@ -85,6 +85,10 @@ def snapshot_class_unknown_field(objects):
     find(objects, "VolumeSnapshotClass", "kura")["parameter"] = {"x": "y"}
 
 
+def snapshot_class_namespaced(objects):
+    find(objects, "VolumeSnapshotClass", "kura")["metadata"]["namespace"] = "kura"
+
+
 def registrar_path(objects):
     c = container(objects, "DaemonSet", "kura-node", "node-driver-registrar")
     c["args"] = [
@@ -180,6 +184,11 @@ def unknown_node_variable(objects):
 
 def blank_pool_image(objects):
     node_settings(objects)["KURA_POOL_IMAGE"] = ""
+
+
+def unresolvable_env(objects):
+    container(objects, "Deployment", "kura-controller", "kura")["env"][0]["valueFrom"] = {
+        "secretKeyRef": {"name": "kura-settings", "key": "namespace"}}
 
 
 def no_node_config_map(objects):
@@ -347,6 +356,7 @@ MUTATIONS = [
     (wrong_snapshot_driver, "install", "driver 'kura.csi.io' is not kura.csi.dev"),
     (snapshot_class_schema, "install", "'Remove' is not one of"),
     (snapshot_class_unknown_field, "install", "'parameter' was unexpected"),
+    (snapshot_class_namespaced, "install", "VolumeSnapshotClass is cluster-scoped but has a namespace"),
     (registrar_path, "install", "--kubelet-registration-path"),
     (registrar_variable, "install", "registrar --kubelet-registration-path is ['/var/lib/kubelet/plugins/kura/csi.sock']"),
     (not_bidirectional, "install", "the pool mount /var/lib/kura needs mountPropagation: Bidirectional"),
@@ -365,6 +375,7 @@ MUTATIONS = [
     (unknown_node_variable, "install", "kura node reads no variable KURA_POOL_SIZ"),
     (blank_pool_image, "install", "kura refuses the arguments and environment (exit 2)"),
     (no_node_config_map, "install", "envFrom names the ConfigMap"),
+    (unresolvable_env, "install", "env POD_NAMESPACE: cannot resolve"),
     (pool_image_outside_state_dir, "install", "is not under the state directory /var/lib/kura"),
     (no_group_snapshot_gate, "install", "csi-snapshotter lacks --feature-gates=CSIVolumeGroupSnapshot=true"),
     (no_health_monitor, "install", "no csi-external-health-monitor-controller"),
@@ -396,7 +407,7 @@ MUTATIONS = [
 
 
 # Mutations only the CRD schemas catch.
-NEEDS_CRDS = {snapshot_class_schema, snapshot_class_unknown_field, pod_monitor_unknown_field,
+NEEDS_CRDS = {snapshot_class_schema, snapshot_class_unknown_field, snapshot_class_namespaced, pod_monitor_unknown_field,
               rule_unknown_field, alert_bad_duration}
 
 
