@@ -42,6 +42,8 @@ RUN apt-get update \
     && useradd --system --uid 65532 --gid kura --no-create-home \
        --home-dir /nonexistent --shell /usr/sbin/nologin kura
 COPY --from=builder /out/kura /usr/local/bin/kura
+# The license the image's label names, where Debian keeps a package's.
+COPY LICENSE /usr/share/doc/kura/LICENSE
 # The controller's user; the node DaemonSet overrides it with runAsUser: 0.
 USER 65532:65532
 ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/kura"]

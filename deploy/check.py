@@ -1,24 +1,29 @@
 #!/usr/bin/env python3
 """Checks kura's rendered Kubernetes manifests without a cluster.
 
-    check.py --crds DIR --kura BIN [--cargo-toml FILE] RENDERING.yaml...
+    check.py --crds DIR --kura BIN [--promtool BIN] [--namespace NS] RENDERING.yaml...
 
 Each RENDERING is a multi-document YAML file (a `kubectl kustomize` output, or a file
 of examples). Every object is checked:
 
 - strictly (unknown fields are errors) against the schemas of the oldest Kubernetes
   version kura supports and the newest kubernetes-validate knows;
-- a kind without a built-in schema must be one of the snapshot CRDs in DIR and is
-  checked against that CRD's schema, made strict the same way (and its CEL rules that
-  apply on create); any other kind fails;
+- a kind without a built-in schema must be one of the CRDs in DIR (snapshots, the
+  Prometheus Operator's) and is checked against that CRD's schema, made strict the
+  same way (and its CEL rules that apply on create); any other kind fails;
 - enum values the schemas leave open (mountPropagation, hostPath types, ...);
-- kura's invariants (deploy/KUBERNETES.md facts): one driver name everywhere, images
-  pinned (no `:latest`, sidecars at vX.Y.Z, kura at the crate's version), privileged
-  only in the node plugin, Bidirectional on the kubelet and pool mounts, a liveness
-  probe on every kura container wired to a livenessprobe sidecar, the provisioner's
-  required flags, flags of `kura node` and `kura controller` accepted by the binary,
-  the headless Service the controller resolves, the TLS Secrets mounted at --tls-dir,
-  scrape annotations matching --metrics-listen, and no RBAC for the node.
+- kura's invariants: one driver name everywhere, images pinned (no `:latest`,
+  sidecars at vX.Y.Z, kura at the crate's version), privileged only in the node
+  plugin and spc_t for its sidecars, Bidirectional on the kubelet and pool mounts, a
+  liveness probe on every kura container wired to a livenessprobe sidecar, the
+  sidecars' required flags (the snapshotter's group snapshot gate), kura's command
+  line and KURA_* environment (from its ConfigMap) run through the binary's own
+  parser, one pool source where the pod sees it, one namespace everywhere (RBAC
+  subjects and --agents included), the headless Service the controller resolves, the
+  TLS Secrets mounted at --tls-dir, scrape annotations matching --metrics-listen, no
+  RBAC for the node;
+- the monitoring kit (check_monitoring.py): PodMonitors, alert rules through promtool,
+  the dashboard, and every metric name they use against what is exported.
 
 Prints every problem found and exits 1 if there is any.
 """
@@ -39,6 +44,10 @@ import kubernetes_validate
 import kubernetes_validate.utils as kv_utils
 import yaml
 
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from check_monitoring import check_monitoring, exported_names  # noqa: E402,F401
+
 # The oldest Kubernetes minor kura supports (README, "Install"): the CSIDriver and the
 # sidecars' needs are all GA there.
 OLDEST = "1.30.0"
@@ -53,6 +62,8 @@ PROVISIONER_FLAGS = [
     "--leader-election",
     "--timeout=60s",
 ]
+HEALTH_MONITOR = "csi-external-health-monitor-controller"
+GROUP_SNAPSHOT_GATE = "CSIVolumeGroupSnapshot=true"
 NODE_TLS_SECRET = "kura-node-tls"
 CONTROLLER_TLS_SECRET = "kura-controller-tls"
 
@@ -248,7 +259,7 @@ def cel_rules(schema, value, path, problems: Problems, where: str) -> None:
 OBJECT_META_FIELDS = {"name", "namespace", "labels", "annotations", "generateName", "finalizers"}
 
 
-def crd_schema(obj: dict, crds: dict, problems: Problems, where: str) -> bool:
+def crd_schema(obj: dict, crds: dict, overlay_namespace: str | None, problems: Problems, where: str) -> bool:
     """Validates a custom resource against its CRD; False when no CRD names the kind."""
     api_version = obj.get("apiVersion", "")
     group, _, version = api_version.rpartition("/")
@@ -272,7 +283,10 @@ def crd_schema(obj: dict, crds: dict, problems: Problems, where: str) -> bool:
         for k, v in (meta.get(key) or {}).items():
             if not isinstance(v, str):
                 problems.add(where, f"metadata.{key}.{k} must be a string")
-    if crd["scope"] == "Cluster" and "namespace" in meta:
+    # kustomize cannot tell a custom resource's scope, so an overlay's `namespace:`
+    # lands on cluster-scoped ones too; the API server drops it. Anywhere else a
+    # namespace there is a mistake.
+    if crd["scope"] == "Cluster" and "namespace" in meta and meta["namespace"] != overlay_namespace:
         problems.add(where, f"{obj['kind']} is cluster-scoped but has a namespace")
     if not meta.get("name"):
         problems.add(where, "metadata.name is missing")
@@ -379,16 +393,102 @@ def check_security(obj: dict, spec: dict, problems: Problems, where: str) -> Non
                 problems.add(here, f"Bidirectional mount {mount.get('mountPath')} needs privileged")
 
 
+# --- kura's containers as the kubelet starts them -------------------------------------
+
+# What the kubelet puts in the downward-API fields kura's pods read; a stand-in where
+# the real value is only known in the cluster.
+FIELD_STAND_INS = {"spec.nodeName": "node-1", "metadata.name": "pod-1", "status.podIP": "10.0.0.1"}
+
+
+def expand(text: str, env: dict) -> str:
+    """The kubelet's $(VAR) expansion: a defined variable is replaced, $$ escapes, an
+    undefined reference stays as it is."""
+    def one(m):
+        if m.group(0).startswith("$$"):
+            return m.group(0)[1:]
+        return env.get(m.group(1), m.group(0))
+    return re.sub(r"\$\$\(?|\$\(([A-Za-z_][A-Za-z0-9_]*)\)", one, text)
+
+
+def env_var(flag: str) -> str:
+    """The variable kura reads a flag from (src/cli.rs: KURA_ and the flag's name)."""
+    return "KURA_" + flag.removeprefix("--").upper().replace("-", "_")
+
+
+class Started:
+    """A container as the kubelet starts it: its arguments with $(VAR) expanded and its
+    environment (envFrom ConfigMaps, then env, downward-API fields). Problems
+    resolving them (a ConfigMap not in the rendering) are reported."""
+
+    def __init__(self, obj: dict, container: dict, objects: list, problems: Problems, where: str) -> None:
+        namespace = dig(obj, "metadata", "namespace")
+        config_maps = {
+            (dig(o, "metadata", "namespace"), dig(o, "metadata", "name")): o.get("data") or {}
+            for o in objects if o.get("kind") == "ConfigMap"
+        }
+        self.env: dict[str, str] = {}
+        for source in container.get("envFrom") or []:
+            name = dig(source, "configMapRef", "name")
+            if (namespace, name) not in config_maps:
+                problems.add(where, f"envFrom names the ConfigMap {name}, which is not in the rendering")
+                continue
+            self.env.update({source.get("prefix", "") + k: str(v) for k, v in config_maps[(namespace, name)].items()})
+        for var in container.get("env") or []:
+            field = dig(var, "valueFrom", "fieldRef", "fieldPath")
+            key_ref = dig(var, "valueFrom", "configMapKeyRef", default={})
+            if "value" in var:
+                self.env[var["name"]] = expand(str(var["value"]), self.env)
+            elif field == "metadata.namespace":
+                self.env[var["name"]] = namespace or ""
+            elif field in FIELD_STAND_INS:
+                self.env[var["name"]] = FIELD_STAND_INS[field]
+            elif key_ref and key_ref.get("key") in config_maps.get((namespace, key_ref.get("name")), {}):
+                self.env[var["name"]] = str(config_maps[(namespace, key_ref["name"])][key_ref["key"]])
+            else:
+                problems.add(where, f"env {var.get('name')}: cannot resolve {var.get('valueFrom')}")
+        self.args = [expand(str(a), self.env) for a in container.get("args") or []]
+
+    def setting(self, flag: str) -> list[str]:
+        """A kura flag's value(s) as kura sees them: the command line wins over the
+        KURA_* variable."""
+        values = flag_values(self.args, flag)
+        if values:
+            return values
+        var = env_var(flag)
+        return [self.env[var]] if var in self.env else []
+
+
 @functools.lru_cache(maxsize=None)
 def kura_help(kura: str, role: str) -> str:
     return subprocess.run(
-        [kura, role, "--help"], check=True, capture_output=True, text=True
+        [kura, role, "--help"], check=True, capture_output=True, text=True, env={}
     ).stdout
 
 
-def check_kura_flags(kura: str, role: str, args: list[str], problems: Problems, where: str) -> None:
-    """Every flag is one `kura ROLE --help` lists, and the binary parses the values."""
-    known = set(re.findall(r"(--[a-z][a-z0-9-]*)", kura_help(kura, role)))
+# An endpoint kura refuses as soon as it has parsed its arguments, before it touches
+# anything: reaching that refusal proves the rest was accepted.
+CHECK_ENDPOINT = "tcp://parse-only.invalid"
+
+
+def run_kura_parse(kura: str, args: list[str], env: dict) -> subprocess.CompletedProcess:
+    """Runs kura with the container's arguments and environment and the endpoint above,
+    as nobody when run as root (so a kura that went further could change nothing)."""
+    args = [f"--endpoint={CHECK_ENDPOINT}" if a.startswith("--endpoint=") else a for a in args]
+    env = dict(env, KURA_ENDPOINT=CHECK_ENDPOINT)
+    drop = {"user": 65534, "group": 65534, "extra_groups": []} if os.geteuid() == 0 else {}
+    try:
+        return subprocess.run([kura, *args], env=env, capture_output=True, text=True, timeout=20, **drop)
+    except subprocess.TimeoutExpired as e:
+        return subprocess.CompletedProcess(e.cmd, -1, "", "did not exit within 20 s")
+
+
+def check_kura_flags(kura_bin: str, role: str, kura: Started, problems: Problems, where: str) -> None:
+    """Every flag and KURA_* variable is one `kura ROLE --help` lists, and the binary
+    accepts the whole command line and environment (values, conflicts, requirements)."""
+    help_text = kura_help(kura_bin, role)
+    known = set(re.findall(r"(--[a-z][a-z0-9-]*)", help_text))
+    variables = set(re.findall(r"\[env: (KURA_[A-Z0-9_]+)=", help_text))
+    args = kura.args
     if not args or args[0] != role:
         problems.add(where, f"kura's first argument must be the role {role!r}, not {args[:1]}")
         return
@@ -397,11 +497,13 @@ def check_kura_flags(kura: str, role: str, args: list[str], problems: Problems, 
             flag = arg.split("=", 1)[0]
             if flag not in known:
                 problems.add(where, f"kura {role} has no flag {flag}")
-    # clap parses (and checks the values of) every argument before it acts on --help.
-    result = subprocess.run([kura, *args, "--help"], capture_output=True, text=True)
-    if result.returncode != 0:
-        first = (result.stderr.strip().splitlines() or ["(no message)"])[0]
-        problems.add(where, f"kura refuses the arguments: {first}")
+    for var in kura.env:
+        if var.startswith("KURA_") and var not in variables:
+            problems.add(where, f"kura {role} reads no variable {var}")
+    result = run_kura_parse(kura_bin, args, kura.env)
+    if result.returncode != 1 or "endpoint" not in result.stderr:
+        lines = [line for line in result.stderr.strip().splitlines() if line.strip()] or ["(no message)"]
+        problems.add(where, f"kura refuses the arguments and environment (exit {result.returncode}): {lines[0]}")
 
 
 def check_liveness(spec: dict, problems: Problems, where: str) -> None:
@@ -434,8 +536,8 @@ def check_liveness(spec: dict, problems: Problems, where: str) -> None:
             problems.add(here, f"the livenessprobe watches {probe_ports[port]}, kura serves {socket}")
 
 
-def check_tls(spec: dict, kura: dict, secret: str, problems: Problems, where: str) -> None:
-    tls_dirs = flag_values(kura.get("args") or [], "--tls-dir")
+def check_tls(spec: dict, kura: dict, settings: Started, secret: str, problems: Problems, where: str) -> None:
+    tls_dirs = settings.setting("--tls-dir")
     volumes = {v.get("name"): v for v in spec.get("volumes") or []}
     mounted = [
         m for m in kura.get("volumeMounts") or []
@@ -447,8 +549,8 @@ def check_tls(spec: dict, kura: dict, secret: str, problems: Problems, where: st
         problems.add(where, f"Secret {secret} is mounted at {[m.get('mountPath') for m in mounted]}, --tls-dir is {tls_dirs}")
 
 
-def check_metrics(obj: dict, kura: dict, problems: Problems, where: str) -> None:
-    listen = flag_values(kura.get("args") or [], "--metrics-listen")
+def check_metrics(obj: dict, kura: dict, settings: Started, problems: Problems, where: str) -> None:
+    listen = settings.setting("--metrics-listen")
     annotations = dig(obj, "spec", "template", "metadata", "annotations", default={}) or {}
     named = {p.get("name"): p.get("containerPort") for p in kura.get("ports") or []}
     if not listen:
@@ -463,6 +565,31 @@ def check_metrics(obj: dict, kura: dict, problems: Problems, where: str) -> None
         problems.add(where, "prometheus.io/path is not /metrics")
 
 
+def check_driver_name(settings: Started, role: str, problems: Problems, where: str) -> None:
+    if settings.setting("--driver-name") != [DRIVER]:
+        problems.add(where, f"kura {role} --driver-name is {settings.setting('--driver-name')}, not {DRIVER}")
+
+
+def check_pool(settings: Started, state: str, problems: Problems, where: str) -> None:
+    """One pool source, where the pod sees it: an image under the state directory's
+    mount, a device under the host's /dev. A pool size with anything but an image is
+    a mistake kura does not refuse when it comes from the environment (it ignores it)."""
+    image = settings.setting("--pool-image")
+    device = settings.setting("--pool-device")
+    directory = settings.setting("--pool-dir")
+    if len(image + device + directory) != 1:
+        problems.add(where, f"kura node needs exactly one pool source, has --pool-image {image}, "
+                            f"--pool-device {device}, --pool-dir {directory}")
+    if settings.setting("--pool-size") and not image:
+        problems.add(where, "--pool-size (KURA_POOL_SIZE) is set without --pool-image: remove it with the image")
+    for path in image + directory:
+        if not path.startswith(state.rstrip("/") + "/"):
+            problems.add(where, f"the pool {path} is not under the state directory {state} (the hostPath mount)")
+    for path in device:
+        if not path.startswith("/dev/"):
+            problems.add(where, f"the pool device {path} is not under /dev (the host's /dev mount)")
+
+
 def check_node(obj: dict, objects: list, kura_bin: str, problems: Problems):
     """Checks the node DaemonSet; returns its agent ports and pod labels."""
     where = name_of(obj)
@@ -472,10 +599,9 @@ def check_node(obj: dict, objects: list, kura_bin: str, problems: Problems):
         problems.add(where, f"expected one kura container, found {len(kuras)}")
         return
     kura = kuras[0]
-    args = kura.get("args") or []
-    check_kura_flags(kura_bin, "node", args, problems, f"{where} container kura")
-    if flag_values(args, "--driver-name") != [DRIVER]:
-        problems.add(where, f"kura node --driver-name is {flag_values(args, '--driver-name')}, not {DRIVER}")
+    settings = Started(obj, kura, objects, problems, where)
+    check_kura_flags(kura_bin, "node", settings, problems, f"{where} container kura")
+    check_driver_name(settings, "node", problems, where)
     volumes = {v.get("name"): v for v in spec.get("volumes") or []}
     mounts = {m.get("mountPath"): m for m in kura.get("volumeMounts") or []}
     kubelet_dirs = [
@@ -489,7 +615,7 @@ def check_node(obj: dict, objects: list, kura_bin: str, problems: Problems):
     for m in kubelet_dirs:
         if m.get("mountPropagation") != "Bidirectional":
             problems.add(where, f"the kubelet directory {m.get('mountPath')} needs mountPropagation: Bidirectional")
-    state = (flag_values(args, "--state-dir") or ["/var/lib/kura"])[0]
+    state = (settings.setting("--state-dir") or ["/var/lib/kura"])[0]
     pool = mounts.get(state)
     if pool is None or dig(volumes.get(pool.get("name"), {}), "hostPath") is None:
         problems.add(where, f"the state directory {state} must be a hostPath mount")
@@ -498,7 +624,8 @@ def check_node(obj: dict, objects: list, kura_bin: str, problems: Problems):
     if dig(volumes.get((mounts.get("/dev") or {}).get("name"), {}), "hostPath", "path") != "/dev":
         problems.add(where, "kura must mount the host's /dev at /dev")
     socket_dir = f"{kubelet}/plugins/{DRIVER}"
-    endpoint = (flag_values(args, "--endpoint") or [""])[0].removeprefix("unix://")
+    check_pool(settings, state, problems, where)
+    endpoint = (settings.setting("--endpoint") or [""])[0].removeprefix("unix://")
     csi_mount = mounts.get(os.path.dirname(endpoint))
     if csi_mount is None or dig(volumes.get(csi_mount.get("name"), {}), "hostPath", "path") != socket_dir:
         problems.add(where, f"kura's socket directory must be the host's {socket_dir}")
@@ -509,13 +636,18 @@ def check_node(obj: dict, objects: list, kura_bin: str, problems: Problems):
     if len(registrars) != 1:
         problems.add(where, "expected one node-driver-registrar")
     for r in registrars:
-        paths = flag_values(r.get("args") or [], "--kubelet-registration-path")
+        paths = flag_values(Started(obj, r, objects, problems, where).args, "--kubelet-registration-path")
         if paths != [f"{socket_dir}/csi.sock"]:
             problems.add(where, f"registrar --kubelet-registration-path is {paths}, not {socket_dir}/csi.sock")
         if not r.get("livenessProbe"):
             problems.add(where, "the registrar has no livenessProbe")
-    check_tls(spec, kura, NODE_TLS_SECRET, problems, where)
-    check_metrics(obj, kura, problems, where)
+    # The sidecars talk to the privileged kura container's socket (and the registrar
+    # to the kubelet's directory): on SELinux-enforcing nodes only spc_t may.
+    for c in spec.get("containers") or []:
+        if not is_kura(c) and dig(c, "securityContext", "seLinuxOptions", "type") != "spc_t":
+            problems.add(f"{where} container {c.get('name')}", "seLinuxOptions.type must be spc_t (SELinux nodes)")
+    check_tls(spec, kura, settings, NODE_TLS_SECRET, problems, where)
+    check_metrics(obj, kura, settings, problems, where)
     if spec.get("priorityClassName") != "system-node-critical":
         problems.add(where, "priorityClassName must be system-node-critical")
     if not any(t.get("operator") == "Exists" and not t.get("key") for t in spec.get("tolerations") or []):
@@ -535,7 +667,7 @@ def check_node(obj: dict, objects: list, kura_bin: str, problems: Problems):
         if o.get("kind") == "ServiceAccount" and dig(o, "metadata", "name") == sa:
             if o.get("automountServiceAccountToken") is not False:
                 problems.add(name_of(o), "automountServiceAccountToken must be false")
-    agent_ports = [port_of(a) for a in flag_values(args, "--agent-listen")]
+    agent_ports = [port_of(a) for a in settings.setting("--agent-listen")]
     return agent_ports, dig(obj, "spec", "template", "metadata", "labels", default={})
 
 
@@ -547,10 +679,9 @@ def check_controller(obj: dict, objects: list, node_info, kura_bin: str, problem
         problems.add(where, f"expected one kura container, found {len(kuras)}")
         return
     kura = kuras[0]
-    args = kura.get("args") or []
-    check_kura_flags(kura_bin, "controller", args, problems, f"{where} container kura")
-    if flag_values(args, "--driver-name") != [DRIVER]:
-        problems.add(where, f"kura controller --driver-name is {flag_values(args, '--driver-name')}, not {DRIVER}")
+    settings = Started(obj, kura, objects, problems, where)
+    check_kura_flags(kura_bin, "controller", settings, problems, f"{where} container kura")
+    check_driver_name(settings, "controller", problems, where)
     if dig(obj, "spec", "replicas") != 2:
         problems.add(where, "the controller runs 2 replicas")
     if dig(spec, "securityContext", "runAsNonRoot") is not True:
@@ -563,16 +694,20 @@ def check_controller(obj: dict, objects: list, node_info, kura_bin: str, problem
         for flag in PROVISIONER_FLAGS:
             if flag not in (provisioner.get("args") or []):
                 problems.add(where, f"csi-provisioner lacks {flag}")
-    for sidecar in ("csi-snapshotter", "csi-resizer"):
+    for sidecar in ("csi-snapshotter", "csi-resizer", HEALTH_MONITOR):
         c = by_repo.get(SIDECAR_REGISTRY + sidecar)
         if c is None:
             problems.add(where, f"no {sidecar}")
         elif "--leader-election" not in (c.get("args") or []):
             problems.add(where, f"{sidecar} lacks --leader-election")
-    check_tls(spec, kura, CONTROLLER_TLS_SECRET, problems, where)
-    check_metrics(obj, kura, problems, where)
+    snapshotter = by_repo.get(SIDECAR_REGISTRY + "csi-snapshotter") or {}
+    gates = ",".join(flag_values(snapshotter.get("args") or [], "--feature-gates")).split(",")
+    if snapshotter and GROUP_SNAPSHOT_GATE not in gates:
+        problems.add(where, f"csi-snapshotter lacks --feature-gates={GROUP_SNAPSHOT_GATE} (group snapshots are off without it)")
+    check_tls(spec, kura, settings, CONTROLLER_TLS_SECRET, problems, where)
+    check_metrics(obj, kura, settings, problems, where)
     # --agents NAME:PORT must be the headless Service that selects the node pods.
-    agents = flag_values(args, "--agents")
+    agents = settings.setting("--agents")
     if len(agents) != 1:
         problems.add(where, "kura controller needs one --agents NAME:PORT")
         return
@@ -586,6 +721,8 @@ def check_controller(obj: dict, objects: list, node_info, kura_bin: str, problem
     ]
     if len(parts) > 2 and parts[2] != "svc":
         problems.add(where, f"--agents {agents[0]}: expected NAME.NAMESPACE.svc:PORT")
+    if len(parts) > 1 and parts[1] != namespace:
+        problems.add(where, f"--agents {agents[0]} names the namespace {parts[1]}, the controller runs in {namespace}")
     if not services:
         problems.add(where, f"--agents {agents[0]} names no Service in the rendering")
         return
@@ -616,7 +753,31 @@ def check_driver_names(objects: list, problems: Problems) -> None:
             problems.add(where, f"driver {o.get('driver')!r} is not {DRIVER}")
 
 
-def check_install(objects: list, kura_bin: str, problems: Problems) -> None:
+# Kinds without a namespace; every other object of an install is in kura's namespace.
+CLUSTER_KINDS = {
+    "Namespace", "CSIDriver", "StorageClass", "ClusterRole", "ClusterRoleBinding",
+    "VolumeSnapshotClass", "VolumeGroupSnapshotClass", "VolumeAttributesClass", "PriorityClass",
+}
+
+
+def check_namespaces(objects: list, namespace: str, expected: str | None, problems: Problems) -> None:
+    """One namespace everywhere a namespace is named: the objects, the Namespace
+    itself, the RBAC subjects (the controller's --agents is checked with it)."""
+    if expected and namespace != expected:
+        problems.add("install", f"the controller is in namespace {namespace}, the overlay asks for {expected}")
+    for o in objects:
+        where = name_of(o)
+        if o.get("kind") == "Namespace" and dig(o, "metadata", "name") != namespace:
+            problems.add(where, f"a Namespace other than kura's {namespace}")
+        elif o.get("kind") not in CLUSTER_KINDS and dig(o, "metadata", "namespace") != namespace:
+            problems.add(where, f"is in namespace {dig(o, 'metadata', 'namespace')}, not kura's {namespace}")
+        for subject in o.get("subjects") or []:
+            if subject.get("kind") == "ServiceAccount" and subject.get("namespace") != namespace:
+                problems.add(where, f"subject ServiceAccount {subject.get('name')} is in namespace "
+                                    f"{subject.get('namespace')}, not kura's {namespace}")
+
+
+def check_install(objects: list, ctx: Context, problems: Problems) -> None:
     """Cross-object invariants of a whole install (a rendering with the CSIDriver)."""
     by_kind = {}
     for o in objects:
@@ -625,9 +786,10 @@ def check_install(objects: list, kura_bin: str, problems: Problems) -> None:
     controllers = [o for o in by_kind.get("Deployment", []) if dig(o, "metadata", "name") == "kura-controller"]
     if len(nodes) != 1 or len(controllers) != 1:
         problems.add("install", "expected the DaemonSet kura-node and the Deployment kura-controller")
-    node_info = check_node(nodes[0], objects, kura_bin, problems) if nodes else None
+    node_info = check_node(nodes[0], objects, ctx.kura, problems) if nodes else None
     for c in controllers:
-        check_controller(c, objects, node_info, kura_bin, problems)
+        check_controller(c, objects, node_info, ctx.kura, problems)
+        check_namespaces(objects, dig(c, "metadata", "namespace"), ctx.namespace, problems)
     if by_kind.get("Secret"):
         problems.add("install", "the rendering holds Secrets: TLS keys are made at install time, never committed")
     driver = (by_kind.get("CSIDriver") or [{}])[0]
@@ -658,9 +820,9 @@ def versions_checked() -> list[str]:
     return [OLDEST, kv_utils.latest_version()]
 
 
-# The API groups of the snapshot CRDs: without the CRD directory their objects are
-# checked by kura's invariants only (see main).
-SNAPSHOT_GROUPS = {"snapshot.storage.k8s.io", "groupsnapshot.storage.k8s.io"}
+# The API groups of the CRDs (snapshots, the Prometheus Operator's): without the CRD
+# directory their objects are checked by kura's invariants only (see main).
+CRD_GROUPS = {"snapshot.storage.k8s.io", "groupsnapshot.storage.k8s.io", "monitoring.coreos.com"}
 
 
 # Kinds newer than the oldest Kubernetes kura supports, with the release that made them
@@ -669,7 +831,21 @@ SNAPSHOT_GROUPS = {"snapshot.storage.k8s.io", "groupsnapshot.storage.k8s.io"}
 NEWER_KINDS = {("storage.k8s.io/v1", "VolumeAttributesClass"): "1.34"}
 
 
-def check_rendering(path: Path, crds: dict, versions: list, kura_bin: str, version: str) -> list[str]:
+class Context:
+    """What every rendering is checked against."""
+
+    def __init__(self, crds: dict, kura: str, promtool: str, exported: set[str], namespace: str | None = None,
+                 cargo_toml: Path = HERE.parent / "Cargo.toml") -> None:
+        self.crds = crds
+        self.kura = kura
+        self.promtool = promtool
+        self.exported = exported
+        self.namespace = namespace
+        self.versions = versions_checked()
+        self.version = crate_version(cargo_toml)
+
+
+def check_rendering(path: Path, ctx: Context) -> list[str]:
     problems = Problems()
     try:
         objects = [o for o in yaml.safe_load_all(path.read_text()) if o]
@@ -685,21 +861,22 @@ def check_rendering(path: Path, crds: dict, versions: list, kura_bin: str, versi
         newer = (obj["apiVersion"], obj["kind"]) in NEWER_KINDS
         if newer and path.name != "examples.yaml":
             problems.add(where, f"{obj['kind']} is newer than Kubernetes {OLDEST}: examples only")
-        checked = versions[-1:] if newer else versions
+        checked = ctx.versions[-1:] if newer else ctx.versions
         has_builtin = [builtin_schema(obj, v, problems, where) for v in checked]
         if not all(has_builtin):
-            unchecked = not crds and obj["apiVersion"].rpartition("/")[0] in SNAPSHOT_GROUPS
-            if not unchecked and not crd_schema(obj, crds, problems, where):
+            unchecked = not ctx.crds and obj["apiVersion"].rpartition("/")[0] in CRD_GROUPS
+            if not unchecked and not crd_schema(obj, ctx.crds, ctx.namespace, problems, where):
                 problems.add(where, f"no schema for {obj['apiVersion']} {obj['kind']} (and no CRD in the CRD directory)")
         enums(obj, problems, where)
         spec = pod_spec(obj)
         if spec is not None:
-            check_images(spec, version, problems, where)
+            check_images(spec, ctx.version, problems, where)
             check_security(obj, spec, problems, where)
             check_liveness(spec, problems, where)
     check_driver_names(objects, problems)
     if any(o.get("kind") == "CSIDriver" for o in objects):
-        check_install(objects, kura_bin, problems)
+        check_install(objects, ctx, problems)
+    check_monitoring(objects, ctx.promtool, ctx.exported, problems.add)
     return [f"{path.name}: {p}" if not p.startswith(path.name) else p for p in problems.items]
 
 
@@ -707,7 +884,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--crds", type=Path, help="directory of snapshot CRDs (without it, snapshot classes are not schema-checked)")
     parser.add_argument("--kura", required=True, help="the kura binary (for --help and flag parsing)")
-    parser.add_argument("--cargo-toml", type=Path, default=Path(__file__).resolve().parent.parent / "Cargo.toml")
+    parser.add_argument("--cargo-toml", type=Path, default=HERE.parent / "Cargo.toml")
+    parser.add_argument("--promtool", default="promtool", help="Prometheus's promtool (for the alert rules)")
+    parser.add_argument("--src", type=Path, default=HERE.parent / "src", help="kura's sources (the metric names it exports)")
+    parser.add_argument("--sidecar-metrics", type=Path, default=HERE / "monitoring" / "sidecar-metrics.txt")
+    parser.add_argument("--namespace", help="the namespace the renderings must be in (an overlay's namespace:)")
     parser.add_argument("renderings", nargs="+", type=Path)
     args = parser.parse_args()
     crds = {}
@@ -723,18 +904,18 @@ def main() -> int:
             print(f"check.py: no CustomResourceDefinitions in {args.crds}", file=sys.stderr)
             return 2
     cache_schemas()
-    versions = versions_checked()
-    version = crate_version(args.cargo_toml)
+    exported = exported_names(args.src, args.sidecar_metrics)
+    ctx = Context(crds, args.kura, args.promtool, exported, args.namespace, args.cargo_toml)
     failures = []
     for path in args.renderings:
-        failures.extend(check_rendering(path, crds, versions, args.kura, version))
+        failures.extend(check_rendering(path, ctx))
     for f in failures:
         print(f"FAIL {f}")
     names = ", ".join(p.name for p in args.renderings)
     if failures:
         print(f"check.py: {len(failures)} problem(s) in {names}")
         return 1
-    print(f"check.py: {names}: valid for Kubernetes {' and '.join(versions)}, invariants hold")
+    print(f"check.py: {names}: valid for Kubernetes {' and '.join(ctx.versions)}, invariants hold")
     return 0
 
 

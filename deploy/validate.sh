@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
 # Validates kura's deployment files without a cluster: renders every kustomization
-# (the base, the base with each component, the kind overlay), checks every object and
-# kura's invariants (deploy/check.py), proves the checks catch broken manifests
-# (deploy/test_check.py), and lints the YAML, the shell scripts and the Dockerfile.
+# (the base; the base with each component, then with all of them; the kind overlay,
+# alone and with the pool-device component; everything in another namespace), checks
+# every object and kura's invariants (deploy/check.py), proves the checks catch broken
+# manifests (deploy/test_check.py), runs the alert rules' unit tests with promtool,
+# and lints the YAML, the shell scripts and the Dockerfile.
 #
 #   deploy/validate.sh [CRD_DIR]
 #
-# CRD_DIR holds the snapshot CRDs (default: $KURA_CRDS_DIR, else ../shared/k8s/crds
-# beside the repo). Without them the snapshot classes are checked by kura's invariants
-# only, and the run says so loudly.
-# Needs kubectl (for kustomize), python3 and the tools of deploy/requirements.txt
-# (scripts/deps.sh installs them); builds target/debug/kura for its --help.
+# CRD_DIR holds the CRDs the manifests are checked against: the snapshot CRDs of
+# external-snapshotter and the Prometheus Operator's PodMonitor and PrometheusRule
+# (default: $KURA_CRDS_DIR, else ../shared/k8s/crds beside the repo, where CI keeps
+# them). Without them those objects are checked by kura's invariants only, and the
+# run says so loudly.
+# Needs kubectl (for kustomize), python3 and the tools of deploy/requirements.txt and
+# promtool (scripts/deps.sh installs them); builds target/debug/kura, whose own
+# argument parser checks the rendered command lines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 crds="${1:-${KURA_CRDS_DIR:-../shared/k8s/crds}}"
+# The namespace of the "another namespace" rendering.
+other_namespace="storage-system"
 work=""
 
 cleanup() {
@@ -23,21 +30,40 @@ cleanup() {
   fi
 }
 
-# Writes OUT/NAME.yaml for each rendering: base, base+component, kind overlay.
-render_all() {
-  local out="$1" component name overlay
-  kubectl kustomize deploy/kubernetes >"$out/base.yaml"
-  for component in deploy/kubernetes/components/*/; do
-    name="$(basename "$component")"
-    overlay="$out/overlay-$name"
-    mkdir -p "$overlay"
+# render OUT NAME NAMESPACE RESOURCE [COMPONENT...]: OUT/NAME.yaml from an overlay of
+# RESOURCE with the components, in NAMESPACE if it is not empty.
+render() {
+  local out="$1" name="$2" namespace="$3" resource="$4" dir component
+  shift 4
+  dir="$out/overlay-$name"
+  mkdir -p "$dir"
+  {
+    if [ -n "$namespace" ]; then
+      printf 'namespace: %s\n' "$namespace"
+    fi
     # kustomize takes only relative paths to other kustomizations.
-    printf 'resources:\n  - %s\ncomponents:\n  - %s\n' \
-      "$(realpath --relative-to="$overlay" deploy/kubernetes)" \
-      "$(realpath --relative-to="$overlay" "$component")" >"$overlay/kustomization.yaml"
-    kubectl kustomize "$overlay" >"$out/with-$name.yaml"
+    printf 'resources:\n  - %s\n' "$(realpath --relative-to="$dir" "$resource")"
+    if [ "$#" -gt 0 ]; then
+      printf 'components:\n'
+      for component in "$@"; do
+        printf '  - %s\n' "$(realpath --relative-to="$dir" "$component")"
+      done
+    fi
+  } >"$dir/kustomization.yaml"
+  kubectl kustomize "$dir" >"$out/$name.yaml"
+}
+
+render_all() {
+  local out="$1" component
+  local components=(deploy/kubernetes/components/*/ deploy/monitoring/)
+  kubectl kustomize deploy/kubernetes >"$out/base.yaml"
+  for component in "${components[@]}"; do
+    render "$out" "with-$(basename "$component")" "" deploy/kubernetes "$component"
   done
+  render "$out" all-components "" deploy/kubernetes "${components[@]}"
   kubectl kustomize deploy/kind >"$out/kind.yaml"
+  render "$out" kind-pool-device "" deploy/kind deploy/kubernetes/components/pool-device
+  render "$out" other-namespace "$other_namespace" deploy/kubernetes "${components[@]}"
   # The examples are plain files: one rendering of all of them.
   for example in deploy/kubernetes/examples/*.yaml; do
     printf -- '---\n'
@@ -46,13 +72,34 @@ render_all() {
 }
 
 check_manifests() {
-  local out="$1" kura="$2"
-  local crd_args=()
+  local out="$1" kura="$2" rendering
+  local args=(--kura "$kura" --promtool "$(command -v promtool)")
+  local renderings=()
   if [ -d "$crds" ]; then
-    crd_args=(--crds "$crds")
+    args+=(--crds "$crds")
   fi
-  python3 deploy/check.py "${crd_args[@]}" --kura "$kura" "$out"/*.yaml
-  python3 deploy/test_check.py "${crd_args[@]}" --kura "$kura" "$out/kind.yaml"
+  for rendering in "$out"/*.yaml; do
+    if [ "$rendering" != "$out/other-namespace.yaml" ]; then
+      renderings+=("$rendering")
+    fi
+  done
+  python3 deploy/check.py "${args[@]}" "${renderings[@]}"
+  python3 deploy/check.py "${args[@]}" --namespace "$other_namespace" "$out/other-namespace.yaml"
+  python3 deploy/test_check.py "${args[@]}" --install "$out/kind.yaml" \
+    --monitoring "$out/with-monitoring.yaml" --pool-device "$out/kind-pool-device.yaml" \
+    --other-namespace "$out/other-namespace.yaml" --namespace "$other_namespace"
+}
+
+# The alert rules' cases (deploy/monitoring/rules-test.yaml) on the rules as rendered.
+test_rules() {
+  local out="$1"
+  python3 - "$out/with-monitoring.yaml" "$out/rules.yaml" <<'PY'
+import sys, yaml
+rules = [o for o in yaml.safe_load_all(open(sys.argv[1])) if o and o.get("kind") == "PrometheusRule"]
+yaml.safe_dump({"groups": [g for r in rules for g in r["spec"]["groups"]]}, open(sys.argv[2], "w"))
+PY
+  cp deploy/monitoring/rules-test.yaml "$out/"
+  promtool test rules "$out/rules-test.yaml"
 }
 
 lint_files() {
@@ -67,7 +114,7 @@ lint_files() {
 
 main() {
   if [ ! -d "$crds" ]; then
-    echo "deploy/validate.sh: WARNING: no snapshot CRDs at $crds (../shared/k8s/crds beside the repo, KURA_CRDS_DIR, or the first argument): the snapshot classes are not checked against their CRD schemas" >&2
+    echo "deploy/validate.sh: WARNING: no CRDs at $crds (KURA_CRDS_DIR or the first argument): snapshot classes, PodMonitors and PrometheusRules are not checked against their CRD schemas" >&2
   fi
   # shellcheck source=scripts/deps.sh
   source scripts/deps.sh
@@ -77,8 +124,9 @@ main() {
   trap cleanup EXIT
   render_all "$work"
   check_manifests "$work" target/debug/kura
+  test_rules "$work"
   lint_files
-  echo "deploy/validate.sh: manifests, scripts and Dockerfile are valid"
+  echo "deploy/validate.sh: manifests, monitoring kit, scripts and Dockerfile are valid"
 }
 
 main

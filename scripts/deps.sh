@@ -26,6 +26,25 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
+# promtool (checks and unit-tests the monitoring kit's alert rules), the one binary
+# taken out of Debian's prometheus package: installing the package would also set
+# up a Prometheus server and its service, which nothing here needs.
+kura_promtool() {
+  local bin="$1" tmp
+  if [ -x "$bin" ]; then
+    return
+  fi
+  echo "installing promtool into $bin"
+  tmp="$(mktemp -d)"
+  if ! (cd "$tmp" && apt-get download -qq -o APT::Sandbox::User=root prometheus >/dev/null 2>&1); then
+    apt-get update -qq
+    (cd "$tmp" && apt-get download -qq -o APT::Sandbox::User=root prometheus >/dev/null)
+  fi
+  dpkg-deb --fsys-tarfile "$tmp"/prometheus_*.deb | tar -x -C "$tmp" ./usr/bin/promtool
+  install -m 0755 "$tmp/usr/bin/promtool" "$bin"
+  rm -rf "$tmp"
+}
+
 # The manifest and script linters of deploy/validate.sh (deploy/requirements.txt,
 # pinned) in a venv of the repo's own, reinstalled only when that list changes. Adds
 # the venv's bin/ to PATH.
@@ -44,6 +63,7 @@ kura_tools() {
     "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
     cp "$requirements" "$stamp"
   fi
+  kura_promtool "$venv/bin/promtool"
   export PATH="$venv/bin:$PATH"
   if ! command -v kubectl >/dev/null 2>&1; then
     echo "deploy/validate.sh renders with kubectl kustomize: kubectl is not installed" >&2

@@ -11,7 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 CLUSTER="${KURA_KIND_CLUSTER:-kura}"
-# external-snapshotter's CRDs and snapshot-controller, at the tag KUBERNETES.md names.
+# external-snapshotter's CRDs and snapshot-controller, at the tag of the manifests'
+# csi-snapshotter.
 SNAPSHOTTER_VERSION="v8.6.0"
 SNAPSHOTTER="https://github.com/kubernetes-csi/external-snapshotter"
 VERSION="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)"
@@ -60,9 +61,16 @@ load_image() {
 }
 
 install_snapshot_controller() {
-  log "snapshot CRDs and snapshot-controller $SNAPSHOTTER_VERSION"
+  log "snapshot CRDs and snapshot-controller $SNAPSHOTTER_VERSION, group snapshots on"
   kubectl apply -k "$SNAPSHOTTER/client/config/crd?ref=$SNAPSHOTTER_VERSION"
   kubectl -n kube-system apply -k "$SNAPSHOTTER/deploy/kubernetes/snapshot-controller?ref=$SNAPSHOTTER_VERSION"
+  # Volume group snapshots are behind a feature gate (beta, off) in v8.6.0, on the
+  # snapshot-controller as on kura's csi-snapshotter.
+  if ! kubectl -n kube-system get deployment snapshot-controller \
+    -o jsonpath='{.spec.template.spec.containers[0].args}' | grep -q CSIVolumeGroupSnapshot; then
+    kubectl -n kube-system patch deployment snapshot-controller --type=json \
+      -p '[{"op":"add","path":"/spec/template/spec/containers/0/args/-","value":"--feature-gates=CSIVolumeGroupSnapshot=true"}]'
+  fi
   kubectl -n kube-system rollout status deployment/snapshot-controller --timeout=180s
 }
 
