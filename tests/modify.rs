@@ -23,6 +23,10 @@ fn modify(id: &str, pairs: &[(&str, &str)]) -> proto::ControllerModifyVolumeRequ
     }
 }
 
+/// The pool of the round trips: small, since a thick volume on an image pool takes
+/// its space on the host's disk too.
+const SMALL_POOL: &str = "4Gi";
+
 /// Bytes allocated to a file, from st_blocks.
 fn allocated(path: &Path) -> u64 {
     std::fs::metadata(path).unwrap().blocks() * 512
@@ -37,7 +41,7 @@ fn state(image: &Path) -> (u64, String) {
 /// Thin -> thick -> thin on one volume, with the refusals in between; `root` is the
 /// pool the volume lands in.
 async fn modify_round_trip(controller: &mut ControllerClient<Channel>, root: &Path) {
-    let size = 6 * GIB;
+    let size = 1536 * MIB;
     let volume = controller
         .create_volume(create_request("pvc-modify", size, &[], None))
         .await
@@ -90,7 +94,7 @@ async fn modify_round_trip(controller: &mut ControllerClient<Channel>, root: &Pa
     let filler = controller
         .create_volume(create_request(
             "pvc-filler",
-            12 * GIB,
+            3 * GIB,
             &[(PROVISIONING, "thick")],
             None,
         ))
@@ -162,7 +166,14 @@ async fn modify_round_trip(controller: &mut ControllerClient<Channel>, root: &Pa
 
 #[tokio::test]
 async fn thin_becomes_thick_and_refusals_change_nothing() {
-    let driver = Driver::start().await;
+    let driver = Driver::start_with(
+        PoolKind::OnHost {
+            host_bytes: 8 << 30,
+            pool_size: SMALL_POOL,
+        },
+        &[],
+    )
+    .await;
     let mut controller = driver.controller();
     let caps = controller
         .controller_get_capabilities(proto::ControllerGetCapabilitiesRequest {})
@@ -243,7 +254,7 @@ async fn create_honours_mutable_parameters() {
 
 #[tokio::test]
 async fn split_roles_modify_through_the_agent() {
-    let cluster = Cluster::start(&["16Gi"]).await;
+    let cluster = Cluster::start(&[SMALL_POOL]).await;
     let mut controller = cluster.controller().controller();
     let root = cluster.node("node-a").dir.join("state/pool");
     modify_round_trip(&mut controller, &root).await;
