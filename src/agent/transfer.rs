@@ -19,8 +19,8 @@ use super::proto::agent_client::AgentClient;
 use super::{proto, tls, wire};
 use crate::node::transfer::{Broken, Fetch, Progress, Transfers};
 use crate::node::{self};
-use crate::pool::transfer::{Chunk, ExportRef};
 use crate::pool;
+use crate::pool::transfer::{Chunk, ExportRef};
 
 /// Chunks read ahead of the stream on the source.
 pub const READ_AHEAD: usize = 4;
