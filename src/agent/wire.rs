@@ -215,6 +215,9 @@ pub fn snapshot(m: Option<&proto::Snapshot>) -> Result<Snapshot, Malformed> {
             "" => None,
             id => Some(group_id(id, "snapshot.group_snapshot_id")?),
         },
+        // How the image was made matters only on its node, which reads its own
+        // record; it does not travel.
+        image: None,
     })
 }
 
@@ -316,6 +319,7 @@ mod tests {
             ready: false,
             encryption: Encryption::Fscrypt,
             group: None,
+            image: None,
         };
         assert_eq!(
             super::snapshot(Some(&snapshot_message(&snapshot))).unwrap(),

@@ -164,6 +164,7 @@ impl Pool {
             ready: true,
             encryption: volume.encryption,
             group: Some(group.clone()),
+            image: Some(super::cbt::ImageOrigin::Reflink),
         };
         if let Err(e) = write_meta(&self.snapshot_meta_path(&id), &snapshot) {
             let _ = sys::fs::remove(&image);

@@ -24,6 +24,7 @@
 //! - Repeating a create with compatible arguments returns the existing object.
 
 pub mod attach;
+pub mod cbt;
 pub mod encryption;
 pub mod ephemeral;
 pub mod export;
