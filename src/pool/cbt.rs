@@ -71,6 +71,18 @@ impl Method {
     }
 }
 
+/// What a stream lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Query {
+    /// The ranges of a snapshot that hold data.
+    Allocated(SnapshotId),
+    /// The ranges that may differ between two snapshots of one volume.
+    Delta {
+        base: SnapshotId,
+        target: SnapshotId,
+    },
+}
+
 /// A snapshot held open for a stream: its record and its image, readable until this
 /// is dropped even if the snapshot is deleted meanwhile.
 #[derive(Debug)]
