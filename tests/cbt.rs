@@ -10,6 +10,8 @@
 //!   the stream ends or the client hangs up.
 //! - The data-comparison path on a pool without reflink.
 
+#[path = "common/cluster.rs"]
+mod cluster;
 mod common;
 
 use std::fs::File;
@@ -891,4 +893,196 @@ async fn data_comparison_on_a_pool_without_reflink() {
     let image = |id: &str| root.join("snapshots").join(format!("{id}.img"));
     let alloc = allocated(&driver.channel, &s2, 0, 0).await.unwrap();
     assert_reconstructs(&image(&s1), &image(&s2), &d.ranges(), &alloc.ranges());
+}
+
+/// The split: the controller streams from the node's agent. The same answers as the
+/// node's images say; the node's socket does not serve the service; a client hanging
+/// up unpins on the node; a node killed mid-stream ends the stream with an error
+/// (never a clean end, which would claim the answer whole) and leaves nothing behind
+/// once restarted.
+#[tokio::test]
+async fn split_streams_from_the_owning_node() {
+    let mut cluster = cluster::Cluster::start(&["2Gi"]).await;
+    let controller_socket = cluster.controller().socket.clone();
+    let channel = kura::csi::client::connect(&controller_socket)
+        .await
+        .unwrap();
+    let slow = slow_reader(&controller_socket).await;
+    let node = cluster.node("node-a");
+    let pool = node.dir.join("state/pool");
+    let image = |id: &str| pool.join("snapshots").join(format!("{id}.img"));
+    let snap = |name: &'static str, volume: String| {
+        let channel = channel.clone();
+        async move {
+            kura::csi::proto::controller_client::ControllerClient::new(channel)
+                .create_snapshot(proto::CreateSnapshotRequest {
+                    name: name.into(),
+                    source_volume_id: volume,
+                    ..Default::default()
+                })
+                .await
+                .expect("CreateSnapshot")
+                .into_inner()
+                .snapshot
+                .unwrap()
+                .snapshot_id
+        }
+    };
+    let delete = |id: String| {
+        let channel = channel.clone();
+        async move {
+            kura::csi::proto::controller_client::ControllerClient::new(channel)
+                .delete_snapshot(proto::DeleteSnapshotRequest {
+                    snapshot_id: id,
+                    ..Default::default()
+                })
+                .await
+                .expect("DeleteSnapshot");
+        }
+    };
+
+    let mut request = create_request("pvc-split", 64 * MIB, &[], None);
+    request.volume_capabilities = vec![block_cap()];
+    let volume = cluster
+        .controller()
+        .controller()
+        .await
+        .create_volume(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let staging = node.path("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let target = node.path("target");
+    let mut csi_node = node.node().await;
+    csi_node
+        .node_stage_volume(common::stage_request(&volume, &staging, &block_cap()))
+        .await
+        .unwrap();
+    csi_node
+        .node_publish_volume(common::publish_request(
+            &volume,
+            &staging,
+            &target,
+            &block_cap(),
+            false,
+        ))
+        .await
+        .unwrap();
+    let mut rng = Rng(5);
+    write_at(&target, 0, &rng.bytes(4 * MIB as usize));
+    let s1 = snap("split-1", volume.clone()).await;
+    let dev = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&target)
+        .unwrap();
+    for k in 0..MANY {
+        dev.write_all_at(&rng.bytes(BLOCK as usize), 2 * k * BLOCK)
+            .unwrap();
+    }
+    dev.sync_all().unwrap();
+    drop(dev);
+    let s2 = snap("split-2", volume.clone()).await;
+    let s3 = snap("split-3", volume.clone()).await;
+
+    // The same answers the node's images give.
+    let d = delta(&channel, &s1, &s2, 0, 0).await.unwrap();
+    assert_eq!(d.ranges().len(), MANY as usize);
+    let alloc = allocated(&channel, &s2, 0, 0).await.unwrap();
+    assert_reconstructs(&image(&s1), &image(&s2), &d.ranges(), &alloc.ranges());
+    let resumed = delta(&channel, &s1, &s2, 12345, 7).await.unwrap();
+    assert!(resumed.messages.iter().all(|m| m.len() <= 7));
+    assert_eq!(resumed.ranges(), from(&d.ranges(), 12345));
+    let unknown = allocated(
+        &channel,
+        &s1.replace(|c: char| c.is_ascii_digit(), "0"),
+        0,
+        0,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
+    let later = delta(&channel, &s2, &s1, 0, 0).await.unwrap_err();
+    assert_eq!(later.code(), Code::InvalidArgument, "{later:?}");
+    let on_node = allocated(&node.channel().await, &s1, 0, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        on_node.code(),
+        Code::Unimplemented,
+        "the node's socket does not serve it"
+    );
+
+    // A client that hangs up: the node's work stops and its pin goes.
+    let node_pid = node.proc.pid().as_raw() as u32;
+    let mut stream = client(&slow)
+        .get_metadata_delta(delta_request(&s1, &s2, 0, 1))
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().unwrap();
+    delete(s2.clone()).await;
+    assert!(
+        !pins_under(node_pid, &pool).is_empty(),
+        "pinned on the node"
+    );
+    drop(stream);
+    until_no_pins(node_pid, &pool).await;
+
+    // SIGKILL mid-stream: the stream fails, and after the restart nothing is left.
+    csi_node
+        .node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
+            volume_id: volume.clone(),
+            target_path: target.display().to_string(),
+        })
+        .await
+        .unwrap();
+    csi_node
+        .node_unstage_volume(proto::NodeUnstageVolumeRequest {
+            volume_id: volume.clone(),
+            staging_target_path: staging.display().to_string(),
+        })
+        .await
+        .unwrap();
+    let mut stream = client(&slow)
+        .get_metadata_delta(delta_request(&s1, &s3, 0, 1))
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().unwrap();
+    delete(s3.clone()).await;
+    assert!(
+        !pins_under(node_pid, &pool).is_empty(),
+        "pinned on the node"
+    );
+    cluster.node_mut("node-a").proc.kill();
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                other => return other.map(|_| ()),
+            }
+        }
+    })
+    .await
+    .expect("the stream ends within the per-message deadline");
+    assert!(
+        ended.is_err(),
+        "a killed node's stream must fail, not end cleanly"
+    );
+    let node = cluster.node_mut("node-a");
+    node.start().await;
+    let node_pid = node.proc.pid().as_raw() as u32;
+    assert!(pins_under(node_pid, &pool).is_empty());
+    assert!(!image(&s3).exists(), "the deleted snapshot's image is gone");
+    let left: Vec<_> = std::fs::read_dir(pool.join("snapshots"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| !name.starts_with(&s1))
+        .collect();
+    assert!(left.is_empty(), "only S1 is left: {left:?}");
 }
