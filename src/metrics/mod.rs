@@ -14,6 +14,8 @@
 //! - `kura_pool_size_bytes`, `kura_pool_available_bytes`, `kura_volumes{condition}`,
 //!   `kura_snapshots`, `kura_attached_loop_devices`, each with a `node` label: read
 //!   from the pool at scrape time (all-in-one and node).
+//! - `kura_snapshot_deltas_total{node,method}`: GetMetadataDelta streams answered on
+//!   this node, `method` `extents` or `data` (see [`crate::pool::cbt`]).
 //!
 //! [`grpc`] is the tower layer on the tonic servers; [`pool`] the scrape-time
 //! collector; [`http`] the `/metrics` listener.

@@ -216,6 +216,7 @@ impl Local {
         })
         .await?;
         let (sender, batches) = tokio::sync::mpsc::channel(1);
+        let pool = Arc::clone(&self.pool);
         tokio::task::spawn_blocking(move || {
             let failed = sender.clone();
             let mut out = cbt::Batcher::new(start, capacity, max, |batch| {
@@ -228,6 +229,9 @@ impl Local {
             };
             let stopped = out.stopped();
             drop(out);
+            if let Ok(Some(method)) = result {
+                pool.deltas.record(method);
+            }
             match result {
                 Ok(method) => tracing::debug!(
                     snapshot.id = %pins[pins.len() - 1].snapshot.id,

@@ -83,6 +83,32 @@ pub enum Query {
     },
 }
 
+/// How many deltas this process answered each way, for the metrics.
+#[derive(Debug, Default)]
+pub struct Served {
+    extents: std::sync::atomic::AtomicU64,
+    data: std::sync::atomic::AtomicU64,
+}
+
+impl Served {
+    pub fn record(&self, method: Method) {
+        let counter = match method {
+            Method::Extents => &self.extents,
+            Method::Data => &self.data,
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Each method with its count.
+    pub fn counts(&self) -> [(Method, u64); 2] {
+        let read = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        [
+            (Method::Extents, read(&self.extents)),
+            (Method::Data, read(&self.data)),
+        ]
+    }
+}
+
 /// A snapshot held open for a stream: its record and its image, readable until this
 /// is dropped even if the snapshot is deleted meanwhile.
 #[derive(Debug)]

@@ -170,6 +170,8 @@ pub struct Pool {
     reflink: bool,
     options: Options,
     copying: snapshot::Copying,
+    /// Deltas answered, by method (the metrics read it).
+    pub deltas: cbt::Served,
 }
 
 impl Pool {
@@ -197,6 +199,7 @@ impl Pool {
             reflink,
             options,
             copying: Default::default(),
+            deltas: Default::default(),
         };
         pool.recover()?;
         Ok(pool)
