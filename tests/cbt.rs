@@ -698,30 +698,6 @@ async fn errors_have_the_specs_codes_and_change_nothing() {
     );
 }
 
-/// More ranges than the transport buffers ahead of a reader that stops reading (a
-/// stream's flow-control window holds a few thousand one-range messages), so the
-/// node's work is still running, and pinning, mid-stream.
-const MANY: u64 = 8 * 1024;
-
-/// A channel to the driver whose streams take little ahead of the reader: the flow
-/// control window of a client that reads slowly.
-async fn slow_reader(socket: &Path) -> Channel {
-    let socket = socket.to_owned();
-    tonic::transport::Endpoint::from_static("http://kura.invalid")
-        .initial_stream_window_size(Some(1024))
-        .initial_connection_window_size(Some(1024))
-        .connect_with_connector(tower::service_fn(move |_| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
-        .await
-        .expect("connects")
-}
-
 /// The descriptors of this process open on a deleted file under `dir`: a pin.
 fn pins_under(pid: u32, dir: &Path) -> Vec<String> {
     let mut held = Vec::new();
@@ -755,30 +731,30 @@ async fn until_no_pins(pid: u32, dir: &Path) {
     }
 }
 
+/// The pause point where the node holds a stream after sending a message.
+const SENT: &str = "snapshot-ranges-sent";
+
 #[tokio::test]
 async fn a_snapshot_deleted_mid_stream_is_listed_whole_then_freed() {
     let driver = Driver::start().await;
     let channel = &driver.channel;
-    let slow = slow_reader(&driver.path("csi.sock")).await;
-    let (_, s1, s2) = two_snapshots(&driver, "deleted", 64 * MIB, MANY).await;
+    let (_, s1, s2) = two_snapshots(&driver, "deleted", 16 * MIB, 256).await;
     let want = delta(channel, &s1, &s2, 0, 0).await.unwrap().ranges();
     let image = snapshot_image(&driver, &s2);
     let pool = driver.pool_root();
+    let me = std::process::id();
 
     // Deleted after the first message: the rest still comes, the same.
-    let mut stream = client(&slow)
+    let sent = driver.pause.arm(SENT);
+    let mut stream = client(channel)
         .get_metadata_delta(delta_request(&s1, &s2, 0, 1))
         .await
         .unwrap()
         .into_inner();
     let mut got: Vec<Range> = Vec::new();
     let first = stream.message().await.unwrap().unwrap();
-    got.extend(
-        first
-            .block_metadata
-            .iter()
-            .map(|b| (b.byte_offset as u64, (b.byte_offset + b.size_bytes) as u64)),
-    );
+    got.extend(first.block_metadata.iter().map(range_of));
+    sent.held(|| false).await;
     driver
         .controller()
         .delete_snapshot(proto::DeleteSnapshotRequest {
@@ -788,32 +764,28 @@ async fn a_snapshot_deleted_mid_stream_is_listed_whole_then_freed() {
         .await
         .expect("DeleteSnapshot mid-stream");
     assert!(!image.exists(), "deleted from the pool at once");
-    assert!(
-        !pins_under(std::process::id(), &pool).is_empty(),
-        "held open by the stream"
-    );
+    assert!(!pins_under(me, &pool).is_empty(), "held open by the stream");
+    sent.release();
     while let Some(m) = stream.message().await.unwrap() {
-        got.extend(
-            m.block_metadata
-                .iter()
-                .map(|b| (b.byte_offset as u64, (b.byte_offset + b.size_bytes) as u64)),
-        );
+        got.extend(m.block_metadata.iter().map(range_of));
     }
     assert_eq!(got, want);
-    until_no_pins(std::process::id(), &pool).await;
+    until_no_pins(me, &pool).await;
     assert_eq!(
         allocated(channel, &s2, 0, 0).await.unwrap_err().code(),
         Code::NotFound
     );
 
     // A client that hangs up mid-stream: the snapshot it pinned is freed.
-    let (_, s3, s4) = two_snapshots(&driver, "hangup", 64 * MIB, MANY).await;
-    let mut stream = client(&slow)
+    let (_, s3, s4) = two_snapshots(&driver, "hangup", 16 * MIB, 256).await;
+    let sent = driver.pause.arm(SENT);
+    let mut stream = client(channel)
         .get_metadata_delta(delta_request(&s3, &s4, 0, 1))
         .await
         .unwrap()
         .into_inner();
     stream.message().await.unwrap().unwrap();
+    sent.held(|| false).await;
     driver
         .controller()
         .delete_snapshot(proto::DeleteSnapshotRequest {
@@ -822,9 +794,14 @@ async fn a_snapshot_deleted_mid_stream_is_listed_whole_then_freed() {
         })
         .await
         .unwrap();
-    assert!(!pins_under(std::process::id(), &pool).is_empty());
+    assert!(!pins_under(me, &pool).is_empty());
     drop(stream);
-    until_no_pins(std::process::id(), &pool).await;
+    sent.release();
+    until_no_pins(me, &pool).await;
+}
+
+fn range_of(b: &proto::BlockMetadata) -> Range {
+    (b.byte_offset as u64, (b.byte_offset + b.size_bytes) as u64)
 }
 
 /// On a pool that cannot reflink, snapshots are full copies: the delta is found by
@@ -907,7 +884,6 @@ async fn split_streams_from_the_owning_node() {
     let channel = kura::csi::client::connect(&controller_socket)
         .await
         .unwrap();
-    let slow = slow_reader(&controller_socket).await;
     let node = cluster.node("node-a");
     let pool = node.dir.join("state/pool");
     let image = |id: &str| pool.join("snapshots").join(format!("{id}.img"));
@@ -941,7 +917,7 @@ async fn split_streams_from_the_owning_node() {
         }
     };
 
-    let mut request = create_request("pvc-split", 64 * MIB, &[], None);
+    let mut request = create_request("pvc-split", 16 * MIB, &[], None);
     request.volume_capabilities = vec![block_cap()];
     let volume = cluster
         .controller()
@@ -979,7 +955,7 @@ async fn split_streams_from_the_owning_node() {
         .write(true)
         .open(&target)
         .unwrap();
-    for k in 0..MANY {
+    for k in 0..256 {
         dev.write_all_at(&rng.bytes(BLOCK as usize), 2 * k * BLOCK)
             .unwrap();
     }
@@ -990,7 +966,7 @@ async fn split_streams_from_the_owning_node() {
 
     // The same answers the node's images give.
     let d = delta(&channel, &s1, &s2, 0, 0).await.unwrap();
-    assert_eq!(d.ranges().len(), MANY as usize);
+    assert_eq!(d.ranges().len(), 256);
     let alloc = allocated(&channel, &s2, 0, 0).await.unwrap();
     assert_reconstructs(&image(&s1), &image(&s2), &d.ranges(), &alloc.ranges());
     let resumed = delta(&channel, &s1, &s2, 12345, 7).await.unwrap();
@@ -1018,18 +994,21 @@ async fn split_streams_from_the_owning_node() {
 
     // A client that hangs up: the node's work stops and its pin goes.
     let node_pid = node.proc.pid().as_raw() as u32;
-    let mut stream = client(&slow)
+    let sent = node.proc.pause.arm(SENT);
+    let mut stream = client(&channel)
         .get_metadata_delta(delta_request(&s1, &s2, 0, 1))
         .await
         .unwrap()
         .into_inner();
     stream.message().await.unwrap().unwrap();
+    sent.held(|| false).await;
     delete(s2.clone()).await;
     assert!(
         !pins_under(node_pid, &pool).is_empty(),
         "pinned on the node"
     );
     drop(stream);
+    sent.release();
     until_no_pins(node_pid, &pool).await;
 
     // SIGKILL mid-stream: the stream fails, and after the restart nothing is left.
@@ -1047,12 +1026,14 @@ async fn split_streams_from_the_owning_node() {
         })
         .await
         .unwrap();
-    let mut stream = client(&slow)
+    let sent = cluster.node("node-a").proc.pause.arm(SENT);
+    let mut stream = client(&channel)
         .get_metadata_delta(delta_request(&s1, &s3, 0, 1))
         .await
         .unwrap()
         .into_inner();
     stream.message().await.unwrap().unwrap();
+    sent.held(|| false).await;
     delete(s3.clone()).await;
     assert!(
         !pins_under(node_pid, &pool).is_empty(),
@@ -1073,6 +1054,8 @@ async fn split_streams_from_the_owning_node() {
         ended.is_err(),
         "a killed node's stream must fail, not end cleanly"
     );
+    // Restarted with the point no longer armed.
+    drop(sent);
     let node = cluster.node_mut("node-a");
     node.start().await;
     let node_pid = node.proc.pid().as_raw() as u32;

@@ -70,12 +70,19 @@ fn max_results(value: i32) -> Result<usize, Status> {
 
 /// The messages of a stream, `VARIABLE_LENGTH` ranges (adjacent extents merged), each
 /// with the capacity. A failure mid-stream ends it with the failure's code.
+/// (VARIABLE_LENGTH: the spec, "Metadata Format", leaves the style to the plugin;
+/// extents are of any length, and fixed blocks would multiply the tuples.)
 fn messages<T: Send + 'static>(
     ranges: Ranges,
     message: fn(BlockMetadataType, i64, Vec<proto::BlockMetadata>) -> T,
 ) -> MessageStream<T> {
     let capacity = ranges.capacity as i64;
-    Box::pin(ranges.batches.map(move |batch| match batch {
+    // An empty batch after the first is the node's keepalive: not for the client.
+    let batches = ranges.batches.enumerate().filter_map(|(i, batch)| {
+        let keepalive = i > 0 && batch.as_ref().is_ok_and(|b| b.is_empty());
+        std::future::ready((!keepalive).then_some(batch))
+    });
+    Box::pin(batches.map(move |batch| match batch {
         Ok(batch) => Ok(message(
             BlockMetadataType::VariableLength,
             capacity,

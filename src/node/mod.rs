@@ -220,7 +220,10 @@ impl Local {
         tokio::task::spawn_blocking(move || {
             let failed = sender.clone();
             let mut out = cbt::Batcher::new(start, capacity, max, |batch| {
-                sender.blocking_send(Ok(batch)).is_ok()
+                let taken = sender.blocking_send(Ok(batch)).is_ok();
+                // Tests hold a stream here, its snapshots pinned, mid-way.
+                pool.pause_at("snapshot-ranges-sent");
+                taken
             });
             let result = match pins.as_slice() {
                 [pinned] => cbt::allocated(pinned, &mut out).map(|()| None),

@@ -41,6 +41,9 @@ pub const BLOCK: u64 = 4096;
 const WINDOW: u64 = 1 << 30;
 /// How much of each image the data comparison reads at a time.
 const READ: usize = 1 << 20;
+/// How long a stream may go without a message while the work goes on: well within
+/// the controller's deadline per message in the split.
+pub const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(2);
 /// Ranges per message when the client leaves it to kura (`max_results` 0).
 pub const DEFAULT_MAX_RESULTS: usize = 1024;
 
@@ -119,7 +122,11 @@ pub struct Pinned {
 }
 
 impl Pool {
-    /// Opens a ready snapshot for listing.
+    /// Opens a ready snapshot for listing. An unknown one is NOT_FOUND (CSI spec,
+    /// "GetMetadataAllocated Errors" and "GetMetadataDelta Errors": "Invalid
+    /// `snapshot_id`"); one whose copy still runs is FAILED_PRECONDITION, the code
+    /// CSI gives an object in a state that forbids the call (the delta table's
+    /// "Changed block tracking is not enabled": no answer can be given yet).
     pub fn pin_snapshot(&self, id: &SnapshotId) -> Result<Pinned> {
         let snapshot = self.snapshot(id)?;
         if !snapshot.ready {
@@ -144,7 +151,11 @@ impl Pool {
     }
 }
 
-/// Checks a delta request against its two snapshots: the target's capacity.
+/// Checks a delta request against its two snapshots: the target's capacity. Base
+/// and target of different volumes, or a target not taken after the base, are
+/// INVALID_ARGUMENT (CSI spec, "GetMetadataDelta Errors": "Missing or otherwise
+/// invalid argument"; the request's target is "a second snapshot in the same volume,
+/// created after the base snapshot").
 pub fn check_delta(base: &Snapshot, target: &Snapshot, start: u64) -> Result<u64> {
     if base.source_volume != target.source_volume {
         return Err(Error::Invalid {
@@ -169,7 +180,10 @@ pub fn check_delta(base: &Snapshot, target: &Snapshot, start: u64) -> Result<u64
     check_start(target, start)
 }
 
-/// The capacity a stream reports, once `start` is known to lie within it.
+/// The capacity a stream reports, once `start` is known to lie within it: past it is
+/// OUT_OF_RANGE (CSI spec, "GetMetadataAllocated Errors" and "GetMetadataDelta
+/// Errors": "Invalid `starting_offset`", "exceeds the volume size"). At the capacity
+/// exactly, nothing is left: an empty answer.
 pub fn check_start(snapshot: &Snapshot, start: u64) -> Result<u64> {
     if start > snapshot.size_bytes {
         return Err(Error::OutOfRange(format!(
@@ -218,15 +232,21 @@ pub fn delta(base: &Pinned, target: &Pinned, out: &mut Batcher) -> Result<Method
             Method::Extents => map(base, at, end)?.zip(map(target, at, end)?),
             Method::Data => None,
         };
-        let ranges = match maps {
-            Some((b, t)) => changed(&b, &t, (at, end)),
+        match maps {
+            Some((b, t)) => {
+                for range in changed(&b, &t, (at, end)) {
+                    out.push(range);
+                }
+            }
             None => {
                 method = Method::Data;
-                compare_data(base, target, (at, end))?
+                compare_data(
+                    base,
+                    target,
+                    (at.max(out.start - out.start % BLOCK), end),
+                    out,
+                )?;
             }
-        };
-        for range in ranges {
-            out.push(range);
         }
         at = end;
     }
@@ -314,10 +334,11 @@ pub fn merge_into(ranges: &mut Vec<Range>, range: Range) {
     }
 }
 
-/// Compares two images in `window` block by block: the blocks that differ. Only where
-/// either holds data is read; a block past an image's end reads as zeros (the base of
-/// a volume that grew).
-fn compare_data(base: &Pinned, target: &Pinned, window: Range) -> Result<Vec<Range>> {
+/// Compares two images in `window` block by block into `out`: the blocks that
+/// differ. Only where either holds data is read; a block past an image's end reads as
+/// zeros (the base of a volume that grew). Long stretches without a difference keep
+/// the stream alive ([`Batcher::keepalive`]).
+fn compare_data(base: &Pinned, target: &Pinned, window: Range, out: &mut Batcher) -> Result<()> {
     let mut data = sys::sparse::data_ranges(&base.file, &base.path, window.0, window.1)?;
     data.extend(sys::sparse::data_ranges(
         &target.file,
@@ -331,21 +352,21 @@ fn compare_data(base: &Pinned, target: &Pinned, window: Range) -> Result<Vec<Ran
         let aligned = (start - start % BLOCK, end.div_ceil(BLOCK) * BLOCK);
         merge_into(&mut union, (aligned.0, aligned.1.min(window.1)));
     }
-    let mut out = Vec::new();
     let (mut a, mut b) = (sys::direct::aligned(READ), sys::direct::aligned(READ));
     for (start, end) in union {
         let mut at = start;
-        while at < end {
+        while at < end && !out.stopped() {
             let len = ((end - at) as usize).min(READ);
             read_block_aligned(base, at, &mut a[..len])?;
             read_block_aligned(target, at, &mut b[..len])?;
             for range in differing_blocks(at, &a[..len], &b[..len]) {
-                merge_into(&mut out, range);
+                out.push(range);
             }
+            out.keepalive();
             at += len as u64;
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Fills `buf` from `offset`; what lies past the end of the image is zeros.
@@ -392,6 +413,9 @@ pub struct Batcher<'a> {
     batch: Vec<Range>,
     sent_any: bool,
     stopped: bool,
+    /// When a message last went out, and how long the reader may wait for the next.
+    last_sent: std::time::Instant,
+    keepalive: std::time::Duration,
     send: Box<dyn FnMut(Vec<Range>) -> bool + 'a>,
 }
 
@@ -411,7 +435,26 @@ impl<'a> Batcher<'a> {
             batch: Vec::new(),
             sent_any: false,
             stopped: false,
+            last_sent: std::time::Instant::now(),
+            keepalive: KEEPALIVE,
             send: Box::new(send),
+        }
+    }
+
+    /// Sends an empty batch when nothing went out for `every` (default
+    /// [`KEEPALIVE`]).
+    pub fn with_keepalive(mut self, every: std::time::Duration) -> Self {
+        self.keepalive = every;
+        self
+    }
+
+    /// Called as slow work goes on: when nothing was sent for the keepalive interval,
+    /// sends an empty batch, so a reader with a deadline per message (the controller
+    /// of a split) knows the node is still at work. Empty batches after the first
+    /// are not relayed to the CSI client.
+    pub fn keepalive(&mut self) {
+        if self.last_sent.elapsed() >= self.keepalive && self.batch.is_empty() {
+            self.flush();
         }
     }
 
@@ -446,6 +489,7 @@ impl<'a> Batcher<'a> {
     fn flush(&mut self) {
         let batch = std::mem::take(&mut self.batch);
         self.sent_any = true;
+        self.last_sent = std::time::Instant::now();
         if !self.stopped && !(self.send)(batch) {
             self.stopped = true;
         }
@@ -651,6 +695,22 @@ mod tests {
         assert!(batcher.stopped());
         drop(batcher);
         assert_eq!(sent, 1);
+    }
+
+    #[test]
+    fn keepalives_are_empty_batches_while_nothing_is_found() {
+        let mut sent = Vec::new();
+        let mut batcher = Batcher::new(0, 100, 0, |b| {
+            sent.push(b);
+            true
+        })
+        .with_keepalive(std::time::Duration::ZERO);
+        batcher.keepalive();
+        batcher.push((10, 20));
+        batcher.keepalive();
+        batcher.finish();
+        drop(batcher);
+        assert_eq!(sent, vec![vec![], vec![], vec![(10, 20)]]);
     }
 
     #[test]

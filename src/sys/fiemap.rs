@@ -223,4 +223,28 @@ mod tests {
         assert_eq!(at(&ma, 1 << 20), at(&mb, 1 << 20));
         assert_eq!(at(&ma, (2 << 20) + 4096), at(&mb, (2 << 20) + 4096));
     }
+
+    /// More extents than one call returns: every one comes, in order.
+    #[test]
+    fn maps_many_extents_across_calls() {
+        let xfs = crate::sys::testing::Xfs::mount("fiemap-many");
+        let path = sparse_file(&xfs.dir, "many", 256 << 20, &[]);
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let count = 32 * 1024u64;
+        for k in 0..count {
+            f.write_all_at(&[1u8; 4096], 2 * k * 4096).unwrap();
+        }
+        f.sync_all().unwrap();
+        let map = extents(&File::open(&path).unwrap(), &path, 0, 256 << 20)
+            .unwrap()
+            .unwrap();
+        let ranges = written(&map);
+        assert_eq!(
+            ranges.len() as u64,
+            count,
+            "{:?}",
+            &ranges[ranges.len() - 3..]
+        );
+        assert!(map.windows(2).all(|w| w[0].end() <= w[1].logical));
+    }
 }
