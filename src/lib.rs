@@ -7,8 +7,8 @@
 //! edges. Only `csi` and `agent` see gRPC types.
 //!
 //! - [`csi`]: the CSI services, one file each: check a request into typed arguments,
-//!   call `control` (Controller, GroupController) or `node` (Node), build the
-//!   response; [`csi::status`] maps every error to its code.
+//!   call `control` (Controller, GroupController, SnapshotMetadata) or `node`
+//!   (Node), build the response; [`csi::status`] maps every error to its code.
 //! - [`control`]: what the controller decides: request names and their locks,
 //!   find-by-name across nodes, placement ([`control::placement`], a pure function),
 //!   copy-or-create, the group-snapshot steps ([`control::group`]).
@@ -20,11 +20,11 @@
 //!   per-volume locks are taken and blocking pool work runs; group holds
 //!   ([`node::group`]); both ends of a cross-node transfer ([`node::transfer`]).
 //! - [`pool`]: the node-local pool: volumes, snapshots, group snapshots, metadata,
-//!   capacity, recovery, and exposing volumes on the node ([`pool::attach`], inline
-//!   volumes in [`pool::ephemeral`]).
+//!   capacity, recovery, exposing volumes on the node ([`pool::attach`], inline
+//!   volumes in [`pool::ephemeral`]), and changed block tracking ([`pool::cbt`]).
 //! - [`sys`]: the only code that touches the OS: loop devices, mounts, mkfs
-//!   ([`sys::FsType`]), reflink, freeze, statfs, mountinfo, sparse ranges, direct
-//!   I/O, fscrypt keys and policies.
+//!   ([`sys::FsType`]), reflink, freeze, statfs, mountinfo, sparse ranges, extent
+//!   maps ([`sys::fiemap`]), direct I/O, fscrypt keys and policies.
 //! - [`server`]: builds each role (`all-in-one`, `node`, `controller`) from the
 //!   command line ([`cli`], every flag also from a `KURA_*` variable) and serves it;
 //!   `certs` writes the agent API's identities.

@@ -1037,8 +1037,8 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
         "parameters",
     );
 
-    // ControllerPublish, ControllerUnpublish and SnapshotMetadata: not offered;
-    // ModifyVolume refuses an unknown key.
+    // ControllerPublish and ControllerUnpublish: not offered; ModifyVolume refuses an
+    // unknown key.
     t.add(
         "ControllerPublishVolume",
         Call::ControllerPublish(proto::ControllerPublishVolumeRequest {
@@ -1101,13 +1101,20 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
         "group_snapshot_id",
     );
     t.add(
-        "GetMetadataAllocated",
+        "GetMetadataAllocated without an ID",
+        Call::MetadataAllocated(Default::default()),
+        InvalidArgument,
+        "snapshot_id",
+    );
+    t.add(
+        "GetMetadataAllocated at a negative offset",
         Call::MetadataAllocated(proto::GetMetadataAllocatedRequest {
             snapshot_id: snap.clone(),
+            starting_offset: -1,
             ..Default::default()
         }),
-        Unimplemented,
-        "",
+        OutOfRange,
+        "starting_offset",
     );
 
     // ValidateVolumeCapabilities.

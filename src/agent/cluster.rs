@@ -37,7 +37,8 @@ use tonic::{Response, Status};
 
 use super::errors::decode;
 use super::proto::agent_client::AgentClient;
-use super::{Error, Node, Pools, Progress, Result, proto, wire};
+use super::{Error, Node, Pools, Progress, Ranges, Result, proto, wire};
+use crate::pool::cbt::Query;
 use crate::pool::group::GroupSnapshot;
 use crate::pool::{
     Condition, GroupSnapshotId, NodeToken, Provisioning, Snapshot, SnapshotId, Timestamp, Volume,
@@ -828,5 +829,69 @@ impl Pools for Cluster {
             done: p.bytes_done,
             total: p.bytes_total,
         }))
+    }
+
+    /// Opens the stream on the snapshots' node. Each batch must come within
+    /// [`READ_TIMEOUT`] (a silent node ends the stream as unreachable), and dropping
+    /// the returned stream cancels the call, which stops the node's work and unpins.
+    async fn snapshot_ranges(&self, query: Query, start: u64, max: usize) -> Result<Ranges> {
+        use futures_util::StreamExt;
+        let token = match &query {
+            Query::Allocated(id) | Query::Delta { target: id, .. } => id.node(),
+        };
+        let request = wire::ranges_request(&query, start, max);
+        let (node, mut client, _) = self.live_agent(&token)?;
+        let mut stream =
+            match tokio::time::timeout(READ_TIMEOUT, client.snapshot_ranges(request)).await {
+                Err(_) => return Err(silent(&node)),
+                Ok(Err(status)) => return Err(decode(&node, status)),
+                Ok(Ok(response)) => response.into_inner(),
+            };
+        let Some(first) = next_batch(&node, &mut stream).await? else {
+            return Err(Error::Protocol(wire::Malformed {
+                field: "snapshot_ranges",
+                reason: "the stream ended before its first batch".to_owned(),
+            }));
+        };
+        let capacity = first.capacity_bytes;
+        let first = wire::ranges(&first)?;
+        // The state is `None` once the stream ended or failed: nothing follows an error.
+        let rest = futures_util::stream::unfold(Some((stream, node)), |state| async move {
+            let (mut stream, node) = state?;
+            match next_batch(&node, &mut stream).await {
+                Ok(None) => None,
+                Ok(Some(batch)) => Some((
+                    wire::ranges(&batch).map_err(Error::from),
+                    Some((stream, node)),
+                )),
+                Err(e) => Some((Err(e), None)),
+            }
+        });
+        Ok(Ranges {
+            capacity,
+            batches: futures_util::stream::once(async { Ok(first) })
+                .chain(rest)
+                .boxed(),
+        })
+    }
+}
+
+/// A node that did not answer within [`READ_TIMEOUT`].
+fn silent(node: &str) -> Error {
+    Error::Unreachable {
+        node: node.to_owned(),
+        reason: format!("no answer within {}s", READ_TIMEOUT.as_secs()),
+    }
+}
+
+/// The next batch of a ranges stream, within [`READ_TIMEOUT`]; `None` at its end.
+async fn next_batch(
+    node: &str,
+    stream: &mut tonic::Streaming<proto::SnapshotRangesBatch>,
+) -> Result<Option<proto::SnapshotRangesBatch>> {
+    match tokio::time::timeout(READ_TIMEOUT, stream.message()).await {
+        Err(_) => Err(silent(node)),
+        Ok(Err(status)) => Err(decode(node, status)),
+        Ok(Ok(batch)) => Ok(batch),
     }
 }

@@ -1,8 +1,9 @@
 //! The in-process transport of `all-in-one`: [`Pools`] over this process's own
 //! [`node::Local`], with no network between them. Only this node exists.
 
-use super::{Error, Node, Pools, Progress, Result};
+use super::{Error, Node, Pools, Progress, Ranges, Result};
 use crate::node;
+use crate::pool::cbt::Query;
 use crate::pool::group::GroupSnapshot;
 use crate::pool::{
     Condition, GroupSnapshotId, NodeToken, Provisioning, Snapshot, SnapshotId, Timestamp, Volume,
@@ -176,5 +177,16 @@ impl Pools for InProcess {
 
     async fn find_transfer(&self, _node: &Node, _name: String) -> Result<Option<Progress>> {
         Ok(None)
+    }
+
+    async fn snapshot_ranges(&self, query: Query, start: u64, max: usize) -> Result<Ranges> {
+        use futures_util::StreamExt;
+        let listed = self.local.snapshot_ranges(query, start, max).await?;
+        Ok(Ranges {
+            capacity: listed.capacity,
+            batches: tokio_stream::wrappers::ReceiverStream::new(listed.batches)
+                .map(|batch| batch.map_err(Error::from))
+                .boxed(),
+        })
     }
 }

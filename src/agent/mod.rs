@@ -32,6 +32,7 @@ pub mod proto {
 
 use std::future::Future;
 
+use crate::pool::cbt::{Query, Range};
 use crate::pool::group::GroupSnapshot;
 use crate::pool::{
     self, Condition, GroupSnapshotId, NodeToken, Provisioning, Snapshot, SnapshotId, Timestamp,
@@ -214,6 +215,25 @@ pub trait Pools: Send + Sync + 'static {
         node: &Node,
         name: String,
     ) -> impl Future<Output = Result<Option<Progress>>> + Send;
+
+    // ---- Changed block tracking (see [`crate::pool::cbt`]) ----
+
+    /// Starts listing what `query` asks for on the node of its snapshots, from
+    /// `start`, at most `max` ranges a batch (0: the node's default). A refusal is an
+    /// error here; dropping the stream stops the work and unpins the snapshots.
+    fn snapshot_ranges(
+        &self,
+        query: Query,
+        start: u64,
+        max: usize,
+    ) -> impl Future<Output = Result<Ranges>> + Send;
+}
+
+/// What [`Pools::snapshot_ranges`] lists: the volume's capacity, then the batches as
+/// the node finds them; an error ends the stream.
+pub struct Ranges {
+    pub capacity: u64,
+    pub batches: futures_util::stream::BoxStream<'static, Result<Vec<Range>>>,
 }
 
 /// Where a cross-node transfer is: done (the volume), or how far.

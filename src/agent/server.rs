@@ -126,6 +126,8 @@ async fn status(local: &node::Local) -> proto::StatusUpdate {
     }
 }
 
+type RangesStream = Pin<Box<dyn Stream<Item = Result<proto::SnapshotRangesBatch, Status>> + Send>>;
+
 type StatusStream = Pin<Box<dyn Stream<Item = Result<proto::StatusUpdate, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -515,5 +517,34 @@ impl Agent for AgentService {
         let (transfers, _) = self.transfers()?;
         let progress = super::transfer::find(transfers, request.into_inner().name).await?;
         Ok(Response::new(proto::FindTransferResponse { progress }))
+    }
+
+    // ---- Changed block tracking ----
+
+    type SnapshotRangesStream = RangesStream;
+
+    #[instrument(skip_all, fields(snapshot.id = %request.get_ref().snapshot_id))]
+    async fn snapshot_ranges(
+        &self,
+        request: Request<proto::SnapshotRangesRequest>,
+    ) -> Result<Response<Self::SnapshotRangesStream>, Status> {
+        use tokio_stream::StreamExt;
+        control(&request)?;
+        let request = request.into_inner();
+        let query = wire::ranges_query(&request).map_err(malformed)?;
+        let listed = self
+            .local
+            .snapshot_ranges(query, request.starting_offset, request.max_results as usize)
+            .await
+            .map_err(answer)?;
+        let capacity = listed.capacity;
+        // Dropped when the controller cancels the call: the node's work stops.
+        let batches = tokio_stream::wrappers::ReceiverStream::new(listed.batches).map(
+            move |batch| match batch {
+                Ok(ranges) => Ok(wire::ranges_message(capacity, &ranges)),
+                Err(e) => Err(answer(e)),
+            },
+        );
+        Ok(Response::new(Box::pin(batches)))
     }
 }

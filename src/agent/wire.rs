@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 
 use super::proto;
+use crate::pool::cbt::{Query, Range};
 use crate::pool::group::GroupSnapshot;
 use crate::pool::{
     self, AccessKind, Condition, ContentSource, Encryption, GroupSnapshotId, Provisioning,
@@ -237,6 +238,9 @@ pub fn snapshot(m: Option<&proto::Snapshot>) -> Result<Snapshot, Malformed> {
             "" => None,
             id => Some(group_id(id, "snapshot.group_snapshot_id")?),
         },
+        // How the image was made matters only on its node, which reads its own
+        // record; it does not travel.
+        image: None,
     })
 }
 
@@ -303,6 +307,62 @@ pub fn spec(m: &proto::CreateVolumeRequest) -> Result<pool::VolumeSpec, Malforme
     })
 }
 
+/// A changed block tracking query as the agent is asked it.
+pub fn ranges_request(query: &Query, start: u64, max: usize) -> proto::SnapshotRangesRequest {
+    let (snapshot, base) = match query {
+        Query::Allocated(id) => (id, None),
+        Query::Delta { base, target } => (target, Some(base)),
+    };
+    proto::SnapshotRangesRequest {
+        snapshot_id: snapshot.to_string(),
+        base_snapshot_id: base.map(|b| b.to_string()).unwrap_or_default(),
+        starting_offset: start,
+        max_results: max.min(u32::MAX as usize) as u32,
+    }
+}
+
+/// The query of a [`ranges_request`].
+pub fn ranges_query(m: &proto::SnapshotRangesRequest) -> Result<Query, Malformed> {
+    let snapshot = snapshot_id(&m.snapshot_id, "snapshot_id")?;
+    Ok(match m.base_snapshot_id.as_str() {
+        "" => Query::Allocated(snapshot),
+        base => Query::Delta {
+            base: snapshot_id(base, "base_snapshot_id")?,
+            target: snapshot,
+        },
+    })
+}
+
+pub fn ranges_message(capacity: u64, ranges: &[Range]) -> proto::SnapshotRangesBatch {
+    proto::SnapshotRangesBatch {
+        capacity_bytes: capacity,
+        ranges: ranges
+            .iter()
+            .map(|&(start, end)| proto::Extent {
+                offset: start,
+                length: end - start,
+            })
+            .collect(),
+    }
+}
+
+/// The ranges of a batch, each checked to lie within the capacity.
+pub fn ranges(m: &proto::SnapshotRangesBatch) -> Result<Vec<Range>, Malformed> {
+    m.ranges
+        .iter()
+        .map(|e| match e.offset.checked_add(e.length) {
+            Some(end) if e.length > 0 && end <= m.capacity_bytes => Ok((e.offset, end)),
+            _ => Err(malformed(
+                "ranges",
+                format!(
+                    "[{}, +{}) is empty or past the capacity of {} bytes",
+                    e.offset, e.length, m.capacity_bytes
+                ),
+            )),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,6 +416,7 @@ mod tests {
             ready: false,
             encryption: Encryption::Fscrypt,
             group: None,
+            image: None,
         };
         assert_eq!(
             super::snapshot(Some(&snapshot_message(&snapshot))).unwrap(),

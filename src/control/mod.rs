@@ -20,6 +20,7 @@ pub mod names;
 pub mod placement;
 
 use crate::agent::{self, Node, Pools, Progress};
+use crate::pool::cbt::Query;
 use crate::pool::{
     Condition, ContentSource, NodeToken, Provisioning, Snapshot, SnapshotId, Volume, VolumeId,
     VolumeSpec, size,
@@ -86,6 +87,12 @@ pub enum Error {
         volumes.join(", ")
     )]
     NotOneMoment { volumes: Vec<String> },
+    /// A delta between snapshots on two nodes: they cannot be of one volume.
+    #[error(
+        "snapshot {target} is on another node than the base snapshot {base}: a delta is \
+         between two snapshots of one volume"
+    )]
+    NotOneVolume { base: String, target: String },
 }
 
 /// A volume to make: what the pool needs, and where the request allows it.
@@ -378,6 +385,28 @@ impl<P: Pools> Controller<P> {
     pub async fn delete_snapshot(&self, id: SnapshotId) -> Result<()> {
         self.check_not_grouped(&id).await?;
         Ok(self.pools.delete_snapshot(id).await?)
+    }
+
+    /// Changed block tracking: lists what `query` asks, from `start`, on the node of
+    /// its snapshots. Two snapshots on different nodes cannot be of one volume; each
+    /// must exist before the pair is refused, so an unknown one is NOT_FOUND.
+    pub async fn snapshot_ranges(
+        &self,
+        query: Query,
+        start: u64,
+        max: usize,
+    ) -> Result<agent::Ranges> {
+        if let Query::Delta { base, target } = &query
+            && base.node() != target.node()
+        {
+            self.pools.snapshot(base.clone()).await?;
+            self.pools.snapshot(target.clone()).await?;
+            return Err(Error::NotOneVolume {
+                base: base.to_string(),
+                target: target.to_string(),
+            });
+        }
+        Ok(self.pools.snapshot_ranges(query, start, max).await?)
     }
 
     pub async fn snapshot(&self, id: SnapshotId) -> Result<Snapshot> {

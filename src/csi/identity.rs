@@ -20,6 +20,8 @@ pub enum Readiness {
 pub struct IdentityService {
     driver_name: String,
     readiness: Readiness,
+    /// The socket serves SnapshotMetadata too (all-in-one, controller).
+    snapshot_metadata: bool,
 }
 
 impl IdentityService {
@@ -27,7 +29,14 @@ impl IdentityService {
         IdentityService {
             driver_name: driver_name.to_owned(),
             readiness,
+            snapshot_metadata: false,
         }
+    }
+
+    /// Advertises the SnapshotMetadata service, which this socket serves.
+    pub fn with_snapshot_metadata(mut self) -> Self {
+        self.snapshot_metadata = true;
+        self
     }
 }
 
@@ -66,13 +75,17 @@ impl Identity for IdentityService {
                 },
             )),
         };
+        let mut capabilities = vec![
+            service(Type::ControllerService),
+            service(Type::GroupControllerService),
+            service(Type::VolumeAccessibilityConstraints),
+            expansion,
+        ];
+        if self.snapshot_metadata {
+            capabilities.push(service(Type::SnapshotMetadataService));
+        }
         Ok(Response::new(proto::GetPluginCapabilitiesResponse {
-            capabilities: vec![
-                service(Type::ControllerService),
-                service(Type::GroupControllerService),
-                service(Type::VolumeAccessibilityConstraints),
-                expansion,
-            ],
+            capabilities,
         }))
     }
 

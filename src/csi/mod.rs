@@ -8,6 +8,7 @@ pub mod controller;
 pub mod group_controller;
 pub mod identity;
 pub mod node;
+pub mod snapshot_metadata;
 pub mod status;
 pub mod validate;
 

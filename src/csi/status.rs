@@ -69,6 +69,8 @@ pub fn from_control(error: control::Error) -> Status {
         E::GroupMember { .. } => invalid("snapshot_id", message),
         E::NotMembers { .. } => invalid("snapshot_ids", message),
         E::NotOneMoment { .. } => precondition("source_volume_ids", message),
+        // CSI spec, "GetMetadataDelta Errors": "Missing or otherwise invalid argument".
+        E::NotOneVolume { .. } => invalid("target_snapshot_id", message),
     }
 }
 
@@ -132,6 +134,28 @@ pub fn precondition(field: &str, reason: impl std::fmt::Display) -> Status {
     Status::failed_precondition(format!("{field}: {reason}"))
 }
 
+/// A value past what the object allows (OUT_OF_RANGE).
+pub fn out_of_range(field: &str, reason: impl std::fmt::Display) -> Status {
+    Status::out_of_range(format!("{field}: {reason}"))
+}
+
+/// Names the request field an error of a stream's opening is about, where the
+/// message does not start with one: the snapshot field whose ID it quotes.
+pub fn naming_snapshot(status: Status, fields: &[(&str, &str)]) -> Status {
+    let message = status.message();
+    let named = fields
+        .iter()
+        .any(|(field, _)| message.starts_with(&format!("{field}: ")));
+    match fields.iter().find(|(_, id)| message.contains(id)) {
+        Some((field, _)) if !named && status.code() == Code::NotFound => Status::with_metadata(
+            status.code(),
+            format!("{field}: {message}"),
+            status.metadata().clone(),
+        ),
+        _ => status,
+    }
+}
+
 /// A `starting_token` kura did not hand out (the spec asks for ABORTED).
 pub fn bad_token(token: &str) -> Status {
     Status::aborted(format!(
@@ -152,9 +176,8 @@ pub const TONIC_TOO_LARGE: &str = "Error, decoded message length too large: ";
 /// Rewrites the statuses tonic makes before any handler runs, where they fall short of
 /// the contract: a request over the message limit (tonic: OUT_OF_RANGE) becomes
 /// RESOURCE_EXHAUSTED, as gRPC specifies; an RPC of a service kura does not serve
-/// (SnapshotMetadata, or GroupController on a node's socket; tonic: UNIMPLEMENTED
-/// with no message) gets a
-/// message, as CSI asks of every error. Every other response passes unchanged. The
+/// (SnapshotMetadata or GroupController on a node's socket; tonic: UNIMPLEMENTED
+/// with no message) gets a message, as CSI asks of every error. Every other response passes unchanged. The
 /// server applies this to every call (a tower `map_response` layer).
 pub fn rewrite_transport_status<B>(
     mut response: tonic::codegen::http::Response<B>,
@@ -173,7 +196,7 @@ pub fn rewrite_transport_status<B>(
 pub fn unserved(status: &Status) -> Option<Status> {
     (status.code() == Code::Unimplemented && status.message().is_empty()).then(|| {
         Status::unimplemented(
-            "kura does not serve this RPC here: it offers the CSI Identity, Controller, GroupController (with the Controller) and Node services",
+            "kura does not serve this RPC here: it offers the CSI Identity, Controller, GroupController and SnapshotMetadata (with the Controller) and Node services",
         )
     })
 }
@@ -424,6 +447,14 @@ mod tests {
                 Code::FailedPrecondition,
                 "source_volume_ids",
             ),
+            (
+                E::NotOneVolume {
+                    base: "b".into(),
+                    target: "t".into(),
+                },
+                Code::InvalidArgument,
+                "target_snapshot_id",
+            ),
         ];
         let witness = |e: &control::Error| match e {
             E::Agent(_)
@@ -436,7 +467,8 @@ mod tests {
             | E::Incompatible(_)
             | E::GroupMember { .. }
             | E::NotMembers { .. }
-            | E::NotOneMoment { .. } => std::mem::discriminant(e),
+            | E::NotOneMoment { .. }
+            | E::NotOneVolume { .. } => std::mem::discriminant(e),
         };
         distinct(cases.iter().map(|(e, ..)| witness(e)), 11);
         cases

@@ -20,6 +20,8 @@
 //! - `kura_agent_up{node}`: the agents the controller sees live (1) or down (0);
 //!   all-in-one reports its own node, always 1.
 //! - `kura_build_info{version,revision}`: always 1, on every role.
+//! - `kura_snapshot_deltas_total{node,method}`: GetMetadataDelta streams answered on
+//!   this node, `method` `extents` or `data` (see [`crate::pool::cbt`]).
 //!
 //! [`grpc`] is the tower layer on the tonic servers; [`pool`] and [`agents`] the
 //! scrape-time collectors; [`http`] the `/metrics` listener.

@@ -8,9 +8,11 @@ use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 
 use crate::pool::Pool;
+use crate::pool::cbt::Method;
 use crate::sys;
 
 /// What a scrape reports of one pool.
@@ -25,6 +27,8 @@ pub struct PoolFacts {
     pub attached: u64,
     /// The host filesystem holding an image pool's image: size and available bytes.
     pub host: Option<(u64, u64)>,
+    /// Deltas answered since the process started, by how they were found.
+    pub deltas: [(Method, u64); 2],
 }
 
 impl PoolFacts {
@@ -52,6 +56,7 @@ impl PoolFacts {
             host: pool
                 .host_usage()?
                 .map(|u| (u.total_bytes, u.available_bytes)),
+            deltas: pool.deltas.counts(),
         })
     }
 }
@@ -65,6 +70,12 @@ pub(super) struct NodeLabel {
 struct VolumeLabels {
     node: String,
     condition: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    node: String,
+    method: &'static str,
 }
 
 /// Collects [`PoolFacts`] at every scrape.
@@ -166,6 +177,43 @@ impl Collector for PoolCollector {
                 &[(node(), available)],
             )?;
         }
+        let mut deltas = encoder.encode_descriptor(
+            "kura_snapshot_deltas",
+            "GetMetadataDelta streams answered, by method: extents (shared extents of reflinks) or data (compared block by block)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (method, count) in facts.deltas {
+            let labels = MethodLabels {
+                node: self.node.clone(),
+                method: method.as_str(),
+            };
+            ConstCounter::new(count).encode(deltas.encode_family(&labels)?)?;
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::{Format, Metrics};
+
+    #[test]
+    fn deltas_are_counted_by_method() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Arc::new(Pool::open(dir.path(), "n", Default::default()).unwrap());
+        pool.deltas.record(Method::Extents);
+        pool.deltas.record(Method::Extents);
+        pool.deltas.record(Method::Data);
+        let metrics =
+            Metrics::new().with_pool(PoolCollector::new(pool, dir.path().to_owned(), "n"));
+        let text = metrics.encode(Format::Prometheus).unwrap();
+        for line in [
+            "kura_snapshot_deltas_total{node=\"n\",method=\"extents\"} 2",
+            "kura_snapshot_deltas_total{node=\"n\",method=\"data\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
     }
 }

@@ -25,6 +25,7 @@ pub mod transfer;
 use std::sync::Arc;
 
 use crate::pool::attach::Attacher;
+use crate::pool::cbt::{self, Query};
 use crate::pool::locks::{Guard, Locks};
 use crate::pool::{
     self, Condition, NodeToken, Pool, Provisioning, Snapshot, SnapshotId, Volume, VolumeId,
@@ -208,6 +209,74 @@ impl Local {
         })
         .await
     }
+
+    /// Starts listing the ranges `query` asks for, from `start`, at most `max` (0:
+    /// kura's default) a batch. The snapshots are checked and pinned before this
+    /// returns, so a refusal is an error here, not in the stream; the work runs off
+    /// the async threads, a batch ahead of the reader at most, and stops when the
+    /// receiver is dropped (the client went away), which unpins.
+    pub async fn snapshot_ranges(
+        &self,
+        query: Query,
+        start: u64,
+        max: usize,
+    ) -> pool::Result<RangeStream> {
+        let pool = Arc::clone(&self.pool);
+        let (pins, capacity) = run(Vec::new(), move || match &query {
+            Query::Allocated(id) => {
+                let pinned = pool.pin_snapshot(id)?;
+                let capacity = cbt::check_start(&pinned.snapshot, start)?;
+                Ok((vec![pinned], capacity))
+            }
+            Query::Delta { base, target } => {
+                let base = pool.pin_snapshot(base)?;
+                let target = pool.pin_snapshot(target)?;
+                let capacity = cbt::check_delta(&base.snapshot, &target.snapshot, start)?;
+                Ok((vec![base, target], capacity))
+            }
+        })
+        .await?;
+        let (sender, batches) = tokio::sync::mpsc::channel(1);
+        let pool = Arc::clone(&self.pool);
+        tokio::task::spawn_blocking(move || {
+            let failed = sender.clone();
+            let mut out = cbt::Batcher::new(start, capacity, max, |batch| {
+                let taken = sender.blocking_send(Ok(batch)).is_ok();
+                // Tests hold a stream here, its snapshots pinned, mid-way.
+                pool.pause_at("snapshot-ranges-sent");
+                taken
+            });
+            let result = match pins.as_slice() {
+                [pinned] => cbt::allocated(pinned, &mut out).map(|()| None),
+                [base, target] => cbt::delta(base, target, &mut out).map(Some),
+                _ => unreachable!("one snapshot or two"),
+            };
+            let stopped = out.stopped();
+            drop(out);
+            if let Ok(Some(method)) = result {
+                pool.deltas.record(method);
+            }
+            match result {
+                Ok(method) => tracing::debug!(
+                    snapshot.id = %pins[pins.len() - 1].snapshot.id,
+                    method = method.map_or("allocated", cbt::Method::as_str),
+                    stopped,
+                    "snapshot ranges listed"
+                ),
+                Err(e) => {
+                    let _ = failed.blocking_send(Err(e));
+                }
+            }
+        });
+        Ok(RangeStream { capacity, batches })
+    }
+}
+
+/// The ranges a [`Local::snapshot_ranges`] lists: the volume's capacity, then the
+/// batches as they are found; an error ends the stream.
+pub struct RangeStream {
+    pub capacity: u64,
+    pub batches: tokio::sync::mpsc::Receiver<pool::Result<Vec<cbt::Range>>>,
 }
 
 /// Runs `work` on `target` off the async threads, holding `guards` until it is done.

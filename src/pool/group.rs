@@ -164,6 +164,7 @@ impl Pool {
             ready: true,
             encryption: volume.encryption,
             group: Some(group.clone()),
+            image: Some(super::cbt::ImageOrigin::Reflink),
         };
         if let Err(e) = self.write_snapshot(&snapshot) {
             let _ = sys::fs::remove(&image);

@@ -25,6 +25,7 @@
 
 pub mod attach;
 pub mod capacity;
+pub mod cbt;
 pub mod encryption;
 pub mod ephemeral;
 pub mod export;
@@ -181,6 +182,8 @@ pub struct Pool {
     volumes: listing::Index<VolumeId>,
     snapshots: listing::Index<SnapshotId>,
     in_flight: capacity::InFlight,
+    /// Deltas answered, by method (the metrics read it).
+    pub deltas: cbt::Served,
 }
 
 impl Pool {
@@ -211,6 +214,7 @@ impl Pool {
             volumes: listing::Index::scan(&volumes, VolumeId::parse)?,
             snapshots: listing::Index::scan(&root.join("snapshots"), SnapshotId::parse)?,
             in_flight: Default::default(),
+            deltas: Default::default(),
         };
         pool.recover()?;
         Ok(pool)

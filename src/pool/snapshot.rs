@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::cbt::ImageOrigin;
 use super::encryption::Encryption;
 use super::ids::{GroupSnapshotId, SnapshotId, VolumeId};
 use super::listing::walk;
@@ -37,6 +38,10 @@ pub struct Snapshot {
     /// The group snapshot this one was cut for, if any ([`super::group`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<GroupSnapshotId>,
+    /// How the image was made; records written before kura tracked it have none,
+    /// and changed block tracking then compares their data ([`super::cbt`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageOrigin>,
 }
 
 /// Snapshots whose background copy is running in this process, with the volume each
@@ -69,6 +74,11 @@ impl Pool {
             ready: self.reflink,
             encryption: volume.encryption,
             group: None,
+            image: Some(if self.reflink {
+                ImageOrigin::Reflink
+            } else {
+                ImageOrigin::Copy
+            }),
         };
         let source_image = self.image_path(source);
         if !self.reflink {

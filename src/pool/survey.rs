@@ -221,6 +221,7 @@ impl Pool {
             },
             copying: Default::default(),
             in_flight: Default::default(),
+            deltas: Default::default(),
             volumes: super::listing::Index::scan_or_empty(&root.join("volumes"), VolumeId::parse),
             snapshots: super::listing::Index::scan_or_empty(
                 &root.join("snapshots"),

@@ -13,6 +13,7 @@ use crate::agent::tls;
 use crate::cli::ControllerArgs;
 use crate::csi::controller::ControllerService;
 use crate::csi::identity::{IdentityService, Readiness};
+use crate::csi::snapshot_metadata::SnapshotMetadataService;
 use crate::metrics::Metrics;
 
 /// Starts finding the agents the flags name.
@@ -36,8 +37,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let services = CsiServices {
-        identity: IdentityService::new(driver_name, Readiness::Agents(cluster.clone())),
-        controller: Some(ControllerService::new(cluster)),
+        identity: IdentityService::new(driver_name, Readiness::Agents(cluster.clone()))
+            .with_snapshot_metadata(),
+        controller: Some(ControllerService::new(cluster.clone())),
+        snapshot_metadata: Some(SnapshotMetadataService::new(cluster)),
         node: None,
     };
     serve_csi(listener, services, metrics, driver_name, shutdown).await

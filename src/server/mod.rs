@@ -28,6 +28,8 @@ use crate::csi::proto::controller_server::ControllerServer;
 use crate::csi::proto::group_controller_server::GroupControllerServer;
 use crate::csi::proto::identity_server::IdentityServer;
 use crate::csi::proto::node_server::NodeServer;
+use crate::csi::proto::snapshot_metadata_server::SnapshotMetadataServer;
+use crate::csi::snapshot_metadata::SnapshotMetadataService;
 use crate::csi::status;
 use crate::metrics::Metrics;
 use crate::pool::attach::Attacher;
@@ -96,6 +98,7 @@ impl OpenedPool {
 pub struct AllInOneDriver {
     identity: IdentityService,
     controller: ControllerService<InProcess>,
+    snapshot_metadata: SnapshotMetadataService<InProcess>,
     node: NodeService,
     driver_name: String,
     metrics: Arc<Metrics>,
@@ -116,8 +119,10 @@ impl AllInOneDriver {
             identity: IdentityService::new(
                 &args.driver_name,
                 Readiness::Pool(opened.local.clone()),
-            ),
+            )
+            .with_snapshot_metadata(),
             controller: ControllerService::new(InProcess::new(opened.local.clone())),
+            snapshot_metadata: SnapshotMetadataService::new(InProcess::new(opened.local.clone())),
             node: opened.node_service(args),
             driver_name: args.driver_name.clone(),
             metrics: opened
@@ -162,6 +167,7 @@ pub async fn serve(
     let services = CsiServices {
         identity: driver.identity,
         controller: Some(driver.controller),
+        snapshot_metadata: Some(driver.snapshot_metadata),
         node: Some(driver.node),
     };
     serve_csi(
@@ -178,6 +184,8 @@ pub async fn serve(
 pub(crate) struct CsiServices<P: Pools> {
     pub identity: IdentityService,
     pub controller: Option<ControllerService<P>>,
+    /// Served with the controller, where the snapshot-metadata sidecar runs.
+    pub snapshot_metadata: Option<SnapshotMetadataService<P>>,
     pub node: Option<NodeService>,
 }
 
@@ -194,6 +202,7 @@ pub(crate) async fn serve_csi<P: Pools>(
     let CsiServices {
         identity,
         controller,
+        snapshot_metadata,
         node,
     } = services;
     let controller = controller.map(Arc::new);
@@ -211,6 +220,11 @@ pub(crate) async fn serve_csi<P: Pools>(
         .add_optional_service(controller.map(|c| {
             GroupControllerServer::from_arc(c).max_decoding_message_size(MAX_REQUEST_BYTES)
         }))
+        .add_optional_service(
+            snapshot_metadata.map(|s| {
+                SnapshotMetadataServer::new(s).max_decoding_message_size(MAX_REQUEST_BYTES)
+            }),
+        )
         .add_optional_service(
             node.map(|n| NodeServer::new(n).max_decoding_message_size(MAX_REQUEST_BYTES)),
         )

@@ -129,6 +129,7 @@ pub async fn serve(
     let services = CsiServices::<cluster::Cluster> {
         identity,
         controller: None,
+        snapshot_metadata: None,
         node: Some(node),
     };
     let csi_server = serve_csi(csi, services, &metrics, &driver_name, async move {

@@ -1,59 +1,13 @@
-//! Where a file's blocks lie on its filesystem's device (`FS_IOC_FIEMAP`), and
+//! Where a file's blocks lie on its filesystem's device (from [`super::fiemap`]), and
 //! allocating ranges of another file (`fallocate`): how a thick volume's blocks in an
 //! image pool are backed by the host filesystem under the pool's image.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use nix::fcntl::{FallocateFlags, fallocate};
 
 use super::{Error, Result};
-
-/// `struct fiemap` of <linux/fiemap.h>, without its trailing extents.
-#[repr(C)]
-#[derive(Debug, Default)]
-struct FiemapHeader {
-    start: u64,
-    length: u64,
-    flags: u32,
-    mapped_extents: u32,
-    extent_count: u32,
-    reserved: u32,
-}
-
-/// `struct fiemap_extent`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-struct FiemapExtent {
-    logical: u64,
-    physical: u64,
-    length: u64,
-    reserved64: [u64; 2],
-    flags: u32,
-    reserved: [u32; 3],
-}
-
-/// How many extents one FIEMAP call returns at most.
-const BATCH: usize = 256;
-
-/// The header and room for [`BATCH`] extents, as the kernel fills them.
-#[repr(C)]
-struct FiemapBuffer {
-    header: FiemapHeader,
-    extents: [FiemapExtent; BATCH],
-}
-
-// The request number is encoded with the header's size, as in <linux/fs.h>.
-nix::ioctl_readwrite!(fs_ioc_fiemap, b'f', 11, FiemapHeader);
-
-const FIEMAP_FLAG_SYNC: u32 = 0x1;
-const FIEMAP_EXTENT_LAST: u32 = 0x1;
-/// Extents whose `physical` is no block address: unknown, delayed allocation,
-/// encoded, inline or tail-packed data.
-const FIEMAP_EXTENT_NO_ADDRESS: u32 = 0x2 | 0x4 | 0x8 | 0x200 | 0x400;
-const FIEMAP_EXTENT_UNWRITTEN: u32 = 0x800;
-const FIEMAP_EXTENT_SHARED: u32 = 0x2000;
 
 /// A byte range on a device (or in a file).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,69 +27,38 @@ pub struct Extent {
 }
 
 /// The extents of the file at `path` from byte `from` to its end (an extent that
-/// starts before `from` is cut there), in file order. Delayed allocations are
-/// flushed first; a block the filesystem cannot place (inline data) is an error.
+/// starts before `from` is cut there), in file order, read with [`super::fiemap`]
+/// (delayed allocations are flushed first). A block the filesystem cannot place
+/// (inline, encoded or delayed data), or a filesystem without extent maps, is an error.
 pub fn map(path: &Path, from: u64) -> Result<Vec<Extent>> {
     let file = File::open(path).map_err(|e| Error::io("open", path, e))?;
     let size = file
         .metadata()
         .map_err(|e| Error::io("stat", path, e))?
         .len();
-    let mut extents = Vec::new();
-    let mut start = from;
-    let mut buffer = Box::new(FiemapBuffer {
-        header: FiemapHeader::default(),
-        extents: [FiemapExtent::default(); BATCH],
-    });
-    while start < size {
-        buffer.header = FiemapHeader {
-            start,
-            length: size - start,
-            flags: FIEMAP_FLAG_SYNC,
-            extent_count: BATCH as u32,
-            ..Default::default()
-        };
-        // SAFETY: the pointer is to a FiemapBuffer, a fiemap header followed by room
-        // for `extent_count` extents, which the kernel fills; it outlives the call.
-        unsafe {
-            fs_ioc_fiemap(
-                file.as_raw_fd(),
-                (&mut *buffer as *mut FiemapBuffer).cast::<FiemapHeader>(),
-            )
+    let no_map = |detail: String| Error::Parse {
+        what: "FIEMAP extents",
+        detail: format!("{}: {detail}", path.display()),
+    };
+    let found = super::fiemap::extents(&file, path, from, size)?
+        .ok_or_else(|| no_map("the filesystem has no extent maps".to_owned()))?;
+    let mut extents = Vec::with_capacity(found.len());
+    for extent in found {
+        if !extent.has_own_location() {
+            return Err(no_map(format!(
+                "the extent at {} has no block address (flags {:#x})",
+                extent.logical, extent.flags
+            )));
         }
-        .map_err(|e| Error::errno("FS_IOC_FIEMAP", path, e))?;
-        let mapped = (buffer.header.mapped_extents as usize).min(BATCH);
-        if mapped == 0 {
-            break;
-        }
-        let mut last = false;
-        for extent in &buffer.extents[..mapped] {
-            if extent.flags & FIEMAP_EXTENT_NO_ADDRESS != 0 {
-                return Err(Error::Parse {
-                    what: "FIEMAP extents",
-                    detail: format!(
-                        "{}: the extent at {} has no block address (flags {:#x})",
-                        path.display(),
-                        extent.logical,
-                        extent.flags
-                    ),
-                });
-            }
-            let cut = from.saturating_sub(extent.logical).min(extent.length);
-            extents.push(Extent {
-                device: Range {
-                    offset: extent.physical + cut,
-                    length: extent.length - cut,
-                },
-                unwritten: extent.flags & FIEMAP_EXTENT_UNWRITTEN != 0,
-                shared: extent.flags & FIEMAP_EXTENT_SHARED != 0,
-            });
-            start = extent.logical + extent.length;
-            last |= extent.flags & FIEMAP_EXTENT_LAST != 0;
-        }
-        if last {
-            break;
-        }
+        let cut = from.saturating_sub(extent.logical).min(extent.length);
+        extents.push(Extent {
+            device: Range {
+                offset: extent.physical + cut,
+                length: extent.length - cut,
+            },
+            unwritten: extent.is_unwritten(),
+            shared: extent.is_shared(),
+        });
     }
     extents.retain(|e| e.device.length > 0);
     Ok(extents)
@@ -202,12 +125,6 @@ mod tests {
             vec![r(0, 15), r(50, 1), r(100, 25)]
         );
         assert_eq!(merge(vec![r(0, 100), r(10, 5)]), vec![r(0, 100)]);
-    }
-
-    #[test]
-    fn the_structures_have_the_kernels_sizes() {
-        assert_eq!(std::mem::size_of::<FiemapHeader>(), 32);
-        assert_eq!(std::mem::size_of::<FiemapExtent>(), 56);
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod cmd;
 pub mod copy;
 pub mod direct;
 pub mod extents;
+pub mod fiemap;
 pub mod fs;
 pub mod fscrypt;
 pub mod fstype;
@@ -39,6 +40,47 @@ pub(crate) mod testing {
         }
         file.sync_all().unwrap();
         path
+    }
+
+    /// A reflink XFS filesystem on a loop device the test attaches, mounted at `dir`;
+    /// unmounted, its own loop device detached and its files removed on drop, also
+    /// when the test fails.
+    pub struct Xfs {
+        pub dir: PathBuf,
+        device: Option<PathBuf>,
+        _temp: tempfile::TempDir,
+    }
+
+    impl Xfs {
+        pub fn mount(name: &str) -> Xfs {
+            let temp = tempfile::Builder::new().prefix(name).tempdir().unwrap();
+            let image = temp.path().join("xfs.img");
+            std::fs::File::create(&image)
+                .unwrap()
+                .set_len(300 << 20)
+                .unwrap();
+            let dir = temp.path().join("mnt");
+            std::fs::create_dir(&dir).unwrap();
+            let mut xfs = Xfs {
+                dir,
+                device: None,
+                _temp: temp,
+            };
+            let device = super::loopdev::attach(&image, false).unwrap();
+            xfs.device = Some(device.clone());
+            super::mkfs::format_pool(&device, "kura-test").unwrap();
+            super::mount::mount_fs(&device, &xfs.dir, super::FsType::Xfs, &[]).unwrap();
+            xfs
+        }
+    }
+
+    impl Drop for Xfs {
+        fn drop(&mut self) {
+            let _ = super::mount::unmount(&self.dir);
+            if let Some(device) = &self.device {
+                let _ = super::loopdev::detach(device);
+            }
+        }
     }
 }
 
