@@ -470,7 +470,7 @@ mod tests {
             | E::NotOneMoment { .. }
             | E::NotOneVolume { .. } => std::mem::discriminant(e),
         };
-        distinct(cases.iter().map(|(e, ..)| witness(e)), 11);
+        distinct(cases.iter().map(|(e, ..)| witness(e)), 12);
         cases
     }
 
