@@ -803,6 +803,12 @@ def check_snapshot_metadata(obj: dict, kura: dict, settings: Started, objects: l
         if len(files) != 1 or os.path.dirname(files[0]) not in secret_dirs:
             problems.add(here, f"{flag} {files} is not a file of the Secret {SNAPSHOT_METADATA_TLS_SECRET} "
                                f"(mounted at {secret_dirs})")
+    # Ready means serving: the probe asks the sidecar's --http-endpoint.
+    probe_port = dig(sidecar, "readinessProbe", "httpGet", "port")
+    named = {p.get("name"): p.get("containerPort") for p in sidecar.get("ports") or []}
+    http = [port_of(e) for e in flag_values(args, "--http-endpoint")]
+    if named.get(probe_port, probe_port) not in http:
+        problems.add(here, f"readinessProbe port {probe_port} is not its --http-endpoint {http}")
     # The address: NAME.NAMESPACE[.svc]:PORT, the Service's port, whose target is the
     # sidecar's --port.
     address = dig(sms, "spec", "address", default="")
@@ -825,7 +831,6 @@ def check_snapshot_metadata(obj: dict, kura: dict, settings: Started, objects: l
         problems.add(name_of(service), "its selector does not select the controller pods")
     target = next((p.get("targetPort", p.get("port")) for p in dig(service, "spec", "ports", default=[])
                    if str(p.get("port")) == port), None)
-    named = {p.get("name"): p.get("containerPort") for p in sidecar.get("ports") or []}
     served = flag_values(args, "--port") or ["50051"]  # the sidecar's default
     if named.get(target, target) != int(served[0]):
         problems.add(name_of(sms), f"address port {port} leads to the pod's port {target}, "

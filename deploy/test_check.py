@@ -324,6 +324,10 @@ def metadata_other_secret(objects):
             v["secret"]["secretName"] = "csi-snapshot-metadata-certs"
 
 
+def metadata_probe_port(objects):
+    replace_arg(metadata_sidecar(objects), "--http-endpoint", ":8080")
+
+
 def metadata_no_token_reviews(objects):
     role = find(objects, "ClusterRole", "kura-snapshot-metadata")
     role["rules"] = [r for r in role["rules"] if "tokenreviews" not in r["resources"]]
@@ -491,6 +495,7 @@ MUTATIONS = [
     (metadata_other_socket, "snapshot-metadata", "--csi-address is ['/csi/snapshot-metadata.sock'], kura serves /csi/csi.sock"),
     (metadata_own_socket_dir, "snapshot-metadata", "mounts volume metadata-socket-dir at /csi, kura's socket is on volume socket-dir"),
     (metadata_other_secret, "snapshot-metadata", "is not a file of the Secret kura-snapshot-metadata-tls"),
+    (metadata_probe_port, "snapshot-metadata", "readinessProbe port http-metadata is not its --http-endpoint [8080]"),
     (metadata_no_token_reviews, "snapshot-metadata", "may not create tokenreviews.authentication.k8s.io"),
     (metadata_subject_left_in_kura, "other-namespace", "subject ServiceAccount kura-controller is in namespace kura"),
     (sms_address_left_in_kura, "other-namespace", "names the namespace kura, the controller runs in storage-system"),

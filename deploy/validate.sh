@@ -24,6 +24,8 @@ crds="${1:-${KURA_CRDS_DIR:-../shared/k8s/crds}}"
 # The namespace of the "another namespace" rendering.
 other_namespace="storage-system"
 work=""
+# The CA certificate the other-namespace rendering puts in the caCert (render_all).
+ca_cert=""
 
 cleanup() {
   if [ -n "$work" ]; then
@@ -60,7 +62,8 @@ render() {
 
 # The patch README ("Changed block tracking") has users put in an overlay that moves
 # the snapshot-metadata component to NAMESPACE: kustomize cannot rewrite the address
-# in the SnapshotMetadataService.
+# in the SnapshotMetadataService. It sets the caCert too, as every user does, with
+# the CA certificate in $ca_cert (a real one: check.py reads it).
 snapshot_metadata_address() {
   cat <<EOF
 patches:
@@ -71,6 +74,9 @@ patches:
       - op: replace
         path: /spec/address
         value: kura-snapshot-metadata.$1.svc:6443
+      - op: replace
+        path: /spec/caCert
+        value: $(base64 -w0 "$ca_cert")
 EOF
 }
 
@@ -84,6 +90,12 @@ render_all() {
   render "$out" all-components "" deploy/kubernetes "${components[@]}"
   kubectl kustomize deploy/kind >"$out/kind.yaml"
   render "$out" kind-pool-device "" deploy/kind deploy/kubernetes/components/pool-device
+  # A CA certificate for the SnapshotMetadataService's caCert (any will do).
+  if ! made="$(target/debug/kura certs --out "$out/certs" 2>&1)"; then
+    echo "$made" >&2
+    return 1
+  fi
+  ca_cert="$out/certs/ca.crt"
   render "$out" other-namespace "$other_namespace" deploy/kubernetes "${components[@]}"
   # The examples are plain files: one rendering of all of them.
   for example in deploy/kubernetes/examples/*.yaml; do
