@@ -22,6 +22,10 @@ of examples). Every object is checked:
   subjects and --agents included), the headless Service the controller resolves, the
   TLS Secrets mounted at --tls-dir, scrape annotations matching --metrics-listen, no
   RBAC for the node;
+- with components/snapshot-metadata: the SnapshotMetadataService named after the
+  driver, its address naming the Service in the controller's namespace whose port
+  leads to the sidecar, the sidecar on kura's socket with its TLS from the Secret the
+  README names, a base64 PEM caCert (or the empty placeholder), its RBAC granted;
 - the monitoring kit (check_monitoring.py): PodMonitors, alert rules through promtool,
   the dashboard, and every metric name they use against what is exported.
 
