@@ -753,12 +753,16 @@ def check_controller(obj: dict, objects: list, node_info, kura_bin: str, problem
         problems.add(where, "no node DaemonSet to find agents in")
         return
     agent_ports, labels = node_info
-    selector = dig(service, "spec", "selector", default={}) or {}
-    if not selector or any(labels.get(k) != v for k, v in selector.items()):
+    if not selects(service, labels):
         problems.add(name_of(service), "its selector does not select the node pods")
     service_ports = [p.get("port") for p in dig(service, "spec", "ports", default=[])]
     if int(port) not in service_ports or int(port) not in agent_ports:
         problems.add(where, f"--agents port {port}: Service ports {service_ports}, node --agent-listen ports {agent_ports}")
+
+
+def selects(service: dict, labels: dict) -> bool:
+    selector = dig(service, "spec", "selector", default={}) or {}
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
 def allowed(role: dict, group: str, resource: str, verb: str) -> bool:
@@ -813,8 +817,26 @@ def check_snapshot_metadata(obj: dict, kura: dict, settings: Started, objects: l
     http = [port_of(e) for e in flag_values(args, "--http-endpoint")]
     if named.get(probe_port, probe_port) not in http:
         problems.add(here, f"readinessProbe port {probe_port} is not its --http-endpoint {http}")
-    # The address: NAME.NAMESPACE[.svc]:PORT, the Service's port, whose target is the
-    # sidecar's --port.
+    check_sms_address(obj, sidecar, sms, objects, problems)
+    check_ca_cert(sms, problems)
+    # RBAC: what the sidecar calls, granted to the pod's ServiceAccount.
+    account = (spec.get("serviceAccountName"), dig(obj, "metadata", "namespace"))
+    roles = {dig(o, "metadata", "name"): o for o in objects if o.get("kind") == "ClusterRole"}
+    granted = [
+        roles.get(dig(o, "roleRef", "name"), {}) for o in objects
+        if o.get("kind") == "ClusterRoleBinding" and dig(o, "roleRef", "kind") == "ClusterRole"
+        and any(s.get("kind") == "ServiceAccount" and (s.get("name"), s.get("namespace")) == account
+                for s in o.get("subjects") or [])
+    ]
+    for group, resource, verb in SNAPSHOT_METADATA_RBAC:
+        if not any(allowed(role, group, resource, verb) for role in granted):
+            problems.add(here, f"ServiceAccount {account[0]} may not {verb} {resource}.{group} (no ClusterRoleBinding grants it)")
+
+
+def check_sms_address(obj: dict, sidecar: dict, sms: dict, objects: list, problems: Problems) -> None:
+    """The address is NAME.NAMESPACE[.svc]:PORT of a Service in the controller's
+    namespace that selects the controller pods, and its port leads to the sidecar's
+    --port."""
     address = dig(sms, "spec", "address", default="")
     host, _, port = address.rpartition(":")
     parts = host.split(".")
@@ -829,17 +851,19 @@ def check_snapshot_metadata(obj: dict, kura: dict, settings: Started, objects: l
     if service is None:
         problems.add(name_of(sms), f"address {address} names no Service {parts[0]} in {namespace}")
         return
-    labels = dig(obj, "spec", "template", "metadata", "labels", default={}) or {}
-    selector = dig(service, "spec", "selector", default={}) or {}
-    if not selector or any(labels.get(k) != v for k, v in selector.items()):
+    if not selects(service, dig(obj, "spec", "template", "metadata", "labels", default={}) or {}):
         problems.add(name_of(service), "its selector does not select the controller pods")
+    named = {p.get("name"): p.get("containerPort") for p in sidecar.get("ports") or []}
     target = next((p.get("targetPort", p.get("port")) for p in dig(service, "spec", "ports", default=[])
                    if str(p.get("port")) == port), None)
-    served = flag_values(args, "--port") or ["50051"]  # the sidecar's default
+    served = flag_values(sidecar.get("args") or [], "--port") or ["50051"]  # the sidecar's default
     if named.get(target, target) != int(served[0]):
         problems.add(name_of(sms), f"address port {port} leads to the pod's port {target}, "
                                    f"the sidecar serves --port {served[0]}")
-    # caCert: empty until the user sets it (README), else base64 of PEM certificates.
+
+
+def check_ca_cert(sms: dict, problems: Problems) -> None:
+    """caCert: empty until the user sets it (README), else base64 of PEM certificates."""
     ca = dig(sms, "spec", "caCert", default="")
     if ca:
         try:
@@ -848,18 +872,6 @@ def check_snapshot_metadata(obj: dict, kura: dict, settings: Started, objects: l
             pem = ""
         if "-----BEGIN CERTIFICATE-----" not in pem:
             problems.add(name_of(sms), "caCert is not the base64 of a PEM CA certificate")
-    # RBAC: what the sidecar calls, granted to the pod's ServiceAccount.
-    account = (spec.get("serviceAccountName"), namespace)
-    roles = {dig(o, "metadata", "name"): o for o in objects if o.get("kind") == "ClusterRole"}
-    granted = [
-        roles.get(dig(o, "roleRef", "name"), {}) for o in objects
-        if o.get("kind") == "ClusterRoleBinding" and dig(o, "roleRef", "kind") == "ClusterRole"
-        and any(s.get("kind") == "ServiceAccount" and (s.get("name"), s.get("namespace")) == account
-                for s in o.get("subjects") or [])
-    ]
-    for group, resource, verb in SNAPSHOT_METADATA_RBAC:
-        if not any(allowed(role, group, resource, verb) for role in granted):
-            problems.add(here, f"ServiceAccount {account[0]} may not {verb} {resource}.{group} (no ClusterRoleBinding grants it)")
 
 
 def check_driver_names(objects: list, problems: Problems) -> None:
