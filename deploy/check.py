@@ -22,6 +22,10 @@ of examples). Every object is checked:
   subjects and --agents included), the headless Service the controller resolves, the
   TLS Secrets mounted at --tls-dir, scrape annotations matching --metrics-listen, no
   RBAC for the node;
+- with components/snapshot-metadata: the SnapshotMetadataService named after the
+  driver, its address naming the Service in the controller's namespace whose port
+  leads to the sidecar, the sidecar on kura's socket with its TLS from the Secret the
+  README names, a base64 PEM caCert (or the empty placeholder), its RBAC granted;
 - the monitoring kit (check_monitoring.py): PodMonitors, alert rules through promtool,
   the dashboard, and every metric name they use against what is exported.
 
@@ -31,6 +35,8 @@ Prints every problem found and exits 1 if there is any.
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import copy
 import functools
 import os
@@ -66,6 +72,19 @@ HEALTH_MONITOR = "csi-external-health-monitor-controller"
 GROUP_SNAPSHOT_GATE = "CSIVolumeGroupSnapshot=true"
 NODE_TLS_SECRET = "kura-node-tls"
 CONTROLLER_TLS_SECRET = "kura-controller-tls"
+# The components/snapshot-metadata sidecar, and the Secret the README tells users to
+# make for it.
+SNAPSHOT_METADATA = "csi-snapshot-metadata"
+SNAPSHOT_METADATA_TLS_SECRET = "kura-snapshot-metadata-tls"
+# What the sidecar asks the API server (external-snapshot-metadata v1.1.0): (group,
+# resource, verb).
+SNAPSHOT_METADATA_RBAC = [
+    ("authentication.k8s.io", "tokenreviews", "create"),
+    ("authorization.k8s.io", "subjectaccessreviews", "create"),
+    ("snapshot.storage.k8s.io", "volumesnapshots", "get"),
+    ("snapshot.storage.k8s.io", "volumesnapshotcontents", "get"),
+    ("cbt.storage.k8s.io", "snapshotmetadataservices", "get"),
+]
 
 ENUMS = {
     "mountPropagation": {"None", "HostToContainer", "Bidirectional"},
@@ -706,6 +725,7 @@ def check_controller(obj: dict, objects: list, node_info, kura_bin: str, problem
         problems.add(where, f"csi-snapshotter lacks --feature-gates={GROUP_SNAPSHOT_GATE} (group snapshots are off without it)")
     check_tls(spec, kura, settings, CONTROLLER_TLS_SECRET, problems, where)
     check_metrics(obj, kura, settings, problems, where)
+    check_snapshot_metadata(obj, kura, settings, objects, problems)
     # --agents NAME:PORT must be the headless Service that selects the node pods.
     agents = settings.setting("--agents")
     if len(agents) != 1:
@@ -733,12 +753,125 @@ def check_controller(obj: dict, objects: list, node_info, kura_bin: str, problem
         problems.add(where, "no node DaemonSet to find agents in")
         return
     agent_ports, labels = node_info
-    selector = dig(service, "spec", "selector", default={}) or {}
-    if not selector or any(labels.get(k) != v for k, v in selector.items()):
+    if not selects(service, labels):
         problems.add(name_of(service), "its selector does not select the node pods")
     service_ports = [p.get("port") for p in dig(service, "spec", "ports", default=[])]
     if int(port) not in service_ports or int(port) not in agent_ports:
         problems.add(where, f"--agents port {port}: Service ports {service_ports}, node --agent-listen ports {agent_ports}")
+
+
+def selects(service: dict, labels: dict) -> bool:
+    selector = dig(service, "spec", "selector", default={}) or {}
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def allowed(role: dict, group: str, resource: str, verb: str) -> bool:
+    return any(
+        group in r.get("apiGroups", []) and resource in r.get("resources", []) and verb in r.get("verbs", [])
+        for r in role.get("rules") or []
+    )
+
+
+def check_snapshot_metadata(obj: dict, kura: dict, settings: Started, objects: list, problems: Problems) -> None:
+    """The SnapshotMetadata sidecar (components/snapshot-metadata) and what a backup
+    tool follows to it: the SnapshotMetadataService named after the driver, whose
+    address names the Service in the controller's namespace and, through it, the port
+    the sidecar serves; the sidecar on kura's own socket, its TLS from the Secret the
+    README has users make; its RBAC bound to the pod's ServiceAccount."""
+    where = name_of(obj)
+    spec = pod_spec(obj)
+    sidecars = [c for c in spec.get("containers") or []
+                if image_name(c.get("image", ""))[0] == SIDECAR_REGISTRY + SNAPSHOT_METADATA]
+    services = [o for o in objects if o.get("kind") == "SnapshotMetadataService"]
+    if not sidecars and not services:
+        return
+    if len(sidecars) != 1 or len(services) != 1:
+        problems.add(where, f"{len(sidecars)} {SNAPSHOT_METADATA} sidecar(s) and {len(services)} "
+                            "SnapshotMetadataService(s): expected one of each, or neither")
+        return
+    sidecar, sms = sidecars[0], services[0]
+    here = f"{where} container {sidecar.get('name')}"
+    args = sidecar.get("args") or []
+    if dig(sms, "metadata", "name") != DRIVER:
+        problems.add(name_of(sms), f"a SnapshotMetadataService must be named after the driver, {DRIVER}")
+    # The same socket, through the same volume, as kura's container.
+    socket = (settings.setting("--endpoint") or [""])[0].removeprefix("unix://")
+    if flag_values(args, "--csi-address") != [socket]:
+        problems.add(here, f"--csi-address is {flag_values(args, '--csi-address')}, kura serves {socket}")
+    kura_dir = {m.get("mountPath"): m.get("name") for m in kura.get("volumeMounts") or []}.get(os.path.dirname(socket))
+    sidecar_dir = {m.get("mountPath"): m.get("name") for m in sidecar.get("volumeMounts") or []}.get(os.path.dirname(socket))
+    if kura_dir is None or sidecar_dir != kura_dir:
+        problems.add(here, f"mounts volume {sidecar_dir} at {os.path.dirname(socket)}, kura's socket is on volume {kura_dir}")
+    # TLS: both files from the Secret the README says to make.
+    volumes = {v.get("name"): v for v in spec.get("volumes") or []}
+    secret_dirs = [m.get("mountPath") for m in sidecar.get("volumeMounts") or []
+                   if dig(volumes.get(m.get("name"), {}), "secret", "secretName") == SNAPSHOT_METADATA_TLS_SECRET]
+    for flag in ("--tls-cert", "--tls-key"):
+        files = flag_values(args, flag)
+        if len(files) != 1 or os.path.dirname(files[0]) not in secret_dirs:
+            problems.add(here, f"{flag} {files} is not a file of the Secret {SNAPSHOT_METADATA_TLS_SECRET} "
+                               f"(mounted at {secret_dirs})")
+    # Ready means serving: the probe asks the sidecar's --http-endpoint.
+    probe_port = dig(sidecar, "readinessProbe", "httpGet", "port")
+    named = {p.get("name"): p.get("containerPort") for p in sidecar.get("ports") or []}
+    http = [port_of(e) for e in flag_values(args, "--http-endpoint")]
+    if named.get(probe_port, probe_port) not in http:
+        problems.add(here, f"readinessProbe port {probe_port} is not its --http-endpoint {http}")
+    check_sms_address(obj, sidecar, sms, objects, problems)
+    check_ca_cert(sms, problems)
+    # RBAC: what the sidecar calls, granted to the pod's ServiceAccount.
+    account = (spec.get("serviceAccountName"), dig(obj, "metadata", "namespace"))
+    roles = {dig(o, "metadata", "name"): o for o in objects if o.get("kind") == "ClusterRole"}
+    granted = [
+        roles.get(dig(o, "roleRef", "name"), {}) for o in objects
+        if o.get("kind") == "ClusterRoleBinding" and dig(o, "roleRef", "kind") == "ClusterRole"
+        and any(s.get("kind") == "ServiceAccount" and (s.get("name"), s.get("namespace")) == account
+                for s in o.get("subjects") or [])
+    ]
+    for group, resource, verb in SNAPSHOT_METADATA_RBAC:
+        if not any(allowed(role, group, resource, verb) for role in granted):
+            problems.add(here, f"ServiceAccount {account[0]} may not {verb} {resource}.{group} (no ClusterRoleBinding grants it)")
+
+
+def check_sms_address(obj: dict, sidecar: dict, sms: dict, objects: list, problems: Problems) -> None:
+    """The address is NAME.NAMESPACE[.svc]:PORT of a Service in the controller's
+    namespace that selects the controller pods, and its port leads to the sidecar's
+    --port."""
+    address = dig(sms, "spec", "address", default="")
+    host, _, port = address.rpartition(":")
+    parts = host.split(".")
+    namespace = dig(obj, "metadata", "namespace")
+    if len(parts) not in (2, 3) or parts[2:] not in ([], ["svc"]) or not port.isdigit():
+        problems.add(name_of(sms), f"address {address!r} is not NAME.NAMESPACE.svc:PORT")
+        return
+    if parts[1] != namespace:
+        problems.add(name_of(sms), f"address {address} names the namespace {parts[1]}, the controller runs in {namespace}")
+    service = next((o for o in objects if o.get("kind") == "Service" and dig(o, "metadata", "name") == parts[0]
+                    and dig(o, "metadata", "namespace") == namespace), None)
+    if service is None:
+        problems.add(name_of(sms), f"address {address} names no Service {parts[0]} in {namespace}")
+        return
+    if not selects(service, dig(obj, "spec", "template", "metadata", "labels", default={}) or {}):
+        problems.add(name_of(service), "its selector does not select the controller pods")
+    named = {p.get("name"): p.get("containerPort") for p in sidecar.get("ports") or []}
+    target = next((p.get("targetPort", p.get("port")) for p in dig(service, "spec", "ports", default=[])
+                   if str(p.get("port")) == port), None)
+    served = flag_values(sidecar.get("args") or [], "--port") or ["50051"]  # the sidecar's default
+    if named.get(target, target) != int(served[0]):
+        problems.add(name_of(sms), f"address port {port} leads to the pod's port {target}, "
+                                   f"the sidecar serves --port {served[0]}")
+
+
+def check_ca_cert(sms: dict, problems: Problems) -> None:
+    """caCert: empty until the user sets it (README), else base64 of PEM certificates."""
+    ca = dig(sms, "spec", "caCert", default="")
+    if ca:
+        try:
+            pem = base64.b64decode(ca, validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            pem = ""
+        if "-----BEGIN CERTIFICATE-----" not in pem:
+            problems.add(name_of(sms), "caCert is not the base64 of a PEM CA certificate")
 
 
 def check_driver_names(objects: list, problems: Problems) -> None:
@@ -757,6 +890,7 @@ def check_driver_names(objects: list, problems: Problems) -> None:
 CLUSTER_KINDS = {
     "Namespace", "CSIDriver", "StorageClass", "ClusterRole", "ClusterRoleBinding",
     "VolumeSnapshotClass", "VolumeGroupSnapshotClass", "VolumeAttributesClass", "PriorityClass",
+    "SnapshotMetadataService",
 }
 
 
@@ -822,7 +956,7 @@ def versions_checked() -> list[str]:
 
 # The API groups of the CRDs (snapshots, the Prometheus Operator's): without the CRD
 # directory their objects are checked by kura's invariants only (see main).
-CRD_GROUPS = {"snapshot.storage.k8s.io", "groupsnapshot.storage.k8s.io", "monitoring.coreos.com"}
+CRD_GROUPS = {"snapshot.storage.k8s.io", "groupsnapshot.storage.k8s.io", "monitoring.coreos.com", "cbt.storage.k8s.io"}
 
 
 # Kinds newer than the oldest Kubernetes kura supports, with the release that made them

@@ -3,11 +3,12 @@
 
     test_check.py --crds DIR --kura BIN --promtool BIN --install KIND.yaml \
         --pool-device KIND_POOL_DEVICE.yaml --other-namespace NS.yaml --namespace NS \
-        --monitoring MONITORING.yaml
+        --monitoring MONITORING.yaml --snapshot-metadata SNAPSHOT_METADATA.yaml
 
 Checks each rendering as it is (it must pass), then mutated copies, one mistake each
 (a typo'd field, an unpinned image, a pool size beside a pool device, a RBAC subject
-left in the kura namespace, an alert on a metric nobody exports, ...): each must
+left in the kura namespace, an alert on a metric nobody exports, a
+SnapshotMetadataService address naming the wrong namespace, ...): each must
 fail, naming the mistake. The install as it is and the first three mutations run
 through check.py's command line (exit 0, then exit 1 each); the rest call its checks
 in-process, which is the same code without a Python start-up per case. Ends with
@@ -260,6 +261,86 @@ def namespace_not_applied(objects):
             subject["namespace"] = "kura"
 
 
+# On the rendering with components/snapshot-metadata.
+
+def sms(objects):
+    return find(objects, "SnapshotMetadataService", "kura.csi.dev")
+
+
+def metadata_sidecar(objects):
+    return container(objects, "Deployment", "kura-controller", "csi-snapshot-metadata")
+
+
+def replace_arg(c, flag, value):
+    c["args"] = [f"{flag}={value}" if a.startswith(flag + "=") else a for a in c["args"]]
+
+
+def sms_address_namespace(objects):
+    sms(objects)["spec"]["address"] = "kura-snapshot-metadata.default.svc:6443"
+
+
+def sms_address_service(objects):
+    sms(objects)["spec"]["address"] = "kura-metadata.kura.svc:6443"
+
+
+def sms_address_port(objects):
+    replace_arg(metadata_sidecar(objects), "--port", "50052")
+
+
+def sms_misnamed(objects):
+    sms(objects)["metadata"]["name"] = "kura"
+
+
+def sms_without_audience(objects):
+    del sms(objects)["spec"]["audience"]
+
+
+def sms_unknown_field(objects):
+    sms(objects)["spec"]["caCerts"] = ""
+
+
+def sms_ca_not_base64(objects):
+    sms(objects)["spec"]["caCert"] = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+
+
+def sms_missing(objects):
+    objects.remove(sms(objects))
+
+
+def metadata_other_socket(objects):
+    replace_arg(metadata_sidecar(objects), "--csi-address", "/csi/snapshot-metadata.sock")
+
+
+def metadata_own_socket_dir(objects):
+    spec = find(objects, "Deployment", "kura-controller")["spec"]["template"]["spec"]
+    spec["volumes"].append({"name": "metadata-socket-dir", "emptyDir": {}})
+    mount(metadata_sidecar(objects), "/csi")["name"] = "metadata-socket-dir"
+
+
+def metadata_other_secret(objects):
+    spec = find(objects, "Deployment", "kura-controller")["spec"]["template"]["spec"]
+    for v in spec["volumes"]:
+        if v["name"] == "snapshot-metadata-tls":
+            v["secret"]["secretName"] = "csi-snapshot-metadata-certs"
+
+
+def metadata_probe_port(objects):
+    replace_arg(metadata_sidecar(objects), "--http-endpoint", ":8080")
+
+
+def metadata_no_token_reviews(objects):
+    role = find(objects, "ClusterRole", "kura-snapshot-metadata")
+    role["rules"] = [r for r in role["rules"] if "tokenreviews" not in r["resources"]]
+
+
+def metadata_subject_left_in_kura(objects):
+    find(objects, "ClusterRoleBinding", "kura-snapshot-metadata")["subjects"][0]["namespace"] = "kura"
+
+
+def sms_address_left_in_kura(objects):
+    sms(objects)["spec"]["address"] = "kura-snapshot-metadata.kura.svc:6443"
+
+
 # On the monitoring kit's rendering.
 
 def rule(objects, alert):
@@ -403,12 +484,27 @@ MUTATIONS = [
     (pod_monitor_selects_nothing, "monitoring", "selects no pod of the rendering"),
     (pod_monitor_unknown_field, "monitoring", "'intervall' was unexpected"),
     (rule_unknown_field, "monitoring", "'rule' was unexpected"),
+    (sms_address_namespace, "snapshot-metadata", "names the namespace default, the controller runs in kura"),
+    (sms_address_service, "snapshot-metadata", "names no Service kura-metadata in kura"),
+    (sms_address_port, "snapshot-metadata", "the sidecar serves --port 50052"),
+    (sms_misnamed, "snapshot-metadata", "must be named after the driver, kura.csi.dev"),
+    (sms_without_audience, "snapshot-metadata", "'audience' is a required property"),
+    (sms_unknown_field, "snapshot-metadata", "'caCerts' was unexpected"),
+    (sms_ca_not_base64, "snapshot-metadata", "caCert is not the base64 of a PEM CA certificate"),
+    (sms_missing, "snapshot-metadata", "1 csi-snapshot-metadata sidecar(s) and 0 SnapshotMetadataService(s)"),
+    (metadata_other_socket, "snapshot-metadata", "--csi-address is ['/csi/snapshot-metadata.sock'], kura serves /csi/csi.sock"),
+    (metadata_own_socket_dir, "snapshot-metadata", "mounts volume metadata-socket-dir at /csi, kura's socket is on volume socket-dir"),
+    (metadata_other_secret, "snapshot-metadata", "is not a file of the Secret kura-snapshot-metadata-tls"),
+    (metadata_probe_port, "snapshot-metadata", "readinessProbe port http-metadata is not its --http-endpoint [8080]"),
+    (metadata_no_token_reviews, "snapshot-metadata", "may not create tokenreviews.authentication.k8s.io"),
+    (metadata_subject_left_in_kura, "other-namespace", "subject ServiceAccount kura-controller is in namespace kura"),
+    (sms_address_left_in_kura, "other-namespace", "names the namespace kura, the controller runs in storage-system"),
 ]
 
 
 # Mutations only the CRD schemas catch.
 NEEDS_CRDS = {snapshot_class_schema, snapshot_class_unknown_field, snapshot_class_namespaced, pod_monitor_unknown_field,
-              rule_unknown_field, alert_bad_duration}
+              rule_unknown_field, alert_bad_duration, sms_without_audience, sms_unknown_field}
 
 
 def run_check(args, path: Path) -> subprocess.CompletedProcess:
@@ -434,10 +530,13 @@ def main() -> int:
     parser.add_argument("--other-namespace", type=Path, required=True, help="an install in another namespace")
     parser.add_argument("--namespace", required=True, help="that other namespace")
     parser.add_argument("--monitoring", type=Path, required=True, help="an install with deploy/monitoring")
+    parser.add_argument("--snapshot-metadata", type=Path, required=True,
+                        help="an install with components/snapshot-metadata")
     parser.add_argument("--src", type=Path, default=HERE.parent / "src", help="kura's sources (the metric names it exports)")
     args = parser.parse_args()
     renderings = {"install": args.install, "pool-device": args.pool_device,
-                  "other-namespace": args.other_namespace, "monitoring": args.monitoring}
+                  "other-namespace": args.other_namespace, "monitoring": args.monitoring,
+                  "snapshot-metadata": args.snapshot_metadata}
     crds = check.load_crds(args.crds) if args.crds else {}
     check.cache_schemas()
     exported = check.exported_names(args.src, HERE / "monitoring" / "sidecar-metrics.txt")

@@ -9,7 +9,8 @@
 #   deploy/validate.sh [CRD_DIR]
 #
 # CRD_DIR holds the CRDs the manifests are checked against: the snapshot CRDs of
-# external-snapshotter and the Prometheus Operator's PodMonitor and PrometheusRule
+# external-snapshotter, external-snapshot-metadata's SnapshotMetadataService and the
+# Prometheus Operator's PodMonitor and PrometheusRule
 # (default: $KURA_CRDS_DIR, else ../shared/k8s/crds beside the repo, where CI keeps
 # them). Without them those objects are checked by kura's invariants only, and the
 # run says so loudly.
@@ -23,6 +24,8 @@ crds="${1:-${KURA_CRDS_DIR:-../shared/k8s/crds}}"
 # The namespace of the "another namespace" rendering.
 other_namespace="storage-system"
 work=""
+# The CA certificate the other-namespace rendering puts in the caCert (render_all).
+ca_cert=""
 
 cleanup() {
   if [ -n "$work" ]; then
@@ -31,7 +34,8 @@ cleanup() {
 }
 
 # render OUT NAME NAMESPACE RESOURCE [COMPONENT...]: OUT/NAME.yaml from an overlay of
-# RESOURCE with the components, in NAMESPACE if it is not empty.
+# RESOURCE with the components, in NAMESPACE if it is not empty (with the
+# snapshot-metadata component, its address set there too).
 render() {
   local out="$1" name="$2" namespace="$3" resource="$4" dir component
   shift 4
@@ -49,8 +53,31 @@ render() {
         printf '  - %s\n' "$(realpath --relative-to="$dir" "$component")"
       done
     fi
+    if [ -n "$namespace" ] && [[ " $* " == *"/snapshot-metadata"* ]]; then
+      snapshot_metadata_address "$namespace"
+    fi
   } >"$dir/kustomization.yaml"
   kubectl kustomize "$dir" >"$out/$name.yaml"
+}
+
+# The patch README ("Changed block tracking") has users put in an overlay that moves
+# the snapshot-metadata component to NAMESPACE: kustomize cannot rewrite the address
+# in the SnapshotMetadataService. It sets the caCert too, as every user does, with
+# the CA certificate in $ca_cert (a real one: check.py reads it).
+snapshot_metadata_address() {
+  cat <<EOF
+patches:
+  - target:
+      kind: SnapshotMetadataService
+      name: kura.csi.dev
+    patch: |-
+      - op: replace
+        path: /spec/address
+        value: kura-snapshot-metadata.$1.svc:6443
+      - op: replace
+        path: /spec/caCert
+        value: $(base64 -w0 "$ca_cert")
+EOF
 }
 
 render_all() {
@@ -63,6 +90,12 @@ render_all() {
   render "$out" all-components "" deploy/kubernetes "${components[@]}"
   kubectl kustomize deploy/kind >"$out/kind.yaml"
   render "$out" kind-pool-device "" deploy/kind deploy/kubernetes/components/pool-device
+  # A CA certificate for the SnapshotMetadataService's caCert (any will do).
+  if ! made="$(target/debug/kura certs --out "$out/certs" 2>&1)"; then
+    echo "$made" >&2
+    return 1
+  fi
+  ca_cert="$out/certs/ca.crt"
   render "$out" other-namespace "$other_namespace" deploy/kubernetes "${components[@]}"
   # The examples are plain files: one rendering of all of them.
   for example in deploy/kubernetes/examples/*.yaml; do
@@ -87,6 +120,7 @@ check_manifests() {
   python3 deploy/check.py "${args[@]}" --namespace "$other_namespace" "$out/other-namespace.yaml"
   python3 deploy/test_check.py "${args[@]}" --install "$out/kind.yaml" \
     --monitoring "$out/with-monitoring.yaml" --pool-device "$out/kind-pool-device.yaml" \
+    --snapshot-metadata "$out/with-snapshot-metadata.yaml" \
     --other-namespace "$out/other-namespace.yaml" --namespace "$other_namespace"
 }
 
@@ -114,7 +148,7 @@ lint_files() {
 
 main() {
   if [ ! -d "$crds" ]; then
-    echo "deploy/validate.sh: WARNING: no CRDs at $crds (KURA_CRDS_DIR or the first argument): snapshot classes, PodMonitors and PrometheusRules are not checked against their CRD schemas" >&2
+    echo "deploy/validate.sh: WARNING: no CRDs at $crds (KURA_CRDS_DIR or the first argument): snapshot classes, SnapshotMetadataServices, PodMonitors and PrometheusRules are not checked against their CRD schemas" >&2
   fi
   # shellcheck source=scripts/deps.sh
   source scripts/deps.sh
