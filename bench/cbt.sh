@@ -10,6 +10,8 @@
 #                [--rewrite-percent 1 | --rewrite-mib N]
 #
 # Environment: POOL_SIZE (default 200Gi: the volumes are thin, the image sparse),
+# OVERPROVISION (kura's --overprovision-ratio, default 4: thin volumes may promise no
+# more than the host's free space times the ratio, and a 64 GiB volume writes < 1 GiB),
 # BENCH_TMP (where the pool image goes; default /tmp), KURA_BIN (the kura binary;
 # default the one built here). Needs root.
 set -euo pipefail
@@ -19,7 +21,7 @@ cargo build --release --quiet --bin kura --example bench_cbt
 
 source bench/lib.sh
 pool_size=${POOL_SIZE:-200Gi}
-start_kura "$pool_size"
+start_kura "$pool_size" --overprovision-ratio "${OVERPROVISION:-4}"
 describe_machine "$pool_size"
 echo
 status=0
