@@ -57,20 +57,6 @@ async fn create_until_copied(
     }
 }
 
-fn on_node(
-    name: &str,
-    size: i64,
-    node: &str,
-    cap: proto::VolumeCapability,
-    source: Option<proto::VolumeContentSource>,
-) -> proto::CreateVolumeRequest {
-    proto::CreateVolumeRequest {
-        accessibility_requirements: Some(topology(&[node], &[node])),
-        volume_capabilities: vec![cap],
-        ..create_request(name, size, &[], source)
-    }
-}
-
 fn sha256(path: &Path) -> String {
     let mut hasher = Sha256::new();
     let mut file = std::fs::File::open(path).unwrap();

@@ -34,7 +34,10 @@ pub const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct AgentService {
     local: node::Local,
-    transfers: Option<(Transfers<ExportClient>, tonic::transport::ClientTlsConfig)>,
+    /// This node's transfers, as a destination.
+    transfers: Transfers<ExportClient>,
+    /// This node's identity as a client, for reading a source's export.
+    tls: tonic::transport::ClientTlsConfig,
     instance_id: String,
     /// Becomes true when the process stops: status streams end, so a graceful
     /// shutdown does not wait on them.
@@ -42,32 +45,19 @@ pub struct AgentService {
 }
 
 impl AgentService {
-    pub fn new(local: node::Local, stopping: watch::Receiver<bool>) -> Self {
+    pub fn new(
+        local: node::Local,
+        transfers: Transfers<ExportClient>,
+        tls: tonic::transport::ClientTlsConfig,
+        stopping: watch::Receiver<bool>,
+    ) -> Self {
         AgentService {
             local,
-            transfers: None,
+            transfers,
+            tls,
             instance_id: uuid::Uuid::new_v4().to_string(),
             stopping,
         }
-    }
-
-    /// Lets this agent be a transfer's destination, reading sources with `tls`, the
-    /// node's own identity.
-    pub fn with_transfers(
-        mut self,
-        transfers: Transfers<ExportClient>,
-        tls: tonic::transport::ClientTlsConfig,
-    ) -> Self {
-        self.transfers = Some((transfers, tls));
-        self
-    }
-
-    fn transfers(
-        &self,
-    ) -> Result<&(Transfers<ExportClient>, tonic::transport::ClientTlsConfig), Status> {
-        self.transfers
-            .as_ref()
-            .ok_or_else(|| Status::unimplemented("this agent does not take transfers"))
     }
 
     fn info(&self) -> proto::InfoResponse {
@@ -503,8 +493,8 @@ impl Agent for AgentService {
         request: Request<proto::TransferRequest>,
     ) -> Result<Response<proto::TransferResponse>, Status> {
         control(&request)?;
-        let (transfers, tls) = self.transfers()?;
-        let answer = super::transfer::transfer(transfers, tls, request.into_inner()).await?;
+        let answer =
+            super::transfer::transfer(&self.transfers, &self.tls, request.into_inner()).await?;
         Ok(Response::new(answer))
     }
 
@@ -514,8 +504,7 @@ impl Agent for AgentService {
         request: Request<proto::FindTransferRequest>,
     ) -> Result<Response<proto::FindTransferResponse>, Status> {
         control(&request)?;
-        let (transfers, _) = self.transfers()?;
-        let progress = super::transfer::find(transfers, request.into_inner().name).await?;
+        let progress = super::transfer::find(&self.transfers, request.into_inner().name).await?;
         Ok(Response::new(proto::FindTransferResponse { progress }))
     }
 

@@ -2,7 +2,7 @@
 //! object by name across nodes, placement ([`placement`], a pure function),
 //! copy-or-create, and the group-snapshot steps with their compensation ([`group`]).
 //!
-//! The CSI Controller and GroupController services ([`crate::csi`]) check requests
+//! The CSI Controller and GroupController services (`csi/`, the room above) check requests
 //! into the typed arguments here and map [`Error`] to a status; this room reaches the
 //! nodes' pools only through [`Pools`] (in-process in `all-in-one`, over the agent API
 //! in a cluster).

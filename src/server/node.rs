@@ -79,8 +79,12 @@ impl NodeDriver {
             ),
             node: opened.node_service(local_args),
             // Node-to-node reads present this node's own identity.
-            agent: AgentService::new(opened.local.clone(), stopped)
-                .with_transfers(transfers.clone(), tls.client()),
+            agent: AgentService::new(
+                opened.local.clone(),
+                transfers.clone(),
+                tls.client(),
+                stopped,
+            ),
             tls,
             stopping,
             driver_name: local_args.driver_name.clone(),
