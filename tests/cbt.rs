@@ -93,12 +93,29 @@ fn answer(kinds_and_messages: Vec<(i32, i64, Vec<proto::BlockMetadata>)>) -> Ans
     }
 }
 
+/// Every message of a metadata stream (Allocated and Delta messages have the same
+/// fields, in different types): its ranges by message, and the capacity they carried.
+macro_rules! read_all {
+    ($stream:expr) => {{
+        let mut stream = $stream;
+        let mut all = Vec::new();
+        while let Some(m) = stream.message().await? {
+            all.push((
+                m.block_metadata_type,
+                m.volume_capacity_bytes,
+                m.block_metadata,
+            ));
+        }
+        Ok(answer(all))
+    }};
+}
+
 fn client(channel: &Channel) -> SnapshotMetadataClient<Channel> {
     SnapshotMetadataClient::new(channel.clone())
 }
 
 async fn allocated(channel: &Channel, id: &str, start: i64, max: i32) -> Result<Answer, Status> {
-    let mut stream = client(channel)
+    let stream = client(channel)
         .get_metadata_allocated(proto::GetMetadataAllocatedRequest {
             snapshot_id: id.into(),
             starting_offset: start,
@@ -107,15 +124,7 @@ async fn allocated(channel: &Channel, id: &str, start: i64, max: i32) -> Result<
         })
         .await?
         .into_inner();
-    let mut all = Vec::new();
-    while let Some(m) = stream.message().await? {
-        all.push((
-            m.block_metadata_type,
-            m.volume_capacity_bytes,
-            m.block_metadata,
-        ));
-    }
-    Ok(answer(all))
+    read_all!(stream)
 }
 
 fn delta_request(base: &str, target: &str, start: i64, max: i32) -> proto::GetMetadataDeltaRequest {
@@ -135,19 +144,11 @@ async fn delta(
     start: i64,
     max: i32,
 ) -> Result<Answer, Status> {
-    let mut stream = client(channel)
+    let stream = client(channel)
         .get_metadata_delta(delta_request(base, target, start, max))
         .await?
         .into_inner();
-    let mut all = Vec::new();
-    while let Some(m) = stream.message().await? {
-        all.push((
-            m.block_metadata_type,
-            m.volume_capacity_bytes,
-            m.block_metadata,
-        ));
-    }
-    Ok(answer(all))
+    read_all!(stream)
 }
 
 /// Whether `[start, end)` lies inside the sorted `ranges`.
