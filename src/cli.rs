@@ -97,6 +97,15 @@ pub struct NodeArgs {
     /// TCP address the agent listens on, e.g. `0.0.0.0:9810` (mutual TLS only).
     #[arg(long, env = "KURA_AGENT_LISTEN")]
     pub agent_listen: SocketAddr,
+    /// `NAME:PORT` resolved to every address of NAME (the headless Service selecting
+    /// the node pods), again every few seconds: how this node finds the nodes it
+    /// replicates to and from, with or without a controller.
+    #[arg(long, env = "KURA_PEERS", value_parser = parse_host_port)]
+    pub peers: Option<String>,
+    /// A static address `ADDR:PORT` of another node's agent; repeat for several
+    /// (comma-separated in the variable).
+    #[arg(long, env = "KURA_PEER", value_delimiter = ',')]
+    pub peer: Vec<SocketAddr>,
     /// Directory holding this role's identity: ca.crt, tls.crt, tls.key (the node
     /// identity, from `kura certs` or any CA; see README).
     #[arg(long, env = "KURA_TLS_DIR")]

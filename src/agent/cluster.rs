@@ -203,6 +203,16 @@ impl Cluster {
         }
     }
 
+    /// Sends one call to the live agent of the node the CO names `node`: how a node
+    /// reaches its peers.
+    pub async fn call_node<R, F, Fut>(&self, node: &str, timeout: Duration, send: F) -> Result<R>
+    where
+        F: FnOnce(AgentClient<Channel>) -> Fut,
+        Fut: Future<Output = std::result::Result<Response<R>, Status>>,
+    {
+        self.call(&NodeToken::for_node(node), timeout, send).await
+    }
+
     /// The address the agent of `token` was found at.
     fn address(&self, token: &NodeToken) -> Result<SocketAddr> {
         let state = self.inner.lock();

@@ -12,6 +12,7 @@
 //! - [`local`]: the in-process transport of `all-in-one`.
 //! - [`server`]: the node's side: the agent gRPC service, forwarding to `node`.
 //! - [`transfer`]: the bytes of a cross-node transfer between two agents.
+//! - [`replication`]: the requests and bytes of replication between agents.
 //! - [`errors`]: how errors travel on the agent API and are decoded.
 //! - [`tls`]: certificates (`kura certs`), TLS configuration and the names checked.
 //! - [`wire`]: conversions between pool types and the agent protocol.
@@ -19,6 +20,7 @@
 pub mod cluster;
 pub mod errors;
 pub mod local;
+pub mod replication;
 pub mod server;
 pub mod tls;
 pub mod transfer;

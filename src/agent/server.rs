@@ -19,9 +19,10 @@ use tracing::instrument;
 
 use super::errors::{self, malformed};
 use super::proto::agent_server::Agent;
+use super::replication::{ClusterPeers, PointStream};
 use super::transfer::{ChunkStream, ExportClient};
 use super::{proto, tls, wire};
-use crate::node::{self, transfer::Transfers};
+use crate::node::{self, replication::Replicator, transfer::Transfers};
 use crate::pool::{self, Provisioning, size};
 
 /// A pool error as the agent answers it.
@@ -36,6 +37,8 @@ pub struct AgentService {
     local: node::Local,
     /// This node's transfers, as a destination.
     transfers: Transfers<ExportClient>,
+    /// Both ends of this node's replication.
+    replicator: Replicator<ClusterPeers>,
     /// This node's identity as a client, for reading a source's export.
     tls: tonic::transport::ClientTlsConfig,
     instance_id: String,
@@ -48,12 +51,14 @@ impl AgentService {
     pub fn new(
         local: node::Local,
         transfers: Transfers<ExportClient>,
+        replicator: Replicator<ClusterPeers>,
         tls: tonic::transport::ClientTlsConfig,
         stopping: watch::Receiver<bool>,
     ) -> Self {
         AgentService {
             local,
             transfers,
+            replicator,
             tls,
             instance_id: uuid::Uuid::new_v4().to_string(),
             stopping,
@@ -136,7 +141,10 @@ impl Agent for AgentService {
         &self,
         request: Request<proto::StatusRequest>,
     ) -> Result<Response<Self::StatusStream>, Status> {
-        control(&request)?;
+        // The controller and the other nodes (which replicate to this one) follow it.
+        if !tls::caller_is(&request, tls::NODE_NAME) {
+            control(&request)?;
+        }
         let local = self.local.clone();
         let mut stopping = self.stopping.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(1);
@@ -535,5 +543,86 @@ impl Agent for AgentService {
             },
         );
         Ok(Response::new(Box::pin(batches)))
+    }
+
+    // ---- Replicas: the logic is in `super::replication`. ----
+
+    #[instrument(skip_all, fields(volume.id = %request.get_ref().volume_id))]
+    async fn set_replication(
+        &self,
+        request: Request<proto::SetReplicationRequest>,
+    ) -> Result<Response<proto::VolumeResponse>, Status> {
+        control(&request)?;
+        let request = request.into_inner();
+        let id = wire::volume_id(&request.volume_id, "volume_id").map_err(malformed)?;
+        let (wanted, nodes) = match &request.replication {
+            None => (None, vec![]),
+            Some(r) => {
+                let r = wire::replication(r).map_err(malformed)?;
+                let nodes = r.nodes().map(str::to_owned).collect();
+                (Some((r.copies, r.interval_secs)), nodes)
+            }
+        };
+        self.local
+            .set_replication(id.clone(), wanted, nodes)
+            .await
+            .map_err(answer)?;
+        let (volume, condition) = self.local.volume(id).await.map_err(answer)?;
+        Ok(Response::new(proto::VolumeResponse {
+            volume: Some(wire::volume_message(&volume)),
+            condition: Some(wire::condition_message(&condition)),
+        }))
+    }
+
+    #[instrument(skip_all, fields(volume.id = ?request.get_ref().volume.as_ref().map(|v| &v.id)))]
+    async fn replicate(
+        &self,
+        request: Request<proto::ReplicateRequest>,
+    ) -> Result<Response<proto::ReplicateResponse>, Status> {
+        let answer = super::replication::replicate(&self.replicator, request).await?;
+        Ok(Response::new(answer))
+    }
+
+    type ReadPointStream = PointStream;
+
+    #[instrument(skip_all, fields(volume.id = %request.get_ref().volume_id))]
+    async fn read_point(
+        &self,
+        request: Request<proto::ReadPointRequest>,
+    ) -> Result<Response<Self::ReadPointStream>, Status> {
+        let stream = super::replication::read_point(&self.replicator, request).await?;
+        Ok(Response::new(stream))
+    }
+
+    async fn find_replica(
+        &self,
+        request: Request<proto::FindReplicaRequest>,
+    ) -> Result<Response<proto::FindReplicaResponse>, Status> {
+        control(&request)?;
+        use proto::find_replica_request::Source;
+        let source = match &request.get_ref().source {
+            Some(Source::VolumeId(v)) => super::replication::replica_source(Some(v), None)?,
+            Some(Source::SnapshotId(s)) => super::replication::replica_source(None, Some(s))?,
+            None => super::replication::replica_source(None, None)?,
+        };
+        let found = super::replication::find_replica(&self.local, source).await?;
+        Ok(Response::new(found))
+    }
+
+    async fn drop_replica(
+        &self,
+        request: Request<proto::DropReplicaRequest>,
+    ) -> Result<Response<proto::DropReplicaResponse>, Status> {
+        control(&request)?;
+        use proto::drop_replica_request::Source;
+        let request = request.into_inner();
+        let source = match &request.source {
+            Some(Source::VolumeId(v)) => super::replication::replica_source(Some(v), None)?,
+            Some(Source::SnapshotId(s)) => super::replication::replica_source(None, Some(s))?,
+            None => super::replication::replica_source(None, None)?,
+        };
+        let dropped =
+            super::replication::drop_replica(&self.local, source, request.tombstone).await?;
+        Ok(Response::new(dropped))
     }
 }

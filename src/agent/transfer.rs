@@ -109,7 +109,7 @@ pub async fn read_export(
     Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
 }
 
-fn chunk_message(chunk: Chunk) -> proto::ExportChunk {
+pub(super) fn chunk_message(chunk: Chunk) -> proto::ExportChunk {
     proto::ExportChunk {
         offset: chunk.offset,
         length: chunk.length,
@@ -125,7 +125,7 @@ fn chunk_message(chunk: Chunk) -> proto::ExportChunk {
     }
 }
 
-fn chunk(message: proto::ExportChunk) -> Chunk {
+pub(super) fn chunk(message: proto::ExportChunk) -> Chunk {
     Chunk {
         offset: message.offset,
         length: message.length,

@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use super::proto;
 use crate::pool::cbt::{Query, Range};
 use crate::pool::group::GroupSnapshot;
+use crate::pool::replica::{MAX_COPIES, Placement, Replication};
 use crate::pool::{
     self, AccessKind, Condition, ContentSource, Encryption, GroupSnapshotId, Provisioning,
     Snapshot, SnapshotId, Timestamp, Volume, VolumeId, size,
@@ -166,7 +167,37 @@ pub fn volume_message(v: &Volume) -> proto::Volume {
         created: Some(timestamp_message(v.created)),
         access: access_message(&v.access),
         encryption: encryption_message(v.encryption),
+        replication: v.replication.as_ref().map(replication_message),
     }
+}
+
+/// A volume's replication without its secrets, which never leave its node.
+pub fn replication_message(r: &Replication) -> proto::Replication {
+    proto::Replication {
+        copies: r.copies.into(),
+        interval_seconds: r.interval_secs,
+        nodes: r.nodes().map(str::to_owned).collect(),
+    }
+}
+
+/// A replication as another node describes it: the placements carry no secrets.
+pub fn replication(m: &proto::Replication) -> Result<Replication, Malformed> {
+    let copies = u8::try_from(m.copies)
+        .ok()
+        .filter(|c| (1..=MAX_COPIES).contains(c))
+        .ok_or_else(|| malformed("replication.copies", format!("{} is not 1 to {MAX_COPIES}", m.copies)))?;
+    Ok(Replication {
+        copies,
+        interval_secs: m.interval_seconds,
+        replicas: m
+            .nodes
+            .iter()
+            .map(|node| Placement {
+                node: node.clone(),
+                secret: String::new(),
+            })
+            .collect(),
+    })
 }
 
 pub fn volume(m: Option<&proto::Volume>) -> Result<Volume, Malformed> {
@@ -180,6 +211,7 @@ pub fn volume(m: Option<&proto::Volume>) -> Result<Volume, Malformed> {
         created: timestamp(m.created.as_ref()),
         access: access(&m.access)?,
         encryption: encryption(m.encryption)?,
+        replication: m.replication.as_ref().map(replication).transpose()?,
     })
 }
 

@@ -20,6 +20,7 @@
 //!   (a cancelled RPC): the guards move into the blocking work.
 
 pub mod group;
+pub mod replication;
 pub mod transfer;
 
 use std::sync::Arc;
@@ -42,6 +43,8 @@ pub struct Local {
     node_id: String,
     locks: Locks,
     holds: group::Holds,
+    /// How shipping to each replica goes (this node's replicated volumes).
+    replicas: replication::States,
 }
 
 impl Local {
@@ -52,6 +55,7 @@ impl Local {
             node_id: node_id.to_owned(),
             locks: Locks::default(),
             holds: group::Holds::default(),
+            replicas: replication::States::default(),
         }
     }
 
@@ -125,7 +129,12 @@ impl Local {
     }
 
     pub async fn volume(&self, id: VolumeId) -> pool::Result<(Volume, Condition)> {
-        self.on_pool(&[], move |p| p.volume_status(&id)).await
+        let states = self.replicas.clone();
+        self.on_pool(&[], move |p| {
+            let found = p.volume_status(&id)?;
+            Ok(with_replication(p, found, &states))
+        })
+        .await
     }
 
     /// At most `limit` volumes at or after `from`, in ID order.
@@ -134,8 +143,73 @@ impl Local {
         from: Option<VolumeId>,
         limit: usize,
     ) -> pool::Result<Vec<(Volume, Condition)>> {
-        self.on_pool(&[], move |p| Ok(p.list_volumes(from.as_ref(), limit)))
-            .await
+        let states = self.replicas.clone();
+        self.on_pool(&[], move |p| {
+            Ok(p.list_volumes(from.as_ref(), limit)
+                .into_iter()
+                .map(|found| with_replication(p, found, &states))
+                .collect())
+        })
+        .await
+    }
+
+    /// What this node holds of another node's volume or snapshot.
+    pub async fn find_replica(
+        &self,
+        source: pool::ContentSource,
+    ) -> pool::Result<Option<replication::Found>> {
+        self.on_pool(&[], move |p| {
+            Ok(match &source {
+                pool::ContentSource::Volume(id) => p.replica(id)?.and_then(|r| {
+                    let point = r.point?;
+                    Some(replication::Found {
+                        point: point.number,
+                        taken: Some(point.taken),
+                        size_bytes: point.size_bytes,
+                    })
+                }),
+                pool::ContentSource::Snapshot(id) => p
+                    .replica_snapshot(id)?
+                    .map(|s| replication::Found {
+                        point: 0,
+                        taken: Some(s.created),
+                        size_bytes: s.size_bytes,
+                    }),
+            })
+        })
+        .await
+    }
+
+    /// Removes this node's copy of another node's volume or snapshot; answers whether
+    /// there was one.
+    pub async fn drop_replica(
+        &self,
+        source: pool::ContentSource,
+        tombstone: bool,
+    ) -> pool::Result<bool> {
+        self.on_pool(&[source.id().to_owned()], move |p| match &source {
+            pool::ContentSource::Volume(id) => p.drop_replica(id, tombstone),
+            pool::ContentSource::Snapshot(id) => p.drop_replica_snapshot(id, tombstone),
+        })
+        .await
+    }
+
+    /// How shipping to each replica goes.
+    pub fn replica_states(&self) -> &replication::States {
+        &self.replicas
+    }
+
+    /// Gives a volume the replication asked for, its copies on `nodes`.
+    pub async fn set_replication(
+        &self,
+        id: VolumeId,
+        wanted: Option<(u8, u64)>,
+        nodes: Vec<String>,
+    ) -> pool::Result<Volume> {
+        self.on_pool(&[id.to_string()], move |p| {
+            p.set_replication(&id, wanted, &nodes)
+        })
+        .await
     }
 
     pub async fn expand_volume(
@@ -277,6 +351,21 @@ impl Local {
 pub struct RangeStream {
     pub capacity: u64,
     pub batches: tokio::sync::mpsc::Receiver<pool::Result<Vec<cbt::Range>>>,
+}
+
+/// A volume's condition with its replication's: a volume healthy on its own is
+/// degraded when its copies are missing or behind.
+fn with_replication(
+    pool: &Pool,
+    (volume, condition): (Volume, Condition),
+    states: &replication::States,
+) -> (Volume, Condition) {
+    if condition.abnormal || volume.replication.is_none() {
+        return (volume, condition);
+    }
+    let points = pool.points(&volume.id).unwrap_or_default();
+    let condition = replication::condition(&volume, &points, states).unwrap_or(condition);
+    (volume, condition)
 }
 
 /// Runs `work` on `target` off the async threads, holding `guards` until it is done.

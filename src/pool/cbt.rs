@@ -112,13 +112,45 @@ impl Served {
     }
 }
 
+/// An image held open: readable until this is dropped even if its file is removed
+/// meanwhile.
+#[derive(Debug)]
+pub struct Image {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    /// Whether its extents can be compared with those of another reflink of the same
+    /// volume ([`ImageOrigin::Reflink`]).
+    reflinked: bool,
+}
+
+impl Image {
+    /// Opens `path` (O_DIRECT where the filesystem allows it); a missing file is
+    /// `None`.
+    pub fn open(path: PathBuf, size: u64, origin: ImageOrigin) -> Result<Option<Image>> {
+        match sys::direct::open(&path, false) {
+            Ok(file) => Ok(Some(Image {
+                file,
+                path,
+                size,
+                reflinked: origin == ImageOrigin::Reflink,
+            })),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
 /// A snapshot held open for a stream: its record and its image, readable until this
 /// is dropped even if the snapshot is deleted meanwhile.
 #[derive(Debug)]
 pub struct Pinned {
     pub snapshot: Snapshot,
-    file: File,
-    path: PathBuf,
+    image: Image,
 }
 
 impl Pool {
@@ -134,20 +166,14 @@ impl Pool {
                 "snapshot {id} is not ready: its copy is still running"
             )));
         }
-        let path = self.snapshot_image_path(id);
-        let file = sys::direct::open(&path, false).map_err(|e| match e.raw_os_error() {
+        let origin = snapshot.image.unwrap_or(ImageOrigin::Copy);
+        let image = Image::open(self.snapshot_image_path(id), snapshot.size_bytes, origin)?
             // Deleted between its record and its image.
-            Some(libc::ENOENT) => Error::NotFound {
+            .ok_or_else(|| Error::NotFound {
                 kind: "snapshot",
                 id: id.to_string(),
-            },
-            _ => e.into(),
-        })?;
-        Ok(Pinned {
-            snapshot,
-            file,
-            path,
-        })
+            })?;
+        Ok(Pinned { snapshot, image })
     }
 }
 
@@ -196,7 +222,8 @@ pub fn check_start(snapshot: &Snapshot, start: u64) -> Result<u64> {
 
 /// Streams the allocated ranges of `pinned` from `start` into `out`.
 pub fn allocated(pinned: &Pinned, out: &mut Batcher) -> Result<()> {
-    let capacity = pinned.snapshot.size_bytes;
+    let pinned = &pinned.image;
+    let capacity = pinned.size;
     let mut at = window_start(out.start);
     while at < capacity && !out.stopped() {
         let end = (at + WINDOW).min(capacity);
@@ -216,10 +243,28 @@ pub fn allocated(pinned: &Pinned, out: &mut Batcher) -> Result<()> {
 /// Streams the ranges that may differ between `base` and `target` from `start` into
 /// `out`; answers which way they were found.
 pub fn delta(base: &Pinned, target: &Pinned, out: &mut Batcher) -> Result<Method> {
-    let capacity = target.snapshot.size_bytes;
-    let by_extents = [base, target]
-        .iter()
-        .all(|p| p.snapshot.image == Some(ImageOrigin::Reflink));
+    images_delta(&base.image, &target.image, out)
+}
+
+/// Every range that may differ between two images of one volume, merged, whatever
+/// their number: what a replica is sent ([`super::replica`]).
+pub fn changed_between(base: &Image, target: &Image) -> Result<(Vec<Range>, Method)> {
+    let mut ranges = Vec::new();
+    let method = {
+        let mut out = Batcher::new(0, target.size, usize::MAX, |batch| {
+            ranges.extend(batch);
+            true
+        })
+        .with_keepalive(std::time::Duration::MAX);
+        images_delta(base, target, &mut out)?
+    };
+    Ok((ranges, method))
+}
+
+/// [`delta`] between two open images.
+fn images_delta(base: &Image, target: &Image, out: &mut Batcher) -> Result<Method> {
+    let capacity = target.size;
+    let by_extents = base.reflinked && target.reflinked;
     let mut method = if by_extents {
         Method::Extents
     } else {
@@ -259,7 +304,7 @@ fn window_start(start: u64) -> u64 {
     start - start % WINDOW
 }
 
-fn map(pinned: &Pinned, start: u64, end: u64) -> Result<Option<Vec<Extent>>> {
+fn map(pinned: &Image, start: u64, end: u64) -> Result<Option<Vec<Extent>>> {
     Ok(sys::fiemap::extents(
         &pinned.file,
         &pinned.path,
@@ -338,7 +383,7 @@ pub fn merge_into(ranges: &mut Vec<Range>, range: Range) {
 /// differ. Only where either holds data is read; a block past an image's end reads as
 /// zeros (the base of a volume that grew). Long stretches without a difference keep
 /// the stream alive ([`Batcher::keepalive`]).
-fn compare_data(base: &Pinned, target: &Pinned, window: Range, out: &mut Batcher) -> Result<()> {
+fn compare_data(base: &Image, target: &Image, window: Range, out: &mut Batcher) -> Result<()> {
     let mut data = sys::sparse::data_ranges(&base.file, &base.path, window.0, window.1)?;
     data.extend(sys::sparse::data_ranges(
         &target.file,
@@ -370,7 +415,7 @@ fn compare_data(base: &Pinned, target: &Pinned, window: Range, out: &mut Batcher
 }
 
 /// Fills `buf` from `offset`; what lies past the end of the image is zeros.
-fn read_block_aligned(pinned: &Pinned, offset: u64, buf: &mut [u8]) -> Result<()> {
+fn read_block_aligned(pinned: &Image, offset: u64, buf: &mut [u8]) -> Result<()> {
     let mut done = 0;
     while done < buf.len() {
         let n = pinned

@@ -12,6 +12,8 @@
 //! <root>/groups/<group-id>.json       a group snapshot's record (on its home node)
 //! <root>/volumes/<volume-id>.transfer a cross-node transfer's checkpoint (transfer.rs)
 //! <root>/exports/<export-id>.img     a source pinned for a transfer (export.rs)
+//! <root>/replication/<volume-id>/    a replicated volume's points (replica.rs)
+//! <root>/replicas/<volume-id>/       what this node holds of another node's volume
 //! <name>.partial                     an image being built; never a live object
 //! ```
 //!
@@ -35,6 +37,7 @@ pub mod listing;
 pub mod locks;
 mod modify;
 mod recovery;
+pub mod replica;
 pub mod size;
 mod snapshot;
 pub mod source;

@@ -24,6 +24,7 @@ impl Pool {
     pub(super) fn recover(&self) -> Result<()> {
         self.recover_imports()?;
         self.sweep_exports()?;
+        self.recover_replicas()?;
         for dir in [self.volume_dir(), self.snapshot_dir()] {
             for path in entries(&dir)? {
                 let name = path.file_name().unwrap_or_default().to_string_lossy();

@@ -209,6 +209,14 @@ impl Reader {
         }
         let offset = self.next;
         let length = CHUNK.min(self.size - offset);
+        let chunk = self.chunk(offset, length)?;
+        self.next = offset + length;
+        Ok(Some(chunk))
+    }
+
+    /// The chunk of `[offset, offset+length)`, any range of the image (a replica is
+    /// sent only the ranges that changed).
+    pub fn chunk(&self, offset: u64, length: u64) -> Result<Chunk> {
         let end = offset + length;
         let ranges = sys::sparse::data_ranges(&self.file, &self.path, offset, end)?;
         let total: u64 = ranges.iter().map(|(s, e)| e - s).sum();
@@ -227,14 +235,13 @@ impl Reader {
         let extents = drop_zero_blocks(&ranges, &mut buf);
         let data = buf.freeze();
         let crc = Chunk::checksum(offset, length, &extents, &data);
-        self.next = end;
-        Ok(Some(Chunk {
+        Ok(Chunk {
             offset,
             length,
             extents,
             data,
             crc,
-        }))
+        })
     }
 }
 

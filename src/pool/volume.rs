@@ -110,6 +110,9 @@ pub struct Volume {
     /// volumes reads as plain.
     #[serde(default, skip_serializing_if = "Encryption::is_plain")]
     pub encryption: Encryption,
+    /// Copies on other nodes, if the volume asks for any ([`super::replica`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<super::replica::Replication>,
 }
 
 impl Volume {
@@ -139,6 +142,7 @@ impl Pool {
             created: Timestamp::now(),
             access: spec.access.clone(),
             encryption: spec.encryption,
+            replication: None,
         };
         if let Err(e) = self.write_volume(&volume) {
             let _ = self.remove_image(image);
@@ -207,6 +211,17 @@ impl Pool {
         &self,
         source: &ContentSource,
     ) -> Result<(std::path::PathBuf, u64, Encryption)> {
+        // Another node's volume or snapshot: from a replica this node holds of it
+        // (a failover), or nothing.
+        if !self.is_local(&source.node()) {
+            return self.replica_source(source)?.ok_or_else(|| Error::NotFound {
+                kind: match source {
+                    ContentSource::Volume(_) => "volume",
+                    ContentSource::Snapshot(_) => "snapshot",
+                },
+                id: source.id().to_owned(),
+            });
+        }
         match source {
             ContentSource::Volume(id) => {
                 let volume = self.volume(id)?;
@@ -248,6 +263,7 @@ impl Pool {
         // Metadata first: once it is gone the volume is gone, whatever happens next.
         self.remove_volume_meta(id)?;
         self.remove_image(&image)?;
+        self.remove_points(id)?;
         tracing::info!(volume.id = %id, "volume deleted");
         Ok(())
     }
@@ -317,6 +333,7 @@ impl Pool {
             created: Timestamp::now(),
             access: BTreeSet::new(),
             encryption: Encryption::Plain,
+            replication: None,
         };
         (volume, condition)
     }

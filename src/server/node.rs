@@ -20,12 +20,13 @@ use tokio::sync::watch;
 use super::{BoxError, CsiServices, MetricsServer, OpenedPool, bind, serve_csi, socket_path};
 use crate::agent::proto::agent_server::AgentServer;
 use crate::agent::server::AgentService;
+use crate::agent::replication::ClusterPeers;
 use crate::agent::{cluster, tls};
 use crate::cli::NodeArgs;
 use crate::csi::identity::{IdentityService, Readiness};
 use crate::csi::node::NodeService;
 use crate::metrics::Metrics;
-use crate::node::{self, transfer::Transfers};
+use crate::node::{self, replication::Replicator, transfer::Transfers};
 use crate::sys::fs::LockFile;
 
 /// How often expired exports are removed.
@@ -42,6 +43,8 @@ pub struct NodeDriver {
     metrics: Arc<Metrics>,
     /// Whose expired exports are swept while serving.
     sweep: node::Local,
+    /// Ships this node's replicated volumes while serving.
+    replicator: Replicator<ClusterPeers>,
     _locks: Vec<LockFile>,
 }
 
@@ -72,6 +75,16 @@ impl NodeDriver {
         }
         let (stopping, stopped) = watch::channel(false);
         let transfers = Transfers::new(opened.local.clone());
+        let mut peers: Vec<String> = args.peers.iter().cloned().collect();
+        peers.extend(args.peer.iter().map(|a| a.to_string()));
+        let replicator = Replicator::new(
+            opened.local.clone(),
+            ClusterPeers(cluster::Cluster::start(cluster::Config {
+                targets: peers,
+                tls: tls.client(),
+            })),
+            opened.local.replica_states().clone(),
+        );
         Ok(NodeDriver {
             identity: IdentityService::new(
                 &local_args.driver_name,
@@ -82,9 +95,11 @@ impl NodeDriver {
             agent: AgentService::new(
                 opened.local.clone(),
                 transfers.clone(),
+                replicator.clone(),
                 tls.client(),
                 stopped,
             ),
+            replicator,
             tls,
             stopping,
             driver_name: local_args.driver_name.clone(),
@@ -121,9 +136,11 @@ pub async fn serve(
         driver_name,
         metrics,
         sweep,
+        replicator,
         _locks,
     } = driver;
     tokio::spawn(sweep.sweep_exports(EXPORT_SWEEP));
+    tokio::spawn(replicator.run());
     let mut stopped = stopping.subscribe();
     tokio::spawn(async move {
         shutdown.await;

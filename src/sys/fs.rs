@@ -163,6 +163,18 @@ fn resize_open(file: &File, path: &Path, from: u64, to: u64, allocate: bool) -> 
     file.sync_all().map_err(|e| Error::io("fsync", path, e))
 }
 
+/// Frees `[offset, offset+length)` of an open file: it reads as zeros after, and the
+/// file keeps its size.
+pub fn punch_hole(file: &File, path: &Path, offset: u64, length: u64) -> Result<()> {
+    fallocate(
+        file,
+        FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        offset as i64,
+        length as i64,
+    )
+    .map_err(|e| Error::errno("fallocate(PUNCH_HOLE)", path, e))
+}
+
 /// Cuts the file at `path` back to `size` bytes (its blocks beyond are freed).
 pub fn truncate(path: &Path, size: u64) -> Result<()> {
     let file = OpenOptions::new()

@@ -1,0 +1,615 @@
+//! Replication, both ends, as this node runs them; the agent carries the requests and
+//! the bytes between nodes (`agent::replication`), through the [`Peers`] seam.
+//!
+//! - Source (the volume's node): [`Replicator::run`] keeps one loop per replicated
+//!   volume. At every interval it takes a point ([`Pool::take_point`]: frozen or
+//!   flushed, reflinked) and asks each replica node to take it ([`Peers::replicate`])
+//!   with a fresh grant; [`Replicator::open_point`] serves the ranges to a node that
+//!   presents one. What each replica holds is recorded as its answer comes back.
+//! - Replica: [`Replicator::receive`] pulls the point from the volume's node
+//!   ([`Peers::read_point`]) into a reflink of the point it holds, checks the digest
+//!   and commits ([`crate::pool::replica::Incoming`]), then the volume's snapshots it
+//!   has no copy of yet, each as a delta from that point.
+//!
+//! # Guarantees
+//!
+//! - The volume's own I/O never waits for the network: only the point is taken under
+//!   the volume's lock (as a snapshot is), the shipping runs after.
+//! - A replica holds a whole point or its previous one, never part of one: a failure
+//!   anywhere removes what was received of the new point.
+//! - Replication goes on with no controller: the volume's record names its replica
+//!   nodes and their secrets, and nodes find each other themselves.
+
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::stream::BoxStream;
+
+use super::Local;
+use crate::pool::replica::{self, Denied, Incoming, ReadTarget, Shipped, Target};
+use crate::pool::transfer::{Chain, Chunk, Reader};
+use crate::pool::{self, Condition, Pool, Snapshot, SnapshotId, Timestamp, Volume, VolumeId};
+
+/// How long a grant made for one round of shipping lets its node read.
+pub const GRANT_LIFETIME: Duration = Duration::from_secs(600);
+/// How often the set of replicated volumes is looked at again.
+const SUPERVISE_EVERY: Duration = Duration::from_secs(1);
+/// How long a busy volume (another operation holds its lock) is waited for before
+/// its point is tried again.
+const BUSY_RETRY: Duration = Duration::from_secs(1);
+/// How often the newest point is offered again to a replica that failed to take it.
+pub const RETRY_LAGGING: Duration = Duration::from_secs(5);
+
+/// A replica node's request to take a point (what the volume's node sends).
+#[derive(Debug, Clone)]
+pub struct ShipRequest {
+    pub volume: Volume,
+    pub source_node: String,
+    pub grant: String,
+    pub point: u64,
+    pub taken: Timestamp,
+    pub size_bytes: u64,
+    /// The volume's ready snapshots now.
+    pub snapshots: Vec<Snapshot>,
+    /// Snapshot deletions the volume's node carried out.
+    pub snapshots_deleted: Vec<SnapshotId>,
+}
+
+/// What a replica node holds after a [`ShipRequest`].
+#[derive(Debug, Clone, Default)]
+pub struct ShipAnswer {
+    /// 0: none.
+    pub point: u64,
+    pub taken: Option<Timestamp>,
+    pub snapshots: BTreeSet<SnapshotId>,
+    pub volume_deleted: bool,
+    pub snapshots_deleted: Vec<SnapshotId>,
+    pub bytes_received: u64,
+}
+
+/// What a node holds of another node's volume (its point) or snapshot.
+#[derive(Debug, Clone)]
+pub struct Found {
+    /// The point number; 0 for a snapshot.
+    pub point: u64,
+    pub taken: Option<Timestamp>,
+    pub size_bytes: u64,
+}
+
+/// A replica node's read of a point or snapshot.
+#[derive(Debug, Clone)]
+pub struct ReadRequest {
+    pub volume: VolumeId,
+    pub node: String,
+    pub grant: String,
+    pub target: ReadTarget,
+    pub base: Option<u64>,
+}
+
+/// One message of a read: the header, the chunks, then the digest.
+#[derive(Debug)]
+pub enum Piece {
+    Header { size_bytes: u64, delta: bool },
+    Chunk(Chunk),
+    Digest(Vec<u8>),
+}
+
+/// How this node reaches the other nodes' agents: the agent's clients in a cluster.
+pub trait Peers: Clone + Send + Sync + 'static {
+    /// Asks `node` to take the point `request` names.
+    fn replicate(
+        &self,
+        node: &str,
+        request: ShipRequest,
+    ) -> impl Future<Output = Result<ShipAnswer, String>> + Send;
+    /// Opens a read from `node`, the volume's node.
+    fn read_point(
+        &self,
+        node: &str,
+        request: ReadRequest,
+    ) -> impl Future<Output = Result<BoxStream<'static, Result<Piece, String>>, String>> + Send;
+}
+
+/// How replication of one volume to one node goes, as the volume's node sees it.
+#[derive(Debug, Clone, Default)]
+pub struct ReplicaState {
+    /// Why the last round failed; `None` after a success.
+    pub error: Option<String>,
+    /// Data bytes this node sent it, since start.
+    pub bytes_shipped: u64,
+}
+
+/// The shipping state of every (volume, replica node), for conditions and metrics.
+#[derive(Debug, Clone, Default)]
+pub struct States(Arc<Mutex<HashMap<(VolumeId, String), ReplicaState>>>);
+
+impl States {
+    fn update(&self, volume: &VolumeId, node: &str, change: impl FnOnce(&mut ReplicaState)) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        change(map.entry((volume.clone(), node.to_owned())).or_default());
+    }
+
+    pub fn get(&self, volume: &VolumeId, node: &str) -> ReplicaState {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&(volume.clone(), node.to_owned()))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Every (volume, node) with its state.
+    pub fn all(&self) -> Vec<((VolumeId, String), ReplicaState)> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    fn forget(&self, volume: &VolumeId) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|(v, _), _| v != volume);
+    }
+}
+
+/// What a volume's replication looks like from its node: healthy, or degraded with
+/// the reason (a copy missing, a replica behind and by how much, a failure).
+pub fn condition(volume: &Volume, points: &replica::Points, states: &States) -> Option<Condition> {
+    let replication = volume.replication.as_ref()?;
+    let now = Timestamp::now().seconds;
+    let mut problems = Vec::new();
+    let placed = replication.replicas.len();
+    if placed < replication.copies as usize {
+        problems.push(format!(
+            "{placed} of {} copies placed: no other live node with room",
+            replication.copies
+        ));
+    }
+    let behind_after = 2 * replication.interval_secs as i64;
+    for node in replication.nodes() {
+        let state = states.get(&volume.id, node);
+        match (points.shipped.get(node), state.error) {
+            (_, Some(error)) => problems.push(format!("replica on {node} is failing: {error}")),
+            (None, None) => problems.push(format!("replica on {node} has no point yet")),
+            (Some(shipped), None) if now - shipped.taken.seconds > behind_after => problems
+                .push(format!(
+                    "replica on {node} is {}s behind",
+                    now - shipped.taken.seconds
+                )),
+            (Some(_), None) => {}
+        }
+    }
+    Some(if problems.is_empty() {
+        Condition {
+            abnormal: false,
+            message: format!(
+                "volume is healthy; replicated to {} every {}s",
+                replication.nodes().collect::<Vec<_>>().join(", "),
+                replication.interval_secs
+            ),
+        }
+    } else {
+        Condition::abnormal(format!("replication degraded: {}", problems.join("; ")))
+    })
+}
+
+/// Both ends of replication on this node.
+#[derive(Clone)]
+pub struct Replicator<P> {
+    local: Local,
+    peers: P,
+    states: States,
+}
+
+impl<P: Peers> Replicator<P> {
+    pub fn new(local: Local, peers: P, states: States) -> Self {
+        Replicator {
+            local,
+            peers,
+            states,
+        }
+    }
+
+    fn pool(&self) -> &Arc<Pool> {
+        self.local.pool()
+    }
+
+    // ---- Source ----
+
+    /// Keeps one shipping loop per replicated volume of this node, for as long as
+    /// the process lives.
+    pub async fn run(self) {
+        let mut running: HashMap<VolumeId, tokio::task::JoinHandle<()>> = HashMap::new();
+        loop {
+            running.retain(|_, task| !task.is_finished());
+            match self.local.on_pool(&[], |p| p.replicated_volumes()).await {
+                Ok(ids) => {
+                    for id in ids {
+                        if !running.contains_key(&id) {
+                            let this = self.clone();
+                            let task = tokio::spawn(this.clone().ship_volume(id.clone()));
+                            running.insert(id, task);
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %crate::chain(&e), "listing replicated volumes"),
+            }
+            tokio::time::sleep(SUPERVISE_EVERY).await;
+        }
+    }
+
+    /// Ships points of one volume until it is deleted or no longer replicated: a new
+    /// point every interval, and the newest again (every [`RETRY_LAGGING`]) to a
+    /// replica that does not hold it yet.
+    async fn ship_volume(self, id: VolumeId) {
+        let mut last_round: Option<std::time::Instant> = None;
+        loop {
+            let found = {
+                let id = id.clone();
+                self.local
+                    .on_pool(&[], move |p| Ok((p.volume(&id)?, p.points(&id)?)))
+                    .await
+            };
+            let (volume, points) = match found {
+                Ok((volume, points)) if volume.replication.is_some() => (volume, points),
+                Ok(_) | Err(pool::Error::NotFound { .. }) => {
+                    self.states.forget(&id);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(volume.id = %id, error = %crate::chain(&e), "replication");
+                    tokio::time::sleep(BUSY_RETRY).await;
+                    continue;
+                }
+            };
+            let replication = volume.replication.clone().expect("checked above");
+            let newest = points.newest();
+            let point_due = newest.is_none_or(|(_, p)| {
+                Timestamp::now().seconds >= p.taken.seconds + replication.interval_secs as i64
+            });
+            let lagging = newest.is_some_and(|(n, _)| {
+                replication
+                    .nodes()
+                    .any(|node| points.shipped.get(node).is_none_or(|s| s.point != n))
+            });
+            let retry_due = last_round.is_none_or(|at| at.elapsed() >= RETRY_LAGGING);
+            if !point_due && !(lagging && retry_due) {
+                tokio::time::sleep(BUSY_RETRY).await;
+                continue;
+            }
+            let point = match newest {
+                Some(newest) if !point_due => newest,
+                _ => {
+                    let volume_id = id.clone();
+                    let taken = self
+                        .local
+                        .on_pool(&[id.to_string()], move |p| p.take_point(&volume_id))
+                        .await;
+                    match taken {
+                        Ok(point) => point,
+                        Err(e) => {
+                            tracing::debug!(volume.id = %id, error = %crate::chain(&e), "point not taken yet");
+                            tokio::time::sleep(BUSY_RETRY).await;
+                            continue;
+                        }
+                    }
+                }
+            };
+            last_round = Some(std::time::Instant::now());
+            let rounds = replication
+                .replicas
+                .iter()
+                .map(|placement| self.ship_to(&volume, point, placement));
+            if futures_util::future::join_all(rounds)
+                .await
+                .into_iter()
+                .any(|deleted| deleted)
+            {
+                self.delete_after_tombstone(&id).await;
+            }
+        }
+    }
+
+    /// One round of shipping to one replica node; answers whether that node says the
+    /// volume was deleted while this node was down.
+    async fn ship_to(
+        &self,
+        volume: &Volume,
+        (number, info): (u64, replica::PointInfo),
+        placement: &replica::Placement,
+    ) -> bool {
+        let id = volume.id.clone();
+        let node = placement.node.clone();
+        let expires = Timestamp::now().seconds + GRANT_LIFETIME.as_secs() as i64;
+        let snapshots = {
+            let id = id.clone();
+            self.local
+                .on_pool(&[], move |p| {
+                    Ok(p.list_snapshots(None, usize::MAX, Some(&id))
+                        .into_iter()
+                        .filter(|s| s.ready)
+                        .collect::<Vec<_>>())
+                })
+                .await
+                .unwrap_or_default()
+        };
+        let request = ShipRequest {
+            volume: volume.clone(),
+            source_node: self.local.node_id().to_owned(),
+            grant: replica::grant(&placement.secret, &id, &node, expires),
+            point: number,
+            taken: info.taken,
+            size_bytes: info.size_bytes,
+            snapshots,
+            snapshots_deleted: Vec::new(),
+        };
+        let answer = match self.peers.replicate(&node, request).await {
+            Ok(answer) => answer,
+            Err(error) => {
+                tracing::warn!(volume.id = %id, replica = %node, %error, "replication round failed");
+                self.states.update(&id, &node, |s| s.error = Some(error));
+                return false;
+            }
+        };
+        if answer.volume_deleted {
+            return true;
+        }
+        for snapshot in &answer.snapshots_deleted {
+            let snapshot = snapshot.clone();
+            let deleted = self
+                .local
+                .on_pool(&[snapshot.to_string()], move |p| p.delete_snapshot(&snapshot))
+                .await;
+            if let Err(e) = deleted {
+                tracing::warn!(volume.id = %id, error = %crate::chain(&e), "deleting a snapshot deleted while this node was down");
+            }
+        }
+        self.states.update(&id, &node, |s| s.error = None);
+        if answer.point == 0 {
+            return false;
+        }
+        let shipped = Shipped {
+            point: answer.point,
+            taken: answer.taken.unwrap_or(info.taken),
+            snapshots: answer.snapshots,
+        };
+        let recorded = {
+            let id = id.clone();
+            let node = node.clone();
+            self.local
+                .on_pool(&[], move |p| p.record_shipped(&id, &node, shipped))
+                .await
+        };
+        if let Err(e) = recorded {
+            tracing::warn!(volume.id = %id, error = %crate::chain(&e), "recording a shipped point");
+        }
+        false
+    }
+
+    /// A replica node holds the tombstone of this volume: it was deleted while this
+    /// node was down. The copy here goes too, unless it is in use.
+    async fn delete_after_tombstone(&self, id: &VolumeId) {
+        let id = id.clone();
+        tracing::warn!(volume.id = %id, "the volume was deleted while this node was down; deleting its copy here");
+        let key = id.to_string();
+        if let Err(e) = self
+            .local
+            .on_pool(&[key], move |p| p.delete_volume(&id))
+            .await
+        {
+            tracing::warn!(error = %crate::chain(&e), "deleting a volume deleted while this node was down");
+        }
+    }
+
+    /// Source: the reader of what a replica node asks, after checking its grant; the
+    /// pieces come through a channel, read in a blocking thread ahead of the stream.
+    pub async fn open_point(
+        &self,
+        request: ReadRequest,
+    ) -> pool::Result<Result<tokio::sync::mpsc::Receiver<pool::Result<Piece>>, Denied>> {
+        let pool = Arc::clone(self.pool());
+        let states = self.states.clone();
+        let (sender, receiver) = tokio::sync::mpsc::channel(4);
+        let (volume, node) = (request.volume.clone(), request.node.clone());
+        let opened = crate::node::run(Vec::new(), move || {
+            let image = match pool.open_for_replica(
+                &request.volume,
+                &request.node,
+                &request.grant,
+                &request.target,
+            )? {
+                Ok(image) => image,
+                Err(denied) => return Ok(Err(denied)),
+            };
+            let base = match request.base {
+                Some(number) => pool.open_base_point(&request.volume, number)?,
+                None => None,
+            };
+            let size = std::fs::metadata(image.path())
+                .map_err(|e| crate::sys::Error::io("stat", image.path(), e))?
+                .len();
+            let (ranges, delta) = match &base {
+                Some(base) => (pool::cbt::changed_between(base, &image)?.0, true),
+                None => (vec![(0, size)], false),
+            };
+            let reader = Reader::open(image.path(), 0)?.0;
+            Ok(Ok((reader, ranges, delta, size)))
+        })
+        .await?;
+        let (reader, ranges, delta, size) = match opened {
+            Ok(opened) => opened,
+            Err(denied) => return Ok(Err(denied)),
+        };
+        tokio::task::spawn_blocking(move || {
+            let send = |piece| sender.blocking_send(piece).is_ok();
+            if !send(Ok(Piece::Header {
+                size_bytes: size,
+                delta,
+            })) {
+                return;
+            }
+            let mut chain = Chain::start(size);
+            for (start, end) in ranges {
+                let mut at = start;
+                while at < end {
+                    let length = (end - at).min(pool::transfer::CHUNK);
+                    let chunk = match reader.chunk(at, length) {
+                        Ok(chunk) => chunk,
+                        Err(e) => {
+                            send(Err(e));
+                            return;
+                        }
+                    };
+                    chain.add(&chunk);
+                    let bytes = chunk.data.len() as u64;
+                    if !send(Ok(Piece::Chunk(chunk))) {
+                        return;
+                    }
+                    states.update(&volume, &node, |s| s.bytes_shipped += bytes);
+                    at += length;
+                }
+            }
+            send(Ok(Piece::Digest(chain.bytes().to_vec())));
+        });
+        Ok(Ok(receiver))
+    }
+
+    // ---- Replica ----
+
+    /// Takes the point a volume's node offers, and copies of its snapshots, reading
+    /// them from that node. One request per volume at a time (the volume's lock on
+    /// this node).
+    pub async fn receive(&self, request: ShipRequest) -> pool::Result<ShipAnswer> {
+        let id = request.volume.id.clone();
+        if id.node() != pool::NodeToken::for_node(&request.source_node) {
+            return Err(pool::Error::Invalid {
+                field: "source_node",
+                reason: format!(
+                    "volume {id} is not of node {:?}",
+                    request.source_node
+                ),
+            });
+        }
+        let _guard = self.local.lock(&[id.to_string()])?;
+        let record = {
+            let id = id.clone();
+            let done: BTreeSet<SnapshotId> = request.snapshots_deleted.iter().cloned().collect();
+            self.local
+                .on_pool(&[], move |p| {
+                    p.forget_snapshot_tombstones(&id, &done)?;
+                    p.replica(&id)
+                })
+                .await?
+        };
+        if let Some(record) = &record
+            && record.deleted
+        {
+            return Ok(ShipAnswer {
+                volume_deleted: true,
+                ..ShipAnswer::default()
+            });
+        }
+        let mut held = record.as_ref().and_then(|r| r.point.clone());
+        let mut bytes = 0;
+        if held.as_ref().map(|p| p.number) != Some(request.point) {
+            let target = Target::Point {
+                number: request.point,
+                taken: request.taken,
+            };
+            let base = held.as_ref().map(|p| p.number);
+            let (record, written) = self
+                .pull(&request, target, ReadTarget::Point(request.point), base)
+                .await?;
+            bytes += written;
+            held = record.point;
+        }
+        let mut snapshots: BTreeSet<SnapshotId> =
+            record.as_ref().map(|r| r.snapshots.keys().cloned().collect()).unwrap_or_default();
+        for snapshot in &request.snapshots {
+            if snapshot.source_volume != id || snapshots.contains(&snapshot.id) {
+                continue;
+            }
+            let base = held.as_ref().map(|p| p.number);
+            let target = Target::Snapshot(snapshot.clone());
+            let read = ReadTarget::Snapshot(snapshot.id.clone());
+            let (_, written) = self.pull(&request, target, read, base).await?;
+            bytes += written;
+            snapshots.insert(snapshot.id.clone());
+        }
+        let keep: BTreeSet<SnapshotId> = request.snapshots.iter().map(|s| s.id.clone()).collect();
+        let deleted = {
+            let id = id.clone();
+            self.local
+                .on_pool(&[], move |p| {
+                    p.keep_replica_snapshots(&id, &keep)?;
+                    Ok(p.replica(&id)?.map(|r| r.deleted_snapshots).unwrap_or_default())
+                })
+                .await?
+        };
+        snapshots.retain(|s| request.snapshots.iter().any(|r| &r.id == s));
+        Ok(ShipAnswer {
+            point: held.as_ref().map_or(0, |p| p.number),
+            taken: held.map(|p| p.taken),
+            snapshots,
+            volume_deleted: false,
+            snapshots_deleted: deleted.into_iter().collect(),
+            bytes_received: bytes,
+        })
+    }
+
+    /// Reads one point or snapshot from the volume's node and commits it here.
+    async fn pull(
+        &self,
+        request: &ShipRequest,
+        target: Target,
+        read: ReadTarget,
+        base: Option<u64>,
+    ) -> pool::Result<(replica::ReplicaRecord, u64)> {
+        use futures_util::StreamExt;
+        let failed = |what: String| {
+            pool::Error::Precondition(format!(
+                "reading volume {} from node {}: {what}",
+                request.volume.id, request.source_node
+            ))
+        };
+        let read = ReadRequest {
+            volume: request.volume.id.clone(),
+            node: self.local.node_id().to_owned(),
+            grant: request.grant.clone(),
+            target: read,
+            base,
+        };
+        let mut stream = self
+            .peers
+            .read_point(&request.source_node, read)
+            .await
+            .map_err(failed)?;
+        let (size_bytes, delta) = match stream.next().await {
+            Some(Ok(Piece::Header { size_bytes, delta })) => (size_bytes, delta),
+            Some(Ok(_)) => return Err(failed("the stream did not start with its header".into())),
+            Some(Err(e)) => return Err(failed(e)),
+            None => return Err(failed("the stream ended at once".into())),
+        };
+        let pool = Arc::clone(self.pool());
+        let (volume, source) = (request.volume.clone(), request.source_node.clone());
+        let base = base.filter(|_| delta);
+        let mut incoming: Incoming = tokio::task::block_in_place(|| {
+            pool.begin_replica(&volume, &source, target, size_bytes, base)
+        })?;
+        loop {
+            match stream.next().await {
+                Some(Ok(Piece::Chunk(chunk))) => {
+                    tokio::task::block_in_place(|| incoming.apply(&chunk))?;
+                }
+                Some(Ok(Piece::Digest(digest))) => {
+                    let written = incoming.bytes_written();
+                    let record = tokio::task::block_in_place(|| incoming.commit(&pool, &digest))?;
+                    return Ok((record, written));
+                }
+                Some(Ok(Piece::Header { .. })) => {
+                    return Err(failed("a second header".into()));
+                }
+                Some(Err(e)) => return Err(failed(e)),
+                None => return Err(failed("the stream ended before its digest".into())),
+            }
+        }
+    }
+}
