@@ -37,12 +37,12 @@ use tonic::{Response, Status};
 
 use super::errors::decode;
 use super::proto::agent_client::AgentClient;
-use super::{Error, Node, Pools, Progress, Ranges, Result, proto, wire};
+use super::{Error, Found, Node, Pools, Progress, Ranges, Result, proto, wire};
 use crate::pool::cbt::Query;
 use crate::pool::group::GroupSnapshot;
 use crate::pool::{
-    Condition, GroupSnapshotId, NodeToken, Provisioning, Snapshot, SnapshotId, Timestamp, Volume,
-    VolumeId, VolumeSpec, size,
+    Condition, ContentSource, GroupSnapshotId, NodeToken, Provisioning, Snapshot, SnapshotId,
+    Timestamp, Volume, VolumeId, VolumeSpec, size,
 };
 
 /// How often the targets are resolved again and new addresses watched.
@@ -761,12 +761,17 @@ impl Pools for Cluster {
     /// Asks the source's agent for the export (pinning it the first time, extending
     /// its grant after), then the destination's agent to run or report the transfer.
     /// The export is released once the volume is done or the transfer failed.
-    async fn transfer_volume(&self, node: &Node, spec: VolumeSpec) -> Result<Progress> {
+    async fn transfer_volume(
+        &self,
+        node: &Node,
+        spec: VolumeSpec,
+        from: &NodeToken,
+    ) -> Result<Progress> {
         let source = spec.source.clone().ok_or_else(|| wire::Malformed {
             field: "volume_content_source",
             reason: "a copy needs a content source".to_owned(),
         })?;
-        let source_node = source.node();
+        let source_node = from.clone();
         let request = proto::CreateExportRequest {
             // The export key: the destination volume's ID.
             key: VolumeId::derive(&spec.name, &node.token).to_string(),
@@ -839,6 +844,70 @@ impl Pools for Cluster {
             done: p.bytes_done,
             total: p.bytes_total,
         }))
+    }
+
+    async fn set_replication(
+        &self,
+        id: VolumeId,
+        wanted: Option<(u8, u64)>,
+        nodes: Vec<String>,
+    ) -> Result<Volume> {
+        let request = proto::SetReplicationRequest {
+            volume_id: id.to_string(),
+            replication: wanted.map(|(copies, interval)| proto::Replication {
+                copies: copies.into(),
+                interval_seconds: interval,
+                nodes,
+            }),
+        };
+        let answer = self
+            .call(&id.node(), WRITE_TIMEOUT, |mut c| async move {
+                c.set_replication(request).await
+            })
+            .await?;
+        Ok(wire::volume(answer.volume.as_ref())?)
+    }
+
+    async fn find_replica(&self, node: &Node, source: ContentSource) -> Result<Option<Found>> {
+        use proto::find_replica_request::Source;
+        let request = proto::FindReplicaRequest {
+            source: Some(match &source {
+                ContentSource::Volume(id) => Source::VolumeId(id.to_string()),
+                ContentSource::Snapshot(id) => Source::SnapshotId(id.to_string()),
+            }),
+        };
+        let found = self
+            .call(&node.token, READ_TIMEOUT, |mut c| async move {
+                c.find_replica(request).await
+            })
+            .await?;
+        Ok(found.found.then(|| Found {
+            point: found.point,
+            taken: found.taken.as_ref().map(|t| wire::timestamp(Some(t))),
+            size_bytes: found.size_bytes,
+        }))
+    }
+
+    async fn drop_replica(
+        &self,
+        node: &Node,
+        source: ContentSource,
+        tombstone: bool,
+    ) -> Result<bool> {
+        use proto::drop_replica_request::Source;
+        let request = proto::DropReplicaRequest {
+            source: Some(match &source {
+                ContentSource::Volume(id) => Source::VolumeId(id.to_string()),
+                ContentSource::Snapshot(id) => Source::SnapshotId(id.to_string()),
+            }),
+            tombstone,
+        };
+        let dropped = self
+            .call(&node.token, WRITE_TIMEOUT, |mut c| async move {
+                c.drop_replica(request).await
+            })
+            .await?;
+        Ok(dropped.held)
     }
 
     /// Opens the stream on the snapshots' node. Each batch must come within

@@ -1,13 +1,13 @@
 //! The in-process transport of `all-in-one`: [`Pools`] over this process's own
 //! [`node::Local`], with no network between them. Only this node exists.
 
-use super::{Error, Node, Pools, Progress, Ranges, Result};
+use super::{Error, Found, Node, Pools, Progress, Ranges, Result};
 use crate::node;
 use crate::pool::cbt::Query;
 use crate::pool::group::GroupSnapshot;
 use crate::pool::{
-    Condition, GroupSnapshotId, NodeToken, Provisioning, Snapshot, SnapshotId, Timestamp, Volume,
-    VolumeId, VolumeSpec, size,
+    Condition, ContentSource, GroupSnapshotId, NodeToken, Provisioning, Snapshot, SnapshotId,
+    Timestamp, Volume, VolumeId, VolumeSpec, size,
 };
 
 /// The one node of an all-in-one driver.
@@ -169,7 +169,12 @@ impl Pools for InProcess {
     }
 
     /// One pool has no other node to copy from.
-    async fn transfer_volume(&self, node: &Node, _spec: VolumeSpec) -> Result<Progress> {
+    async fn transfer_volume(
+        &self,
+        node: &Node,
+        _spec: VolumeSpec,
+        _from: &NodeToken,
+    ) -> Result<Progress> {
         Err(Error::UnknownNode {
             token: node.token.as_str().to_owned(),
         })
@@ -188,5 +193,28 @@ impl Pools for InProcess {
                 .map(|batch| batch.map_err(Error::from))
                 .boxed(),
         })
+    }
+
+    async fn set_replication(
+        &self,
+        id: VolumeId,
+        wanted: Option<(u8, u64)>,
+        nodes: Vec<String>,
+    ) -> Result<Volume> {
+        self.check(&id.node())?;
+        Ok(self.local.set_replication(id, wanted, nodes).await?)
+    }
+
+    async fn find_replica(&self, _node: &Node, source: ContentSource) -> Result<Option<Found>> {
+        Ok(self.local.find_replica(source).await?)
+    }
+
+    async fn drop_replica(
+        &self,
+        _node: &Node,
+        source: ContentSource,
+        tombstone: bool,
+    ) -> Result<bool> {
+        Ok(self.local.drop_replica(source, tombstone).await?)
     }
 }

@@ -37,8 +37,8 @@ use std::future::Future;
 use crate::pool::cbt::{Query, Range};
 use crate::pool::group::GroupSnapshot;
 use crate::pool::{
-    self, Condition, GroupSnapshotId, NodeToken, Provisioning, Snapshot, SnapshotId, Timestamp,
-    Volume, VolumeId, VolumeSpec, size,
+    self, Condition, ContentSource, GroupSnapshotId, NodeToken, Provisioning, Snapshot, SnapshotId,
+    Timestamp, Volume, VolumeId, VolumeSpec, size,
 };
 
 /// A node that has a pool.
@@ -203,12 +203,14 @@ pub trait Pools: Send + Sync + 'static {
     // ---- Cross-node restore and clone (see [`transfer`]) ----
 
     /// Makes the volume `spec` names on `node` by copying its content source from the
-    /// source's node, or reports how far the copy is. Repeating it follows the same
+    /// node `from` (the source's own, or one holding a replica of it), or reports how
+    /// far the copy is. Repeating it follows the same
     /// copy; it never starts a second one.
     fn transfer_volume(
         &self,
         node: &Node,
         spec: VolumeSpec,
+        from: &NodeToken,
     ) -> impl Future<Output = Result<Progress>> + Send;
     /// The copy making a volume of this name on `node`, if one runs or may resume
     /// there.
@@ -229,6 +231,31 @@ pub trait Pools: Send + Sync + 'static {
         start: u64,
         max: usize,
     ) -> impl Future<Output = Result<Ranges>> + Send;
+
+    // ---- Replicas (see [`crate::pool::replica`]) ----
+
+    /// Gives a volume the replication asked for (`None`: none), its copies on
+    /// `nodes`; returns the volume as it is now.
+    fn set_replication(
+        &self,
+        id: VolumeId,
+        wanted: Option<(u8, u64)>,
+        nodes: Vec<String>,
+    ) -> impl Future<Output = Result<Volume>> + Send;
+    /// What `node` holds of another node's volume or snapshot.
+    fn find_replica(
+        &self,
+        node: &Node,
+        source: ContentSource,
+    ) -> impl Future<Output = Result<Option<Found>>> + Send;
+    /// Removes `node`'s copy of a volume or snapshot (with `tombstone`: deleted while
+    /// its own node is down); answers whether it held one.
+    fn drop_replica(
+        &self,
+        node: &Node,
+        source: ContentSource,
+        tombstone: bool,
+    ) -> impl Future<Output = Result<bool>> + Send;
 }
 
 /// What [`Pools::snapshot_ranges`] lists: the volume's capacity, then the batches as
@@ -240,3 +267,6 @@ pub struct Ranges {
 
 /// Where a cross-node transfer is: done (the volume), or how far.
 pub use crate::node::transfer::Progress;
+
+/// What a node holds of another node's volume or snapshot.
+pub use crate::node::replication::Found;

@@ -57,7 +57,9 @@ impl Peers for ClusterPeers {
             grant: request.grant,
             target: Some(match request.target {
                 ReadTarget::Point(n) => proto::read_point_request::Target::Point(n),
-                ReadTarget::Snapshot(s) => proto::read_point_request::Target::SnapshotId(s.to_string()),
+                ReadTarget::Snapshot(s) => {
+                    proto::read_point_request::Target::SnapshotId(s.to_string())
+                }
             }),
             base_point: request.base.unwrap_or(0),
         };

@@ -185,7 +185,12 @@ pub fn replication(m: &proto::Replication) -> Result<Replication, Malformed> {
     let copies = u8::try_from(m.copies)
         .ok()
         .filter(|c| (1..=MAX_COPIES).contains(c))
-        .ok_or_else(|| malformed("replication.copies", format!("{} is not 1 to {MAX_COPIES}", m.copies)))?;
+        .ok_or_else(|| {
+            malformed(
+                "replication.copies",
+                format!("{} is not 1 to {MAX_COPIES}", m.copies),
+            )
+        })?;
     Ok(Replication {
         copies,
         interval_secs: m.interval_seconds,
@@ -434,6 +439,15 @@ mod tests {
             },
             access: [AccessKind::Block, AccessKind::Mount].into(),
             encryption: Encryption::Fscrypt,
+            // The secrets stay on the volume's node.
+            replication: Some(Replication {
+                copies: 2,
+                interval_secs: 30,
+                replicas: vec![Placement {
+                    node: "worker-2".into(),
+                    secret: String::new(),
+                }],
+            }),
         };
         assert_eq!(
             super::volume(Some(&volume_message(&volume))).unwrap(),
@@ -516,6 +530,7 @@ mod tests {
             },
             access: BTreeSet::new(),
             encryption: Encryption::Plain,
+            replication: None,
         });
         assert_eq!(m.encryption, proto::Encryption::None as i32);
         m.encryption = 9;

@@ -18,6 +18,7 @@
 pub mod group;
 pub mod names;
 pub mod placement;
+pub mod replication;
 
 use crate::agent::{self, Node, Pools, Progress};
 use crate::pool::cbt::Query;
@@ -95,11 +96,13 @@ pub enum Error {
     NotOneVolume { base: String, target: String },
 }
 
-/// A volume to make: what the pool needs, and where the request allows it.
+/// A volume to make: what the pool needs, where the request allows it, and its
+/// copies on other nodes (how many, seconds between points), if any.
 #[derive(Debug, Clone)]
 pub struct NewVolume {
     pub spec: VolumeSpec,
     pub topology: Topology,
+    pub replication: Option<(u8, u64)>,
 }
 
 /// One page of a listing and the first item of the next, if any.
@@ -122,6 +125,7 @@ pub struct SnapshotFilter {
 pub struct Controller<P> {
     pools: P,
     names: Names,
+    down_since: replication::DownSince,
 }
 
 impl<P: Pools> Controller<P> {
@@ -129,6 +133,7 @@ impl<P: Pools> Controller<P> {
         Controller {
             pools,
             names: Names::default(),
+            down_since: Default::default(),
         }
     }
 
@@ -149,7 +154,11 @@ impl<P: Pools> Controller<P> {
     /// Makes the volume, or finds the one a create of that name made (or is making:
     /// a cross-node copy reports its progress as [`Error::Copying`]).
     pub async fn create_volume(&self, new: NewVolume) -> Result<Volume> {
-        let NewVolume { spec, topology } = new;
+        let NewVolume {
+            spec,
+            topology,
+            replication,
+        } = new;
         let name = spec.name.clone();
         let name_guard = self.lock_name("volume", &name)?;
         let (node, exists) = match self.find_volume(&name).await? {
@@ -179,22 +188,60 @@ impl<P: Pools> Controller<P> {
             },
         };
         name_guard.making(VolumeId::derive(&name, &node.token).as_str());
+        // Where the source is read from: its own node, or the replica that serves
+        // while that node is down.
+        let source_node = match spec.source.as_ref().filter(|_| !exists) {
+            None => None,
+            Some(source) => Some(self.source_node(source).await?.token),
+        };
         let copy_from = spec
             .source
             .as_ref()
-            .filter(|s| !exists && s.node() != node.token)
-            .map(|s| s.id().to_owned());
-        match copy_from {
-            None => Ok(self.pools.create_volume(&node, spec).await?),
-            Some(source) => match self.pools.transfer_volume(&node, spec).await? {
-                Progress::Done(volume) => Ok(volume),
-                Progress::Running { done, total } => Err(Error::Transferring {
-                    name,
-                    from: source,
-                    node: node.id,
-                    done,
-                    total,
-                }),
+            .zip(source_node)
+            .filter(|(_, from)| *from != node.token);
+        let volume = match copy_from {
+            None => self.pools.create_volume(&node, spec).await?,
+            Some((source, from)) => {
+                let source = source.id().to_owned();
+                match self.pools.transfer_volume(&node, spec, &from).await? {
+                    Progress::Done(volume) => volume,
+                    Progress::Running { done, total } => {
+                        return Err(Error::Transferring {
+                            name,
+                            from: source,
+                            node: node.id,
+                            done,
+                            total,
+                        });
+                    }
+                }
+            }
+        };
+        match replication {
+            None => Ok(volume),
+            Some(wanted) => self.place_replicas(&volume, Some(wanted), &[]).await,
+        }
+    }
+
+    /// The live node a content source is read from: its own, or, while that one is
+    /// down, the node with its newest replica.
+    async fn source_node(&self, source: &ContentSource) -> Result<Node> {
+        match self.pools.locate(&source.node()) {
+            Ok(node) => Ok(node),
+            Err(agent::Error::UnknownNode { token }) => Err(Error::SourceNotFound {
+                id: source.id().to_owned(),
+                node: token,
+            }),
+            Err(down) => match self.failover_node(source).await? {
+                Some(node) => {
+                    tracing::warn!(
+                        source = %source.id(),
+                        node.id = %node.id,
+                        "the source's node is down: served from its newest replica"
+                    );
+                    Ok(node)
+                }
+                None => Err(Error::Agent(down)),
             },
         }
     }
@@ -208,17 +255,11 @@ impl<P: Pools> Controller<P> {
         source: Option<&ContentSource>,
     ) -> Result<Node> {
         self.check_satisfiable(provisioning, needed).await?;
+        // A source on a node kura cannot have names nothing: NOT_FOUND, not a
+        // topology failure.
         let source_node = match source {
             None => None,
-            // A source on a node kura cannot have names nothing: NOT_FOUND, not a
-            // topology failure.
-            Some(source) => Some(self.pools.locate(&source.node()).map_err(|e| match e {
-                agent::Error::UnknownNode { token } => Error::SourceNotFound {
-                    id: source.id().to_owned(),
-                    node: token,
-                },
-                other => Error::Agent(other),
-            })?),
+            Some(source) => Some(self.source_node(source).await?),
         };
         let mut live = Vec::new();
         for node in self.pools.nodes() {
@@ -288,10 +329,6 @@ impl<P: Pools> Controller<P> {
         Ok(None)
     }
 
-    pub async fn delete_volume(&self, id: VolumeId) -> Result<()> {
-        Ok(self.pools.delete_volume(id).await?)
-    }
-
     pub async fn volume(&self, id: VolumeId) -> Result<(Volume, Condition)> {
         Ok(self.pools.volume(id).await?)
     }
@@ -323,14 +360,18 @@ impl<P: Pools> Controller<P> {
         &self,
         id: VolumeId,
         provisioning: Option<Provisioning>,
+        replication: replication::ReplicationChange,
     ) -> Result<()> {
         match provisioning {
             Some(provisioning) => {
-                self.pools.modify_volume(id, provisioning).await?;
+                self.pools.modify_volume(id.clone(), provisioning).await?;
             }
             None => {
-                self.pools.volume(id).await?;
+                self.pools.volume(id.clone()).await?;
             }
+        }
+        if !replication.is_empty() {
+            self.change_replication(id, replication).await?;
         }
         Ok(())
     }
@@ -383,8 +424,21 @@ impl<P: Pools> Controller<P> {
     /// Deletes a snapshot that is not a member of a group (see
     /// [`Controller::check_not_grouped`]); one that is gone already is deleted.
     pub async fn delete_snapshot(&self, id: SnapshotId) -> Result<()> {
-        self.check_not_grouped(&id).await?;
-        Ok(self.pools.delete_snapshot(id).await?)
+        let deleted = match self.check_not_grouped(&id).await {
+            Ok(()) => self
+                .pools
+                .delete_snapshot(id.clone())
+                .await
+                .map_err(Error::from),
+            Err(e) => Err(e),
+        };
+        match deleted {
+            // Its node is down: a snapshot with replicas is deleted there.
+            Err(Error::Agent(down @ agent::Error::Unreachable { .. })) => {
+                self.tombstone(ContentSource::Snapshot(id), down).await
+            }
+            done => done,
+        }
     }
 
     /// Changed block tracking: lists what `query` asks, from `start`, on the node of

@@ -111,6 +111,38 @@ pub fn place(
     }
 }
 
+/// The nodes to hold `copies` copies of a volume on `home`: the nodes placed already
+/// (in order, but none that is `home` or in `gone`), then the live nodes with room for
+/// `needed` bytes, the most free first. Fewer when no more nodes can take one.
+pub fn replica_nodes(
+    copies: usize,
+    home: &str,
+    placed: &[String],
+    gone: &[String],
+    live: &[Candidate],
+    needed: u64,
+) -> Vec<String> {
+    let mut chosen: Vec<String> = placed
+        .iter()
+        .filter(|n| n.as_str() != home && !gone.contains(n))
+        .take(copies)
+        .cloned()
+        .collect();
+    let mut candidates: Vec<&Candidate> = live
+        .iter()
+        .filter(|c| c.node.id != home && !chosen.contains(&c.node.id) && c.free >= needed)
+        .collect();
+    // Most free first; ties to the first node by ID.
+    candidates.sort_by(|a, b| b.free.cmp(&a.free).then_with(|| a.node.id.cmp(&b.node.id)));
+    for candidate in candidates {
+        if chosen.len() >= copies {
+            break;
+        }
+        chosen.push(candidate.node.id.clone());
+    }
+    chosen
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -329,5 +361,55 @@ mod tests {
             refused.to_string(),
             "no node within the requisite topology [\"a\"] has room for 10 bytes (most free: 4 bytes on a)"
         );
+    }
+
+    #[test]
+    fn replica_nodes_table() {
+        let live = |list: &[(&str, u64)]| -> Vec<Candidate> {
+            list.iter()
+                .map(|(id, free)| Candidate {
+                    node: Node {
+                        id: (*id).to_owned(),
+                        token: crate::pool::NodeToken::for_node(id),
+                    },
+                    free: *free,
+                })
+                .collect()
+        };
+        let names = |list: &[&str]| -> Vec<String> { list.iter().map(|s| s.to_string()).collect() };
+        let nodes = live(&[("a", 50), ("b", 10), ("c", 30), ("d", 30)]);
+        // (copies, home, placed, gone, needed) -> chosen
+        type Case<'a> = (
+            usize,
+            &'a str,
+            &'a [&'a str],
+            &'a [&'a str],
+            u64,
+            &'a [&'a str],
+        );
+        let cases: &[Case] = &[
+            // Most free first, never the home node.
+            (2, "a", &[], &[], 5, &["c", "d"]),
+            (1, "c", &[], &[], 5, &["a"]),
+            // Room: b cannot take 20 bytes.
+            (3, "a", &[], &[], 20, &["c", "d"]),
+            // Placed nodes stay, in order, even when another has more room.
+            (2, "a", &["b"], &[], 5, &["b", "c"]),
+            // A gone node is replaced.
+            (1, "a", &["b"], &["b"], 5, &["c"]),
+            // Fewer copies asked: the first placed are kept.
+            (1, "a", &["d", "c"], &[], 5, &["d"]),
+            // No node but home: none (degraded).
+            (2, "a", &[], &[], 100, &[]),
+            // The home node is never its own replica, placed or not.
+            (1, "a", &["a"], &[], 5, &["c"]),
+        ];
+        for (copies, home, placed, gone, needed, want) in cases {
+            assert_eq!(
+                replica_nodes(*copies, home, &names(placed), &names(gone), &nodes, *needed),
+                names(want),
+                "copies {copies} home {home} placed {placed:?} gone {gone:?}"
+            );
+        }
     }
 }

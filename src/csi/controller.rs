@@ -14,6 +14,7 @@ use super::validate::{self, CapabilityError};
 use super::{TOPOLOGY_KEY, node_topology};
 use crate::agent::Pools;
 use crate::control::placement::Topology;
+use crate::control::replication::ReplicationChange;
 use crate::control::{self, NewVolume, SnapshotFilter};
 use crate::pool::attach::Capability;
 use crate::pool::{
@@ -159,8 +160,13 @@ impl<P: Pools> Controller for ControllerService<P> {
         let encryption = validate::encryption(&req.parameters, &capabilities)?;
         validate::map_size(&req.mutable_parameters, "mutable_parameters")?;
         // Mutable parameters (a VolumeAttributesClass) beat the StorageClass's.
-        let provisioning =
-            validate::mutable_parameters(&req.mutable_parameters)?.unwrap_or(provisioning);
+        let mutable = validate::mutable_parameters(&req.mutable_parameters)?;
+        let provisioning = mutable.provisioning.unwrap_or(provisioning);
+        let stored = validate::replication_parameters(&req.parameters, "parameters")?;
+        let replication = ReplicationChange {
+            copies: mutable.replication.copies.or(stored.copies),
+            interval_secs: mutable.replication.interval_secs.or(stored.interval_secs),
+        };
         validate::map_size(&req.secrets, "secrets")?;
         let source = content_source(req.volume_content_source.as_ref())?;
         let new = NewVolume {
@@ -173,6 +179,7 @@ impl<P: Pools> Controller for ControllerService<P> {
                 encryption,
             },
             topology: topology(req.accessibility_requirements.as_ref()),
+            replication: replication.for_new_volume(),
         };
         let volume = self
             .control
@@ -509,10 +516,10 @@ impl<P: Pools> Controller for ControllerService<P> {
         let id = validate::volume_id(&req.volume_id, "volume_id")?;
         validate::map_size(&req.secrets, "secrets")?;
         validate::map_size(&req.mutable_parameters, "mutable_parameters")?;
-        let provisioning = validate::mutable_parameters(&req.mutable_parameters)?;
+        let mutable = validate::mutable_parameters(&req.mutable_parameters)?;
         let id = id.ok_or_else(|| no_volume("volume_id", &req.volume_id))?;
         self.control
-            .modify_volume(id, provisioning)
+            .modify_volume(id, mutable.provisioning, mutable.replication)
             .await
             .map_err(from_control)?;
         Ok(Response::new(proto::ControllerModifyVolumeResponse {}))

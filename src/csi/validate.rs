@@ -8,7 +8,9 @@ use tonic::Status;
 
 use super::proto::{self, volume_capability};
 use super::status::{bad_token, invalid, missing, precondition, shown};
+use crate::control::replication::ReplicationChange;
 use crate::pool::attach::{AccessMode, AccessType, Capability, SYSTEM_TREES};
+use crate::pool::replica::{MAX_COPIES, MIN_INTERVAL_SECS};
 use crate::pool::{Encryption, Provisioning, SnapshotId, VolumeId, size};
 use crate::sys::{FsType, mount};
 
@@ -80,13 +82,19 @@ pub fn map_size(map: &HashMap<String, String>, field: &str) -> Result<(), Status
     Ok(())
 }
 
+/// What `mutable_parameters` ask to change; each part unset is left as it is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Mutable {
+    pub provisioning: Option<Provisioning>,
+    pub replication: ReplicationChange,
+}
+
 /// `mutable_parameters` (CreateVolume, ControllerModifyVolume, a VolumeAttributesClass):
-/// only `kura.csi.dev/provisioning` (`thin` or `thick`) may change after creation.
-/// Checked as strictly as StorageClass parameters: any other key, or an unknown value,
-/// is an error naming it, and nothing is applied. The provisioning asked for, if any.
-pub fn mutable_parameters(
-    parameters: &HashMap<String, String>,
-) -> Result<Option<Provisioning>, Status> {
+/// `kura.csi.dev/provisioning` (`thin` or `thick`), `kura.csi.dev/replicas` and
+/// `kura.csi.dev/replication-interval` may change after creation. Checked as strictly
+/// as StorageClass parameters: any other key, or an unknown value, is an error naming
+/// it, and nothing is applied.
+pub fn mutable_parameters(parameters: &HashMap<String, String>) -> Result<Mutable, Status> {
     let mut keys: Vec<&String> = parameters.keys().collect();
     keys.sort();
     let mut provisioning = None;
@@ -96,18 +104,94 @@ pub fn mutable_parameters(
             PROVISIONING_KEY => {
                 provisioning = Some(provisioning_value(value, "mutable_parameters")?)
             }
+            REPLICAS_KEY | INTERVAL_KEY => {}
             _ => {
                 return Err(invalid(
                     "mutable_parameters",
                     format!(
-                        "unknown key {}: the one mutable parameter is {PROVISIONING_KEY}",
+                        "unknown key {}: the mutable parameters are {PROVISIONING_KEY}, \
+                         {REPLICAS_KEY} and {INTERVAL_KEY}",
                         shown(key)
                     ),
                 ));
             }
         }
     }
-    Ok(provisioning)
+    Ok(Mutable {
+        provisioning,
+        replication: replication_parameters(parameters, "mutable_parameters")?,
+    })
+}
+
+/// Copies on other nodes, 0 (none) to 2.
+pub const REPLICAS_KEY: &str = "kura.csi.dev/replicas";
+/// Time between replicated points: seconds, or a number with `s`, `m` or `h`; at
+/// least 5 seconds.
+pub const INTERVAL_KEY: &str = "kura.csi.dev/replication-interval";
+
+/// The replication keys of `parameters` (in the map `field`).
+pub fn replication_parameters(
+    parameters: &HashMap<String, String>,
+    field: &str,
+) -> Result<ReplicationChange, Status> {
+    let copies = match parameters.get(REPLICAS_KEY) {
+        None => None,
+        Some(value) => Some(
+            value
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|c| *c <= MAX_COPIES)
+                .ok_or_else(|| {
+                    invalid(
+                        &format!("{field}[{REPLICAS_KEY}]"),
+                        format!(
+                            "{} is not a number of copies from 0 to {MAX_COPIES}",
+                            shown(value)
+                        ),
+                    )
+                })?,
+        ),
+    };
+    let interval_secs = match parameters.get(INTERVAL_KEY) {
+        None => None,
+        Some(value) => Some(interval_value(value).map_err(|reason| {
+            invalid(
+                &format!("{field}[{INTERVAL_KEY}]"),
+                format!("{}: {reason}", shown(value)),
+            )
+        })?),
+    };
+    Ok(ReplicationChange {
+        copies,
+        interval_secs,
+    })
+}
+
+/// Seconds of an interval: `30`, `30s`, `5m`, `1h`; at least [`MIN_INTERVAL_SECS`].
+fn interval_value(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (number, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return Err("not a duration (a number of seconds, or with s, m or h)".into()),
+    };
+    let seconds = number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| "not a duration (a number of seconds, or with s, m or h)".to_owned())?;
+    if seconds < MIN_INTERVAL_SECS {
+        return Err(format!(
+            "shorter than the least interval, {MIN_INTERVAL_SECS}s"
+        ));
+    }
+    Ok(seconds)
 }
 
 fn provisioning_value(value: &str, field: &str) -> Result<Provisioning, Status> {
@@ -518,10 +602,12 @@ pub fn volume_parameters(parameters: &HashMap<String, String>) -> Result<Provisi
             ENCRYPTION_KEY => {
                 encryption_value(value)?;
             }
+            REPLICAS_KEY | INTERVAL_KEY => {}
             k if k.starts_with(SIDECAR_PREFIX) => {}
             _ => return Err(invalid("parameters", format!("unknown key {}", shown(key)))),
         }
     }
+    replication_parameters(parameters, "parameters")?;
     Ok(provisioning)
 }
 
@@ -750,6 +836,49 @@ mod tests {
                 .code(),
             Code::InvalidArgument
         );
+    }
+
+    #[test]
+    fn replication_parameters_are_checked() {
+        let p = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<HashMap<_, _>>()
+        };
+        let ok = |pairs: &[(&str, &str)]| replication_parameters(&p(pairs), "parameters").unwrap();
+        assert_eq!(ok(&[]), ReplicationChange::default());
+        assert_eq!(ok(&[(REPLICAS_KEY, "0")]).copies, Some(0));
+        assert_eq!(ok(&[(REPLICAS_KEY, "2")]).copies, Some(2));
+        for (text, seconds) in [("5", 5), ("5s", 5), ("30s", 30), ("2m", 120), ("1h", 3600)] {
+            assert_eq!(
+                ok(&[(INTERVAL_KEY, text)]).interval_secs,
+                Some(seconds),
+                "{text}"
+            );
+        }
+        for (key, bad) in [
+            (REPLICAS_KEY, "3"),
+            (REPLICAS_KEY, "-1"),
+            (REPLICAS_KEY, "two"),
+            (REPLICAS_KEY, ""),
+            (INTERVAL_KEY, "4s"),
+            (INTERVAL_KEY, "0"),
+            (INTERVAL_KEY, "10d"),
+            (INTERVAL_KEY, "s"),
+            (INTERVAL_KEY, "99999999999999999999h"),
+        ] {
+            let err = replication_parameters(&p(&[(key, bad)]), "parameters").unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument);
+            assert!(
+                err.message().starts_with(&format!("parameters[{key}]: ")),
+                "{}",
+                err.message()
+            );
+            // The StorageClass check refuses it the same way.
+            assert!(volume_parameters(&p(&[(key, bad)])).is_err());
+        }
+        assert!(volume_parameters(&p(&[(REPLICAS_KEY, "1"), (INTERVAL_KEY, "10s")])).is_ok());
     }
 
     #[test]
@@ -1093,10 +1222,20 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect::<HashMap<_, _>>()
         };
-        assert_eq!(mutable_parameters(&map(&[])).unwrap(), None);
+        assert_eq!(mutable_parameters(&map(&[])).unwrap(), Mutable::default());
         assert_eq!(
-            mutable_parameters(&map(&[(PROVISIONING_KEY, "thick")])).unwrap(),
+            mutable_parameters(&map(&[(PROVISIONING_KEY, "thick")]))
+                .unwrap()
+                .provisioning,
             Some(Provisioning::Thick)
+        );
+        let asked = mutable_parameters(&map(&[(REPLICAS_KEY, "2"), (INTERVAL_KEY, "1m")])).unwrap();
+        assert_eq!(
+            asked.replication,
+            ReplicationChange {
+                copies: Some(2),
+                interval_secs: Some(60)
+            }
         );
         let err = mutable_parameters(&map(&[(PROVISIONING_KEY, "fat")])).unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument);

@@ -168,13 +168,13 @@ impl Local {
                         size_bytes: point.size_bytes,
                     })
                 }),
-                pool::ContentSource::Snapshot(id) => p
-                    .replica_snapshot(id)?
-                    .map(|s| replication::Found {
+                pool::ContentSource::Snapshot(id) => {
+                    p.replica_snapshot(id)?.map(|s| replication::Found {
                         point: 0,
                         taken: Some(s.created),
                         size_bytes: s.size_bytes,
-                    }),
+                    })
+                }
             })
         })
         .await

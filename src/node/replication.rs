@@ -169,11 +169,12 @@ pub fn condition(volume: &Volume, points: &replica::Points, states: &States) -> 
         match (points.shipped.get(node), state.error) {
             (_, Some(error)) => problems.push(format!("replica on {node} is failing: {error}")),
             (None, None) => problems.push(format!("replica on {node} has no point yet")),
-            (Some(shipped), None) if now - shipped.taken.seconds > behind_after => problems
-                .push(format!(
+            (Some(shipped), None) if now - shipped.taken.seconds > behind_after => {
+                problems.push(format!(
                     "replica on {node} is {}s behind",
                     now - shipped.taken.seconds
-                )),
+                ))
+            }
             (Some(_), None) => {}
         }
     }
@@ -223,10 +224,9 @@ impl<P: Peers> Replicator<P> {
             match self.local.on_pool(&[], |p| p.replicated_volumes()).await {
                 Ok(ids) => {
                     for id in ids {
-                        if !running.contains_key(&id) {
-                            let this = self.clone();
-                            let task = tokio::spawn(this.clone().ship_volume(id.clone()));
-                            running.insert(id, task);
+                        if let std::collections::hash_map::Entry::Vacant(slot) = running.entry(id) {
+                            let id = slot.key().clone();
+                            slot.insert(tokio::spawn(self.clone().ship_volume(id)));
                         }
                     }
                 }
@@ -271,7 +271,7 @@ impl<P: Peers> Replicator<P> {
                     .any(|node| points.shipped.get(node).is_none_or(|s| s.point != n))
             });
             let retry_due = last_round.is_none_or(|at| at.elapsed() >= RETRY_LAGGING);
-            if !point_due && !(lagging && retry_due) {
+            if !(point_due || lagging && retry_due) {
                 tokio::time::sleep(BUSY_RETRY).await;
                 continue;
             }
@@ -356,7 +356,9 @@ impl<P: Peers> Replicator<P> {
             let snapshot = snapshot.clone();
             let deleted = self
                 .local
-                .on_pool(&[snapshot.to_string()], move |p| p.delete_snapshot(&snapshot))
+                .on_pool(&[snapshot.to_string()], move |p| {
+                    p.delete_snapshot(&snapshot)
+                })
                 .await;
             if let Err(e) = deleted {
                 tracing::warn!(volume.id = %id, error = %crate::chain(&e), "deleting a snapshot deleted while this node was down");
@@ -482,10 +484,7 @@ impl<P: Peers> Replicator<P> {
         if id.node() != pool::NodeToken::for_node(&request.source_node) {
             return Err(pool::Error::Invalid {
                 field: "source_node",
-                reason: format!(
-                    "volume {id} is not of node {:?}",
-                    request.source_node
-                ),
+                reason: format!("volume {id} is not of node {:?}", request.source_node),
             });
         }
         let _guard = self.local.lock(&[id.to_string()])?;
@@ -521,8 +520,10 @@ impl<P: Peers> Replicator<P> {
             bytes += written;
             held = record.point;
         }
-        let mut snapshots: BTreeSet<SnapshotId> =
-            record.as_ref().map(|r| r.snapshots.keys().cloned().collect()).unwrap_or_default();
+        let mut snapshots: BTreeSet<SnapshotId> = record
+            .as_ref()
+            .map(|r| r.snapshots.keys().cloned().collect())
+            .unwrap_or_default();
         for snapshot in &request.snapshots {
             if snapshot.source_volume != id || snapshots.contains(&snapshot.id) {
                 continue;
@@ -540,7 +541,9 @@ impl<P: Peers> Replicator<P> {
             self.local
                 .on_pool(&[], move |p| {
                     p.keep_replica_snapshots(&id, &keep)?;
-                    Ok(p.replica(&id)?.map(|r| r.deleted_snapshots).unwrap_or_default())
+                    Ok(p.replica(&id)?
+                        .map(|r| r.deleted_snapshots)
+                        .unwrap_or_default())
                 })
                 .await?
         };

@@ -796,8 +796,7 @@ mod tests {
                 group: None,
                 image: Some(image),
             },
-            file: sys::direct::open(path, false).unwrap(),
-            path: path.to_owned(),
+            image: Image::open(path.to_owned(), size, image).unwrap().unwrap(),
         }
     }
 

@@ -108,7 +108,9 @@ fn grant_mac(secret: &str, volume: &VolumeId, node: &str, expires: i64) -> HmacS
 
 /// The grant that lets `node` read points of `volume` until `expires` (Unix seconds).
 pub fn grant(secret: &str, volume: &VolumeId, node: &str, expires: i64) -> String {
-    let tag = grant_mac(secret, volume, node, expires).finalize().into_bytes();
+    let tag = grant_mac(secret, volume, node, expires)
+        .finalize()
+        .into_bytes();
     format!("{expires}.{}", hex(&tag))
 }
 
@@ -323,7 +325,9 @@ impl Pool {
             Some(r) => {
                 // What a dropped node held is no base for anything any more.
                 let mut points = self.points(id)?;
-                points.shipped.retain(|node, _| r.nodes().any(|n| n == node));
+                points
+                    .shipped
+                    .retain(|node, _| r.nodes().any(|n| n == node));
                 self.write_points(id, &points)?;
             }
         }
@@ -400,7 +404,9 @@ impl Pool {
         points.points.insert(number, info);
         // Points no replica holds and that are not the newest are of no use.
         let held: BTreeSet<u64> = points.shipped.values().map(|s| s.point).collect();
-        points.points.retain(|n, _| *n == number || held.contains(n));
+        points
+            .points
+            .retain(|n, _| *n == number || held.contains(n));
         self.write_points(id, &points)?;
         Ok((number, info))
     }
@@ -427,9 +433,13 @@ impl Pool {
         target: &ReadTarget,
     ) -> Result<std::result::Result<cbt::Image, Denied>> {
         let volume = self.volume(id)?;
-        if let Err(denied) =
-            check_grant(id, volume.replication.as_ref(), node, grant, Timestamp::now().seconds)
-        {
+        if let Err(denied) = check_grant(
+            id,
+            volume.replication.as_ref(),
+            node,
+            grant,
+            Timestamp::now().seconds,
+        ) {
             return Ok(Err(denied));
         }
         let (path, size) = match target {
@@ -488,7 +498,8 @@ impl Pool {
     }
 
     fn replica_snapshot_image(&self, id: &VolumeId, snapshot: &SnapshotId) -> PathBuf {
-        self.replica_dir(id).join(format!("snapshot-{snapshot}.img"))
+        self.replica_dir(id)
+            .join(format!("snapshot-{snapshot}.img"))
     }
 
     /// What this node holds of another node's volume, if anything.
@@ -501,7 +512,10 @@ impl Pool {
         let dir = self.root.join("replicas");
         let mut out = Vec::new();
         for path in entries(&dir)? {
-            let Some(id) = path.file_name().and_then(|n| n.to_str()).and_then(VolumeId::parse)
+            let Some(id) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(VolumeId::parse)
             else {
                 continue;
             };
@@ -707,7 +721,10 @@ impl Pool {
     /// names, and belongs to a volume that exists.
     pub(super) fn recover_replicas(&self) -> Result<()> {
         for path in entries(&self.root.join("replicas"))? {
-            let Some(id) = path.file_name().and_then(|n| n.to_str()).and_then(VolumeId::parse)
+            let Some(id) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(VolumeId::parse)
             else {
                 continue;
             };
@@ -842,7 +859,9 @@ impl Incoming {
                 });
             }
             Target::Snapshot(snapshot) => {
-                record.snapshots.insert(snapshot.id.clone(), snapshot.clone());
+                record
+                    .snapshots
+                    .insert(snapshot.id.clone(), snapshot.clone());
             }
         }
         pool.write_replica(&record)?;
@@ -914,7 +933,10 @@ mod tests {
         let volume = VolumeId::derive("pvc-1", &super::super::NodeToken::for_node("node-a"));
         let r = replication("node-b", "s3cret");
         let good = grant("s3cret", &volume, "node-b", 2_000);
-        assert_eq!(check_grant(&volume, Some(&r), "node-b", &good, 1_000), Ok(()));
+        assert_eq!(
+            check_grant(&volume, Some(&r), "node-b", &good, 1_000),
+            Ok(())
+        );
         // Expired.
         let err = check_grant(&volume, Some(&r), "node-b", &good, 3_000).unwrap_err();
         assert!(err.0.contains("expired"), "{err}");
@@ -927,7 +949,10 @@ mod tests {
         let later = good.replacen("2000", "9000", 1);
         assert!(check_grant(&volume, Some(&r), "node-b", &later, 1_000).is_err());
         for bad in ["", ".", "x.y", "2000.zz", "2000"] {
-            assert!(check_grant(&volume, Some(&r), "node-b", bad, 1_000).is_err(), "{bad}");
+            assert!(
+                check_grant(&volume, Some(&r), "node-b", bad, 1_000).is_err(),
+                "{bad}"
+            );
         }
         // No replication at all.
         assert!(check_grant(&volume, None, "node-b", &good, 1_000).is_err());
@@ -936,6 +961,9 @@ mod tests {
     #[test]
     fn debug_never_shows_secrets() {
         let shown = format!("{:?}", replication("node-b", "s3cret"));
-        assert!(shown.contains("node-b") && !shown.contains("s3cret"), "{shown}");
+        assert!(
+            shown.contains("node-b") && !shown.contains("s3cret"),
+            "{shown}"
+        );
     }
 }

@@ -516,6 +516,7 @@ mod tests {
             created: Timestamp::now(),
             access: access.iter().copied().collect(),
             encryption: Encryption::Plain,
+            replication: None,
         }
     }
 

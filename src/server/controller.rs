@@ -36,6 +36,9 @@ pub async fn serve(
     metrics: &Metrics,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
+    // Replicas of lost nodes are placed again while the controller serves.
+    let reconciler = crate::control::Controller::new(cluster.clone());
+    let reconciling = tokio::spawn(async move { reconciler.reconcile_replicas().await });
     let services = CsiServices {
         identity: IdentityService::new(driver_name, Readiness::Agents(cluster.clone()))
             .with_snapshot_metadata(),
@@ -43,7 +46,9 @@ pub async fn serve(
         snapshot_metadata: Some(SnapshotMetadataService::new(cluster)),
         node: None,
     };
-    serve_csi(listener, services, metrics, driver_name, shutdown).await
+    let served = serve_csi(listener, services, metrics, driver_name, shutdown).await;
+    reconciling.abort();
+    served
 }
 
 /// `kura controller` until `shutdown`.

@@ -19,8 +19,8 @@ use tokio::sync::watch;
 
 use super::{BoxError, CsiServices, MetricsServer, OpenedPool, bind, serve_csi, socket_path};
 use crate::agent::proto::agent_server::AgentServer;
-use crate::agent::server::AgentService;
 use crate::agent::replication::ClusterPeers;
+use crate::agent::server::AgentService;
 use crate::agent::{cluster, tls};
 use crate::cli::NodeArgs;
 use crate::csi::identity::{IdentityService, Readiness};
