@@ -853,13 +853,7 @@ mod tests {
                 blk(10 << 20, 1)
             ]
         );
-        let pb = Pinned {
-            snapshot: Snapshot {
-                image: Some(ImageOrigin::Copy),
-                ..pb.snapshot.clone()
-            },
-            ..pb
-        };
+        let pb = pinned(&b, size, ImageOrigin::Copy);
         let by_data = collect(|out| delta(&pa, &pb, out).map(|m| method = Some(m)));
         assert_eq!(method, Some(Method::Data));
         // The same-bytes rewrite is no difference to the data path.
