@@ -80,6 +80,15 @@ impl Cluster {
         for (i, size) in sizes.iter().enumerate() {
             cluster.add_node(i, size);
         }
+        // Every node finds the others itself, as replication needs.
+        let agents: Vec<SocketAddr> = cluster.nodes.iter().map(|n| n.agent).collect();
+        for node in &mut cluster.nodes {
+            for agent in agents.iter().filter(|a| **a != node.agent) {
+                node.proc
+                    .args
+                    .extend(["--peer".to_owned(), agent.to_string()]);
+            }
+        }
         cluster
     }
 
