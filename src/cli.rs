@@ -137,6 +137,10 @@ pub struct ControllerArgs {
     /// no metrics listener when unset.
     #[arg(long, env = "KURA_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Seconds a replica node may be down before its copies are placed on another
+    /// node (where one can take them).
+    #[arg(long, env = "KURA_REPLACE_REPLICAS_AFTER", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub replace_replicas_after: u64,
 }
 
 #[derive(Debug, Args)]

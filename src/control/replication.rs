@@ -24,8 +24,6 @@ use super::{Controller, Error, Result};
 use crate::agent::{self, Node, Pools};
 use crate::pool::{ContentSource, Provisioning, Volume, VolumeId};
 
-/// A replica node down this long is replaced, where another node can take its copy.
-pub const REPLACE_AFTER: Duration = Duration::from_secs(60);
 /// How often placements are looked at again.
 pub const RECONCILE_EVERY: Duration = Duration::from_secs(10);
 
@@ -229,17 +227,17 @@ impl<P: Pools> Controller<P> {
 
     /// Every [`RECONCILE_EVERY`]: replicated volumes of live nodes get the copies they
     /// ask for where nodes can take them, and a replica node down past
-    /// [`REPLACE_AFTER`] is replaced. For as long as the controller runs.
-    pub async fn reconcile_replicas(&self) {
+    /// `replace_after` is replaced. For as long as the controller runs.
+    pub async fn reconcile_replicas(&self, replace_after: Duration) {
         loop {
             tokio::time::sleep(RECONCILE_EVERY).await;
-            if let Err(e) = self.reconcile_once().await {
+            if let Err(e) = self.reconcile_once(replace_after).await {
                 tracing::warn!(error = %crate::chain(&e), "placing replicas");
             }
         }
     }
 
-    async fn reconcile_once(&self) -> Result<()> {
+    async fn reconcile_once(&self, replace_after: Duration) -> Result<()> {
         let mut start: Option<VolumeId> = None;
         loop {
             let page = self.list_volumes(start.as_ref(), 500).await?;
@@ -249,7 +247,7 @@ impl<P: Pools> Controller<P> {
                     continue;
                 };
                 let placed: Vec<String> = r.nodes().map(str::to_owned).collect();
-                let gone = self.down_since.update(&placed, &live, REPLACE_AFTER);
+                let gone = self.down_since.update(&placed, &live, replace_after);
                 if placed.len() < r.copies as usize || placed.iter().any(|n| gone.contains(n)) {
                     let wanted = Some((r.copies, r.interval_secs));
                     if let Err(e) = self.place_replicas(volume, wanted, &gone).await {

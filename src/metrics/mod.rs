@@ -22,6 +22,10 @@
 //! - `kura_build_info{version,revision}`: always 1, on every role.
 //! - `kura_snapshot_deltas_total{node,method}`: GetMetadataDelta streams answered on
 //!   this node, `method` `extents` or `data` (see [`crate::pool::cbt`]).
+//! - `kura_replica_lag_seconds{node,volume_id,replica}`: on a replicated volume's node,
+//!   seconds since the point each replica holds was taken; and
+//!   `kura_replica_shipped_bytes_total{node,volume_id,replica}`, data bytes sent to it
+//!   since the process started (see [`crate::node::replication`]).
 //!
 //! [`grpc`] is the tower layer on the tonic servers; [`pool`] and [`agents`] the
 //! scrape-time collectors; [`http`] the `/metrics` listener.
@@ -30,6 +34,7 @@ pub mod agents;
 pub mod grpc;
 pub mod http;
 pub mod pool;
+pub mod replication;
 
 use std::sync::Arc;
 
@@ -149,6 +154,12 @@ impl Metrics {
 
     /// Adds `kura_agent_up`, read at every scrape.
     pub fn with_agents(mut self, collector: agents::AgentsCollector) -> Self {
+        self.registry.register_collector(Box::new(collector));
+        self
+    }
+
+    /// Adds the replication series, read at every scrape (`kura node`).
+    pub fn with_replication(mut self, collector: replication::ReplicationCollector) -> Self {
         self.registry.register_collector(Box::new(collector));
         self
     }

@@ -34,11 +34,13 @@ pub async fn serve(
     cluster: Cluster,
     driver_name: &str,
     metrics: &Metrics,
+    replace_after: std::time::Duration,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     // Replicas of lost nodes are placed again while the controller serves.
     let reconciler = crate::control::Controller::new(cluster.clone());
-    let reconciling = tokio::spawn(async move { reconciler.reconcile_replicas().await });
+    let reconciling =
+        tokio::spawn(async move { reconciler.reconcile_replicas(replace_after).await });
     let services = CsiServices {
         identity: IdentityService::new(driver_name, Readiness::Agents(cluster.clone()))
             .with_snapshot_metadata(),
@@ -66,7 +68,15 @@ pub async fn run(
     let _metrics = MetricsServer::start(args.metrics_listen, Arc::clone(&metrics)).await?;
     let listener = bind(&socket)?;
     tracing::info!(endpoint = %socket.display(), "serving CSI (controller)");
-    let result = serve(listener, cluster, &args.driver_name, &metrics, shutdown).await;
+    let result = serve(
+        listener,
+        cluster,
+        &args.driver_name,
+        &metrics,
+        std::time::Duration::from_secs(args.replace_replicas_after),
+        shutdown,
+    )
+    .await;
     let _ = std::fs::remove_file(&socket);
     tracing::info!("stopped");
     Ok(result?)

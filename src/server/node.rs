@@ -107,6 +107,9 @@ impl NodeDriver {
                 .metrics(local_args)
                 .with_agent()
                 .with_transfers(transfers.gauges())
+                .with_replication(crate::metrics::replication::ReplicationCollector::new(
+                    opened.local.clone(),
+                ))
                 .into_shared(),
             sweep: opened.local.clone(),
             _locks: locks,
