@@ -104,7 +104,6 @@ fn ship_message(r: &ShipRequest) -> proto::ReplicateRequest {
         taken: Some(wire::timestamp_message(r.taken)),
         size_bytes: r.size_bytes,
         snapshots: r.snapshots.iter().map(wire::snapshot_message).collect(),
-        snapshots_deleted: r.snapshots_deleted.iter().map(|s| s.to_string()).collect(),
     }
 }
 
@@ -121,7 +120,6 @@ fn ship_request(m: proto::ReplicateRequest) -> Result<ShipRequest, wire::Malform
             .iter()
             .map(|s| wire::snapshot(Some(s)))
             .collect::<Result<_, _>>()?,
-        snapshots_deleted: snapshot_ids(&m.snapshots_deleted, "snapshots_deleted")?,
     })
 }
 

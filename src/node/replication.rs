@@ -53,8 +53,6 @@ pub struct ShipRequest {
     pub size_bytes: u64,
     /// The volume's ready snapshots now.
     pub snapshots: Vec<Snapshot>,
-    /// Snapshot deletions the volume's node carried out.
-    pub snapshots_deleted: Vec<SnapshotId>,
 }
 
 /// What a replica node holds after a [`ShipRequest`].
@@ -339,7 +337,6 @@ impl<P: Peers> Replicator<P> {
             taken: info.taken,
             size_bytes: info.size_bytes,
             snapshots,
-            snapshots_deleted: Vec::new(),
         };
         let answer = match self.peers.replicate(&node, request).await {
             Ok(answer) => answer,
@@ -490,14 +487,20 @@ impl<P: Peers> Replicator<P> {
         let _guard = self.local.lock(&[id.to_string()])?;
         let record = {
             let id = id.clone();
-            let done: BTreeSet<SnapshotId> = request.snapshots_deleted.iter().cloned().collect();
+            // A tombstone whose snapshot the volume's node no longer has was acted on.
+            let offered: BTreeSet<SnapshotId> =
+                request.snapshots.iter().map(|s| s.id.clone()).collect();
             self.local
                 .on_pool(&[], move |p| {
-                    p.forget_snapshot_tombstones(&id, &done)?;
+                    p.forget_snapshot_tombstones(&id, &offered)?;
                     p.replica(&id)
                 })
                 .await?
         };
+        let tombstones = record
+            .as_ref()
+            .map(|r| r.deleted_snapshots.clone())
+            .unwrap_or_default();
         if let Some(record) = &record
             && record.deleted
         {
@@ -525,7 +528,10 @@ impl<P: Peers> Replicator<P> {
             .map(|r| r.snapshots.keys().cloned().collect())
             .unwrap_or_default();
         for snapshot in &request.snapshots {
-            if snapshot.source_volume != id || snapshots.contains(&snapshot.id) {
+            let wanted = snapshot.source_volume == id
+                && !snapshots.contains(&snapshot.id)
+                && !tombstones.contains(&snapshot.id);
+            if !wanted {
                 continue;
             }
             let base = held.as_ref().map(|p| p.number);

@@ -669,17 +669,18 @@ impl Pool {
         Ok(false)
     }
 
-    /// Forgets the snapshot tombstones its node has acted on.
+    /// Forgets the snapshot tombstones its node has acted on: those of snapshots it
+    /// no longer offers (`offered`: the ones it has now).
     pub fn forget_snapshot_tombstones(
         &self,
         id: &VolumeId,
-        done: &BTreeSet<SnapshotId>,
+        offered: &BTreeSet<SnapshotId>,
     ) -> Result<()> {
         let Some(mut record) = self.replica(id)? else {
             return Ok(());
         };
         let before = record.deleted_snapshots.len();
-        record.deleted_snapshots.retain(|s| !done.contains(s));
+        record.deleted_snapshots.retain(|s| offered.contains(s));
         if record.deleted_snapshots.len() != before {
             self.write_replica(&record)?;
         }
