@@ -46,6 +46,26 @@ impl Peers for ClusterPeers {
         ship_answer(answer).map_err(|e| e.to_string())
     }
 
+    async fn placed(
+        &self,
+        node: &str,
+        volume: &VolumeId,
+        me: &str,
+    ) -> Result<(bool, String), String> {
+        let message = proto::ReplicaPlacedRequest {
+            volume_id: volume.to_string(),
+            node: me.to_owned(),
+        };
+        let answer = self
+            .0
+            .call_node(node, READ_STALL, |mut c| async move {
+                c.replica_placed(message).await
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((answer.placed, answer.pool_id))
+    }
+
     async fn read_point(
         &self,
         node: &str,
@@ -99,6 +119,7 @@ fn ship_message(r: &ShipRequest) -> proto::ReplicateRequest {
     proto::ReplicateRequest {
         volume: Some(wire::volume_message(&r.volume)),
         source_node: r.source_node.clone(),
+        source_pool_id: r.source_pool.clone(),
         grant: r.grant.clone(),
         point: r.point,
         taken: Some(wire::timestamp_message(r.taken)),
@@ -111,6 +132,7 @@ fn ship_request(m: proto::ReplicateRequest) -> Result<ShipRequest, wire::Malform
     Ok(ShipRequest {
         volume: wire::volume(m.volume.as_ref())?,
         source_node: m.source_node,
+        source_pool: m.source_pool_id,
         grant: m.grant,
         point: m.point,
         taken: wire::timestamp(m.taken.as_ref()),
@@ -238,6 +260,27 @@ pub async fn read_point(
         })
     });
     Ok(Box::pin(messages))
+}
+
+/// Source side: whether the calling node is still placed for a volume.
+pub async fn replica_placed(
+    replicator: &Replicator<ClusterPeers>,
+    request: Request<proto::ReplicaPlacedRequest>,
+) -> Result<proto::ReplicaPlacedResponse, Status> {
+    node_identity(&request)?;
+    let m = request.into_inner();
+    // An ID that cannot be kura's names no volume of this node: not placed.
+    let Some(volume) = VolumeId::parse(&m.volume_id) else {
+        return Err(Status::not_found(format!(
+            "volume {:?} does not exist",
+            m.volume_id
+        )));
+    };
+    let (placed, pool_id) = replicator
+        .placed(volume, m.node)
+        .await
+        .map_err(|e| errors::status(&e))?;
+    Ok(proto::ReplicaPlacedResponse { placed, pool_id })
 }
 
 /// The content source a FindReplica or DropReplica names.

@@ -625,4 +625,12 @@ impl Agent for AgentService {
             super::replication::drop_replica(&self.local, source, request.tombstone).await?;
         Ok(Response::new(dropped))
     }
+
+    async fn replica_placed(
+        &self,
+        request: Request<proto::ReplicaPlacedRequest>,
+    ) -> Result<Response<proto::ReplicaPlacedResponse>, Status> {
+        let placed = super::replication::replica_placed(&self.replicator, request).await?;
+        Ok(Response::new(placed))
+    }
 }

@@ -39,6 +39,8 @@ const SUPERVISE_EVERY: Duration = Duration::from_secs(1);
 /// How long a busy volume (another operation holds its lock) is waited for before
 /// its point is tried again.
 const BUSY_RETRY: Duration = Duration::from_secs(1);
+/// How often a replica node asks whether its copies are still placed with it.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// How often the newest point is offered again to a replica that failed to take it.
 pub const RETRY_LAGGING: Duration = Duration::from_secs(5);
 
@@ -47,6 +49,8 @@ pub const RETRY_LAGGING: Duration = Duration::from_secs(5);
 pub struct ShipRequest {
     pub volume: Volume,
     pub source_node: String,
+    /// The ID of the volume node's pool.
+    pub source_pool: String,
     pub grant: String,
     pub point: u64,
     pub taken: Timestamp,
@@ -102,6 +106,14 @@ pub trait Peers: Clone + Send + Sync + 'static {
         node: &str,
         request: ShipRequest,
     ) -> impl Future<Output = Result<ShipAnswer, String>> + Send;
+    /// Asks `node`, a volume's node, whether it still places `me` as a holder of a
+    /// copy of `volume`; answers that and the ID of its pool.
+    fn placed(
+        &self,
+        node: &str,
+        volume: &VolumeId,
+        me: &str,
+    ) -> impl Future<Output = Result<(bool, String), String>> + Send;
     /// Opens a read from `node`, the volume's node.
     fn read_point(
         &self,
@@ -216,6 +228,7 @@ impl<P: Peers> Replicator<P> {
     /// Keeps one shipping loop per replicated volume of this node, for as long as
     /// the process lives.
     pub async fn run(self) {
+        tokio::spawn(self.clone().sweep_replicas());
         let mut running: HashMap<VolumeId, tokio::task::JoinHandle<()>> = HashMap::new();
         loop {
             running.retain(|_, task| !task.is_finished());
@@ -332,6 +345,7 @@ impl<P: Peers> Replicator<P> {
         let request = ShipRequest {
             volume: volume.clone(),
             source_node: self.local.node_id().to_owned(),
+            source_pool: self.pool().id().to_owned(),
             grant: replica::grant(&placement.secret, &id, &node, expires),
             point: number,
             taken: info.taken,
@@ -473,6 +487,52 @@ impl<P: Peers> Replicator<P> {
 
     // ---- Replica ----
 
+    /// Every [`SWEEP_EVERY`], removes the copies their volume's node no longer
+    /// places here (the volume deleted, or its copy moved, while this node was down).
+    /// Only that node decides: a copy whose node cannot be asked, or whose node now
+    /// has another pool (a lost disk, where the copy may be all that is left), stays.
+    async fn sweep_replicas(self) {
+        loop {
+            tokio::time::sleep(SWEEP_EVERY).await;
+            let records = match self.local.on_pool(&[], |p| p.replicas()).await {
+                Ok(records) => records,
+                Err(e) => {
+                    tracing::warn!(error = %crate::chain(&e), "listing replicas");
+                    continue;
+                }
+            };
+            for record in records.into_iter().filter(|r| !r.deleted) {
+                let id = record.volume.id.clone();
+                let asked = self
+                    .peers
+                    .placed(&record.source_node, &id, self.local.node_id())
+                    .await;
+                let Ok((false, pool)) = asked else { continue };
+                if pool != record.source_pool {
+                    continue;
+                }
+                let dropped = self
+                    .local
+                    .on_pool(&[id.to_string()], move |p| p.drop_replica(&id, false))
+                    .await;
+                if let Err(e) = dropped {
+                    tracing::warn!(error = %crate::chain(&e), "removing a replica no longer placed here");
+                }
+            }
+        }
+    }
+
+    /// Source: whether `node` is still placed to hold a copy of `volume`, and this
+    /// node's pool ID.
+    pub async fn placed(&self, volume: VolumeId, node: String) -> pool::Result<(bool, String)> {
+        let pool_id = self.pool().id().to_owned();
+        self.local
+            .on_pool(&[], move |p| {
+                Ok((p.replica_placed(&volume, &node)?, pool_id))
+            })
+            .await
+    }
+
     /// Takes the point a volume's node offers, and copies of its snapshots, reading
     /// them from that node. One request per volume at a time (the volume's lock on
     /// this node).
@@ -598,10 +658,11 @@ impl<P: Peers> Replicator<P> {
             None => return Err(failed("the stream ended at once".into())),
         };
         let pool = Arc::clone(self.pool());
-        let (volume, source) = (request.volume.clone(), request.source_node.clone());
+        let volume = request.volume.clone();
+        let source = (request.source_node.as_str(), request.source_pool.as_str());
         let base = base.filter(|_| delta);
         let mut incoming: Incoming = tokio::task::block_in_place(|| {
-            pool.begin_replica(&volume, &source, target, size_bytes, base)
+            pool.begin_replica(&volume, source, target, size_bytes, base)
         })?;
         loop {
             match stream.next().await {

@@ -213,8 +213,11 @@ pub enum Target {
 pub struct ReplicaRecord {
     /// The volume's record as its node last described it.
     pub volume: Volume,
-    /// The CO's name of the volume's node.
+    /// The CO's name of the volume's node, and the ID of its pool then: a node of that
+    /// name with another pool is not the one that placed this copy.
     pub source_node: String,
+    #[serde(default)]
+    pub source_pool: String,
     pub point: Option<Committed>,
     #[serde(default)]
     pub snapshots: BTreeMap<SnapshotId, Snapshot>,
@@ -469,6 +472,18 @@ impl Pool {
         })
     }
 
+    /// Whether this node still wants `node` to hold a copy of `id`: the volume exists
+    /// here and its replication places `node`.
+    pub fn replica_placed(&self, id: &VolumeId, node: &str) -> Result<bool> {
+        match self.volume(id) {
+            Ok(volume) => Ok(volume
+                .replication
+                .is_some_and(|r| r.nodes().any(|n| n == node))),
+            Err(Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The base a delta to a replica is computed from: point `number`, if this node
     /// still has it.
     pub fn open_base_point(&self, id: &VolumeId, number: u64) -> Result<Option<cbt::Image>> {
@@ -536,7 +551,7 @@ impl Pool {
     pub fn begin_replica(
         &self,
         volume: &Volume,
-        source_node: &str,
+        (source_node, source_pool): (&str, &str),
         target: Target,
         size_bytes: u64,
         base: Option<u64>,
@@ -582,6 +597,7 @@ impl Pool {
         Ok(Incoming {
             volume: volume.clone(),
             source_node: source_node.to_owned(),
+            source_pool: source_pool.to_owned(),
             target,
             delta: base.is_some(),
             size_bytes,
@@ -778,6 +794,7 @@ pub enum ReadTarget {
 pub struct Incoming {
     volume: Volume,
     source_node: String,
+    source_pool: String,
     target: Target,
     delta: bool,
     size_bytes: u64,
@@ -842,6 +859,7 @@ impl Incoming {
         let mut record = old.clone().unwrap_or_else(|| ReplicaRecord {
             volume: self.volume.clone(),
             source_node: self.source_node.clone(),
+            source_pool: self.source_pool.clone(),
             point: None,
             snapshots: BTreeMap::new(),
             deleted: false,
@@ -849,6 +867,7 @@ impl Incoming {
         });
         record.volume = self.volume.clone();
         record.source_node = self.source_node.clone();
+        record.source_pool = self.source_pool.clone();
         match &self.target {
             Target::Point { number, taken } => {
                 record.point = Some(Committed {
