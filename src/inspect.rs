@@ -63,6 +63,7 @@ fn show(path: &Option<PathBuf>) -> String {
 /// The survey as text: one section per kind, problems last.
 pub fn text(s: &Survey) -> String {
     let mut out = String::new();
+    let now = crate::pool::Timestamp::now().seconds;
     let p = &s.pool;
     let _ = writeln!(
         out,
@@ -191,6 +192,50 @@ pub fn text(s: &Survey) -> String {
                     "{}  {} for {} on node {}",
                     e.id, e.source, e.for_volume, e.destination_node
                 )
+            })
+            .collect(),
+    );
+    let point = |p: &Option<u64>, taken: &Option<i64>| match (p, taken) {
+        (Some(p), Some(t)) => format!("point {p}, {}s old", now - t),
+        _ => "no point yet".to_owned(),
+    };
+    section(
+        "REPLICATED (this node's volumes with copies on other nodes)",
+        s.replicated
+            .iter()
+            .map(|r| {
+                let replicas: Vec<String> = r
+                    .replicas
+                    .iter()
+                    .map(|(node, p, t)| format!("{node}: {}", point(p, t)))
+                    .collect();
+                format!(
+                    "{}  {} of {} copies every {}s; {}",
+                    r.volume_id,
+                    r.replicas.len(),
+                    r.copies,
+                    r.interval_secs,
+                    replicas.join("; ")
+                )
+            })
+            .collect(),
+    );
+    section(
+        "REPLICAS (copies of other nodes' volumes held here)",
+        s.replicas
+            .iter()
+            .map(|r| match r.deleted {
+                true => format!(
+                    "{}  of node {}: deleted while its node was down ({} snapshot copies kept)",
+                    r.volume_id, r.source_node, r.snapshots
+                ),
+                false => format!(
+                    "{}  of node {}: {}, {} snapshot copies",
+                    r.volume_id,
+                    r.source_node,
+                    point(&r.point, &r.taken),
+                    r.snapshots
+                ),
             })
             .collect(),
     );

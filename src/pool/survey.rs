@@ -39,6 +39,10 @@ pub struct Survey {
     pub attachments: Vec<AttachmentView>,
     pub copies: Vec<CopyView>,
     pub exports: Vec<ExportView>,
+    /// This node's replicated volumes: where their copies are and how old.
+    pub replicated: Vec<ReplicatedView>,
+    /// The copies of other nodes' volumes this node holds.
+    pub replicas: Vec<ReplicaView>,
     /// What is orphaned or abnormal, each with the reason and what clears it.
     pub problems: Vec<Problem>,
 }
@@ -133,6 +137,27 @@ pub struct ExportView {
     pub expires: i64,
 }
 
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicatedView {
+    pub volume_id: String,
+    pub interval_secs: u64,
+    pub copies: u8,
+    /// Each placed node and the point it holds (none yet: `None`), taken when.
+    pub replicas: Vec<(String, Option<u64>, Option<i64>)>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicaView {
+    pub volume_id: String,
+    pub source_node: String,
+    pub point: Option<u64>,
+    /// Unix seconds when that point was taken.
+    pub taken: Option<i64>,
+    pub snapshots: usize,
+    /// The volume was deleted while its node was down; the record stays for its node.
+    pub deleted: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Problem {
     /// What it is about: an ID, a path or a device.
@@ -176,6 +201,7 @@ pub fn survey(root: &Path, state_dir: &Path, host_image: Option<&Path>) -> Resul
     let group_snapshots = groups(&pool, &mut problems)?;
     let (copies, partials) = copies(&pool, &mut problems)?;
     let exports = exports(&pool, &mut problems)?;
+    let (replicated, replicas) = replication(&pool, &listed)?;
     leftovers(&pool, &partials, &mut problems)?;
 
     // Every pool image with its inode, to recognise the loop devices bound to them.
@@ -200,8 +226,53 @@ pub fn survey(root: &Path, state_dir: &Path, host_image: Option<&Path>) -> Resul
         attachments,
         copies,
         exports,
+        replicated,
+        replicas,
         problems,
     })
+}
+
+/// The replicated volumes among `listed`, and the replicas held here.
+fn replication(
+    pool: &Pool,
+    listed: &[(super::Volume, super::Condition)],
+) -> Result<(Vec<ReplicatedView>, Vec<ReplicaView>)> {
+    let mut replicated = Vec::new();
+    for (volume, _) in listed {
+        let Some(r) = &volume.replication else {
+            continue;
+        };
+        let points = pool.points(&volume.id)?;
+        replicated.push(ReplicatedView {
+            volume_id: volume.id.to_string(),
+            interval_secs: r.interval_secs,
+            copies: r.copies,
+            replicas: r
+                .nodes()
+                .map(|n| {
+                    let held = points.shipped.get(n);
+                    (
+                        n.to_owned(),
+                        held.map(|s| s.point),
+                        held.map(|s| s.taken.seconds),
+                    )
+                })
+                .collect(),
+        });
+    }
+    let replicas = pool
+        .replicas()?
+        .into_iter()
+        .map(|r| ReplicaView {
+            volume_id: r.volume.id.to_string(),
+            source_node: r.source_node,
+            point: r.point.as_ref().map(|p| p.number),
+            taken: r.point.as_ref().map(|p| p.taken.seconds),
+            snapshots: r.snapshots.len(),
+            deleted: r.deleted,
+        })
+        .collect();
+    Ok((replicated, replicas))
 }
 
 impl Pool {
