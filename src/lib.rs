@@ -11,17 +11,23 @@
 //!   (Node), build the response; [`csi::status`] maps every error to its code.
 //! - [`control`]: what the controller decides: request names and their locks,
 //!   find-by-name across nodes, placement ([`control::placement`], a pure function),
-//!   copy-or-create, the group-snapshot steps ([`control::group`]).
+//!   copy-or-create, the group-snapshot steps ([`control::group`]), where replicas go
+//!   and which one serves a lost node's volume ([`control::replication`]).
 //! - [`agent`]: the transport between controller and nodes: the [`agent::Pools`] seam,
 //!   in-process ([`agent::local`]) or over the agent API ([`agent::cluster`] on the
 //!   controller, [`agent::server`] on the node, mutual TLS), a transfer's bytes
-//!   ([`agent::transfer`]), how errors travel ([`agent::errors`]).
+//!   ([`agent::transfer`]), replication between nodes ([`agent::replication`]: how
+//!   nodes find each other, the points' requests and bytes), how errors travel
+//!   ([`agent::errors`]).
 //! - [`node`]: the node process's side: [`node::Local`], the one place where
 //!   per-volume locks are taken and blocking pool work runs; group holds
-//!   ([`node::group`]); both ends of a cross-node transfer ([`node::transfer`]).
+//!   ([`node::group`]); both ends of a cross-node transfer ([`node::transfer`]) and of
+//!   replication ([`node::replication`]: the points a volume's node ships, the copies
+//!   a replica node takes).
 //! - [`pool`]: the node-local pool: volumes, snapshots, group snapshots, metadata,
 //!   capacity, recovery, exposing volumes on the node ([`pool::attach`], inline
-//!   volumes in [`pool::ephemeral`]), and changed block tracking ([`pool::cbt`]).
+//!   volumes in [`pool::ephemeral`]), changed block tracking ([`pool::cbt`]), and
+//!   replicas on disk ([`pool::replica`]: points, copies, grants, tombstones).
 //! - [`sys`]: the only code that touches the OS: loop devices, mounts, mkfs
 //!   ([`sys::FsType`]), reflink, freeze, statfs, mountinfo, sparse ranges, extent
 //!   maps ([`sys::fiemap`]), direct I/O, fscrypt keys and policies.
