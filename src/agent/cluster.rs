@@ -858,6 +858,7 @@ impl Pools for Cluster {
                 copies: copies.into(),
                 interval_seconds: interval,
                 nodes,
+                full_nodes: vec![],
             }),
         };
         let answer = self

@@ -20,7 +20,9 @@ use super::cluster::Cluster;
 use super::errors::{self, malformed};
 use super::transfer::{chunk, chunk_message};
 use super::{proto, tls, wire};
-use crate::node::replication::{Peers, Piece, ReadRequest, Replicator, ShipAnswer, ShipRequest};
+use crate::node::replication::{
+    Failure, Peers, Piece, ReadRequest, Replicator, ShipAnswer, ShipRequest,
+};
 use crate::pool::replica::ReadTarget;
 use crate::pool::{ContentSource, SnapshotId, VolumeId};
 
@@ -34,7 +36,7 @@ pub const READ_STALL: Duration = Duration::from_secs(30);
 pub struct ClusterPeers(pub Cluster);
 
 impl Peers for ClusterPeers {
-    async fn replicate(&self, node: &str, request: ShipRequest) -> Result<ShipAnswer, String> {
+    async fn replicate(&self, node: &str, request: ShipRequest) -> Result<ShipAnswer, Failure> {
         let message = ship_message(&request);
         let answer = self
             .0
@@ -42,8 +44,20 @@ impl Peers for ClusterPeers {
                 c.replicate(message).await
             })
             .await
-            .map_err(|e| e.to_string())?;
-        ship_answer(answer).map_err(|e| e.to_string())
+            .map_err(|e| Failure {
+                no_space: matches!(
+                    e,
+                    super::Error::Remote {
+                        code: tonic::Code::ResourceExhausted,
+                        ..
+                    }
+                ),
+                message: e.to_string(),
+            })?;
+        ship_answer(answer).map_err(|e| Failure {
+            message: e.to_string(),
+            no_space: false,
+        })
     }
 
     async fn placed(

@@ -177,6 +177,7 @@ pub fn replication_message(r: &Replication) -> proto::Replication {
         copies: r.copies.into(),
         interval_seconds: r.interval_secs,
         nodes: r.nodes().map(str::to_owned).collect(),
+        full_nodes: r.full.clone(),
     }
 }
 
@@ -202,6 +203,7 @@ pub fn replication(m: &proto::Replication) -> Result<Replication, Malformed> {
                 secret: String::new(),
             })
             .collect(),
+        full: m.full_nodes.clone(),
     })
 }
 
@@ -447,6 +449,7 @@ mod tests {
                     node: "worker-2".into(),
                     secret: String::new(),
                 }],
+                full: vec!["worker-2".into()],
             }),
         };
         assert_eq!(

@@ -112,8 +112,10 @@ pub fn place(
 }
 
 /// The nodes to hold `copies` copies of a volume on `home`: the nodes placed already
-/// (in order, but none that is `home` or in `gone`), then the live nodes with room for
-/// `needed` bytes, the most free first. Fewer when no more nodes can take one.
+/// (in order, never `home`), then the live nodes with room for `needed` bytes, the most
+/// free first. A placed node in `gone` (down too long, or full) gives its place to
+/// another node, and keeps it where none can take it: an old copy beats none. Fewer
+/// than `copies` when no more nodes can take one.
 pub fn replica_nodes(
     copies: usize,
     home: &str,
@@ -122,15 +124,19 @@ pub fn replica_nodes(
     live: &[Candidate],
     needed: u64,
 ) -> Vec<String> {
-    let mut chosen: Vec<String> = placed
+    let kept: Vec<&String> = placed
         .iter()
-        .filter(|n| n.as_str() != home && !gone.contains(n))
+        .filter(|n| n.as_str() != home)
         .take(copies)
-        .cloned()
+        .collect();
+    let mut chosen: Vec<String> = kept
+        .iter()
+        .filter(|n| !gone.contains(n))
+        .map(|n| (*n).clone())
         .collect();
     let mut candidates: Vec<&Candidate> = live
         .iter()
-        .filter(|c| c.node.id != home && !chosen.contains(&c.node.id) && c.free >= needed)
+        .filter(|c| c.node.id != home && !kept.contains(&&c.node.id) && c.free >= needed)
         .collect();
     // Most free first; ties to the first node by ID.
     candidates.sort_by(|a, b| b.free.cmp(&a.free).then_with(|| a.node.id.cmp(&b.node.id)));
@@ -139,6 +145,11 @@ pub fn replica_nodes(
             break;
         }
         chosen.push(candidate.node.id.clone());
+    }
+    for node in kept.into_iter().filter(|n| gone.contains(n)) {
+        if chosen.len() < copies {
+            chosen.push(node.clone());
+        }
     }
     chosen
 }
@@ -395,8 +406,10 @@ mod tests {
             (3, "a", &[], &[], 20, &["c", "d"]),
             // Placed nodes stay, in order, even when another has more room.
             (2, "a", &["b"], &[], 5, &["b", "c"]),
-            // A gone node is replaced.
+            // A gone node is replaced; where no node can take its copy, it keeps it.
             (1, "a", &["b"], &["b"], 5, &["c"]),
+            (1, "a", &["b"], &["b"], 40, &["b"]),
+            (2, "a", &["b", "c"], &["b"], 35, &["c", "b"]),
             // Fewer copies asked: the first placed are kept.
             (1, "a", &["d", "c"], &[], 5, &["d"]),
             // No node but home: none (degraded).

@@ -247,7 +247,8 @@ impl<P: Pools> Controller<P> {
                     continue;
                 };
                 let placed: Vec<String> = r.nodes().map(str::to_owned).collect();
-                let gone = self.down_since.update(&placed, &live, replace_after);
+                let mut gone = self.down_since.update(&placed, &live, replace_after);
+                gone.extend(r.full.iter().cloned());
                 if placed.len() < r.copies as usize || placed.iter().any(|n| gone.contains(n)) {
                     let wanted = Some((r.copies, r.interval_secs));
                     if let Err(e) = self.place_replicas(volume, wanted, &gone).await {

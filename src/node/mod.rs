@@ -360,7 +360,16 @@ fn with_replication(
     (volume, condition): (Volume, Condition),
     states: &replication::States,
 ) -> (Volume, Condition) {
-    if condition.abnormal || volume.replication.is_none() {
+    let (mut volume, condition) = (volume, condition);
+    let Some(r) = &mut volume.replication else {
+        return (volume, condition);
+    };
+    r.full = r
+        .nodes()
+        .filter(|n| states.get(&volume.id, n).full)
+        .map(str::to_owned)
+        .collect();
+    if condition.abnormal {
         return (volume, condition);
     }
     let points = pool.points(&volume.id).unwrap_or_default();

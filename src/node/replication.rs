@@ -98,6 +98,14 @@ pub enum Piece {
     Digest(Vec<u8>),
 }
 
+/// Why a round of shipping to a replica node failed.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub message: String,
+    /// The replica node has no room for the point.
+    pub no_space: bool,
+}
+
 /// How this node reaches the other nodes' agents: the agent's clients in a cluster.
 pub trait Peers: Clone + Send + Sync + 'static {
     /// Asks `node` to take the point `request` names.
@@ -105,7 +113,7 @@ pub trait Peers: Clone + Send + Sync + 'static {
         &self,
         node: &str,
         request: ShipRequest,
-    ) -> impl Future<Output = Result<ShipAnswer, String>> + Send;
+    ) -> impl Future<Output = Result<ShipAnswer, Failure>> + Send;
     /// Asks `node`, a volume's node, whether it still places `me` as a holder of a
     /// copy of `volume`; answers that and the ID of its pool.
     fn placed(
@@ -127,6 +135,8 @@ pub trait Peers: Clone + Send + Sync + 'static {
 pub struct ReplicaState {
     /// Why the last round failed; `None` after a success.
     pub error: Option<String>,
+    /// The last round failed for want of space on the replica node.
+    pub full: bool,
     /// Data bytes this node sent it, since start.
     pub bytes_shipped: u64,
 }
@@ -354,9 +364,12 @@ impl<P: Peers> Replicator<P> {
         };
         let answer = match self.peers.replicate(&node, request).await {
             Ok(answer) => answer,
-            Err(error) => {
-                tracing::warn!(volume.id = %id, replica = %node, %error, "replication round failed");
-                self.states.update(&id, &node, |s| s.error = Some(error));
+            Err(failure) => {
+                tracing::warn!(volume.id = %id, replica = %node, error = %failure.message, "replication round failed");
+                self.states.update(&id, &node, |s| {
+                    s.error = Some(failure.message);
+                    s.full = failure.no_space;
+                });
                 return false;
             }
         };
@@ -375,7 +388,10 @@ impl<P: Peers> Replicator<P> {
                 tracing::warn!(volume.id = %id, error = %crate::chain(&e), "deleting a snapshot deleted while this node was down");
             }
         }
-        self.states.update(&id, &node, |s| s.error = None);
+        self.states.update(&id, &node, |s| {
+            s.error = None;
+            s.full = false;
+        });
         if answer.point == 0 {
             return false;
         }

@@ -65,6 +65,10 @@ pub struct Replication {
     /// The nodes placed to hold a copy; fewer than `copies` when no more could be.
     #[serde(default)]
     pub replicas: Vec<Placement>,
+    /// Placed nodes whose last round failed for want of space (what the volume's node
+    /// saw lately; not stored).
+    #[serde(skip)]
+    pub full: Vec<String>,
 }
 
 /// One node placed to hold a copy, and the secret its grants are made from.
@@ -82,6 +86,7 @@ impl std::fmt::Debug for Replication {
             .field("copies", &self.copies)
             .field("interval_secs", &self.interval_secs)
             .field("replicas", &nodes)
+            .field("full", &self.full)
             .finish()
     }
 }
@@ -311,6 +316,7 @@ impl Pool {
                     copies,
                     interval_secs,
                     replicas,
+                    full: vec![],
                 })
             }
         };
@@ -585,10 +591,11 @@ impl Pool {
                         "volume {id}: point {number} is not the point this node holds"
                     )));
                 }
-                sys::fs::reflink(&self.replica_point_image(id, number), &partial)?;
-                sys::fs::grow_image(&partial, size_bytes, false)?;
+                sys::fs::reflink(&self.replica_point_image(id, number), &partial)
+                    .and_then(|()| sys::fs::grow_image(&partial, size_bytes, false))
+                    .map_err(no_space)?;
             }
-            None => sys::fs::create_image(&partial, size_bytes, false)?,
+            None => sys::fs::create_image(&partial, size_bytes, false).map_err(no_space)?,
         }
         let file = OpenOptions::new()
             .write(true)
@@ -945,6 +952,7 @@ mod tests {
                 node: node.to_owned(),
                 secret: secret.to_owned(),
             }],
+            full: vec![],
         }
     }
 
