@@ -306,9 +306,19 @@ impl<P: Peers> Replicator<P> {
                         .await;
                     match taken {
                         Ok(point) => point,
-                        Err(e) => {
-                            tracing::debug!(volume.id = %id, error = %crate::chain(&e), "point not taken yet");
+                        Err(pool::Error::Busy(_)) => {
                             tokio::time::sleep(BUSY_RETRY).await;
+                            continue;
+                        }
+                        Err(e) => {
+                            // Every replica falls behind: the condition says why.
+                            let error = format!("no point could be taken: {}", crate::chain(&e));
+                            tracing::warn!(volume.id = %id, %error, "replication");
+                            for node in replication.nodes() {
+                                self.states
+                                    .update(&id, node, |s| s.error = Some(error.clone()));
+                            }
+                            tokio::time::sleep(RETRY_LAGGING).await;
                             continue;
                         }
                     }

@@ -296,12 +296,6 @@ impl Pool {
         let replication = match wanted {
             None => None,
             Some((copies, interval_secs)) => {
-                if !self.reflink {
-                    return Err(Error::Precondition(format!(
-                        "volume {id}: replication takes points by reflink, and this node's \
-                         pool cannot reflink"
-                    )));
-                }
                 let old = volume.replication.as_ref();
                 let replicas = nodes
                     .iter()
@@ -389,6 +383,11 @@ impl Pool {
             return Err(Error::Precondition(format!(
                 "volume {id} is not replicated"
             )));
+        }
+        if !self.reflink {
+            return Err(Error::Precondition(
+                "points are reflinks, and this node's pool cannot reflink".to_owned(),
+            ));
         }
         let mut points = self.points(id)?;
         let number = points.next.max(1);
