@@ -561,9 +561,11 @@ fn attachments(
             }
         };
         let image = pool.image_path(&id);
-        let ino = std::fs::metadata(&image).ok().map(|m| m.ino());
+        // By device and inode: another filesystem (another pool on this kernel) may
+        // hold a file of the same inode number.
+        let file = std::fs::metadata(&image).ok().map(|m| (m.dev(), m.ino()));
         let device = loops.iter().find(|d| {
-            ino.is_some_and(|ino| d.backing_ino == ino) && images.contains_key(&d.backing_ino)
+            file == Some((d.backing_dev, d.backing_ino)) && images.contains_key(&d.backing_ino)
         });
         let numbers = device.and_then(|d| sys::blockdev::numbers(&d.path).ok());
         let mounted_from_device = |at: &Path| {
@@ -599,7 +601,7 @@ fn attachments(
             })
             .collect();
         let subject = id.to_string();
-        if ino.is_none() {
+        if file.is_none() {
             problems.push(problem(
                 &subject,
                 format!(
