@@ -282,6 +282,12 @@ impl<P: Peers> Replicator<P> {
                 }
             };
             let replication = volume.replication.clone().expect("checked above");
+            if replication.replicas.is_empty() {
+                // No node could take a copy yet: no point is of use (the condition
+                // says so, and the controller places one when a node can take it).
+                tokio::time::sleep(RETRY_LAGGING).await;
+                continue;
+            }
             let newest = points.newest();
             let point_due = newest.is_none_or(|(_, p)| {
                 Timestamp::now().seconds >= p.taken.seconds + replication.interval_secs as i64
