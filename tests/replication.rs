@@ -910,7 +910,15 @@ async fn modify_volume_turns_replication_on_with_a_full_copy_and_off() {
     let (_, held) = read_held(b, &id, 0, DATA).await;
     assert!(held == data, "node-b's first point holds the volume's data");
 
-    modify(controller, &id, &[(REPLICAS, "0")]).await;
+    // Off while node-b is taking a point (its commit held there): its copy goes all
+    // the same, once that commit is done.
+    let armed = b.pause.arm("replica-before-commit");
+    armed.held(|| false).await;
+    let release = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        drop(armed);
+    };
+    tokio::join!(modify(controller, &id, &[(REPLICAS, "0")]), release);
     assert!(placed(a, &id).is_empty());
     assert!(!a.pool_root().join("replication").join(&id).exists());
     assert!(
