@@ -1,7 +1,11 @@
-//! Replicas: a controller and three nodes as real processes. A replicated volume's node
-//! ships points to other nodes; when it is lost, a clone or a restore is served from
-//! the newest replica; deletes while it is down leave tombstones; grants keep nodes
-//! to what they hold.
+//! Replicas: a controller and two or three nodes as real processes. A replicated
+//! volume's node ships points to other nodes; when it is lost, a clone or a restore is
+//! served from the newest replica; a delete while it is down leaves tombstones, and the
+//! node deletes its copy when it comes back (back before, it ships only the changes);
+//! a replica killed mid-commit keeps its previous point; a full replica pool degrades
+//! the volume, which serves on; grants keep nodes to what they hold; ModifyVolume
+//! turns replication on and off; copies go to distinct nodes, and a lost replica node
+//! is replaced.
 
 mod common;
 
