@@ -797,6 +797,7 @@ async fn a_full_replica_pool_degrades_the_volume_which_keeps_serving() {
 async fn only_the_placed_node_with_a_valid_grant_reads_a_point() {
     use kura::agent::proto as agent;
     use kura::pool::VolumeId;
+    use kura::pool::replica::grant;
     let cluster = start_cluster(&TWO, None, &[]).await;
     // One point, kept for the whole test: the next is an hour away.
     let id = block_volume(
@@ -825,7 +826,6 @@ async fn only_the_placed_node_with_a_valid_grant_reads_a_point() {
     let ca = cluster.certs.join("ca.crt");
     let mut as_node = agent_client(a.agent, &ca, Some(&cluster.certs.join("node")));
     let mut as_controller = agent_client(a.agent, &ca, Some(&cluster.certs.join("controller")));
-    use kura::pool::replica::grant;
 
     for (what, request, needle) in [
         (
