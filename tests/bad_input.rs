@@ -32,6 +32,9 @@ use kura::csi::proto::{self, volume_capability};
 use tonic::{Code, Status};
 use volume_capability::access_mode::Mode;
 
+const REPLICAS: &str = "kura.csi.dev/replicas";
+const REPLICATION_INTERVAL: &str = "kura.csi.dev/replication-interval";
+
 /// Volume IDs kura could not have issued.
 const MALFORMED_IDS: [&str; 8] = [
     MALFORMED_ID,
@@ -749,6 +752,53 @@ async fn identity_and_controller_refuse_bad_input_and_change_nothing() {
         InvalidArgument,
         &[PROVISIONING, "fat"],
     );
+    // Replication: copies from 0 to 2, an interval of at least 5 s; refused in the
+    // parameters, in the mutable parameters, and by ControllerModifyVolume.
+    for (key, bad) in [
+        (REPLICAS, "3"),
+        (REPLICAS, "-1"),
+        (REPLICAS, "two"),
+        (REPLICAS, ""),
+        (REPLICATION_INTERVAL, "4s"),
+        (REPLICATION_INTERVAL, "0"),
+        (REPLICATION_INTERVAL, "1d"),
+        (REPLICATION_INTERVAL, "s"),
+        (REPLICATION_INTERVAL, "99999999999999999999h"),
+    ] {
+        let pairs = [(key, bad), (REPLICAS, "1")];
+        // The other key, where the bad one is not it, is good: only the bad one is named.
+        let pairs = if key == REPLICAS {
+            &pairs[..1]
+        } else {
+            &pairs[..]
+        };
+        t.add_naming(
+            format!("CreateVolume: parameters {key} {bad:?}"),
+            Call::CreateVolume(create_with("pvc-replicated", |r| {
+                r.parameters = string_map(pairs)
+            })),
+            InvalidArgument,
+            &[&format!("parameters[{key}]")],
+        );
+        t.add_naming(
+            format!("CreateVolume: mutable_parameters {key} {bad:?}"),
+            Call::CreateVolume(create_with("pvc-replicated", |r| {
+                r.mutable_parameters = string_map(pairs)
+            })),
+            InvalidArgument,
+            &[&format!("mutable_parameters[{key}]")],
+        );
+        t.add_naming(
+            format!("ControllerModifyVolume: {key} {bad:?}"),
+            Call::Modify(proto::ControllerModifyVolumeRequest {
+                volume_id: mount_vol.clone(),
+                mutable_parameters: string_map(pairs),
+                ..Default::default()
+            }),
+            InvalidArgument,
+            &[&format!("mutable_parameters[{key}]")],
+        );
+    }
     t.add(
         "an unknown mutable parameter",
         Call::CreateVolume(create_with("pvc-mutable", |r| {

@@ -4,128 +4,18 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use common::cluster::{Cluster, free_port};
+use common::cluster::Cluster;
+use common::metrics::{Scrape, http_get, metrics_address};
 use common::process::Kura;
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
 /// csi-lib-utils' buckets as Prometheus prints them, and the overflow bucket.
 const BUCKETS: [&str; 14] = [
     "0.1", "0.25", "0.5", "1", "2.5", "5", "10", "15", "25", "50", "120", "300", "600", "+Inf",
 ];
-
-/// An HTTP answer: status code, headers (lower-case names) and body.
-struct Answer {
-    status: u16,
-    headers: HashMap<String, String>,
-    body: String,
-}
-
-/// One HTTP/1.1 request over a fresh connection, read to its end.
-async fn http_get(address: SocketAddr, path: &str, accept: Option<&str>) -> Answer {
-    let mut stream = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio::net::TcpStream::connect(address),
-    )
-    .await
-    .expect("connect in time")
-    .expect("connect to /metrics");
-    let accept = accept
-        .map(|a| format!("Accept: {a}\r\n"))
-        .unwrap_or_default();
-    let request =
-        format!("GET {path} HTTP/1.1\r\nHost: {address}\r\n{accept}Connection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
-        .await
-        .expect("answer in time")
-        .unwrap();
-    let text = String::from_utf8(raw).expect("UTF-8 answer");
-    let (head, body) = text.split_once("\r\n\r\n").expect("headers end");
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .unwrap()
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    Answer {
-        status,
-        headers,
-        body: body.to_owned(),
-    }
-}
-
-/// Every series of a scrape, `name{labels}` -> value.
-struct Scrape {
-    series: HashMap<String, f64>,
-    text: String,
-}
-
-impl Scrape {
-    async fn of(address: SocketAddr) -> Scrape {
-        let answer = http_get(address, "/metrics", None).await;
-        assert_eq!(answer.status, 200, "{}", answer.body);
-        assert_eq!(
-            answer.headers["content-type"],
-            "text/plain; version=0.0.4; charset=utf-8"
-        );
-        let series = answer
-            .body
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-            .map(|l| {
-                let (series, value) = l.rsplit_once(' ').expect("series and value");
-                (series.to_owned(), value.parse().expect("a number"))
-            })
-            .collect();
-        Scrape {
-            series,
-            text: answer.body,
-        }
-    }
-
-    fn value(&self, series: &str) -> Option<f64> {
-        self.series.get(series).copied()
-    }
-
-    /// The value of a series that must be there.
-    fn get(&self, series: &str) -> f64 {
-        self.value(series)
-            .unwrap_or_else(|| panic!("no series {series} in\n{}", self.text))
-    }
-
-    /// How many `csi_plugin_operations_seconds` observations have this method and code.
-    fn csi_count(&self, method: &str, code: &str) -> f64 {
-        self.value(&format!(
-            "csi_plugin_operations_seconds_count{{driver_name=\"{DRIVER_NAME}\",method_name=\"{method}\",grpc_status_code=\"{code}\"}}"
-        ))
-        .unwrap_or(0.0)
-    }
-
-    fn agent_count(&self, method: &str, code: &str) -> f64 {
-        self.value(&format!(
-            "kura_agent_operations_seconds_count{{method_name=\"{method}\",grpc_status_code=\"{code}\"}}"
-        ))
-        .unwrap_or(0.0)
-    }
-
-    fn has_metric(&self, name: &str) -> bool {
-        self.series.keys().any(|s| s.starts_with(name))
-    }
-}
 
 /// `kura_build_info` as every role exports it: this build's version and revision.
 fn assert_build_info(scrape: &Scrape) {
@@ -139,10 +29,6 @@ fn assert_build_info(scrape: &Scrape) {
     // HEAD may have moved since, so it is not compared); elsewhere "unknown".
     let is_hash = revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit());
     assert!(is_hash || revision == "unknown", "{revision}");
-}
-
-fn metrics_address() -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::LOCALHOST, free_port(Ipv4Addr::LOCALHOST)))
 }
 
 #[tokio::test]

@@ -599,20 +599,23 @@ async fn the_agent_refuses_every_credential_but_the_controllers() {
         .await
         .expect("ListVolumes as the controller");
 
-    // The node identity: who-is-this only; control calls PERMISSION_DENIED.
+    // The node identity: who-is-this, and the status the nodes replicating to this
+    // one follow; control calls PERMISSION_DENIED.
     let mut node = agent_client(agent, &ca, Some(&certs.join("node")));
     node.info(kura::agent::proto::InfoRequest {})
         .await
         .expect("Info as a node");
+    let mut status = node
+        .status(kura::agent::proto::StatusRequest {})
+        .await
+        .expect("Status as a node")
+        .into_inner();
+    let update = status.message().await.expect("a status update");
+    assert!(update.is_some_and(|u| u.healthy));
     let denied = node.create_volume(agent_create()).await.unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
     let denied = node
         .list_volumes(kura::agent::proto::ListVolumesRequest::default())
-        .await
-        .unwrap_err();
-    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
-    let denied = node
-        .status(kura::agent::proto::StatusRequest {})
         .await
         .unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");

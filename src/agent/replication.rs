@@ -99,8 +99,11 @@ impl Peers for ClusterPeers {
         };
         let stream = self
             .0
-            .call_node(node, READ_STALL, |mut c| async move {
-                c.read_point(message).await
+            .call_node(node, READ_STALL, |c| async move {
+                // A chunk of a point is up to a transfer's chunk, over tonic's default.
+                c.max_decoding_message_size(super::transfer::MAX_MESSAGE)
+                    .read_point(message)
+                    .await
             })
             .await
             .map_err(|e| e.to_string())?;

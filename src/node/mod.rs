@@ -35,6 +35,10 @@ use crate::pool::{
 
 pub use group::GROUP_HOLD_DEADLINE;
 
+/// How long a drop of a replica waits for a point being received (a delta takes
+/// seconds); well within the controller's call timeout.
+pub const DROP_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// This node's pool, its attachments, and its per-volume locks.
 #[derive(Clone)]
 pub struct Local {
@@ -181,13 +185,25 @@ impl Local {
     }
 
     /// Removes this node's copy of another node's volume or snapshot; answers whether
-    /// there was one.
+    /// there was one. A point being received holds the volume's lock: the drop waits
+    /// for it (up to [`DROP_WAIT`]) rather than fail busy, since the controller does
+    /// not ask again and the copy would stay for good.
     pub async fn drop_replica(
         &self,
         source: pool::ContentSource,
         tombstone: bool,
     ) -> pool::Result<bool> {
-        self.on_pool(&[source.id().to_owned()], move |p| match &source {
+        let keys = [source.id().to_owned()];
+        let started = std::time::Instant::now();
+        let guards = loop {
+            match self.lock(&keys) {
+                Err(pool::Error::Busy(_)) if started.elapsed() < DROP_WAIT => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                locked => break locked?,
+            }
+        };
+        on(guards, Arc::clone(&self.pool), move |p| match &source {
             pool::ContentSource::Volume(id) => p.drop_replica(id, tombstone),
             pool::ContentSource::Snapshot(id) => p.drop_replica_snapshot(id, tombstone),
         })

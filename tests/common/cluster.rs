@@ -119,7 +119,14 @@ impl Cluster {
     /// Starts another controller over the static agent list and waits until it sees
     /// every node; returns its index.
     pub async fn add_controller(&mut self) -> usize {
-        let controller = self.start_controller(&self.certs.join("controller")).await;
+        self.add_controller_with(&[]).await
+    }
+
+    /// [`Cluster::add_controller`] with more flags after the harness's own.
+    pub async fn add_controller_with(&mut self, extra: &[String]) -> usize {
+        let controller = self
+            .start_controller_with(&self.certs.join("controller"), extra)
+            .await;
         let ids: Vec<&str> = self.nodes.iter().map(|n| n.id.as_str()).collect();
         controller.wait_for_nodes(&ids).await;
         self.controllers.push(controller);

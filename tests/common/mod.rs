@@ -13,6 +13,7 @@
 #[macro_use]
 pub mod process;
 pub mod cluster;
+pub mod metrics;
 mod requests;
 
 pub use requests::*;
