@@ -408,13 +408,16 @@ impl Pool {
             taken,
             size_bytes: volume.size_bytes,
         };
+        let previous = points.newest().map(|(n, _)| n);
         points.next = number + 1;
         points.points.insert(number, info);
-        // Points no replica holds and that are not the newest are of no use.
+        // Kept: the new point, what each replica holds, and the point before, which a
+        // replica may hold without this node having heard so (its answer lost, or
+        // this node stopped before recording it): its next delta starts there.
         let held: BTreeSet<u64> = points.shipped.values().map(|s| s.point).collect();
         points
             .points
-            .retain(|n, _| *n == number || held.contains(n));
+            .retain(|n, _| *n == number || Some(*n) == previous || held.contains(n));
         self.write_points(id, &points)?;
         Ok((number, info))
     }
@@ -592,9 +595,10 @@ impl Pool {
                 }
                 sys::fs::reflink(&self.replica_point_image(id, number), &partial)
                     .and_then(|()| sys::fs::grow_image(&partial, size_bytes, false))
-                    .map_err(no_space)?;
+                    .map_err(|e| no_space(e, &partial, 0))?;
             }
-            None => sys::fs::create_image(&partial, size_bytes, false).map_err(no_space)?,
+            None => sys::fs::create_image(&partial, size_bytes, false)
+                .map_err(|e| no_space(e, &partial, 0))?,
         }
         let file = OpenOptions::new()
             .write(true)
@@ -826,14 +830,18 @@ impl Incoming {
         self.chain.add(chunk);
         if self.delta && chunk.length > 0 {
             sys::fs::punch_hole(&self.file, &self.partial, chunk.offset, chunk.length)
-                .map_err(no_space)?;
+                .map_err(|e| no_space(e, &self.partial, 0))?;
         }
         let mut at = 0usize;
         for &(offset, length) in &chunk.extents {
             let bytes = &chunk.data[at..at + length as usize];
-            self.file
-                .write_all_at(bytes, offset)
-                .map_err(|e| no_space(sys::Error::io("write", &self.partial, e)))?;
+            self.file.write_all_at(bytes, offset).map_err(|e| {
+                no_space(
+                    sys::Error::io("write", &self.partial, e),
+                    &self.partial,
+                    length,
+                )
+            })?;
             at += length as usize;
         }
         self.bytes_written += chunk.data.len() as u64;
@@ -856,7 +864,7 @@ impl Incoming {
         }
         self.file
             .sync_all()
-            .map_err(|e| no_space(sys::Error::io("fsync", &self.partial, e)))?;
+            .map_err(|e| no_space(sys::Error::io("fsync", &self.partial, e), &self.partial, 0))?;
         pool.pause_at("replica-before-commit");
         sys::fs::rename(&self.partial, &self.final_path)?;
         self.done = true;
@@ -910,12 +918,16 @@ impl Drop for Incoming {
     }
 }
 
-/// A write that ran out of space is the pool's NoSpace (RESOURCE_EXHAUSTED).
-fn no_space(e: sys::Error) -> Error {
+/// A write of `needed` bytes into `path` that ran out of space is the pool's
+/// NoSpace (RESOURCE_EXHAUSTED), with what its filesystem has left.
+fn no_space(e: sys::Error, path: &Path, needed: u64) -> Error {
     match e.raw_os_error() {
         Some(libc::ENOSPC) => Error::NoSpace {
-            needed: 0,
-            available: 0,
+            needed,
+            available: path
+                .parent()
+                .and_then(|dir| sys::fs::usage(dir).ok())
+                .map_or(0, |u| u.available_bytes),
         },
         _ => e.into(),
     }
