@@ -90,7 +90,10 @@ impl Collector for ReplicationCollector {
             }
         };
         let column = |value: fn(&Series) -> u64| -> Vec<(ReplicaLabels, u64)> {
-            series.iter().map(|s| (s.labels.clone(), value(s))).collect()
+            series
+                .iter()
+                .map(|s| (s.labels.clone(), value(s)))
+                .collect()
         };
         gauge(
             &mut encoder,
