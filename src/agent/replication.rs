@@ -18,7 +18,7 @@ use tonic::{Request, Status};
 
 use super::cluster::Cluster;
 use super::errors::{self, malformed};
-use super::transfer::{chunk, chunk_message};
+use super::transfer::{MAX_MESSAGE, chunk, chunk_message};
 use super::{proto, tls, wire};
 use crate::node::replication::{Peers, Piece, ReadRequest, Replicator, ShipAnswer, ShipRequest};
 use crate::pool::replica::ReadTarget;
@@ -65,7 +65,9 @@ impl Peers for ClusterPeers {
         };
         let stream = self
             .0
-            .call_node(node, READ_STALL, |mut c| async move {
+            .call_node(node, READ_STALL, |c| async move {
+                // A chunk of data is 16 MiB: past tonic's default 4 MiB limit.
+                let mut c = c.max_decoding_message_size(MAX_MESSAGE);
                 c.read_point(message).await
             })
             .await
