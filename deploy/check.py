@@ -19,9 +19,9 @@ of examples). Every object is checked:
   sidecars' required flags (the snapshotter's group snapshot gate), kura's command
   line and KURA_* environment (from its ConfigMap) run through the binary's own
   parser, one pool source where the pod sees it, one namespace everywhere (RBAC
-  subjects and --agents included), the headless Service the controller resolves, the
-  TLS Secrets mounted at --tls-dir, scrape annotations matching --metrics-listen, no
-  RBAC for the node;
+  subjects and --agents included), the headless Service the controller resolves,
+  the nodes' --peers naming that same Service, the TLS Secrets mounted at
+  --tls-dir, scrape annotations matching --metrics-listen, no RBAC for the node;
 - with components/snapshot-metadata: the SnapshotMetadataService named after the
   driver, its address naming the Service in the controller's namespace whose port
   leads to the sidecar, the sidecar on kura's socket with its TLS from the Secret the
@@ -687,7 +687,10 @@ def check_node(obj: dict, objects: list, kura_bin: str, problems: Problems):
             if o.get("automountServiceAccountToken") is not False:
                 problems.add(name_of(o), "automountServiceAccountToken must be false")
     agent_ports = [port_of(a) for a in settings.setting("--agent-listen")]
-    return agent_ports, dig(obj, "spec", "template", "metadata", "labels", default={})
+    peers = settings.setting("--peers")
+    if len(peers) != 1:
+        problems.add(where, "kura node needs one --peers NAME:PORT (the agents' Service: how replicas find their nodes)")
+    return agent_ports, dig(obj, "spec", "template", "metadata", "labels", default={}), peers
 
 
 def check_controller(obj: dict, objects: list, node_info, kura_bin: str, problems: Problems) -> None:
@@ -752,7 +755,11 @@ def check_controller(obj: dict, objects: list, node_info, kura_bin: str, problem
     if node_info is None:
         problems.add(where, "no node DaemonSet to find agents in")
         return
-    agent_ports, labels = node_info
+    agent_ports, labels, peers = node_info
+    # The nodes find each other (for replicas) through the same Service, in the same
+    # namespace, as the controller finds them.
+    if peers and peers != agents:
+        problems.add(where, f"node --peers {peers[0]} is not the controller's --agents {agents[0]}")
     if not selects(service, labels):
         problems.add(name_of(service), "its selector does not select the node pods")
     service_ports = [p.get("port") for p in dig(service, "spec", "ports", default=[])]

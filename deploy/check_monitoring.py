@@ -34,6 +34,8 @@ DATASOURCE = "${datasource}"
 # Grafana's built-in interval variables, as a value PromQL takes.
 GRAFANA_INTERVALS = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h"}
 HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
+# A counter is registered without it; the encoder (OpenMetrics) appends it.
+COUNTER_SUFFIX = "_total"
 
 
 def exported_names(src: Path, sidecar_list: Path) -> set[str]:
@@ -70,7 +72,7 @@ def metric_names(expr: str) -> list[str]:
 
 def known(name: str, exported: set[str]) -> bool:
     return name in exported or any(
-        name.endswith(s) and name[: -len(s)] in exported for s in HISTOGRAM_SUFFIXES
+        name.endswith(s) and name[: -len(s)] in exported for s in (*HISTOGRAM_SUFFIXES, COUNTER_SUFFIX)
     )
 
 

@@ -220,6 +220,11 @@ def agents_in_other_namespace(objects):
     c["args"] = [a if not a.startswith("--agents=") else "--agents=kura-agents.other.svc:9810" for a in c["args"]]
 
 
+def node_without_peers(objects):
+    c = container(objects, "DaemonSet", "kura-node", "kura")
+    c["args"] = [a for a in c["args"] if not a.startswith("--peers=")]
+
+
 def subject_in_default(objects):
     find(objects, "ClusterRoleBinding", "kura-provisioner")["subjects"][0]["namespace"] = "default"
 
@@ -247,6 +252,11 @@ def subject_left_in_kura(objects):
 def agents_left_in_kura(objects):
     c = container(objects, "Deployment", "kura-controller", "kura")
     c["args"] = [a if not a.startswith("--agents=") else "--agents=kura-agents.kura.svc:9810" for a in c["args"]]
+
+
+def peers_left_in_kura(objects):
+    c = container(objects, "DaemonSet", "kura-node", "kura")
+    c["args"] = [a if not a.startswith("--peers=") else "--peers=kura-agents.kura.svc:9810" for a in c["args"]]
 
 
 def service_left_in_kura(objects):
@@ -463,11 +473,14 @@ MUTATIONS = [
     (registrar_without_spc_t, "install", "seLinuxOptions.type must be spc_t"),
     (agents_in_other_namespace, "install", "names the namespace other, the controller runs in kura"),
     (subject_in_default, "install", "is in namespace default, not kura's kura"),
+    (node_without_peers, "install", "kura node needs one --peers NAME:PORT"),
     (pool_size_with_device, "pool-device", "--pool-size (KURA_POOL_SIZE) is set without --pool-image"),
     (image_and_device, "pool-device", "kura refuses the arguments and environment (exit 2)"),
     (device_outside_dev, "pool-device", "is not under /dev"),
     (subject_left_in_kura, "other-namespace", "is in namespace kura, not kura's storage-system"),
     (agents_left_in_kura, "other-namespace", "names the namespace kura, the controller runs in storage-system"),
+    (peers_left_in_kura, "other-namespace",
+     "node --peers kura-agents.kura.svc:9810 is not the controller's --agents kura-agents.storage-system.svc:9810"),
     (service_left_in_kura, "other-namespace", "Service/kura/kura-agents: is in namespace kura"),
     (namespace_not_applied, "other-namespace", "the controller is in namespace kura, the overlay asks for storage-system"),
     (alert_syntax, "monitoring", "promtool check rules fails"),

@@ -23,7 +23,9 @@
 //! - `kura_snapshot_deltas_total{node,method}`: GetMetadataDelta streams answered on
 //!   this node, `method` `extents` or `data` (see [`crate::pool::cbt`]).
 //! - `kura_replica_lag_seconds{node,volume_id,replica}`: on a replicated volume's node,
-//!   seconds since the point each replica holds was taken; and
+//!   seconds since the point each replica holds was taken;
+//!   `kura_replica_interval_seconds{node,volume_id,replica}`, the volume's interval
+//!   under the same labels (an alert compares lag with it); and
 //!   `kura_replica_shipped_bytes_total{node,volume_id,replica}`, data bytes sent to it
 //!   since the process started (see [`crate::node::replication`]).
 //!

@@ -22,6 +22,10 @@ struct Series {
     /// Seconds since the point the replica holds was taken (since the volume was
     /// created, while it holds none).
     lag: u64,
+    /// The volume's interval, beside each lag with the same labels, so an alert can
+    /// compare the two series one to one (the interval differs by volume and may be
+    /// modified).
+    interval: u64,
     shipped: u64,
 }
 
@@ -67,6 +71,7 @@ impl ReplicationCollector {
                         replica: replica.to_owned(),
                     },
                     lag: (now - since.seconds).max(0) as u64,
+                    interval: replication.interval_secs,
                     shipped: state.bytes_shipped,
                 });
             }
@@ -84,13 +89,23 @@ impl Collector for ReplicationCollector {
                 return Ok(());
             }
         };
-        let lags: Vec<(ReplicaLabels, u64)> =
-            series.iter().map(|s| (s.labels.clone(), s.lag)).collect();
+        let column = |value: fn(&Series) -> u64| -> Vec<(ReplicaLabels, u64)> {
+            series
+                .iter()
+                .map(|s| (s.labels.clone(), value(s)))
+                .collect()
+        };
         gauge(
             &mut encoder,
             "kura_replica_lag_seconds",
             "Seconds since the point a replica holds was taken (since the volume was created, while it holds none), by volume and replica node",
-            &lags,
+            &column(|s| s.lag),
+        )?;
+        gauge(
+            &mut encoder,
+            "kura_replica_interval_seconds",
+            "The replicated volume's interval between points, in seconds, by volume and replica node (the labels of kura_replica_lag_seconds)",
+            &column(|s| s.interval),
         )?;
         let mut shipped = encoder.encode_descriptor(
             "kura_replica_shipped_bytes",
