@@ -472,7 +472,10 @@ impl<P: Peers> Replicator<P> {
                 .map_err(|e| crate::sys::Error::io("stat", image.path(), e))?
                 .len();
             let (ranges, delta) = match &base {
-                Some(base) => (pool::cbt::changed_between(base, &image)?.0, true),
+                Some(base) => {
+                    let changed = pool::cbt::changed_between(base, &image)?.0;
+                    (replica::shipped_ranges(&changed), true)
+                }
                 None => (vec![(0, size)], false),
             };
             let reader = Reader::open(image.path(), 0)?.0;

@@ -793,6 +793,24 @@ impl Pool {
     }
 }
 
+/// Changed ranges closer than this are shipped as one: the unchanged bytes between
+/// them travel too, but the source reads one run instead of many small ones (random
+/// 4 KiB writes leave thousands of ranges, and reading them one by one at queue depth
+/// one is what a round's time would go to).
+pub const SHIP_GAP: u64 = 256 << 10;
+
+/// The ranges a delta ships: the changed ones, joined across gaps up to [`SHIP_GAP`].
+pub fn shipped_ranges(changed: &[cbt::Range]) -> Vec<cbt::Range> {
+    let mut out: Vec<cbt::Range> = Vec::new();
+    for &(start, end) in changed {
+        match out.last_mut() {
+            Some(last) if start <= last.1 + SHIP_GAP => last.1 = last.1.max(end),
+            _ => out.push((start, end)),
+        }
+    }
+    out
+}
+
 /// What a replica node reads from a volume's node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReadTarget {
@@ -995,6 +1013,26 @@ mod tests {
         }
         // No replication at all.
         assert!(check_grant(&volume, None, "node-b", &good, 1_000).is_err());
+    }
+
+    #[test]
+    fn close_changes_ship_as_one_range() {
+        let k = |n: u64| n << 10;
+        assert_eq!(shipped_ranges(&[]), vec![]);
+        assert_eq!(
+            shipped_ranges(&[
+                (0, k(4)),
+                (k(8), k(12)),
+                (k(300), k(304)),
+                (k(1000), k(1004))
+            ]),
+            vec![(0, k(12)), (k(300), k(304)), (k(1000), k(1004))]
+        );
+        // Exactly the gap apart: joined.
+        assert_eq!(
+            shipped_ranges(&[(0, k(4)), (k(4) + SHIP_GAP, k(8) + SHIP_GAP)]),
+            vec![(0, k(8) + SHIP_GAP)]
+        );
     }
 
     #[test]
