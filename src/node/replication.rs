@@ -486,7 +486,10 @@ impl<P: Peers> Replicator<P> {
             Ok(opened) => opened,
             Err(denied) => return Ok(Err(denied)),
         };
-        tokio::task::spawn_blocking(move || {
+        // A thread of its own, below the volumes' I/O: shipping may lag, the volumes
+        // must not wait.
+        let reading = crate::sys::thread::spawn("kura-ship", move || {
+            crate::sys::thread::lower_priority();
             let send = |piece| sender.blocking_send(piece).is_ok();
             if !send(Ok(Piece::Header {
                 size_bytes: size,
@@ -517,6 +520,7 @@ impl<P: Peers> Replicator<P> {
             }
             send(Ok(Piece::Digest(chain.bytes().to_vec())));
         });
+        reading?;
         Ok(Ok(receiver))
     }
 
@@ -696,18 +700,50 @@ impl<P: Peers> Replicator<P> {
         let volume = request.volume.clone();
         let source = (request.source_node.as_str(), request.source_pool.as_str());
         let base = base.filter(|_| delta);
-        let mut incoming: Incoming = tokio::task::block_in_place(|| {
+        let incoming: Incoming = tokio::task::block_in_place(|| {
             pool.begin_replica(&volume, source, target, size_bytes, base)
         })?;
+        // Written by a thread of its own, below the node's volumes (see
+        // `sys::thread::lower_priority`), a few chunks behind the stream at most.
+        let (chunks, mut to_write) = tokio::sync::mpsc::channel::<Chunk>(4);
+        let writer = crate::sys::thread::spawn("kura-replica", move || {
+            crate::sys::thread::lower_priority();
+            let mut incoming = incoming;
+            while let Some(chunk) = to_write.blocking_recv() {
+                incoming.apply(&chunk)?;
+            }
+            Ok::<_, pool::Error>(incoming)
+        })?;
+        let written = |writer: std::thread::JoinHandle<pool::Result<Incoming>>| async move {
+            tokio::task::spawn_blocking(move || writer.join())
+                .await
+                .ok()
+                .and_then(|joined| joined.ok())
+                .unwrap_or_else(|| {
+                    Err(pool::Error::Sys(crate::sys::Error::Thread {
+                        what: "kura-replica".to_owned(),
+                        source: std::io::Error::other("the replica's writer panicked"),
+                    }))
+                })
+        };
         loop {
             match stream.next().await {
                 Some(Ok(Piece::Chunk(chunk))) => {
-                    tokio::task::block_in_place(|| incoming.apply(&chunk))?;
+                    if chunks.send(chunk).await.is_err() {
+                        // The writer stopped: its error says why.
+                        drop(chunks);
+                        return Err(written(writer)
+                            .await
+                            .err()
+                            .unwrap_or_else(|| failed("the replica's writer stopped".into())));
+                    }
                 }
                 Some(Ok(Piece::Digest(digest))) => {
-                    let written = incoming.bytes_written();
+                    drop(chunks);
+                    let incoming = written(writer).await?;
+                    let bytes = incoming.bytes_written();
                     let record = tokio::task::block_in_place(|| incoming.commit(&pool, &digest))?;
-                    return Ok((record, written));
+                    return Ok((record, bytes));
                 }
                 Some(Ok(Piece::Header { .. })) => {
                     return Err(failed("a second header".into()));

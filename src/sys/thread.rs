@@ -21,6 +21,36 @@ pub fn spawn<T: Send + 'static>(
         })
 }
 
+/// Makes the calling thread yield to everything else on the node: nice 10 for the
+/// CPU, and the lowest best-effort I/O priority (never the idle class, which a volume
+/// busy all the time would starve for good). For background work that competes with
+/// the volumes' own I/O (shipping replicas). Best effort: a refusal is logged.
+pub fn lower_priority() {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: setpriority on this thread's own ID; no memory is passed.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10) } != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "setpriority");
+    }
+    const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+    const IOPRIO_CLASS_BE: libc::c_long = 2;
+    const IOPRIO_CLASS_SHIFT: libc::c_long = 13;
+    let lowest_best_effort = (IOPRIO_CLASS_BE << IOPRIO_CLASS_SHIFT) | 7;
+    // SAFETY: ioprio_set on this thread's own ID with a valid priority value; no
+    // memory is passed.
+    let set = unsafe {
+        libc::syscall(
+            libc::SYS_ioprio_set,
+            IOPRIO_WHO_PROCESS,
+            tid as libc::c_long,
+            lowest_best_effort,
+        )
+    };
+    if set != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "ioprio_set");
+    }
+}
+
 /// Where a bounded step's result meets its caller.
 enum Slot<T> {
     Waiting,
