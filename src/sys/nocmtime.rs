@@ -116,7 +116,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         std::fs::write(&path, b"x").unwrap();
-        let on_xfs = fstatfs(&File::open(&path).unwrap())
+        let on_xfs = fstatfs(File::open(&path).unwrap())
             .unwrap()
             .filesystem_type()
             == XFS_SUPER_MAGIC;
