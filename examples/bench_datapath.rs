@@ -923,9 +923,9 @@ impl Postgres {
                 .args(["-D", &data, "-l", &log, "-w", "-o", &options, "start"]),
             true,
         )?;
-        run_tool(&mut server.client(args, "createdb").arg("bench"), true)?;
+        run_tool(server.client(args, "createdb").arg("bench"), true)?;
         run_tool(
-            &mut server.client(args, "pgbench").args([
+            server.client(args, "pgbench").args([
                 "-i",
                 "-q",
                 "-s",
@@ -946,13 +946,12 @@ impl Postgres {
     /// One pgbench run after a CHECKPOINT: (TPS, average latency in ms).
     fn run(&self, args: &Args) -> Result<(f64, f64)> {
         run_tool(
-            &mut self
-                .client(args, "psql")
+            self.client(args, "psql")
                 .args(["-q", "-c", "CHECKPOINT", "bench"]),
             true,
         )?;
         let output = run_tool(
-            &mut self.client(args, "pgbench").args([
+            self.client(args, "pgbench").args([
                 "-c",
                 &args.pgbench_clients.to_string(),
                 "-j",
