@@ -17,7 +17,8 @@ cleanup() {
   # Only what this run made: mounts under $work (deepest first), then loop devices
   # whose backing file is under $work (volumes first, the pool image last).
   for _ in 1 2 3; do
-    grep -F " $work/" /proc/self/mountinfo | awk '{print $5}' | sort -r | while read -r m; do umount "$m" 2>/dev/null || true; done
+    # (grep finds nothing when nothing is mounted: that must not end the cleanup.)
+    { grep -F " $work/" /proc/self/mountinfo || true; } | awk '{print $5}' | sort -r | while read -r m; do umount "$m" 2>/dev/null || true; done
     losetup -n -l -O NAME,BACK-FILE 2>/dev/null | awk -v p="$work/" 'index($2, p) == 1 {print $1}' |
       sort -r | while read -r dev; do losetup -d "$dev" 2>/dev/null || true; done
     grep -qF " $work/" /proc/self/mountinfo || break
