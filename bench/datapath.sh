@@ -33,14 +33,19 @@ for tool in mkfs.xfs mkfs.ext4 losetup; do
   }
 done
 
-pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+# The newest PostgreSQL's programs, if any is installed.
+newest_pg_bin() {
+  local dirs=(/usr/lib/postgresql/*/bin)
+  if [ -d "${dirs[0]}" ]; then printf '%s\n' "${dirs[@]}" | sort -V | tail -n 1; fi
+}
+pg_bin=$(newest_pg_bin)
 if [[ " $* " == *" --pgbench-seconds "* ]] && [ -z "$pg_bin" ]; then
   # Debian's postgresql makes and starts a cluster of its own unless told not to.
   mkdir -p /etc/postgresql-common
   [ -e /etc/postgresql-common/createcluster.conf ] ||
     echo "create_main_cluster = false" >/etc/postgresql-common/createcluster.conf
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
-  pg_bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+  pg_bin=$(newest_pg_bin)
 fi
 
 cargo build --release --quiet --bin kura --example bench_datapath

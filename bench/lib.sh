@@ -70,8 +70,8 @@ start_kura() {
 
 # What the run is on, for the report.
 describe_machine() {
-  local pool="$1 sparse image"
-  if [ -n "${pool_device:-}" ]; then pool="$1 device $pool_device (a loop device, direct I/O, over a sparse file)"; fi
+  local what="$1 sparse image"
+  if [ -n "${pool_device:-}" ]; then what="$1 device $pool_device (a loop device, direct I/O, over a sparse file)"; fi
   echo "kura $(target/release/kura --version | awk '{print $2}'), $(nproc) cores, kernel $(uname -r)," \
-    "pool: $pool on $(findmnt -no FSTYPE -T "$work") ($(findmnt -no SOURCE -T "$work")); $(uptime)"
+    "pool: $what on $(findmnt -no FSTYPE -T "$work") ($(findmnt -no SOURCE -T "$work")); $(uptime)"
 }

@@ -22,7 +22,8 @@
 //! - [`pool`]: the node-local pool: volumes, snapshots, group snapshots, metadata,
 //!   capacity, recovery, exposing volumes on the node ([`pool::attach`], inline
 //!   volumes in [`pool::ephemeral`]), and changed block tracking ([`pool::cbt`]).
-//! - [`sys`]: the only code that touches the OS: loop devices, mounts, mkfs
+//! - [`sys`]: the only code that touches the OS: loop devices (holding images
+//!   without time updates, [`sys::nocmtime`]), mounts, mkfs
 //!   ([`sys::FsType`]), reflink, freeze, statfs, mountinfo, sparse ranges, extent
 //!   maps ([`sys::fiemap`]), direct I/O, fscrypt keys and policies.
 //! - [`server`]: builds each role (`all-in-one`, `node`, `controller`) from the
