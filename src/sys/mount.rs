@@ -90,7 +90,8 @@ fn with_defaults(fs_type: FsType, options: &[String]) -> Vec<String> {
 }
 
 /// Mounts the filesystem on `device` at `target` with the given mount options, plus
-/// `nosuid,nodev`. The options were checked against [`ALLOWED`]; they reach the kernel
+/// `nosuid,nodev` and kura's defaults where the caller did not choose
+/// ([`with_defaults`]). The options were checked against [`ALLOWED`]; they reach the kernel
 /// straight through mount(2), without a mount(8) process (whose start costs more than
 /// the mount itself when many volumes are staged at once).
 pub fn mount_fs(device: &Path, target: &Path, fs_type: FsType, options: &[String]) -> Result<()> {
