@@ -7,10 +7,18 @@ work=$(mktemp -d "${BENCH_TMP:-/tmp}/kura-bench.XXXXXX")
 kura_pid=
 cleanup() {
   if [ -n "$kura_pid" ]; then kill -TERM "$kura_pid" 2>/dev/null || true; wait "$kura_pid" 2>/dev/null || true; fi
+  # PostgreSQL servers a benchmark started on its targets (their data under $work):
+  # a fast shutdown (SIGINT), waited for, so their filesystems can be unmounted.
+  find "$work" -maxdepth 5 -name postmaster.pid 2>/dev/null | while read -r pidfile; do
+    pid=$(head -n 1 "$pidfile")
+    kill -INT "$pid" 2>/dev/null || continue
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  done
   # Only what this run made: mounts under $work (deepest first), then loop devices
   # whose backing file is under $work (volumes first, the pool image last).
   for _ in 1 2 3; do
-    grep -F " $work/" /proc/self/mountinfo | awk '{print $5}' | sort -r | while read -r m; do umount "$m" 2>/dev/null || true; done
+    # (grep finds nothing when nothing is mounted: that must not end the cleanup.)
+    { grep -F " $work/" /proc/self/mountinfo || true; } | awk '{print $5}' | sort -r | while read -r m; do umount "$m" 2>/dev/null || true; done
     losetup -n -l -O NAME,BACK-FILE 2>/dev/null | awk -v p="$work/" 'index($2, p) == 1 {print $1}' |
       sort -r | while read -r dev; do losetup -d "$dev" 2>/dev/null || true; done
     grep -qF " $work/" /proc/self/mountinfo || break
@@ -20,16 +28,27 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# spawn_kura SIZE [extra kura flags...]: kura all-in-one on $work/pool.img of SIZE,
-# serving $work/csi.sock (appending to $work/kura.log); does not wait.
+# attach_disk NAME SIZE: a "disk" of the kind the benchmarks compare with: a loop
+# device with direct I/O over a new sparse file $work/NAME.img of SIZE (40Gi or 40G
+# units) on the host's filesystem. Prints the device; cleanup detaches it.
+attach_disk() {
+  truncate -s "${2%i}" "$work/$1.img"
+  losetup --direct-io=on --show -f "$work/$1.img"
+}
+
+# spawn_kura SIZE [extra kura flags...]: kura all-in-one on $work/pool.img of SIZE
+# (or, with $pool_device set, on that device), serving $work/csi.sock (appending to
+# $work/kura.log); does not wait.
 spawn_kura() {
   local size=$1
   shift
+  local pool=(--pool-image "$work/pool.img" --pool-size "$size")
+  if [ -n "${pool_device:-}" ]; then pool=(--pool-device "$pool_device"); fi
   "${KURA_BIN:-target/release/kura}" all-in-one \
     --endpoint "unix://$work/csi.sock" \
     --node-id bench-node \
     --state-dir "$work/state" \
-    --pool-image "$work/pool.img" --pool-size "$size" \
+    "${pool[@]}" \
     --log-level warn "$@" \
     >>"$work/kura.log" 2>&1 &
   kura_pid=$!
@@ -51,6 +70,8 @@ start_kura() {
 
 # What the run is on, for the report.
 describe_machine() {
+  local what="$1 sparse image"
+  if [ -n "${pool_device:-}" ]; then what="$1 device $pool_device (a loop device, direct I/O, over a sparse file)"; fi
   echo "kura $(target/release/kura --version | awk '{print $2}'), $(nproc) cores, kernel $(uname -r)," \
-    "pool: $1 sparse image on $(findmnt -no FSTYPE -T "$work") ($(findmnt -no SOURCE -T "$work")); $(uptime)"
+    "pool: $what on $(findmnt -no FSTYPE -T "$work") ($(findmnt -no SOURCE -T "$work")); $(uptime)"
 }

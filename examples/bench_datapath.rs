@@ -1,17 +1,20 @@
-//! The data path, layer by layer: fio (direct I/O, libaio) on the pool's raw device,
-//! on a file in the pool, and on kura's raw block, ext4 and xfs volumes (thin and
-//! thick), plus the cost of the first overwrites after a snapshot. bench/datapath.sh
-//! runs it against a fresh all-in-one kura:
+//! The data path, layer by layer: fio (direct I/O, libaio) on the disk (a device of
+//! the kind the pool's is, raw or with the filesystem made straight on it), on a file
+//! in the pool, and on kura's raw block, ext4 and xfs volumes (thin and thick), plus
+//! the cost of the first overwrites after a snapshot and, with `--pgbench-seconds`,
+//! PostgreSQL's pgbench on the mount volumes and on the disk's filesystems.
+//! bench/datapath.sh runs it against a fresh all-in-one kura:
 //!
 //!     bench_datapath --endpoint unix:///tmp/x/csi.sock --pool-root /tmp/x/state/pool \
-//!         --work /tmp/x/work --raw-size-mib 40960 --runtime 10 --size-mib 1024 --runs 3
+//!         --work /tmp/x/work --runtime 10 --size-mib 1024 --runs 3
 //!
 //! Every target is made first and prefilled (one sequential pass of 1 MiB direct
 //! writes over the measured region), so reads hit written blocks and writes overwrite
 //! allocated ones. Then, in each of `runs` rounds, every workload runs on every target,
 //! the order of the targets rotating from round to round. Prints, per workload, the
 //! medians with min..max over the rounds and the ratios against the file in the pool
-//! (the limit a volume can reach) and the raw device.
+//! (the limit a volume can reach) and the disk (what a user compares kura with: an
+//! LVM volume is close to it).
 
 use std::collections::BTreeMap;
 use std::error::Error;
@@ -23,6 +26,7 @@ use clap::Parser;
 use kura::csi::proto::controller_client::ControllerClient;
 use kura::csi::proto::node_client::NodeClient;
 use kura::csi::proto::{self, volume_capability};
+use kura::sys::FsType;
 use serde_json::Value;
 use tonic::transport::Channel;
 
@@ -39,13 +43,10 @@ struct Args {
     /// The pool's root directory (holding volumes/ and snapshots/).
     #[arg(long)]
     pool_root: PathBuf,
-    /// A directory on the filesystem that holds the pool image: the raw device's
-    /// image goes there, and staging and publish paths.
+    /// A directory on the filesystem that holds the pool's device file: the disks'
+    /// files go there, and staging and publish paths.
     #[arg(long)]
     work: PathBuf,
-    /// Size of the raw device's image: the pool image's size.
-    #[arg(long)]
-    raw_size_mib: u64,
     /// Seconds per fio run.
     #[arg(long, default_value_t = 10)]
     runtime: u64,
@@ -76,6 +77,20 @@ struct Args {
     /// Each command must set everything the variants differ in.
     #[arg(long, value_parser = parse_variant)]
     variant: Vec<Variant>,
+    /// Seconds per pgbench run on every filesystem target (0: no pgbench). Each such
+    /// target gets a private PostgreSQL server (its data on the target, its socket in
+    /// --work) and room for it.
+    #[arg(long, default_value_t = 0)]
+    pgbench_seconds: u64,
+    /// pgbench's scale factor (100,000 accounts each).
+    #[arg(long, default_value_t = 40)]
+    pgbench_scale: u32,
+    /// pgbench's clients.
+    #[arg(long, default_value_t = 8)]
+    pgbench_clients: u32,
+    /// Where PostgreSQL's programs are (initdb, pg_ctl, psql, pgbench).
+    #[arg(long, default_value = "/usr/lib/postgresql/15/bin")]
+    pg_bin: PathBuf,
 }
 
 #[derive(Clone, Debug)]
@@ -96,8 +111,6 @@ fn parse_variant(text: &str) -> Result<Variant, String> {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
-    /// A loop device on an unformatted image beside the pool image.
-    Raw,
     /// A file in the pool, opened by fio with O_DIRECT.
     File,
     Block,
@@ -105,70 +118,87 @@ enum Kind {
     Xfs,
 }
 
+/// Where a target lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum On {
+    /// A kura volume (or, for [`Kind::File`], the pool), thin or thick.
+    Kura { thick: bool },
+    /// A disk of its own: a loop device with direct I/O over a sparse file on the
+    /// host's filesystem, as the pool's device is, the size of a volume.
+    Disk,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Target {
     kind: Kind,
-    thick: bool,
+    on: On,
 }
 
 impl Target {
     fn name(&self) -> String {
         let base = match self.kind {
-            Kind::Raw => return "raw".into(),
             Kind::File => return "file".into(),
             Kind::Block => "block",
             Kind::Ext4 => "ext4",
             Kind::Xfs => "xfs",
         };
-        format!("{base}-{}", if self.thick { "thick" } else { "thin" })
+        match self.on {
+            On::Disk if self.kind == Kind::Block => "disk".into(),
+            On::Disk => format!("disk-{base}"),
+            On::Kura { thick } => format!("{base}-{}", if thick { "thick" } else { "thin" }),
+        }
     }
 
     fn describe(&self) -> &'static str {
-        match self.kind {
-            Kind::Raw => {
-                "a loop device (direct I/O) on an unformatted image the pool image's size, beside it"
+        match (self.kind, self.on) {
+            (Kind::File, _) => "a file in the pool, O_DIRECT",
+            (Kind::Block, On::Disk) => {
+                "the disk: a loop device (direct I/O) over a sparse file beside the pool's device file, as the pool's device is"
             }
-            Kind::File => "a file in the pool, O_DIRECT",
-            Kind::Block => "kura raw block volume (the published device)",
-            Kind::Ext4 => "a file on kura's ext4 mount volume",
-            Kind::Xfs => "a file on kura's xfs mount volume",
+            (Kind::Ext4, On::Disk) => "a file on ext4 made and mounted as kura does, on a disk",
+            (Kind::Xfs, On::Disk) => "a file on xfs made and mounted as kura does, on a disk",
+            (Kind::Block, _) => "kura raw block volume (the published device)",
+            (Kind::Ext4, _) => "a file on kura's ext4 mount volume",
+            (Kind::Xfs, _) => "a file on kura's xfs mount volume",
+        }
+    }
+
+    /// The filesystem fio's file lives on, for targets that have one of their own.
+    fn filesystem(&self) -> Option<FsType> {
+        match self.kind {
+            Kind::Ext4 => Some(FsType::Ext4),
+            Kind::Xfs => Some(FsType::Xfs),
+            Kind::File | Kind::Block => None,
+        }
+    }
+
+    /// The same layout straight on a disk: what this target is compared with.
+    fn on_disk(&self) -> Target {
+        Target {
+            kind: self.kind,
+            on: On::Disk,
         }
     }
 }
 
-const ALL_TARGETS: [Target; 8] = [
-    Target {
-        kind: Kind::Raw,
-        thick: false,
-    },
-    Target {
-        kind: Kind::File,
-        thick: false,
-    },
-    Target {
-        kind: Kind::Block,
-        thick: false,
-    },
-    Target {
-        kind: Kind::Block,
-        thick: true,
-    },
-    Target {
-        kind: Kind::Ext4,
-        thick: false,
-    },
-    Target {
-        kind: Kind::Ext4,
-        thick: true,
-    },
-    Target {
-        kind: Kind::Xfs,
-        thick: false,
-    },
-    Target {
-        kind: Kind::Xfs,
-        thick: true,
-    },
+const fn target(kind: Kind, on: On) -> Target {
+    Target { kind, on }
+}
+
+const THIN: On = On::Kura { thick: false };
+const THICK: On = On::Kura { thick: true };
+
+const ALL_TARGETS: [Target; 10] = [
+    target(Kind::Block, On::Disk),
+    target(Kind::Ext4, On::Disk),
+    target(Kind::Xfs, On::Disk),
+    target(Kind::File, THIN),
+    target(Kind::Block, THIN),
+    target(Kind::Block, THICK),
+    target(Kind::Ext4, THIN),
+    target(Kind::Ext4, THICK),
+    target(Kind::Xfs, THIN),
+    target(Kind::Xfs, THICK),
 ];
 
 #[derive(Clone, Copy, Debug)]
@@ -179,15 +209,19 @@ struct Workload {
     depth: u32,
     /// Whether latency percentiles are the point (QD1).
     latency: bool,
+    /// Buffered writes, each followed by fdatasync, as a database commits (PostgreSQL's
+    /// WAL): the percentiles are the fdatasync calls'.
+    fdatasync: bool,
 }
 
-const ALL_WORKLOADS: [Workload; 6] = [
+const ALL_WORKLOADS: [Workload; 7] = [
     Workload {
         name: "randread-4k-qd32",
         rw: "randread",
         bs: "4k",
         depth: 32,
         latency: false,
+        fdatasync: false,
     },
     Workload {
         name: "randwrite-4k-qd32",
@@ -195,6 +229,7 @@ const ALL_WORKLOADS: [Workload; 6] = [
         bs: "4k",
         depth: 32,
         latency: false,
+        fdatasync: false,
     },
     Workload {
         name: "randread-4k-qd1",
@@ -202,6 +237,7 @@ const ALL_WORKLOADS: [Workload; 6] = [
         bs: "4k",
         depth: 1,
         latency: true,
+        fdatasync: false,
     },
     Workload {
         name: "randwrite-4k-qd1",
@@ -209,6 +245,7 @@ const ALL_WORKLOADS: [Workload; 6] = [
         bs: "4k",
         depth: 1,
         latency: true,
+        fdatasync: false,
     },
     Workload {
         name: "read-1m-qd8",
@@ -216,6 +253,7 @@ const ALL_WORKLOADS: [Workload; 6] = [
         bs: "1m",
         depth: 8,
         latency: false,
+        fdatasync: false,
     },
     Workload {
         name: "write-1m-qd8",
@@ -223,6 +261,15 @@ const ALL_WORKLOADS: [Workload; 6] = [
         bs: "1m",
         depth: 8,
         latency: false,
+        fdatasync: false,
+    },
+    Workload {
+        name: "fdatasync-4k-qd1",
+        rw: "write",
+        bs: "4k",
+        depth: 1,
+        latency: true,
+        fdatasync: true,
     },
 ];
 
@@ -265,8 +312,17 @@ struct Sample {
 struct Ready {
     target: Target,
     path: PathBuf,
+    /// The directory of the target's own filesystem, where it has one.
+    root: Option<PathBuf>,
     volume: Option<Staged>,
-    raw_device: Option<PathBuf>,
+    disk: Option<Disk>,
+}
+
+/// A disk the bench attached, and the filesystem it mounted on it.
+struct Disk {
+    device: PathBuf,
+    file: PathBuf,
+    mount: Option<PathBuf>,
 }
 
 struct Staged {
@@ -362,6 +418,10 @@ async fn main() -> Result<()> {
     }
     print_tables(&workloads, &targets, variants, &samples, bench.args.runs);
 
+    if bench.args.pgbench_seconds > 0 {
+        bench.pgbench(&ready)?;
+    }
+
     if bench.args.cow_seconds > 0 {
         bench.after_snapshot().await?;
     }
@@ -434,42 +494,85 @@ impl Bench {
         self.args.size_mib * MIB
     }
 
+    /// A volume's size: the region, room for the filesystem's own metadata and journal
+    /// beside fio's file, and for PostgreSQL's data and WAL when pgbench runs.
+    fn volume_bytes(&self) -> u64 {
+        let pgbench = match self.args.pgbench_seconds {
+            0 => 0,
+            _ => 2048 * MIB + u64::from(self.args.pgbench_scale) * 16 * MIB,
+        };
+        self.region() + 256 * MIB + pgbench
+    }
+
     async fn prepare(&self, target: Target) -> Result<Ready> {
         let work = &self.args.work;
-        let ready = match target.kind {
-            Kind::Raw => {
-                let image = work.join("raw.img");
-                kura::sys::fs::create_image(&image, self.args.raw_size_mib * MIB, false)?;
-                let device = kura::sys::loopdev::attach(&image, false)?;
-                Ready {
-                    target,
-                    path: device.clone(),
-                    volume: None,
-                    raw_device: Some(device),
-                }
-            }
-            Kind::File => Ready {
+        let ready = match (target.kind, target.on) {
+            (Kind::File, _) => Ready {
                 target,
                 path: self.args.pool_root.join("bench-file.img"),
+                root: None,
                 volume: None,
-                raw_device: None,
+                disk: None,
             },
-            Kind::Block | Kind::Ext4 | Kind::Xfs => {
-                let cap = match target.kind {
-                    Kind::Block => block_capability(),
-                    Kind::Ext4 => mount_capability("ext4"),
-                    _ => mount_capability("xfs"),
+            (_, On::Disk) => {
+                let file = work.join(format!("{}.img", target.name()));
+                kura::sys::fs::create_image(&file, self.volume_bytes(), false)?;
+                // As bench/datapath.sh attaches the pool's device.
+                let output = Command::new("losetup")
+                    .args(["--direct-io=on", "--show", "-f"])
+                    .arg(&file)
+                    .output()?;
+                if !output.status.success() {
+                    return Err(format!(
+                        "losetup {}: {}",
+                        file.display(),
+                        String::from_utf8_lossy(&output.stderr)
+                    )
+                    .into());
+                }
+                let device = PathBuf::from(String::from_utf8(output.stdout)?.trim());
+                let mut disk = Disk {
+                    device: device.clone(),
+                    file,
+                    mount: None,
                 };
-                let staged = self.volume(&target.name(), target.thick, &cap).await?;
-                let path = match target.kind {
-                    Kind::Block => staged.publish.clone(),
-                    _ => staged.publish.join("fio.dat"),
+                let (path, root) = match target.filesystem() {
+                    None => (device, None),
+                    Some(fs) => {
+                        // Made and mounted by kura's own code, as a volume's is.
+                        let mount = work.join(format!("{}-mnt", target.name()));
+                        std::fs::create_dir_all(&mount)?;
+                        kura::sys::mkfs::format(&device, fs, false)?;
+                        kura::sys::mount::mount_fs(&device, &mount, fs, &[])?;
+                        disk.mount = Some(mount.clone());
+                        (mount.join("fio.dat"), Some(mount))
+                    }
                 };
                 Ready {
                     target,
                     path,
+                    root,
+                    volume: None,
+                    disk: Some(disk),
+                }
+            }
+            (kind, On::Kura { thick }) => {
+                let cap = match kind {
+                    Kind::Block => block_capability(),
+                    Kind::Ext4 => mount_capability("ext4"),
+                    _ => mount_capability("xfs"),
+                };
+                let staged = self.volume(&target.name(), thick, &cap).await?;
+                let (path, root) = match kind {
+                    Kind::Block => (staged.publish.clone(), None),
+                    _ => (staged.publish.join("fio.dat"), Some(staged.publish.clone())),
+                };
+                Ready {
+                    target,
+                    path,
+                    root,
                     volume: Some(staged),
-                    raw_device: None,
+                    disk: None,
                 }
             }
         };
@@ -485,8 +588,7 @@ impl Bench {
         cap: &proto::VolumeCapability,
     ) -> Result<Staged> {
         let (mut controller, mut node) = (self.controller.clone(), self.node.clone());
-        // Room for the filesystem's own metadata and journal beside fio's file.
-        let bytes = self.region() + 256 * MIB;
+        let bytes = self.volume_bytes();
         let id = controller
             .create_volume(proto::CreateVolumeRequest {
                 name: format!("bench-{name}"),
@@ -533,9 +635,13 @@ impl Bench {
     }
 
     async fn release(&self, ready: Ready) -> Result<()> {
-        if let Some(device) = ready.raw_device {
-            kura::sys::loopdev::detach(&device)?;
-            std::fs::remove_file(self.args.work.join("raw.img"))?;
+        if let Some(disk) = ready.disk {
+            if let Some(mount) = &disk.mount {
+                kura::sys::mount::unmount(mount)?;
+                std::fs::remove_dir(mount)?;
+            }
+            kura::sys::loopdev::detach(&disk.device)?;
+            std::fs::remove_file(&disk.file)?;
         }
         if ready.target.kind == Kind::File {
             std::fs::remove_file(&ready.path)?;
@@ -599,8 +705,12 @@ impl Bench {
             .arg(format!("--iodepth={}", w.depth))
             .arg(format!("--size={}", self.region()))
             .arg(format!("--runtime={runtime}"))
-            .args(["--direct=1", "--ioengine=libaio", "--time_based=1"])
-            .args(["--randrepeat=0", "--norandommap=1", "--output-format=json"]);
+            .args(["--time_based=1", "--randrepeat=0", "--norandommap=1"])
+            .arg("--output-format=json");
+        match w.fdatasync {
+            true => command.args(["--direct=0", "--ioengine=psync", "--fdatasync=1"]),
+            false => command.args(["--direct=1", "--ioengine=libaio"]),
+        };
         if let Some((prefix, _)) = iops_log {
             command
                 .arg(format!("--write_iops_log={}", prefix.display()))
@@ -616,7 +726,74 @@ impl Bench {
             )
             .into());
         }
-        parse_fio(&output.stdout, w.rw)
+        parse_fio(&output.stdout, w)
+    }
+
+    /// PostgreSQL's pgbench (TPC-B like, the default script) on every target with a
+    /// filesystem of its own: a private server per target (its data on the target, its
+    /// socket in --work, trust authentication, every other setting the default: fsync
+    /// on, synchronous commits, WAL synced with fdatasync), initialised once, then
+    /// `runs` rounds with the targets' order rotating, a CHECKPOINT before each run.
+    /// The servers are stopped at the end (and by bench/lib.sh's cleanup on a failure).
+    fn pgbench(&self, ready: &[Ready]) -> Result<()> {
+        let args = &self.args;
+        let on_fs: Vec<&Ready> = ready.iter().filter(|r| r.root.is_some()).collect();
+        let mut servers = Vec::new();
+        for r in &on_fs {
+            let server = Postgres::start(args, r)?;
+            eprintln!("bench: pgbench initialised on {}", r.target.name());
+            servers.push(server);
+        }
+        let mut tps: BTreeMap<Target, Vec<f64>> = BTreeMap::new();
+        let mut latency: BTreeMap<Target, Vec<f64>> = BTreeMap::new();
+        let mut failed = None;
+        'rounds: for run in 0..args.runs {
+            for k in 0..servers.len() {
+                let server = &servers[(run + k) % servers.len()];
+                match server.run(args) {
+                    Ok((t, ms)) => {
+                        eprintln!(
+                            "bench: round {run} pgbench {}: {t:.0} TPS, latency average {ms:.2} ms",
+                            server.target.name()
+                        );
+                        tps.entry(server.target).or_default().push(t);
+                        latency.entry(server.target).or_default().push(ms);
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        break 'rounds;
+                    }
+                }
+            }
+        }
+        for server in servers {
+            server.stop(args)?;
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        println!(
+            "### pgbench (scale {}, {} clients, 2 threads, {} s per run; medians of {} interleaved rounds, (min..max))",
+            args.pgbench_scale, args.pgbench_clients, args.pgbench_seconds, args.runs
+        );
+        println!();
+        println!("| target | TPS | latency average ms | TPS ÷ disk |");
+        println!("|---|---|---|---|");
+        for r in &on_fs {
+            let t = &tps[&r.target];
+            let disk = tps
+                .get(&r.target.on_disk())
+                .filter(|_| r.target.on != On::Disk)
+                .map_or("-".to_owned(), |d| format!("{:.2}", median(t) / median(d)));
+            println!(
+                "| {} | {} | {} | {disk} |",
+                r.target.name(),
+                with_range(t),
+                with_range(&latency[&r.target])
+            );
+        }
+        println!();
+        Ok(())
     }
 
     /// The first overwrites after a snapshot pay copy-on-write. In each round a fresh
@@ -631,10 +808,7 @@ impl Bench {
     async fn after_snapshot(&self) -> Result<()> {
         let workload = ALL_WORKLOADS[1];
         let seconds = self.args.cow_seconds;
-        let target = Target {
-            kind: Kind::Block,
-            thick: false,
-        };
+        let target = target(Kind::Block, THIN);
         let mut series: [Vec<Vec<f64>>; 3] = Default::default();
         let mut controller = self.controller.clone();
         for run in 0..self.args.runs {
@@ -645,8 +819,9 @@ impl Bench {
             let ready = Ready {
                 target,
                 path: staged.publish.clone(),
+                root: None,
                 volume: Some(staged),
-                raw_device: None,
+                disk: None,
             };
             self.fill(&ready.path)?;
             for phase in Phase::ALL {
@@ -702,17 +877,148 @@ impl Bench {
     }
 }
 
-fn parse_fio(json: &[u8], rw: &str) -> Result<Sample> {
+/// A private PostgreSQL server for one target.
+struct Postgres {
+    target: Target,
+    data: PathBuf,
+    socket: PathBuf,
+}
+
+impl Postgres {
+    /// initdb on the target, start, and pgbench's initialisation at the scale asked.
+    fn start(args: &Args, ready: &Ready) -> Result<Postgres> {
+        let root = ready.root.as_ref().ok_or("pgbench needs a filesystem")?;
+        let server = Postgres {
+            target: ready.target,
+            data: root.join("pgdata"),
+            socket: args.work.join(format!("pg-{}", ready.target.name())),
+        };
+        for dir in [&server.data, &server.socket] {
+            std::fs::create_dir_all(dir)?;
+            run_tool(
+                Command::new("chown").args(["postgres:postgres"]).arg(dir),
+                false,
+            )?;
+        }
+        let data = text(&server.data);
+        let bin = |name: &str| args.pg_bin.join(name);
+        run_tool(
+            Command::new(bin("initdb")).args([
+                "-D",
+                &data,
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ]),
+            true,
+        )?;
+        let options = format!(
+            "-c listen_addresses='' -c unix_socket_directories={} -p 5432",
+            server.socket.display()
+        );
+        let log = text(&server.socket.join("server.log"));
+        run_tool(
+            Command::new(bin("pg_ctl"))
+                .args(["-D", &data, "-l", &log, "-w", "-o", &options, "start"]),
+            true,
+        )?;
+        run_tool(server.client(args, "createdb").arg("bench"), true)?;
+        run_tool(
+            server.client(args, "pgbench").args([
+                "-i",
+                "-q",
+                "-s",
+                &args.pgbench_scale.to_string(),
+                "bench",
+            ]),
+            true,
+        )?;
+        Ok(server)
+    }
+
+    fn client(&self, args: &Args, program: &str) -> Command {
+        let mut command = Command::new(args.pg_bin.join(program));
+        command.arg("-h").arg(&self.socket).args(["-p", "5432"]);
+        command
+    }
+
+    /// One pgbench run after a CHECKPOINT: (TPS, average latency in ms).
+    fn run(&self, args: &Args) -> Result<(f64, f64)> {
+        run_tool(
+            self.client(args, "psql")
+                .args(["-q", "-c", "CHECKPOINT", "bench"]),
+            true,
+        )?;
+        let output = run_tool(
+            self.client(args, "pgbench").args([
+                "-c",
+                &args.pgbench_clients.to_string(),
+                "-j",
+                "2",
+                "-T",
+                &args.pgbench_seconds.to_string(),
+                "bench",
+            ]),
+            true,
+        )?;
+        let figure = |prefix: &str| -> Result<f64> {
+            output
+                .lines()
+                .find_map(|l| l.strip_prefix(prefix))
+                .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+                .ok_or_else(|| format!("pgbench printed no {prefix:?}: {output}").into())
+        };
+        Ok((figure("tps = ")?, figure("latency average = ")?))
+    }
+
+    fn stop(self, args: &Args) -> Result<()> {
+        run_tool(
+            Command::new(args.pg_bin.join("pg_ctl")).args([
+                "-D",
+                &text(&self.data),
+                "-m",
+                "fast",
+                "-w",
+                "stop",
+            ]),
+            true,
+        )?;
+        Ok(())
+    }
+}
+
+/// Runs `command` (as the postgres user with `as_postgres`: PostgreSQL refuses root) and
+/// returns its standard output; a failure carries its standard error.
+fn run_tool(command: &mut Command, as_postgres: bool) -> Result<String> {
+    let output = match as_postgres {
+        true => Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(command.get_program())
+            .args(command.get_args())
+            .output()?,
+        false => command.output()?,
+    };
+    if !output.status.success() {
+        return Err(format!("{:?}: {}", command, String::from_utf8_lossy(&output.stderr)).into());
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn parse_fio(json: &[u8], w: &Workload) -> Result<Sample> {
     let value: Value = serde_json::from_slice(json)?;
     let job = &value["jobs"][0];
-    let side = if rw.contains("read") {
+    let side = if w.rw.contains("read") {
         &job["read"]
     } else {
         &job["write"]
     };
     let number = |v: &Value| v.as_f64().ok_or("fio output lacks a figure");
-    let percentile =
-        |p: &str| -> Result<f64> { Ok(number(&side["clat_ns"]["percentile"][p])? / 1000.0) };
+    let latencies = match w.fdatasync {
+        true => &job["sync"]["lat_ns"],
+        false => &side["clat_ns"],
+    };
+    let percentile = |p: &str| -> Result<f64> { Ok(number(&latencies["percentile"][p])? / 1000.0) };
     Ok(Sample {
         iops: number(&side["iops"])?,
         mib_s: number(&side["bw"])? / 1024.0,
@@ -768,8 +1074,7 @@ fn print_tables(
     samples: &Samples,
     runs: usize,
 ) {
-    let file = ALL_TARGETS[1];
-    let raw = ALL_TARGETS[0];
+    let file = target(Kind::File, THIN);
     let compare = variants.len() > 1;
     println!(
         "Medians of {runs} interleaved rounds, (min..max); ratios: of the medians, (per round min..max)."
@@ -788,35 +1093,40 @@ fn print_tables(
             String::new()
         };
         if workload.latency {
-            println!("| target | {unit} | p50 µs | p99 µs | ÷ file | ÷ raw |{extra}");
             println!(
-                "|---|---|---|---|---|---|{}",
+                "| target | {unit} | p50 µs | p99 µs | ÷ file | ÷ disk | p50 ÷ disk | p99 ÷ disk |{extra}"
+            );
+            println!(
+                "|---|---|---|---|---|---|---|---|{}",
                 if compare { "---|" } else { "" }
             );
         } else {
-            println!("| target | {unit} | ÷ file | ÷ raw |{extra}");
+            println!("| target | {unit} | ÷ file | ÷ disk |{extra}");
             println!("|---|---|---|---|{}", if compare { "---|" } else { "" });
         }
-        let of = |v: usize, t: Target| {
+        let figures = |v: usize, t: Target, f: &dyn Fn(&Sample) -> f64| {
             samples
                 .get(&(w, v, t))
-                .map(|s| s.iter().map(throughput).collect::<Vec<_>>())
+                .map(|s| s.iter().map(f).collect::<Vec<_>>())
         };
+        let of = |v: usize, t: Target| figures(v, t, &throughput);
         for target in targets {
             for v in 0..variants.len().max(1) {
                 let Some(values) = of(v, *target) else {
                     continue;
                 };
-                let ratio = |base: Option<Vec<f64>>| match base {
+                let ratio_of = |values: &[f64], base: Option<Vec<f64>>| match base {
                     Some(b) => {
                         let per_round: Vec<f64> =
                             values.iter().zip(&b).map(|(v, b)| v / b).collect();
                         let (_, lo, hi) = spread(&per_round);
-                        format!("{:.2} ({lo:.2}..{hi:.2})", median(&values) / median(&b))
+                        format!("{:.2} ({lo:.2}..{hi:.2})", median(values) / median(&b))
                     }
                     None => "-".into(),
                 };
+                let ratio = |base: Option<Vec<f64>>| ratio_of(&values, base);
                 let against = |base: Target| ratio(of(v, base).filter(|_| base != *target));
+                let disk = target.on_disk();
                 let name = if compare {
                     format!("{} [{}]", target.name(), variants[v].name)
                 } else {
@@ -829,7 +1139,16 @@ fn print_tables(
                     let p99: Vec<f64> = list.iter().map(|s| s.p99_us).collect();
                     row += &format!(" {} | {} |", with_range(&p50), with_range(&p99));
                 }
-                row += &format!(" {} | {} |", against(file), against(raw));
+                row += &format!(" {} | {} |", against(file), against(disk));
+                if workload.latency {
+                    for pick in [&|s: &Sample| s.p50_us, &|s: &Sample| s.p99_us]
+                        as [&dyn Fn(&Sample) -> f64; 2]
+                    {
+                        let mine = figures(v, *target, pick).unwrap_or_default();
+                        let base = figures(v, disk, pick).filter(|_| disk != *target);
+                        row += &format!(" {} |", ratio_of(&mine, base));
+                    }
+                }
                 if compare {
                     row += &format!(" {} |", ratio(of(0, *target).filter(|_| v != 0)));
                 }

@@ -28,7 +28,8 @@
 //!   capacity, recovery, exposing volumes on the node ([`pool::attach`], inline
 //!   volumes in [`pool::ephemeral`]), changed block tracking ([`pool::cbt`]), and
 //!   replicas on disk ([`pool::replica`]: points, copies, grants, tombstones).
-//! - [`sys`]: the only code that touches the OS: loop devices, mounts, mkfs
+//! - [`sys`]: the only code that touches the OS: loop devices (holding images
+//!   without time updates, [`sys::nocmtime`]), mounts, mkfs
 //!   ([`sys::FsType`]), reflink, freeze, statfs, mountinfo, sparse ranges, extent
 //!   maps ([`sys::fiemap`]), direct I/O, fscrypt keys and policies.
 //! - [`server`]: builds each role (`all-in-one`, `node`, `controller`) from the

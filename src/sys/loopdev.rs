@@ -99,11 +99,16 @@ pub fn attach(file: &Path, read_only: bool) -> Result<PathBuf> {
 /// power of two; 0 lets the kernel pick it from the backing file's direct I/O
 /// alignment, which can change over the file's life).
 pub fn attach_with_block_size(file: &Path, read_only: bool, block_size: u32) -> Result<PathBuf> {
-    let backing = OpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .open(file)
-        .map_err(|e| Error::io("open", file, e))?;
+    // On XFS (a volume's image in the pool), held so that the device's writes leave the
+    // image's times alone: see [`super::nocmtime`] for the flushes that saves.
+    let backing = match super::nocmtime::open(file, read_only) {
+        Some(backing) => backing,
+        None => OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(file)
+            .map_err(|e| Error::io("open", file, e))?,
+    };
     let control = File::open(LOOP_CONTROL).map_err(|e| Error::io("open", LOOP_CONTROL, e))?;
     let mut flags = LO_FLAGS_DIRECT_IO | if read_only { LO_FLAGS_READ_ONLY } else { 0 };
     // Another process may take the free device between GET_FREE and CONFIGURE.

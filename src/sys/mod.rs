@@ -19,6 +19,7 @@ pub mod loopdev;
 pub mod mkfs;
 pub mod mount;
 pub mod mountinfo;
+pub mod nocmtime;
 pub mod pause;
 pub mod sparse;
 pub mod thread;
