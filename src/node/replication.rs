@@ -411,6 +411,13 @@ impl<P: Peers> Replicator<P> {
         if answer.point == 0 {
             return false;
         }
+        tracing::debug!(
+            volume.id = %id,
+            replica = %node,
+            point = answer.point,
+            bytes = answer.bytes_received,
+            "replica holds the point"
+        );
         let shipped = Shipped {
             point: answer.point,
             taken: answer.taken.unwrap_or(info.taken),
@@ -468,9 +475,7 @@ impl<P: Peers> Replicator<P> {
                 Some(number) => pool.open_base_point(&request.volume, number)?,
                 None => None,
             };
-            let size = std::fs::metadata(image.path())
-                .map_err(|e| crate::sys::Error::io("stat", image.path(), e))?
-                .len();
+            let size = image.size();
             let (ranges, delta) = match &base {
                 Some(base) => {
                     let changed = pool::cbt::changed_between(base, &image)?.0;

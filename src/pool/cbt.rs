@@ -143,6 +143,11 @@ impl Image {
     pub fn path(&self) -> &std::path::Path {
         &self.path
     }
+
+    /// The image's size, as its record gives it.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
 }
 
 /// A snapshot held open for a stream: its record and its image, readable until this

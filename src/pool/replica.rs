@@ -530,18 +530,21 @@ impl Pool {
         read_meta(&self.replica_record_path(id))
     }
 
+    /// The volumes of other nodes with a replica directory here, each with it.
+    fn replica_dirs(&self) -> Result<Vec<(VolumeId, PathBuf)>> {
+        Ok(entries(&self.root.join("replicas"))?
+            .into_iter()
+            .filter_map(|path| {
+                let id = VolumeId::parse(path.file_name()?.to_str()?)?;
+                Some((id, path))
+            })
+            .collect())
+    }
+
     /// Every record of a replica this node holds (tombstones included).
     pub fn replicas(&self) -> Result<Vec<ReplicaRecord>> {
-        let dir = self.root.join("replicas");
         let mut out = Vec::new();
-        for path in entries(&dir)? {
-            let Some(id) = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(VolumeId::parse)
-            else {
-                continue;
-            };
+        for (id, _) in self.replica_dirs()? {
             if let Some(record) = self.replica(&id)? {
                 out.push(record);
             }
@@ -747,14 +750,7 @@ impl Pool {
     /// and nothing else; every point directory of the source holds what its state
     /// names, and belongs to a volume that exists.
     pub(super) fn recover_replicas(&self) -> Result<()> {
-        for path in entries(&self.root.join("replicas"))? {
-            let Some(id) = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(VolumeId::parse)
-            else {
-                continue;
-            };
+        for (id, path) in self.replica_dirs()? {
             let record = self.replica(&id)?;
             for file in entries(&path)? {
                 let name = file.file_name().unwrap_or_default().to_string_lossy();
