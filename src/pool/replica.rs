@@ -935,15 +935,15 @@ impl Drop for Incoming {
 /// A write of `needed` bytes into `path` that ran out of space is the pool's
 /// NoSpace (RESOURCE_EXHAUSTED), with what its filesystem has left.
 fn no_space(e: sys::Error, path: &Path, needed: u64) -> Error {
-    match e.raw_os_error() {
-        Some(libc::ENOSPC) => Error::NoSpace {
-            needed,
-            available: path
-                .parent()
-                .and_then(|dir| sys::fs::usage(dir).ok())
-                .map_or(0, |u| u.available_bytes),
-        },
-        _ => e.into(),
+    if !e.is_no_space() {
+        return e.into();
+    }
+    Error::NoSpace {
+        needed,
+        available: path
+            .parent()
+            .and_then(|dir| sys::fs::usage(dir).ok())
+            .map_or(0, |u| u.available_bytes),
     }
 }
 
